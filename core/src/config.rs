@@ -1,0 +1,1018 @@
+//! Configuration: one TOML file, then `DATABASE_URL`, then `TOLLGATE_*`
+//! environment overrides, validated as a whole before anything binds a port.
+//!
+//! Every section mirrors a runtime module: `[proxy.egress]` configures the egress
+//! listener, `[proxy.meter]` the meter and flusher, `[monitor]` the sampler.
+//! Environment overrides address a key by its path with `__` between parts:
+//! `TOLLGATE_PROXY__EGRESS__LISTEN=0.0.0.0:3128` sets `proxy.egress.listen`.
+//! Values are read as TOML where they parse (`443`, `true`, `[443, 8443]`) and as
+//! strings otherwise. `TOLLGATE_CONFIG` names the file when no path is given.
+//! Precedence, lowest first: built-in defaults, the file, `DATABASE_URL`,
+//! `TOLLGATE_*`.
+//!
+//! `deploy/tollgate.example.toml` lists every field with its unit and default.
+
+pub mod duration;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming the config file when no path is given.
+pub const CONFIG_PATH_ENV: &str = "TOLLGATE_CONFIG";
+/// Prefix of the environment overrides.
+pub const ENV_PREFIX: &str = "TOLLGATE_";
+
+/// A configuration that cannot be used, with one line saying where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Field { key: String, message: String },
+}
+
+fn field_error(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub log: LogConfig,
+    pub proxy: ProxyConfig,
+    pub monitor: MonitorConfig,
+}
+
+/// `[database]`: the PostgreSQL server holding users, plans and usage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Connection URL. `DATABASE_URL` overrides the file.
+    /// Default `postgres://postgres@127.0.0.1:5432/tollgate`.
+    pub url: String,
+    /// Pool size per process. Default 10.
+    pub max_connections: u32,
+    /// Time to establish a connection before giving up. Default `5s`.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Server-side `statement_timeout` for every statement. Default `15s`.
+    #[serde(with = "duration")]
+    pub statement_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/tollgate".into(),
+            max_connections: 10,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// `[log]`: tracing output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` or `json`. Default `human`.
+    pub format: LogFormat,
+    /// `tracing` filter directives, e.g. `info,tollgate_proxy=debug`. `RUST_LOG`,
+    /// when set, takes precedence. Default `info`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// `[proxy]`: the metering proxy process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// On SIGTERM/SIGINT, how long in-flight requests and tunnels may finish before
+    /// they are cut and the final flush runs. Default `30s`.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+    pub egress: EgressConfig,
+    pub ingress: IngressConfig,
+    pub admin: AdminConfig,
+    pub meter: MeterConfig,
+    pub directory: DirectoryConfig,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(30),
+            egress: EgressConfig::default(),
+            ingress: IngressConfig::default(),
+            admin: AdminConfig {
+                listen: ([0, 0, 0, 0], 9900).into(),
+            },
+            meter: MeterConfig::default(),
+            directory: DirectoryConfig::default(),
+        }
+    }
+}
+
+/// TLS for a listener: PEM files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `[proxy.egress]`: the forward proxy agents use as `HTTP_PROXY`/`HTTPS_PROXY`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Serve the egress listener. Default true.
+    pub enabled: bool,
+    /// Listen address. Default `0.0.0.0:3128`.
+    pub listen: SocketAddr,
+    /// Serve TLS (for `https://` proxy URLs). Default: plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// Open client connections beyond which new ones get `503`. Default 10000.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers), bytes; larger gets `431`.
+    /// At least 8192. Default 65536.
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head. Default `10s`.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Keep-alive connections idle this long between requests are closed. Default `60s`.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// CONNECT tunnels with no traffic either way for this long are closed. Default `5m`.
+    #[serde(with = "duration")]
+    pub tunnel_idle_timeout: Duration,
+    /// Time to resolve and connect to an origin; beyond it `504`. Default `10s`.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Pooled origin connections idle this long are closed. Default `90s`.
+    #[serde(with = "duration")]
+    pub upstream_idle_timeout: Duration,
+    /// Idle pooled connections kept per origin. Default 32.
+    pub upstream_max_idle_per_host: usize,
+    /// Ports CONNECT may reach. Default `[443]`.
+    pub connect_ports: Vec<u16>,
+    /// Ports plain HTTP requests may reach; empty means any. Default `[]`.
+    pub http_ports: Vec<u16>,
+    /// Destinations allowed even though the built-in deny list covers them
+    /// (e.g. an internal package mirror). Default `[]`.
+    pub allow_cidrs: Vec<IpNet>,
+    /// Destinations denied in addition to the built-in deny list. Wins over
+    /// `allow_cidrs`. Default `[]`.
+    pub deny_cidrs: Vec<IpNet>,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: ([0, 0, 0, 0], 3128).into(),
+            tls: None,
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            upstream_idle_timeout: Duration::from_secs(90),
+            upstream_max_idle_per_host: 32,
+            connect_ports: vec![443],
+            http_ports: Vec::new(),
+            allow_cidrs: Vec::new(),
+            deny_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// `[proxy.ingress]`: the reverse proxy users reach agents' gateways through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngressConfig {
+    /// Serve the ingress listener. Default true.
+    pub enabled: bool,
+    /// Listen address. Default `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+    /// Serve TLS with ALPN h2 and http/1.1. Default: plain TCP (HTTP/1.1 and h2c).
+    pub tls: Option<TlsConfig>,
+    /// Open client connections beyond which new ones get `503`. Default 10000.
+    pub max_connections: usize,
+    /// Largest request head, bytes; larger gets `431`. At least 8192. Default 65536.
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head. Default `10s`.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Keep-alive connections idle this long between requests are closed. Default `60s`.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Port of the agent gateway on each VPS. Default 18789.
+    pub gateway_port: u16,
+    /// Time to connect to a gateway; beyond it `504`. Default `5s`.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Time for a gateway to answer with response headers; beyond it `504`. Default `60s`.
+    #[serde(with = "duration")]
+    pub response_timeout: Duration,
+    /// WebSockets with no traffic either way for this long are closed. Default `1h`.
+    #[serde(with = "duration")]
+    pub websocket_idle_timeout: Duration,
+    /// Pooled gateway connections idle this long are closed. Default `90s`.
+    #[serde(with = "duration")]
+    pub upstream_idle_timeout: Duration,
+    /// Idle pooled connections kept per VPS. Default 16.
+    pub upstream_max_idle_per_vps: usize,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: ([0, 0, 0, 0], 8080).into(),
+            tls: None,
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            gateway_port: 18789,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+            websocket_idle_timeout: Duration::from_secs(3600),
+            upstream_idle_timeout: Duration::from_secs(90),
+            upstream_max_idle_per_vps: 16,
+        }
+    }
+}
+
+/// An admin listener: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address. Default `0.0.0.0:9900` for the proxy, `0.0.0.0:9901` for the monitor.
+    pub listen: SocketAddr,
+}
+
+/// `[proxy.meter]`: per-VPS byte counters and their flush to PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeterConfig {
+    /// How often counters are written to `vps_usage_periods`. Default `1s`.
+    #[serde(with = "duration")]
+    pub flush_interval: Duration,
+    /// Longest wait between retries of a failed flush (backoff doubles up to it).
+    /// Default `30s`.
+    #[serde(with = "duration")]
+    pub max_retry_backoff: Duration,
+    /// Where a batch that could not be written at shutdown is saved, to be replayed
+    /// exactly once at the next start. Created if missing. Default `/var/lib/tollgate`.
+    pub spill_dir: PathBuf,
+    /// A user's decision is re-published at least this often while they have
+    /// traffic, so dashboards see fresh figures. Default `30s`.
+    #[serde(with = "duration")]
+    pub decision_refresh: Duration,
+}
+
+impl Default for MeterConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_secs(1),
+            max_retry_backoff: Duration::from_secs(30),
+            spill_dir: PathBuf::from("/var/lib/tollgate"),
+            decision_refresh: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[proxy.directory]`: the in-memory cache of agents, tokens and VPSes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// Entries older than this are re-read in the background while still served.
+    /// Default `60s`.
+    #[serde(with = "duration")]
+    pub refresh_after: Duration,
+    /// While the database is unreachable, known agents keep working from cache this
+    /// long; after it they get `503`. Default `10m`.
+    #[serde(with = "duration")]
+    pub max_stale: Duration,
+    /// How long an agent id unknown to the database is remembered as unknown.
+    /// Default `5s`.
+    #[serde(with = "duration")]
+    pub negative_ttl: Duration,
+    /// Most unknown ids remembered at once. Default 100000.
+    pub negative_capacity: usize,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        Self {
+            refresh_after: Duration::from_secs(60),
+            max_stale: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(5),
+            negative_capacity: 100_000,
+        }
+    }
+}
+
+/// `[monitor]`: CPU/memory sampling and decisions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Time between sampling cycles. Default `15s`.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Longest gap between two samples integrated as memory use; longer gaps count
+    /// only this much. Default `5m`.
+    #[serde(with = "duration")]
+    pub max_gap: Duration,
+    /// Samples in flight at once. Default 16.
+    pub concurrency: usize,
+    /// Time one sample may take before it fails as retryable. Default `5s`.
+    #[serde(with = "duration")]
+    pub sample_timeout: Duration,
+    /// PostgreSQL advisory lock key that elects the active monitor. Default 7_405_112.
+    pub leader_lock_key: i64,
+    pub admin: AdminConfig,
+    /// Source per provider name (lower case). A metered provider with no entry
+    /// uses `default_source`; with neither, its samples fail as not retryable.
+    pub providers: BTreeMap<String, SourceConfig>,
+    /// Source for metered providers not listed in `providers`. Default: none.
+    pub default_source: Option<SourceConfig>,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(15),
+            max_gap: Duration::from_secs(300),
+            concurrency: 16,
+            sample_timeout: Duration::from_secs(5),
+            leader_lock_key: 7_405_112,
+            admin: AdminConfig {
+                listen: ([0, 0, 0, 0], 9901).into(),
+            },
+            providers: BTreeMap::new(),
+            default_source: None,
+        }
+    }
+}
+
+/// Where the monitor reads a VPS's CPU and memory. Templates may use `{vps_id}`,
+/// `{vm_id}` (the provider's VM id) and `{address}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// A cgroup on this host per VPS.
+    Cgroup {
+        /// cgroup mount root. Default `/sys/fs/cgroup`.
+        #[serde(default = "default_cgroup_root")]
+        root: PathBuf,
+        /// `v1`, `v2` or `auto` (v2 if `{root}/cgroup.controllers` exists). Default `auto`.
+        #[serde(default)]
+        version: CgroupVersion,
+        /// Path of the VPS's cgroup below the hierarchy root (v1: below each
+        /// controller's mount, `cpuacct/` and `memory/`). Default `tollgate/{vps_id}`.
+        #[serde(default = "default_cgroup_path")]
+        path: String,
+    },
+    /// Instant PromQL queries against a Prometheus HTTP API.
+    Prometheus {
+        /// Base URL, e.g. `http://prometheus:9090`.
+        url: String,
+        /// Query returning cumulative CPU seconds, e.g.
+        /// `sum(container_cpu_usage_seconds_total{pod="{vm_id}"})`.
+        cpu_query: String,
+        /// Query returning memory in use in bytes, e.g.
+        /// `sum(container_memory_working_set_bytes{pod="{vm_id}"})`.
+        memory_query: String,
+    },
+    /// The in-VM agent's `/metrics` JSON. The VM's owner can tamper with these
+    /// figures; prefer a host-side source where one exists.
+    Agent {
+        /// URL of the metrics endpoint. Default `http://{address}:7575/metrics`.
+        #[serde(default = "default_agent_url")]
+        url: String,
+        /// Header carrying the token. Default `Authorization`.
+        #[serde(default = "default_agent_token_header")]
+        token_header: String,
+        /// Header value, e.g. `Bearer …`. Secret: masked by `check-config`.
+        #[serde(default)]
+        token: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupVersion {
+    #[default]
+    Auto,
+    V1,
+    V2,
+}
+
+fn default_cgroup_root() -> PathBuf {
+    PathBuf::from("/sys/fs/cgroup")
+}
+fn default_cgroup_path() -> String {
+    "tollgate/{vps_id}".into()
+}
+fn default_agent_url() -> String {
+    "http://{address}:7575/metrics".into()
+}
+fn default_agent_token_header() -> String {
+    "Authorization".into()
+}
+
+/// Placeholders a source template may use.
+pub const TEMPLATE_PLACEHOLDERS: [&str; 3] = ["{vps_id}", "{vm_id}", "{address}"];
+
+impl Config {
+    /// Load from `path` (or `$TOLLGATE_CONFIG`, or defaults only), then apply
+    /// `DATABASE_URL` and `TOLLGATE_*` from the process environment, and validate.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env_path = std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from);
+        let path = path.map(Path::to_path_buf).or(env_path);
+        let text = match &path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.clone(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let display_path = path.unwrap_or_else(|| PathBuf::from("<defaults>"));
+        Self::from_sources(&text, &display_path, std::env::vars())
+    }
+
+    /// Build from TOML text and environment variables (testable without touching
+    /// the process environment).
+    pub fn from_sources(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut root: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: one_line(e.message()),
+        })?;
+        let mut env: Vec<(String, String)> = env.into_iter().collect();
+        env.sort();
+        if let Some((_, url)) = env.iter().find(|(k, _)| k == "DATABASE_URL") {
+            set_path(
+                &mut root,
+                &["database", "url"],
+                toml::Value::String(url.clone()),
+            )
+            .map_err(|message| ConfigError::Env {
+                var: "DATABASE_URL".into(),
+                message,
+            })?;
+        }
+        for (var, raw) in &env {
+            let Some(key) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if var == CONFIG_PATH_ENV {
+                continue;
+            }
+            let parts: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+            if parts.iter().any(String::is_empty) {
+                return Err(ConfigError::Env {
+                    var: var.clone(),
+                    message: "empty key part: separate keys with `__`, e.g. TOLLGATE_PROXY__EGRESS__LISTEN".into(),
+                });
+            }
+            let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+            set_path(&mut root, &parts, env_value(raw)).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                message,
+            })?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
+            .map_err(|e| field_error(&e.path().to_string(), one_line(&e.inner().to_string())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check what types cannot: ranges, file existence, distinct ports, templates.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use std::str::FromStr;
+        let url = &self.database.url;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(field_error(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        sqlx::postgres::PgConnectOptions::from_str(url)
+            .map_err(|e| field_error("database.url", format!("not a PostgreSQL URL: {e}")))?;
+        if self.database.max_connections == 0 {
+            return Err(field_error(
+                "database.max_connections",
+                "must be at least 1",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter)
+            .map_err(|e| field_error("log.filter", e.to_string()))?;
+
+        let p = &self.proxy;
+        positive("proxy.meter.flush_interval", p.meter.flush_interval)?;
+        positive("proxy.meter.max_retry_backoff", p.meter.max_retry_backoff)?;
+        positive("proxy.directory.max_stale", p.directory.max_stale)?;
+        for (section, max_header, max_conns, tls) in [
+            (
+                "proxy.egress",
+                p.egress.max_header_bytes,
+                p.egress.max_connections,
+                &p.egress.tls,
+            ),
+            (
+                "proxy.ingress",
+                p.ingress.max_header_bytes,
+                p.ingress.max_connections,
+                &p.ingress.tls,
+            ),
+        ] {
+            if max_header < 8192 {
+                return Err(field_error(
+                    &format!("{section}.max_header_bytes"),
+                    "must be at least 8192",
+                ));
+            }
+            if max_conns == 0 {
+                return Err(field_error(
+                    &format!("{section}.max_connections"),
+                    "must be at least 1",
+                ));
+            }
+            if let Some(tls) = tls {
+                for (name, file) in [("cert", &tls.cert), ("key", &tls.key)] {
+                    if !file.is_file() {
+                        return Err(field_error(
+                            &format!("{section}.tls.{name}"),
+                            format!("{} is not a readable file", file.display()),
+                        ));
+                    }
+                }
+            }
+        }
+        positive(
+            "proxy.egress.header_read_timeout",
+            p.egress.header_read_timeout,
+        )?;
+        positive(
+            "proxy.ingress.header_read_timeout",
+            p.ingress.header_read_timeout,
+        )?;
+        positive("proxy.egress.connect_timeout", p.egress.connect_timeout)?;
+        positive("proxy.ingress.connect_timeout", p.ingress.connect_timeout)?;
+        positive("proxy.ingress.response_timeout", p.ingress.response_timeout)?;
+        if p.ingress.gateway_port == 0 {
+            return Err(field_error(
+                "proxy.ingress.gateway_port",
+                "must be a port from 1 to 65535",
+            ));
+        }
+        if p.egress.connect_ports.contains(&0) || p.egress.http_ports.contains(&0) {
+            return Err(field_error(
+                "proxy.egress.connect_ports",
+                "port 0 is not a destination port",
+            ));
+        }
+        let mut bound: Vec<(&str, SocketAddr)> = vec![("proxy.admin.listen", p.admin.listen)];
+        if p.egress.enabled {
+            bound.push(("proxy.egress.listen", p.egress.listen));
+        }
+        if p.ingress.enabled {
+            bound.push(("proxy.ingress.listen", p.ingress.listen));
+        }
+        for (i, (a_key, a)) in bound.iter().enumerate() {
+            for (b_key, b) in &bound[i + 1..] {
+                if a.port() != 0
+                    && a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+                {
+                    return Err(field_error(b_key, format!("{b} overlaps {a_key} ({a})")));
+                }
+            }
+        }
+
+        let m = &self.monitor;
+        positive("monitor.interval", m.interval)?;
+        positive("monitor.max_gap", m.max_gap)?;
+        positive("monitor.sample_timeout", m.sample_timeout)?;
+        if m.concurrency == 0 {
+            return Err(field_error("monitor.concurrency", "must be at least 1"));
+        }
+        let sources = m
+            .providers
+            .iter()
+            .map(|(name, s)| (format!("monitor.providers.{name}"), s))
+            .chain(
+                m.default_source
+                    .iter()
+                    .map(|s| ("monitor.default_source".to_owned(), s)),
+            );
+        for (key, source) in sources {
+            source.validate(&key)?;
+        }
+        for name in m.providers.keys() {
+            if name.to_ascii_lowercase() != *name {
+                return Err(field_error(
+                    &format!("monitor.providers.{name}"),
+                    "provider names are lower case",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML with secrets masked (`check-config`).
+    pub fn to_masked_toml(&self) -> String {
+        let mut masked = self.clone();
+        masked.database.url = mask_url_password(&masked.database.url);
+        let sources = masked
+            .monitor
+            .providers
+            .values_mut()
+            .chain(masked.monitor.default_source.as_mut());
+        for source in sources {
+            if let SourceConfig::Agent {
+                token: Some(token), ..
+            } = source
+            {
+                *token = "********".into();
+            }
+        }
+        toml::to_string_pretty(&masked).expect("config serializes")
+    }
+}
+
+impl SourceConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let templates: Vec<(&str, &str)> = match self {
+            SourceConfig::Cgroup { path, .. } => vec![("path", path)],
+            SourceConfig::Prometheus {
+                url,
+                cpu_query,
+                memory_query,
+            } => {
+                if !url.starts_with("http://") {
+                    return Err(field_error(&format!("{key}.url"), "must be an http:// URL"));
+                }
+                vec![("cpu_query", cpu_query), ("memory_query", memory_query)]
+            }
+            SourceConfig::Agent { url, .. } => {
+                if !url.starts_with("http://") {
+                    return Err(field_error(&format!("{key}.url"), "must be an http:// URL"));
+                }
+                vec![("url", url)]
+            }
+        };
+        for (field, template) in templates {
+            let mut rest = template;
+            while let Some(open) = rest.find('{') {
+                let close = rest[open..]
+                    .find('}')
+                    .map(|c| open + c + 1)
+                    .unwrap_or(rest.len());
+                let placeholder = &rest[open..close];
+                // PromQL label matchers also use braces; only `{word}` is a placeholder.
+                let is_word = placeholder.len() > 2
+                    && placeholder[1..placeholder.len() - 1]
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if is_word && !TEMPLATE_PLACEHOLDERS.contains(&placeholder) {
+                    return Err(field_error(
+                        &format!("{key}.{field}"),
+                        format!("unknown placeholder {placeholder}: use {{vps_id}}, {{vm_id}} or {{address}}"),
+                    ));
+                }
+                rest = &rest[open + 1..];
+            }
+        }
+        Ok(())
+    }
+}
+
+fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(field_error(key, "must be longer than 0"));
+    }
+    Ok(())
+}
+
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// An environment value: TOML where it parses as a value, a string otherwise.
+fn env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(root: &mut toml::Table, path: &[&str], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut table = root;
+    for part in parents {
+        let entry = table
+            .entry((*part).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is a value, not a section"))?;
+    }
+    table.insert((*last).to_owned(), value);
+    Ok(())
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:********@host/db`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[scheme_end..]
+        .find('/')
+        .map(|i| scheme_end + i)
+        .unwrap_or(url.len());
+    let authority = &url[scheme_end..authority_end];
+    let (Some(at), Some(colon)) = (authority.rfind('@'), authority.find(':')) else {
+        return mask_query_password(url);
+    };
+    if colon > at {
+        return mask_query_password(url);
+    }
+    let masked = format!(
+        "{}********{}",
+        &url[..scheme_end + colon + 1],
+        &url[scheme_end + at..]
+    );
+    mask_query_password(&masked)
+}
+
+fn mask_query_password(url: &str) -> String {
+    let Some(q) = url.find('?') else {
+        return url.to_owned();
+    };
+    let params: Vec<String> = url[q + 1..]
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=********"),
+            _ => kv.to_owned(),
+        })
+        .collect();
+    format!("{}?{}", &url[..q], params.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_sources(text, Path::new("test.toml"), env)
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.proxy.egress.listen, "0.0.0.0:3128".parse().unwrap());
+        assert_eq!(c.proxy.ingress.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.proxy.admin.listen, "0.0.0.0:9900".parse().unwrap());
+        assert_eq!(c.proxy.meter.flush_interval, Duration::from_secs(1));
+        assert_eq!(c.proxy.directory.max_stale, Duration::from_secs(600));
+        assert_eq!(c.proxy.egress.connect_ports, vec![443]);
+        assert_eq!(c.proxy.ingress.gateway_port, 18789);
+        assert_eq!(c.monitor.interval, Duration::from_secs(15));
+        assert_eq!(c.monitor.max_gap, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn file_then_database_url_then_tollgate_env() {
+        let text = r#"
+            [database]
+            url = "postgres://file@db/tollgate"
+            [proxy.egress]
+            connect_ports = [443, 8443]
+            [proxy.meter]
+            flush_interval = "250ms"
+        "#;
+        let c = load(text, &[("DATABASE_URL", "postgres://env@db/x")]).unwrap();
+        assert_eq!(c.database.url, "postgres://env@db/x");
+        assert_eq!(c.proxy.egress.connect_ports, vec![443, 8443]);
+        assert_eq!(c.proxy.meter.flush_interval, Duration::from_millis(250));
+
+        let c = load(
+            text,
+            &[
+                ("DATABASE_URL", "postgres://env@db/x"),
+                ("TOLLGATE_DATABASE__URL", "postgres://tollgate@db/y"),
+                ("TOLLGATE_PROXY__EGRESS__LISTEN", "127.0.0.1:4000"),
+                ("TOLLGATE_PROXY__EGRESS__CONNECT_PORTS", "[22]"),
+                ("TOLLGATE_PROXY__EGRESS__ALLOW_CIDRS", "[\"10.1.0.0/16\"]"),
+                ("TOLLGATE_MONITOR__PROVIDERS__K8S__SOURCE", "cgroup"),
+                ("TOLLGATE_LOG__FORMAT", "json"),
+                ("TOLLGATE_CONFIG", "/ignored/here.toml"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.database.url, "postgres://tollgate@db/y");
+        assert_eq!(c.proxy.egress.listen, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(c.proxy.egress.connect_ports, vec![22]);
+        assert_eq!(
+            c.proxy.egress.allow_cidrs,
+            vec!["10.1.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(matches!(
+            c.monitor.providers["k8s"],
+            SourceConfig::Cgroup { .. }
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_key_in_one_line() {
+        let err = load("[proxy.egress]\nlisten = \"nowhere\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("config key `proxy.egress.listen`"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+
+        let err = load("[proxy.egress]\nlisen = \"0.0.0.0:1\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy.egress") && err.contains("lisen"),
+            "{err}"
+        );
+
+        let err = load("[proxy.meter]\nflush_interval = 5", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("proxy.meter.flush_interval"), "{err}");
+
+        let err = load("", &[("TOLLGATE_PROXY__METER__FLUSH_INTERVAL", "0s")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy.meter.flush_interval") && err.contains("longer than 0"),
+            "{err}"
+        );
+
+        let err = load("", &[("TOLLGATE_NOPE", "1")]).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+
+        let err = load("[proxy\n", &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("config file test.toml is not valid TOML"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn validation_catches_what_types_cannot() {
+        let err = load("[database]\nurl = \"mysql://x\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.url"), "{err}");
+        let err = load("[proxy.ingress]\nlisten = \"0.0.0.0:3128\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy.ingress.listen") && err.contains("overlaps"),
+            "{err}"
+        );
+        let err = load(
+            "[proxy.egress.tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("proxy.egress.tls.cert"), "{err}");
+        let err = load("[proxy.egress]\nmax_header_bytes = 100", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 8192"), "{err}");
+        let err = load(
+            "[monitor.providers.k8s]\nsource = \"cgroup\"\npath = \"vps/{vpsid}\"",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("monitor.providers.k8s.path") && err.contains("{vpsid}"),
+            "{err}"
+        );
+        // PromQL label braces are not placeholders.
+        load(
+            "[monitor.providers.k8s]\nsource = \"prometheus\"\nurl = \"http://p:9090\"\n\
+             cpu_query = 'sum(rate(x{pod=\"{vm_id}\"}[1m]))'\nmemory_query = 'm{pod=\"{vm_id}\"}'",
+            &[],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn masked_output_hides_secrets_and_reparses() {
+        let text =
+            "[database]\nurl = \"postgres://tollgate:s3cret@db:5432/tollgate?password=s3cret\"\n\
+                    [monitor.default_source]\nsource = \"agent\"\ntoken = \"Bearer abc\"\n";
+        let c = load(text, &[]).unwrap();
+        let out = c.to_masked_toml();
+        assert!(!out.contains("s3cret") && !out.contains("abc"), "{out}");
+        assert!(
+            out.contains("postgres://tollgate:********@db:5432/tollgate"),
+            "{out}"
+        );
+        let again = load(&out, &[]).unwrap();
+        assert_eq!(again.proxy, c.proxy);
+    }
+
+    #[test]
+    fn url_masking_leaves_passwordless_urls_alone() {
+        assert_eq!(
+            mask_url_password("postgres://postgres@127.0.0.1/x"),
+            "postgres://postgres@127.0.0.1/x"
+        );
+        assert_eq!(
+            mask_url_password("postgres:///x?host=/run"),
+            "postgres:///x?host=/run"
+        );
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The documented example lists every field at its default.
+    #[test]
+    fn example_config_is_exactly_the_defaults() {
+        let text = include_str!("../../deploy/tollgate.example.toml");
+        let parsed = Config::from_sources(text, Path::new("tollgate.example.toml"), []).unwrap();
+        assert_eq!(parsed, Config::default());
+        // And every default field appears in it.
+        let defaults: toml::Table =
+            toml::from_str(&toml::to_string(&Config::default()).unwrap()).unwrap();
+        let example: toml::Table = toml::from_str(text).unwrap();
+        fn keys(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+            for (k, v) in t {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::Table(inner) => keys(&path, inner, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        keys("", &defaults, &mut want);
+        keys("", &example, &mut have);
+        want.sort();
+        have.sort();
+        assert_eq!(want, have);
+    }
+}

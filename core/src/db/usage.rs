@@ -1,0 +1,303 @@
+//! Usage: per-period aggregates for billing, and the exactly-once flush of the
+//! proxy's byte counters.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::billing::{self, Period, PlanLimits, Usage};
+
+/// What a decision about one user is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserBilling {
+    pub user_id: Uuid,
+    pub email: String,
+    pub plan_name: Option<String>,
+    pub limits: Option<PlanLimits>,
+    pub usage: Usage,
+    pub budget_cents: i64,
+}
+
+impl UserBilling {
+    pub fn decide(&self) -> billing::Decision {
+        billing::decide(self.limits.as_ref(), &self.usage, self.budget_cents)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct UserBillingRow {
+    user_id: Uuid,
+    email: String,
+    plan_name: Option<String>,
+    max_bandwidth_bytes: Option<i64>,
+    max_cpu_ms: Option<i64>,
+    max_memory_mb_seconds: Option<i64>,
+    max_storage_bytes: Option<i64>,
+    bandwidth_rate: Option<i64>,
+    cpu_rate: Option<i64>,
+    memory_rate: Option<i64>,
+    budget_cents: i64,
+    bandwidth_bytes: i64,
+    cpu_ms: i64,
+    memory_mb_seconds: i64,
+    max_vps_storage_bytes: i64,
+}
+
+impl From<UserBillingRow> for UserBilling {
+    fn from(r: UserBillingRow) -> Self {
+        let limits = r.plan_name.as_ref().map(|_| PlanLimits {
+            max_bandwidth_bytes: r.max_bandwidth_bytes.unwrap_or_default(),
+            max_cpu_ms: r.max_cpu_ms.unwrap_or_default(),
+            max_memory_mb_seconds: r.max_memory_mb_seconds.unwrap_or_default(),
+            max_storage_bytes: r.max_storage_bytes.unwrap_or_default(),
+            bandwidth_cents_per_gib: r.bandwidth_rate.unwrap_or_default(),
+            cpu_cents_per_hour: r.cpu_rate.unwrap_or_default(),
+            memory_cents_per_gib_hour: r.memory_rate.unwrap_or_default(),
+        });
+        UserBilling {
+            user_id: r.user_id,
+            email: r.email,
+            plan_name: r.plan_name,
+            limits,
+            usage: Usage {
+                bandwidth_bytes: r.bandwidth_bytes,
+                cpu_ms: r.cpu_ms,
+                memory_mb_seconds: r.memory_mb_seconds,
+                max_vps_storage_bytes: r.max_vps_storage_bytes,
+            },
+            budget_cents: r.budget_cents,
+        }
+    }
+}
+
+/// Plan, budget and usage in `period` for each of `user_ids` that exists, in one
+/// statement. Usage sums every VPS of the user, destroyed ones included; storage
+/// is the largest gauge among VPSes not destroyed. Sums are cast back to BIGINT.
+pub async fn user_billing(
+    pool: &PgPool,
+    user_ids: &[Uuid],
+    period: Period,
+) -> Result<Vec<UserBilling>, sqlx::Error> {
+    let rows: Vec<UserBillingRow> = sqlx::query_as(
+        "SELECT u.id AS user_id, u.email, pl.name AS plan_name,
+                pl.max_bandwidth_bytes, pl.max_cpu_ms, pl.max_memory_mb_seconds, pl.max_storage_bytes,
+                pl.overage_bandwidth_cost_per_gb_cents AS bandwidth_rate,
+                pl.overage_cpu_cost_per_hour_cents AS cpu_rate,
+                pl.overage_memory_cost_per_gb_hour_cents AS memory_rate,
+                COALESCE(b.budget_cents, 0) AS budget_cents,
+                COALESCE(us.bandwidth_bytes, 0) AS bandwidth_bytes,
+                COALESCE(us.cpu_ms, 0) AS cpu_ms,
+                COALESCE(us.memory_mb_seconds, 0) AS memory_mb_seconds,
+                COALESCE(st.max_vps_storage_bytes, 0) AS max_vps_storage_bytes
+         FROM users u
+         LEFT JOIN plans pl ON pl.id = u.plan_id
+         LEFT JOIN overage_budgets b ON b.user_id = u.id AND b.period_start = $2
+         LEFT JOIN LATERAL (
+             SELECT SUM(p.bandwidth_bytes)::BIGINT AS bandwidth_bytes,
+                    SUM(p.cpu_used_ms)::BIGINT AS cpu_ms,
+                    SUM(p.memory_used_mb_seconds)::BIGINT AS memory_mb_seconds
+             FROM vpses v
+             JOIN vps_usage_periods p ON p.vps_id = v.id AND p.period_start = $2
+             WHERE v.user_id = u.id
+         ) us ON true
+         LEFT JOIN LATERAL (
+             SELECT MAX(v.storage_used_bytes)::BIGINT AS max_vps_storage_bytes
+             FROM vpses v
+             WHERE v.user_id = u.id AND v.state <> 'destroyed'
+         ) st ON true
+         WHERE u.id = ANY($1)
+         ORDER BY u.email",
+    )
+    .bind(user_ids)
+    .bind(period.start())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(UserBilling::from).collect())
+}
+
+/// Users that need a decision in `period`: those with usage in it, a running VPS,
+/// or a decision already published for it.
+pub async fn active_users(pool: &PgPool, period: Period) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT v.user_id FROM vps_usage_periods p JOIN vpses v ON v.id = p.vps_id
+         WHERE p.period_start = $1
+         UNION
+         SELECT user_id FROM vpses WHERE state = 'running'
+         UNION
+         SELECT user_id FROM usage_decisions WHERE period_start = $1",
+    )
+    .bind(period.start())
+    .fetch_all(pool)
+    .await
+}
+
+/// All users (for reports).
+pub async fn all_users(pool: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM users")
+        .fetch_all(pool)
+        .await
+}
+
+/// Users on `plan_id`.
+pub async fn users_on_plan(pool: &PgPool, plan_id: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM users WHERE plan_id = $1")
+        .bind(plan_id)
+        .fetch_all(pool)
+        .await
+}
+
+/// Bytes one VPS moved, as seen from the VPS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BandwidthDelta {
+    pub vps_id: Uuid,
+    /// Bytes the VPS received.
+    pub rx: u64,
+    /// Bytes the VPS sent.
+    pub tx: u64,
+}
+
+/// One flush of a proxy's counters: its identity in the ledger and the bytes per
+/// VPS per period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushBatch {
+    /// The proxy process that produced the batch (random per start).
+    pub instance_id: Uuid,
+    /// Increasing per instance; `(instance_id, seq)` is the ledger key.
+    pub seq: i64,
+    pub periods: Vec<PeriodDeltas>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeriodDeltas {
+    pub period: Period,
+    pub deltas: Vec<BandwidthDelta>,
+}
+
+impl FlushBatch {
+    pub fn total_rx(&self) -> u64 {
+        self.periods
+            .iter()
+            .flat_map(|p| &p.deltas)
+            .map(|d| d.rx)
+            .sum()
+    }
+
+    pub fn total_tx(&self) -> u64 {
+        self.periods
+            .iter()
+            .flat_map(|p| &p.deltas)
+            .map(|d| d.tx)
+            .sum()
+    }
+
+    pub fn vps_ids(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.periods
+            .iter()
+            .flat_map(|p| &p.deltas)
+            .map(|d| d.vps_id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.periods.iter().all(|p| p.deltas.is_empty())
+    }
+}
+
+/// What happened to a flush batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// Written now. `dropped` lists VPSes that no longer exist; their bytes are discarded.
+    Applied { rows: usize, dropped: Vec<Uuid> },
+    /// The ledger already holds this batch: it was written before (a retry after a
+    /// lost commit acknowledgement, or a spill replayed twice). Nothing was written.
+    AlreadyApplied,
+}
+
+/// Write `batch` exactly once: the ledger row and every upsert commit together or
+/// not at all, and a batch already in the ledger is skipped. One statement per
+/// period. Rows are sorted by VPS id so concurrent proxies lock in the same order.
+pub async fn apply_flush(pool: &PgPool, batch: &FlushBatch) -> Result<FlushOutcome, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let vps_count = batch.periods.iter().map(|p| p.deltas.len()).sum::<usize>();
+    let inserted = sqlx::query(
+        "INSERT INTO flush_ledger (instance_id, seq, vps_count, rx_bytes, tx_bytes)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (instance_id, seq) DO NOTHING",
+    )
+    .bind(batch.instance_id)
+    .bind(batch.seq)
+    .bind(i32::try_from(vps_count).unwrap_or(i32::MAX))
+    .bind(to_i64(batch.total_rx()))
+    .bind(to_i64(batch.total_tx()))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        tx.rollback().await?;
+        return Ok(FlushOutcome::AlreadyApplied);
+    }
+
+    let mut rows = 0;
+    let mut dropped = Vec::new();
+    for part in &batch.periods {
+        let mut deltas = part.deltas.clone();
+        deltas.sort_unstable_by_key(|d| d.vps_id);
+        let ids: Vec<Uuid> = deltas.iter().map(|d| d.vps_id).collect();
+        let rx: Vec<i64> = deltas.iter().map(|d| to_i64(d.rx)).collect();
+        let tx_bytes: Vec<i64> = deltas.iter().map(|d| to_i64(d.tx)).collect();
+        let written: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO vps_usage_periods
+                 (vps_id, period_start, bandwidth_bytes, bandwidth_rx_bytes, bandwidth_tx_bytes)
+             SELECT d.vps_id, $4, d.rx + d.tx, d.rx, d.tx
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS d(vps_id, rx, tx)
+             WHERE EXISTS (SELECT 1 FROM vpses v WHERE v.id = d.vps_id)
+             ORDER BY d.vps_id
+             ON CONFLICT (vps_id, period_start) DO UPDATE SET
+                 bandwidth_bytes    = vps_usage_periods.bandwidth_bytes + EXCLUDED.bandwidth_bytes,
+                 bandwidth_rx_bytes = vps_usage_periods.bandwidth_rx_bytes + EXCLUDED.bandwidth_rx_bytes,
+                 bandwidth_tx_bytes = vps_usage_periods.bandwidth_tx_bytes + EXCLUDED.bandwidth_tx_bytes
+             RETURNING vps_id",
+        )
+        .bind(&ids)
+        .bind(&rx)
+        .bind(&tx_bytes)
+        .bind(part.period.start())
+        .fetch_all(&mut *tx)
+        .await?;
+        rows += written.len();
+        if written.len() != ids.len() {
+            let written: HashSet<Uuid> = written.into_iter().collect();
+            dropped.extend(ids.into_iter().filter(|id| !written.contains(id)));
+        }
+    }
+    if !dropped.is_empty() {
+        sqlx::query(
+            "UPDATE flush_ledger SET dropped_vps_count = $3 WHERE instance_id = $1 AND seq = $2",
+        )
+        .bind(batch.instance_id)
+        .bind(batch.seq)
+        .bind(i32::try_from(dropped.len()).unwrap_or(i32::MAX))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(FlushOutcome::Applied { rows, dropped })
+}
+
+/// Delete ledger rows older than `keep_days`; returns how many went.
+pub async fn prune_flush_ledger(pool: &PgPool, keep_days: i32) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query(
+            "DELETE FROM flush_ledger WHERE applied_at < now() - make_interval(days => $1)",
+        )
+        .bind(keep_days)
+        .execute(pool)
+        .await?
+        .rows_affected(),
+    )
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,17 @@
+//! What Tollgate's proxy, monitor and CLI share.
+//!
+//! - [`config`]: the TOML file with `TOLLGATE_*` overrides, validated up front.
+//! - [`billing`]: periods, the provider metering policy, overage cost and the
+//!   allow/block decision (SPEC §3) — pure, no I/O.
+//! - [`db`]: the pool, migrations and every query, batched.
+//! - [`local_postgres`]: finding or starting PostgreSQL for `dev` and tests.
+//! - [`telemetry`]: tracing and the Prometheus recorder.
+//! - [`shutdown`]: the signal-driven cancellation token.
+#![forbid(unsafe_code)]
+
+pub mod billing;
+pub mod config;
+pub mod db;
+pub mod local_postgres;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,42 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Tollgate: metering proxy and usage enforcer for one-agent-per-VPS fleets.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about)]
+pub struct Cli {
+    /// Config file (TOML). Default: $TOLLGATE_CONFIG, else built-in defaults.
+    #[arg(short, long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Everything on one machine: PostgreSQL, demo data, proxy, monitor and a demo gateway.
+    Dev,
+    /// Current-period usage per user against plan limits, overage cost, budget and decision.
+    Usage {
+        /// Only this user (email or id).
+        #[arg(long)]
+        user: Option<String>,
+        /// Billing month, YYYY-MM (UTC). Default: the current month.
+        #[arg(long)]
+        period: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a config file and print the effective config with secrets masked.
+    CheckConfig {
+        /// Config file; overrides --config.
+        file: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,208 @@
+//! `tollgate dev`: everything on one machine (SPEC §9).
+//!
+//! Finds or starts PostgreSQL (see `tollgate_core::local_postgres`), creates and
+//! migrates the `tollgate_dev` database, seeds a demo plan, user, VPS and agent
+//! (idempotently: fixed ids, existing rows kept), starts the services, prints
+//! copy-paste commands, and runs until Ctrl-C. A private PostgreSQL it started is
+//! stopped on exit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use tollgate_core::billing::Period;
+use tollgate_core::config::Config;
+use tollgate_core::db;
+use tollgate_core::local_postgres::{self, Origin};
+
+/// Database created for `tollgate dev` on a local server.
+pub const DEV_DATABASE: &str = "tollgate_dev";
+
+/// Fixed ids of the demo rows, so seeding twice changes nothing.
+pub mod demo {
+    use uuid::{uuid, Uuid};
+    pub const PLAN: Uuid = uuid!("7011a7e0-0000-4000-8000-000000000001");
+    pub const VPS_CONFIG: Uuid = uuid!("7011a7e0-0000-4000-8000-000000000002");
+    pub const USER: Uuid = uuid!("7011a7e0-0000-4000-8000-000000000003");
+    pub const VPS: Uuid = uuid!("7011a7e0-0000-4000-8000-000000000004");
+    pub const AGENT: Uuid = uuid!("7011a7e0-0000-4000-8000-000000000005");
+    pub const EMAIL: &str = "demo@tollgate.local";
+    /// Provider of the demo VPS: one that bills CPU and memory, so the monitor samples it.
+    pub const PROVIDER: &str = "sprites";
+    /// Overage budget seeded for the current month, cents.
+    pub const BUDGET_CENTS: i64 = 500;
+}
+
+/// What `seed` leaves in the database.
+#[derive(Debug, Clone)]
+pub struct DemoAgent {
+    pub agent_id: Uuid,
+    pub gateway_token: String,
+    pub vps_id: Uuid,
+    pub user_email: String,
+}
+
+/// Insert the demo rows unless present; return the demo agent and its token.
+pub async fn seed(pool: &PgPool, vps_address: &str) -> anyhow::Result<DemoAgent> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO plans (id, name, max_agents, max_vpses,
+                            overage_bandwidth_cost_per_gb_cents, overage_cpu_cost_per_hour_cents,
+                            overage_memory_cost_per_gb_hour_cents)
+         VALUES ($1, 'demo', 3, 3, 10, 5, 1) ON CONFLICT DO NOTHING",
+    )
+    .bind(demo::PLAN)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO vps_configs (id, name, provider, image, cpu_millicores, memory_mb, disk_gb)
+         VALUES ($1, 'demo-small', $2, 'tollgate/demo-gateway', 1000, 1024, 10) ON CONFLICT DO NOTHING",
+    )
+    .bind(demo::VPS_CONFIG)
+    .bind(demo::PROVIDER)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("INSERT INTO plan_vps_configs (plan_id, vps_config_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(demo::PLAN)
+        .bind(demo::VPS_CONFIG)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO users (id, email, name, plan_id) VALUES ($1, $2, 'Demo User', $3) ON CONFLICT DO NOTHING")
+        .bind(demo::USER)
+        .bind(demo::EMAIL)
+        .bind(demo::PLAN)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO vpses (id, user_id, vps_config_id, name, provider, provider_vm_id, address, state)
+         VALUES ($1, $2, $3, 'demo-vps', $4, 'demo-vm', $5, 'running') ON CONFLICT DO NOTHING",
+    )
+    .bind(demo::VPS)
+    .bind(demo::USER)
+    .bind(demo::VPS_CONFIG)
+    .bind(demo::PROVIDER)
+    .bind(vps_address)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("INSERT INTO agents (id, user_id, vps_id, name) VALUES ($1, $2, $3, 'demo-agent') ON CONFLICT DO NOTHING")
+        .bind(demo::AGENT)
+        .bind(demo::USER)
+        .bind(demo::VPS)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO overage_budgets (user_id, period_start, budget_cents) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(demo::USER)
+    .bind(Period::current().start())
+    .bind(demo::BUDGET_CENTS)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+
+    let agent = db::agents::agent_by_id(pool, demo::AGENT)
+        .await?
+        .context("the demo agent is missing after seeding")?;
+    Ok(DemoAgent {
+        agent_id: agent.agent_id,
+        gateway_token: agent.gateway_token,
+        vps_id: agent.vps.map(|v| v.id).unwrap_or(demo::VPS),
+        user_email: demo::EMAIL.into(),
+    })
+}
+
+/// The build's `target/` directory: `$CARGO_TARGET_DIR`, else the directory two
+/// levels above this executable (`target/<profile>/tollgate`), else `./target`.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
+        .filter(|dir| dir.file_name().is_some_and(|n| n == "target"))
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+/// Dev adjustments on top of the loaded config: loopback listeners instead of the
+/// production wildcard defaults, loopback destinations allowed so the demo works
+/// offline, spill files under `target/`.
+pub fn dev_config(mut config: Config, database_url: String) -> Config {
+    let defaults = Config::default();
+    let loopback = |addr: SocketAddr, default: SocketAddr| {
+        if addr == default {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        } else {
+            addr
+        }
+    };
+    config.database.url = database_url;
+    let p = &mut config.proxy;
+    p.egress.listen = loopback(p.egress.listen, defaults.proxy.egress.listen);
+    p.ingress.listen = loopback(p.ingress.listen, defaults.proxy.ingress.listen);
+    p.admin.listen = loopback(p.admin.listen, defaults.proxy.admin.listen);
+    config.monitor.admin.listen =
+        loopback(config.monitor.admin.listen, defaults.monitor.admin.listen);
+    for net in ["127.0.0.0/8", "::1/128"] {
+        let net = net.parse().expect("valid CIDR");
+        if !p.egress.allow_cidrs.contains(&net) {
+            p.egress.allow_cidrs.push(net);
+        }
+    }
+    if p.meter.spill_dir == defaults.proxy.meter.spill_dir {
+        p.meter.spill_dir = target_dir().join("tollgate-dev").join("spill");
+    }
+    config
+}
+
+/// Run `tollgate dev` until Ctrl-C.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let server = local_postgres::find_or_start(&target_dir()).await?;
+    let result = run_with(&server, config).await;
+    if let Err(e) = server.stop_if_started_here() {
+        tracing::warn!(error = %e, "could not stop the private PostgreSQL");
+    }
+    result
+}
+
+async fn run_with(server: &local_postgres::Server, config: Config) -> anyhow::Result<()> {
+    local_postgres::ensure_database(server, DEV_DATABASE).await?;
+    let url = server.database_url(DEV_DATABASE);
+    let config = dev_config(config, url.clone());
+    let pool = db::lazy_pool(&config.database, "tollgate-dev")?;
+    db::migrate(&pool)
+        .await
+        .context("applying migrations to the dev database")?;
+    let agent = seed(&pool, "127.0.0.1")
+        .await
+        .context("seeding demo data")?;
+
+    let origin = match &server.origin {
+        Origin::DatabaseUrl => "DATABASE_URL".to_owned(),
+        Origin::Local => "the server on 127.0.0.1:5432".to_owned(),
+        Origin::Private { data_dir, .. } => format!("a private server in {}", data_dir.display()),
+    };
+    let shutdown = tollgate_core::shutdown::on_signal();
+    print_banner(&url, &origin, &agent);
+    shutdown.cancelled().await;
+    pool.close().await;
+    Ok(())
+}
+
+fn print_banner(url: &str, origin: &str, agent: &DemoAgent) {
+    println!(
+        "\nTollgate dev is up. Ctrl-C stops it.\n\n\
+         database  {url}  ({origin})\n\
+         user      {email}\n\
+         agent     {id}\n\
+         token     {token}\n\n\
+         Usage report:\n  DATABASE_URL={url} cargo run --release -- usage\n",
+        email = agent.user_email,
+        id = agent.agent_id,
+        token = agent.gateway_token,
+    );
+}

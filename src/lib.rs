@@ -1,0 +1,50 @@
+//! The `tollgate` command: one binary for the proxy, the monitor and the
+//! operator tools. `main` parses arguments and config and calls [`run`].
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod dev;
+pub mod usage_report;
+
+use anyhow::Context;
+use tollgate_core::billing::Period;
+use tollgate_core::config::Config;
+use tollgate_core::db;
+
+use cli::Command;
+
+/// Run one command to completion.
+pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate => {
+            let pool = db::lazy_pool(&config.database, "tollgate-migrate")?;
+            db::migrate(&pool).await.with_context(|| {
+                format!(
+                    "applying migrations to {}",
+                    tollgate_core::config::mask_url_password(&config.database.url)
+                )
+            })?;
+            let latest = db::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+            println!("database is at migration {latest:03}");
+            Ok(())
+        }
+        Command::Dev => dev::run(config).await,
+        Command::Usage { user, period, json } => {
+            let period = match period {
+                Some(p) => p.parse::<Period>().map_err(anyhow::Error::msg)?,
+                None => Period::current(),
+            };
+            let pool = db::lazy_pool(&config.database, "tollgate-usage")?;
+            let rows = usage_report::rows(&pool, period, user.as_deref())
+                .await
+                .with_context(|| {
+                    format!(
+                        "reading usage from {}",
+                        tollgate_core::config::mask_url_password(&config.database.url)
+                    )
+                })?;
+            usage_report::print(&rows, json, &mut std::io::stdout().lock())
+        }
+        Command::CheckConfig { .. } => unreachable!("handled in main before the runtime starts"),
+    }
+}

@@ -1,0 +1,205 @@
+//! Test support: a fresh, migrated PostgreSQL database per test, on a server
+//! found or started exactly as `tollgate dev` does (no environment needed), and
+//! helpers to insert the rows tests build on.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+use tollgate_core::local_postgres::{self, Server};
+
+const PREFIX: &str = "tollgate_t_";
+
+/// The shared server, found once per test process.
+pub async fn server() -> &'static Server {
+    static SERVER: OnceCell<Server> = OnceCell::const_new();
+    SERVER
+        .get_or_init(|| async {
+            let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .parent()
+                .expect("CARGO_TARGET_TMPDIR is inside target/")
+                .to_path_buf();
+            let server = local_postgres::find_or_start(&target)
+                .await
+                .expect("a PostgreSQL server");
+            drop_stale_databases(&server).await;
+            server
+        })
+        .await
+}
+
+/// A fresh database with every migration applied.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let db = Self::empty().await;
+        tollgate_core::db::migrate(&db.pool)
+            .await
+            .expect("migrations apply");
+        db
+    }
+
+    /// A fresh database with no migrations applied.
+    pub async fn empty() -> TestDb {
+        let server = server().await;
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let name = format!(
+            "{PREFIX}{secs}_{}",
+            &Uuid::new_v4().simple().to_string()[..12]
+        );
+        let url = if server.origin == local_postgres::Origin::DatabaseUrl {
+            // DATABASE_URL names one database; create siblings on the same server.
+            let mut options = PgConnectOptions::from_str(&server.url).unwrap();
+            options = options.database("postgres");
+            create_database(&options, &name).await;
+            replace_database(&server.url, &name)
+        } else {
+            create_database(&server.options, &name).await;
+            server.database_url(&name)
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .expect("connect to the test database");
+        TestDb { pool, url, name }
+    }
+
+    /// Insert a plan with the given limits/rates (everything else default).
+    pub async fn plan(&self, name: &str, max_bandwidth_bytes: i64, bandwidth_rate: i64) -> Uuid {
+        sqlx::query_scalar(
+            "INSERT INTO plans (name, max_agents, max_vpses, max_bandwidth_bytes, overage_bandwidth_cost_per_gb_cents)
+             VALUES ($1, 5, 5, $2, $3) RETURNING id",
+        )
+        .bind(name)
+        .bind(max_bandwidth_bytes)
+        .bind(bandwidth_rate)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    pub async fn user(&self, email: &str, plan: Option<Uuid>) -> Uuid {
+        sqlx::query_scalar("INSERT INTO users (email, plan_id) VALUES ($1, $2) RETURNING id")
+            .bind(email)
+            .bind(plan)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// A VPS in `state` for `user` on `provider`, with its own config row.
+    pub async fn vps(&self, user: Uuid, provider: &str, address: &str, state: &str) -> Uuid {
+        let config: Uuid = sqlx::query_scalar(
+            "INSERT INTO vps_configs (name, provider, image, cpu_millicores, memory_mb, disk_gb)
+             VALUES ($1, $2, 'img', 1000, 1024, 10) RETURNING id",
+        )
+        .bind(format!("cfg-{}", Uuid::new_v4()))
+        .bind(provider)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        sqlx::query_scalar(
+            "INSERT INTO vpses (user_id, vps_config_id, name, provider, provider_vm_id, address, state)
+             VALUES ($1, $2, 'vps', $3, 'vm-' || gen_random_uuid(), $4, $5::vps_state) RETURNING id",
+        )
+        .bind(user)
+        .bind(config)
+        .bind(provider)
+        .bind(address)
+        .bind(state)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// An agent on `vps` (or none); returns its id and generated token.
+    pub async fn agent(&self, user: Uuid, vps: Option<Uuid>) -> (Uuid, String) {
+        sqlx::query_as("INSERT INTO agents (user_id, vps_id, name) VALUES ($1, $2, 'agent') RETURNING id, gateway_token")
+            .bind(user)
+            .bind(vps)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+async fn create_database(admin: &PgConnectOptions, name: &str) {
+    let mut conn = admin
+        .connect()
+        .await
+        .expect("connect to the maintenance database");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    conn.close().await.ok();
+}
+
+fn replace_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut out = format!("{}/{name}", &base[..path_start]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// Drop test databases left behind more than an hour ago (by crashed or killed runs).
+async fn drop_stale_databases(server: &Server) {
+    let mut options = server.options.clone();
+    if server.origin == local_postgres::Origin::DatabaseUrl {
+        options = options.database("postgres");
+    }
+    let Ok(mut conn) = options.connect().await else {
+        return;
+    };
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
+            .bind(format!("{PREFIX}%"))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for name in names {
+        let created: Option<u64> = name[PREFIX.len()..]
+            .split('_')
+            .next()
+            .and_then(|s| s.parse().ok());
+        if created.is_some_and(|t| t + 3600 < now) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+    conn.close().await.ok();
+}
+
+/// Path of the built `tollgate` binary.
+pub fn tollgate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tollgate")
+}
