@@ -18,6 +18,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the metering proxy (egress forward proxy, ingress gateway proxy, admin listener).
+    Proxy {
+        /// Do not apply migrations at start (for database users without DDL rights).
+        #[arg(long)]
+        skip_migrations: bool,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Everything on one machine: PostgreSQL, demo data, proxy, monitor and a demo gateway.

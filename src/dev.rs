@@ -180,29 +180,61 @@ async fn run_with(server: &local_postgres::Server, config: Config) -> anyhow::Re
     let agent = seed(&pool, "127.0.0.1")
         .await
         .context("seeding demo data")?;
+    pool.close().await;
+
+    let shutdown = tollgate_core::shutdown::on_signal();
+    let listeners = tollgate_proxy::Listeners::bind(&config).await?;
+    let addresses = Addresses {
+        egress: listeners
+            .egress
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?,
+        admin: listeners.admin.local_addr()?,
+    };
+    let proxy = tokio::spawn(tollgate_proxy::run(
+        config.clone(),
+        listeners,
+        tollgate_proxy::Options::default(),
+        shutdown.clone(),
+    ));
 
     let origin = match &server.origin {
         Origin::DatabaseUrl => "DATABASE_URL".to_owned(),
         Origin::Local => "the server on 127.0.0.1:5432".to_owned(),
         Origin::Private { data_dir, .. } => format!("a private server in {}", data_dir.display()),
     };
-    let shutdown = tollgate_core::shutdown::on_signal();
-    print_banner(&url, &origin, &agent);
-    shutdown.cancelled().await;
-    pool.close().await;
-    Ok(())
+    print_banner(&url, &origin, &agent, &addresses);
+    proxy.await.context("proxy task")?
 }
 
-fn print_banner(url: &str, origin: &str, agent: &DemoAgent) {
-    println!(
+/// Where the dev services listen.
+struct Addresses {
+    egress: Option<SocketAddr>,
+    admin: SocketAddr,
+}
+
+fn print_banner(url: &str, origin: &str, agent: &DemoAgent, at: &Addresses) {
+    let (id, token) = (agent.agent_id, &agent.gateway_token);
+    let mut out = format!(
         "\nTollgate dev is up. Ctrl-C stops it.\n\n\
          database  {url}  ({origin})\n\
          user      {email}\n\
          agent     {id}\n\
-         token     {token}\n\n\
-         Usage report:\n  DATABASE_URL={url} cargo run --release -- usage\n",
+         token     {token}\n\n",
         email = agent.user_email,
-        id = agent.agent_id,
-        token = agent.gateway_token,
     );
+    if let Some(egress) = at.egress {
+        out.push_str(&format!(
+            "Egress (forward proxy; loopback destinations are allowed in dev):\n  \
+             curl -x http://{id}:{token}@{egress} http://{admin}/healthz\n\n",
+            admin = at.admin,
+        ));
+    }
+    out.push_str(&format!(
+        "Metrics:\n  curl http://{admin}/metrics\n\n\
+         Usage report:\n  DATABASE_URL={url} cargo run --release -- usage\n",
+        admin = at.admin,
+    ));
+    println!("{out}");
 }

@@ -28,6 +28,20 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("database is at migration {latest:03}");
             Ok(())
         }
+        Command::Proxy { skip_migrations } => {
+            let listeners = tollgate_proxy::Listeners::bind(&config).await?;
+            let options = tollgate_proxy::Options {
+                migrate: !skip_migrations,
+                ..Default::default()
+            };
+            tollgate_proxy::run(
+                config,
+                listeners,
+                options,
+                tollgate_core::shutdown::on_signal(),
+            )
+            .await
+        }
         Command::Dev => dev::run(config).await,
         Command::Usage { user, period, json } => {
             let period = match period {

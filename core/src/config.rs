@@ -170,12 +170,11 @@ pub struct EgressConfig {
     /// Largest request head (request line + headers), bytes; larger gets `431`.
     /// At least 8192. Default 65536.
     pub max_header_bytes: usize,
-    /// Time a client has to send a complete request head. Default `10s`.
+    /// Time a client has to send a complete request head, counted from connect or
+    /// from the end of the previous exchange: it closes idle keep-alive connections
+    /// and slow-header (slowloris) clients alike. Default `30s`.
     #[serde(with = "duration")]
     pub header_read_timeout: Duration,
-    /// Keep-alive connections idle this long between requests are closed. Default `60s`.
-    #[serde(with = "duration")]
-    pub idle_timeout: Duration,
     /// CONNECT tunnels with no traffic either way for this long are closed. Default `5m`.
     #[serde(with = "duration")]
     pub tunnel_idle_timeout: Duration,
@@ -207,8 +206,7 @@ impl Default for EgressConfig {
             tls: None,
             max_connections: 10_000,
             max_header_bytes: 64 * 1024,
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(30),
             tunnel_idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
             upstream_idle_timeout: Duration::from_secs(90),
@@ -235,12 +233,11 @@ pub struct IngressConfig {
     pub max_connections: usize,
     /// Largest request head, bytes; larger gets `431`. At least 8192. Default 65536.
     pub max_header_bytes: usize,
-    /// Time a client has to send a complete request head. Default `10s`.
+    /// Time a client has to send a complete request head, counted from connect or
+    /// from the end of the previous exchange: it closes idle keep-alive connections
+    /// and slow-header (slowloris) clients alike. Default `30s`.
     #[serde(with = "duration")]
     pub header_read_timeout: Duration,
-    /// Keep-alive connections idle this long between requests are closed. Default `60s`.
-    #[serde(with = "duration")]
-    pub idle_timeout: Duration,
     /// Port of the agent gateway on each VPS. Default 18789.
     pub gateway_port: u16,
     /// Time to connect to a gateway; beyond it `504`. Default `5s`.
@@ -267,8 +264,7 @@ impl Default for IngressConfig {
             tls: None,
             max_connections: 10_000,
             max_header_bytes: 64 * 1024,
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(30),
             gateway_port: 18789,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),

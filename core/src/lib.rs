@@ -7,8 +7,10 @@
 //! - [`local_postgres`]: finding or starting PostgreSQL for `dev` and tests.
 //! - [`telemetry`]: tracing and the Prometheus recorder.
 //! - [`shutdown`]: the signal-driven cancellation token.
+//! - [`admin`]: the `/metrics`, `/healthz`, `/readyz` listener.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod billing;
 pub mod config;
 pub mod db;

@@ -1,1 +1,286 @@
+//! Tollgate's metering proxy: one HTTP engine (hyper + tokio) serving the egress
+//! forward proxy and the ingress gateway proxy, sharing one agent directory, one
+//! meter, one flusher, one enforcer and one admin listener.
+//!
+//! ```text
+//!  client socket ─▶ MeteredIo ─▶ hyper ─▶ framing/target ─▶ auth (directory) ─▶ enforcement (gate)
+//!                   (counts on                                                      │
+//!                    the VPS's socket)                 egress policy / route ◀──────┘
+//!                                                             │
+//!                                   relay (pooled HTTP, CONNECT tunnel, upgrade) ─▶ upstream
+//!  meter ──every flush_interval──▶ flusher ──(ledger, exactly once)──▶ PostgreSQL
+//!                                     └──▶ enforcer re-evaluates flushed users ──▶ decisions
+//!  PostgreSQL NOTIFY ──▶ notifications ──▶ directory (evict) / enforcer (apply)
+//! ```
+//!
+//! Errors become responses in one place, [`rescue`]. [`run`] takes its listeners
+//! and shutdown token from the caller, so tests bind port 0 and stop it at will.
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod body;
+pub mod directory;
+pub mod egress;
+pub mod egress_policy;
+pub mod enforcement;
+pub mod flusher;
+pub mod headers;
+pub mod health;
+pub mod meter;
+pub mod notifications;
+pub mod relay;
+pub mod rescue;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use tollgate_core::config::Config;
+use tollgate_core::{admin, db};
+
+use crate::directory::Directory;
+use crate::egress::Egress;
+use crate::egress_policy::{Dial, EgressPolicy, Resolve, SystemResolver, TcpDialer};
+use crate::enforcement::Enforcer;
+use crate::flusher::Flusher;
+use crate::health::Health;
+use crate::meter::Meter;
+use crate::upstream::Pool;
+
+/// The proxy's sockets, bound by the caller.
+pub struct Listeners {
+    pub egress: Option<TcpListener>,
+    pub ingress: Option<TcpListener>,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Bind the configured addresses.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let p = &config.proxy;
+        let bind = |addr: SocketAddr, key: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {key} {addr}"))
+        };
+        Ok(Listeners {
+            egress: match p.egress.enabled {
+                true => Some(bind(p.egress.listen, "proxy.egress.listen").await?),
+                false => None,
+            },
+            ingress: match p.ingress.enabled {
+                true => Some(bind(p.ingress.listen, "proxy.ingress.listen").await?),
+                false => None,
+            },
+            admin: bind(p.admin.listen, "proxy.admin.listen").await?,
+        })
+    }
+}
+
+/// How the proxy reaches the outside world. Tests substitute resolvers and
+/// dialers that can only ever reach loopback.
+#[derive(Clone)]
+pub struct Seams {
+    pub resolver: Arc<dyn Resolve>,
+    pub dialer: Arc<dyn Dial>,
+}
+
+impl Default for Seams {
+    fn default() -> Self {
+        Self {
+            resolver: Arc::new(SystemResolver),
+            dialer: Arc::new(TcpDialer),
+        }
+    }
+}
+
+/// Start-up choices.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// Apply migrations at start (retrying until the database answers).
+    pub migrate: bool,
+    pub seams: Seams,
+}
+
+/// Run the proxy until `shutdown`, then drain, flush and return.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    options: Options,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    telemetry::describe();
+    tollgate_core::telemetry::metrics_handle();
+    let instance_id = Uuid::new_v4();
+    let health = Arc::new(Health::new());
+    let pool = db::lazy_pool(&config.database, "tollgate-proxy")?;
+    let background = CancellationToken::new();
+
+    let admin_stop = CancellationToken::new();
+    let ready = {
+        let (health, max_stale, shutdown) = (
+            health.clone(),
+            config.proxy.directory.max_stale,
+            shutdown.clone(),
+        );
+        Arc::new(move || {
+            if shutdown.is_cancelled() {
+                return Err("draining".to_owned());
+            }
+            health.ready(max_stale).map_err(str::to_owned)
+        })
+    };
+    let admin_task = tokio::spawn(admin::serve(listeners.admin, ready, admin_stop.clone()));
+
+    if options.migrate {
+        migrate_until_done(&pool, &health, &shutdown).await?;
+    }
+
+    let meter = Arc::new(Meter::new());
+    let (enforcer, events) = Enforcer::new(
+        pool.clone(),
+        health.clone(),
+        format!("proxy:{instance_id}"),
+        config.proxy.meter.decision_refresh,
+    );
+    let enforcer = Arc::new(enforcer);
+    let directory = Arc::new(Directory::new(
+        pool.clone(),
+        meter.clone(),
+        enforcer.clone(),
+        health.clone(),
+        config.proxy.directory.clone(),
+    ));
+    let mut flusher = Flusher::new(
+        meter.clone(),
+        pool.clone(),
+        enforcer.clone(),
+        health.clone(),
+        config.proxy.meter.clone(),
+        instance_id,
+    );
+    let spilled = flusher.load_spills()?;
+    if spilled > 0 {
+        tracing::info!(batches = spilled, "spilled batches queued for replay");
+    }
+
+    let background_tasks = TaskTracker::new();
+    background_tasks.spawn(enforcer.clone().run(events, background.clone()));
+    background_tasks.spawn(directory.clone().run_refresher(background.clone()));
+    background_tasks.spawn(notifications::run(
+        pool.clone(),
+        directory.clone(),
+        enforcer.clone(),
+        health.clone(),
+        background.clone(),
+    ));
+    let flusher_stop = CancellationToken::new();
+    let flusher_task = tokio::spawn(flusher.run(flusher_stop.clone()));
+
+    let connections = TaskTracker::new();
+    let hard_stop = CancellationToken::new();
+    let mut accept_loops = Vec::new();
+    if let Some(listener) = listeners.egress {
+        let e = &config.proxy.egress;
+        let tls = match &e.tls {
+            Some(tls) => Some(server::tls_acceptor(tls, &[b"http/1.1"])?),
+            None => None,
+        };
+        let egress = Arc::new(Egress {
+            directory: directory.clone(),
+            policy: EgressPolicy::from_config(e),
+            resolver: options.seams.resolver.clone(),
+            dialer: options.seams.dialer.clone(),
+            pool: Pool::new(e.upstream_max_idle_per_host, e.upstream_idle_timeout),
+            config: e.clone(),
+            tracker: connections.clone(),
+            hard_stop: hard_stop.clone(),
+        });
+        background_tasks.spawn(egress.pool.clone().run_reaper(background.clone()));
+        tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "egress proxy listening");
+        let (limits, shutdown) = (egress.limits(), shutdown.clone());
+        accept_loops.push(tokio::spawn(server::accept_loop(
+            listener,
+            telemetry::Listener::Egress,
+            limits,
+            shutdown.clone(),
+            connections.clone(),
+            move |stream, _peer, permit| {
+                let (egress, tls, shutdown) = (egress.clone(), tls.clone(), shutdown.clone());
+                async move {
+                    let _permit = permit;
+                    egress.serve_connection(stream, tls, shutdown).await;
+                }
+            },
+        )));
+    }
+    if listeners.ingress.is_some() {
+        tracing::warn!("the ingress listener is not served by this build");
+    }
+
+    health.mark_started();
+    tracing::info!(%instance_id, "proxy started");
+    shutdown.cancelled().await;
+
+    // Drain: stop accepting, let exchanges and tunnels finish up to the deadline.
+    for a in accept_loops {
+        let _ = a.await;
+    }
+    connections.close();
+    let drain = config.proxy.drain_timeout;
+    if tokio::time::timeout(drain, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(deadline = ?drain, open = connections.len(), "drain deadline passed: closing what is left");
+        hard_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
+    }
+    // Everything is counted now: final flush (or spill).
+    flusher_stop.cancel();
+    flusher_task.await.context("flusher task")?;
+    background.cancel();
+    background_tasks.close();
+    background_tasks.wait().await;
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    pool.close().await;
+    tracing::info!("proxy stopped");
+    Ok(())
+}
+
+/// Apply migrations, retrying while the database is unreachable, until done or
+/// shut down.
+pub async fn migrate_until_done(
+    pool: &sqlx::PgPool,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match db::migrate(pool).await {
+            Ok(()) => {
+                health.db_ok();
+                return Ok(());
+            }
+            Err(sqlx::migrate::MigrateError::Execute(e)) if db::is_connection_error(&e) => {
+                health.db_failed("applying migrations", &e);
+            }
+            Err(e) => return Err(e).context("applying migrations"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => anyhow::bail!("shut down before the database became reachable"),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,170 @@
+//! Credentials from request headers, parsed without allocating:
+//! egress `Proxy-Authorization: Basic base64(agent_id:gateway_token)`, ingress
+//! `Authorization: Bearer gateway_token`. Comparison against the stored token is
+//! constant-time (see `Directory`).
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use http::HeaderValue;
+use uuid::Uuid;
+
+use crate::rescue::AuthFailure;
+
+/// Longest decoded `agent_id:token` accepted (a UUID and a 64-char token need 101).
+const MAX_CREDENTIALS: usize = 256;
+
+/// Decoded Basic credentials.
+pub struct BasicCredentials {
+    pub agent_id: Uuid,
+    buf: [u8; MAX_CREDENTIALS],
+    token_start: usize,
+    len: usize,
+}
+
+impl BasicCredentials {
+    pub fn token(&self) -> &[u8] {
+        &self.buf[self.token_start..self.len]
+    }
+}
+
+/// Parse `Basic base64(agent_id:token)`.
+pub fn basic(header: Option<&HeaderValue>) -> Result<BasicCredentials, AuthFailure> {
+    let value = header.ok_or(AuthFailure::Missing)?.as_bytes();
+    let (scheme, rest) = split_scheme(value).ok_or(AuthFailure::Malformed)?;
+    if !scheme.eq_ignore_ascii_case(b"basic") {
+        return Err(AuthFailure::Scheme);
+    }
+    let encoded = trim(rest);
+    if encoded.len() > MAX_CREDENTIALS * 4 / 3 + 4 {
+        return Err(AuthFailure::Malformed);
+    }
+    let mut buf = [0u8; MAX_CREDENTIALS];
+    let len = STANDARD
+        .decode_slice(encoded, &mut buf)
+        .map_err(|_| AuthFailure::Malformed)?;
+    let colon = buf[..len]
+        .iter()
+        .position(|b| *b == b':')
+        .ok_or(AuthFailure::Malformed)?;
+    let agent_id = std::str::from_utf8(&buf[..colon])
+        .ok()
+        .and_then(|s| Uuid::try_parse(s).ok())
+        .ok_or(AuthFailure::Malformed)?;
+    if colon + 1 == len {
+        return Err(AuthFailure::Malformed);
+    }
+    Ok(BasicCredentials {
+        agent_id,
+        buf,
+        token_start: colon + 1,
+        len,
+    })
+}
+
+/// Parse `Bearer token`; returns the token bytes.
+pub fn bearer(header: Option<&HeaderValue>) -> Result<&[u8], AuthFailure> {
+    let value = header.ok_or(AuthFailure::Missing)?.as_bytes();
+    let (scheme, rest) = split_scheme(value).ok_or(AuthFailure::Malformed)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return Err(AuthFailure::Scheme);
+    }
+    let token = trim(rest);
+    if token.is_empty() {
+        return Err(AuthFailure::Malformed);
+    }
+    Ok(token)
+}
+
+fn split_scheme(value: &[u8]) -> Option<(&[u8], &[u8])> {
+    let value = trim(value);
+    let space = value.iter().position(|b| *b == b' ')?;
+    Some((&value[..space], &value[space + 1..]))
+}
+
+fn trim(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(s: &str) -> HeaderValue {
+        HeaderValue::from_str(s).unwrap()
+    }
+
+    fn encode(s: &str) -> String {
+        format!("Basic {}", STANDARD.encode(s))
+    }
+
+    #[test]
+    fn basic_credentials_parse() {
+        let id = Uuid::new_v4();
+        let h = header(&encode(&format!("{id}:{}", "a".repeat(64))));
+        let c = basic(Some(&h)).unwrap();
+        assert_eq!(c.agent_id, id);
+        assert_eq!(c.token(), "a".repeat(64).as_bytes());
+        // Scheme is case-insensitive; surrounding blanks are tolerated.
+        let h = header(&format!(
+            "  bAsIc   {}  ",
+            STANDARD.encode(format!("{id}:tok"))
+        ));
+        assert_eq!(basic(Some(&h)).unwrap().token(), b"tok");
+    }
+
+    #[test]
+    fn basic_failures_are_classified() {
+        let id = Uuid::new_v4();
+        assert_eq!(basic(None).err(), Some(AuthFailure::Missing));
+        assert_eq!(
+            basic(Some(&header("Bearer abc"))).err(),
+            Some(AuthFailure::Scheme)
+        );
+        assert_eq!(
+            basic(Some(&header("Basic"))).err(),
+            Some(AuthFailure::Malformed)
+        );
+        assert_eq!(
+            basic(Some(&header("Basic !!!notbase64"))).err(),
+            Some(AuthFailure::Malformed)
+        );
+        assert_eq!(
+            basic(Some(&header(&encode(&format!("{id}tok"))))).err(),
+            Some(AuthFailure::Malformed)
+        );
+        assert_eq!(
+            basic(Some(&header(&encode("not-a-uuid:tok")))).err(),
+            Some(AuthFailure::Malformed)
+        );
+        assert_eq!(
+            basic(Some(&header(&encode(&format!("{id}:"))))).err(),
+            Some(AuthFailure::Malformed)
+        );
+        let long = encode(&format!("{id}:{}", "x".repeat(1000)));
+        assert_eq!(
+            basic(Some(&header(&long))).err(),
+            Some(AuthFailure::Malformed)
+        );
+    }
+
+    #[test]
+    fn bearer_tokens_parse() {
+        assert_eq!(bearer(Some(&header("Bearer abc"))).unwrap(), b"abc");
+        assert_eq!(bearer(Some(&header("bearer   abc "))).unwrap(), b"abc");
+        assert_eq!(bearer(None).err(), Some(AuthFailure::Missing));
+        assert_eq!(
+            bearer(Some(&header("Basic abc"))).err(),
+            Some(AuthFailure::Scheme)
+        );
+        assert_eq!(
+            bearer(Some(&header("Bearer "))).err(),
+            Some(AuthFailure::Malformed)
+        );
+    }
+}

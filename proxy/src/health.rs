@@ -1,0 +1,76 @@
+//! What `/healthz` and `/readyz` report: the process is up; it has finished
+//! starting (migrations, spill replay, decisions loaded) and has reached the
+//! database recently enough to still serve from its caches.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::telemetry;
+
+#[derive(Debug)]
+pub struct Health {
+    epoch: Instant,
+    started: AtomicBool,
+    /// Milliseconds after `epoch` of the last successful database operation, +1 (0 = never).
+    db_ok_at: AtomicU64,
+    db_down: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Health {
+    pub fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            started: AtomicBool::new(false),
+            db_ok_at: AtomicU64::new(0),
+            db_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn mark_started(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+
+    pub fn db_ok(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.db_ok_at.fetch_max(ms, Ordering::AcqRel);
+        if self.db_down.swap(false, Ordering::AcqRel) {
+            tracing::info!("database reachable again");
+            telemetry::database_up(true);
+        }
+    }
+
+    pub fn db_failed(&self, what: &str, error: &sqlx::Error) {
+        if !self.db_down.swap(true, Ordering::AcqRel) {
+            tracing::warn!(%error, during = what, "database unreachable; serving known agents from cache");
+            telemetry::database_up(false);
+        }
+    }
+
+    /// Time since the database last answered, if it ever did.
+    pub fn db_age(&self) -> Option<Duration> {
+        let at = self.db_ok_at.load(Ordering::Acquire);
+        (at > 0).then(|| {
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(at - 1))
+        })
+    }
+
+    /// Ready to take traffic: started, and the database answered within `max_stale`
+    /// (beyond it, cached agents are no longer served anyway).
+    pub fn ready(&self, max_stale: Duration) -> Result<(), &'static str> {
+        if !self.started.load(Ordering::Acquire) {
+            return Err("starting");
+        }
+        match self.db_age() {
+            Some(age) if age <= max_stale => Ok(()),
+            _ => Err("database unreachable for longer than proxy.directory.max_stale"),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! LISTEN for changes that must take effect within a second: rotated tokens and
+//! changed VPSes (directory), plan and budget changes and published decisions
+//! (enforcement). If the LISTEN connection drops, notifications may have been
+//! missed, so on reconnecting every cached agent and decision is re-read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgNotification};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use tollgate_core::billing::Period;
+use tollgate_core::db::{AGENT_CHANNEL, BILLING_CHANNEL, DECISION_CHANNEL};
+
+use crate::directory::Directory;
+use crate::enforcement::{Enforcer, Event};
+use crate::health::Health;
+use crate::telemetry;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+pub async fn run(
+    pool: PgPool,
+    directory: Arc<Directory>,
+    enforcer: Arc<Enforcer>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    while !shutdown.is_cancelled() {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen_all([AGENT_CHANNEL, BILLING_CHANNEL, DECISION_CHANNEL])
+                .await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = match listener.await {
+            Ok(l) => l,
+            Err(e) => {
+                health.db_failed("listening for changes", &e);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        health.db_ok();
+        backoff = Duration::from_millis(100);
+        if !std::mem::take(&mut first) {
+            metrics::counter!(telemetry::NOTIFY_RECONNECTS).increment(1);
+            catch_up(&directory, &enforcer).await;
+        }
+        loop {
+            let next = tokio::select! {
+                n = listener.try_recv() => n,
+                _ = shutdown.cancelled() => return,
+            };
+            match next {
+                Ok(Some(n)) => dispatch(&n, &directory, &enforcer),
+                // The connection dropped and was re-established: we may have missed some.
+                Ok(None) => {
+                    metrics::counter!(telemetry::NOTIFY_RECONNECTS).increment(1);
+                    catch_up(&directory, &enforcer).await;
+                }
+                Err(e) => {
+                    health.db_failed("receiving change notifications", &e);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn catch_up(directory: &Directory, enforcer: &Enforcer) {
+    tracing::info!(
+        "change notifications may have been missed: re-reading cached agents and decisions"
+    );
+    if let Err(e) = directory.refresh(Duration::ZERO).await {
+        tracing::warn!(error = %e, "re-reading agents failed; they refresh on their own schedule");
+    }
+    enforcer.send(Event::CatchUp);
+}
+
+fn dispatch(n: &PgNotification, directory: &Arc<Directory>, enforcer: &Arc<Enforcer>) {
+    let payload = n.payload();
+    match n.channel() {
+        AGENT_CHANNEL => match payload.parse::<Uuid>() {
+            Ok(agent) => directory.invalidate(agent),
+            Err(_) => tracing::warn!(payload, "ignoring malformed agent notification"),
+        },
+        BILLING_CHANNEL => enforcer.send(Event::BillingChanged(payload.to_owned())),
+        DECISION_CHANNEL => {
+            let parsed = payload.split_once(':').and_then(|(user, period)| {
+                Some((user.parse::<Uuid>().ok()?, period.parse::<Period>().ok()?))
+            });
+            match parsed {
+                Some((user, period)) => enforcer.send(Event::Published { user, period }),
+                None => tracing::warn!(payload, "ignoring malformed decision notification"),
+            }
+        }
+        other => tracing::debug!(channel = other, "ignoring notification"),
+    }
+}

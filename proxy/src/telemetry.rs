@@ -1,0 +1,217 @@
+//! The proxy's Prometheus metrics (SPEC §6): names, bounded labels, and small
+//! helpers so call sites read as what happened. No label is per VPS or per user.
+
+use std::sync::Once;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+
+/// Which listener a metric is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Listener {
+    Egress,
+    Ingress,
+}
+
+impl Listener {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Egress => "egress",
+            Listener::Ingress => "ingress",
+        }
+    }
+}
+
+pub const REQUESTS: &str = "tollgate_requests_total";
+pub const BYTES: &str = "tollgate_bytes_total";
+pub const ACTIVE_CONNECTIONS: &str = "tollgate_active_connections";
+pub const ACTIVE_TUNNELS: &str = "tollgate_active_tunnels";
+pub const REJECTED_CONNECTIONS: &str = "tollgate_rejected_connections_total";
+pub const AUTH_FAILURES: &str = "tollgate_auth_failures_total";
+pub const BLOCKED_REQUESTS: &str = "tollgate_blocked_requests_total";
+pub const EGRESS_DENIALS: &str = "tollgate_egress_denials_total";
+pub const CUT_STREAMS: &str = "tollgate_cut_streams_total";
+pub const FLUSH_DURATION: &str = "tollgate_flush_duration_seconds";
+pub const FLUSH_ROWS: &str = "tollgate_flush_rows_total";
+pub const FLUSH_FAILURES: &str = "tollgate_flush_failures_total";
+pub const FLUSH_DROPPED: &str = "tollgate_flush_dropped_rows_total";
+pub const FLUSH_LAG: &str = "tollgate_flush_lag_seconds";
+pub const PENDING_BYTES: &str = "tollgate_pending_unflushed_bytes";
+pub const SPILLED_BATCHES: &str = "tollgate_spilled_batches";
+pub const USERS_BLOCKED: &str = "tollgate_users_blocked";
+pub const DECISION_LATENCY: &str = "tollgate_decision_latency_seconds";
+pub const DECISIONS_PUBLISHED: &str = "tollgate_decisions_published_total";
+pub const DIRECTORY_LOOKUPS: &str = "tollgate_directory_lookups_total";
+pub const DIRECTORY_ENTRIES: &str = "tollgate_directory_entries";
+pub const DATABASE_UP: &str = "tollgate_database_up";
+pub const NOTIFY_RECONNECTS: &str = "tollgate_notify_reconnects_total";
+
+/// Register help texts once per process.
+pub fn describe() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        describe_counter!(
+            REQUESTS,
+            "Requests and tunnels handled, by listener and outcome."
+        );
+        describe_counter!(
+            BYTES,
+            Unit::Bytes,
+            "Bytes on sockets facing VPSes; rx = received by the VPS, tx = sent by it."
+        );
+        describe_gauge!(ACTIVE_CONNECTIONS, "Open client connections, by listener.");
+        describe_gauge!(
+            ACTIVE_TUNNELS,
+            "Open CONNECT tunnels and WebSockets, by listener and kind."
+        );
+        describe_counter!(
+            REJECTED_CONNECTIONS,
+            "Connections refused with 503 over the connection limit."
+        );
+        describe_counter!(
+            AUTH_FAILURES,
+            "Authentication failures, by listener and reason."
+        );
+        describe_counter!(
+            BLOCKED_REQUESTS,
+            "Requests refused because the user is blocked, by listener and reason."
+        );
+        describe_counter!(
+            EGRESS_DENIALS,
+            "Egress destinations refused by policy, by reason."
+        );
+        describe_counter!(
+            CUT_STREAMS,
+            "Tunnels, WebSockets and streams closed because their user became blocked."
+        );
+        describe_histogram!(
+            FLUSH_DURATION,
+            Unit::Seconds,
+            "Time to write one counter flush to PostgreSQL."
+        );
+        describe_counter!(FLUSH_ROWS, "Usage rows written by flushes.");
+        describe_counter!(
+            FLUSH_FAILURES,
+            "Flush attempts that failed (retried, never dropped)."
+        );
+        describe_counter!(
+            FLUSH_DROPPED,
+            "Per-VPS counts discarded because the VPS no longer exists."
+        );
+        describe_gauge!(
+            FLUSH_LAG,
+            Unit::Seconds,
+            "Seconds since the last successful flush while bytes are pending."
+        );
+        describe_gauge!(
+            PENDING_BYTES,
+            Unit::Bytes,
+            "Counted bytes not yet written to PostgreSQL."
+        );
+        describe_gauge!(
+            SPILLED_BATCHES,
+            "Batches waiting in spill files for the database."
+        );
+        describe_gauge!(
+            USERS_BLOCKED,
+            "Users currently blocked, as known to this proxy."
+        );
+        describe_histogram!(
+            DECISION_LATENCY,
+            Unit::Seconds,
+            "From the start of a flush to its users' decisions being in force."
+        );
+        describe_counter!(
+            DECISIONS_PUBLISHED,
+            "Decisions written to usage_decisions by this proxy."
+        );
+        describe_counter!(DIRECTORY_LOOKUPS, "Agent directory lookups, by result.");
+        describe_gauge!(DIRECTORY_ENTRIES, "Agents cached in the directory.");
+        describe_gauge!(DATABASE_UP, "1 if the last database operation succeeded.");
+        describe_counter!(
+            NOTIFY_RECONNECTS,
+            "Times the LISTEN connection was re-established."
+        );
+    });
+}
+
+pub fn bytes(listener: Listener, rx: u64, tx: u64) {
+    if rx > 0 {
+        counter!(BYTES, "listener" => listener.as_str(), "direction" => "rx").increment(rx);
+    }
+    if tx > 0 {
+        counter!(BYTES, "listener" => listener.as_str(), "direction" => "tx").increment(tx);
+    }
+}
+
+pub fn request(listener: Listener, outcome: &'static str) {
+    counter!(REQUESTS, "listener" => listener.as_str(), "outcome" => outcome).increment(1);
+}
+
+pub fn auth_failure(listener: Listener, reason: &'static str) {
+    counter!(AUTH_FAILURES, "listener" => listener.as_str(), "reason" => reason).increment(1);
+}
+
+pub fn blocked_request(listener: Listener, reason: &'static str) {
+    counter!(BLOCKED_REQUESTS, "listener" => listener.as_str(), "reason" => reason).increment(1);
+}
+
+pub fn egress_denied(reason: &'static str) {
+    counter!(EGRESS_DENIALS, "reason" => reason).increment(1);
+}
+
+pub fn cut_stream(listener: Listener) {
+    counter!(CUT_STREAMS, "listener" => listener.as_str()).increment(1);
+}
+
+pub fn rejected_connection(listener: Listener) {
+    counter!(REJECTED_CONNECTIONS, "listener" => listener.as_str()).increment(1);
+}
+
+pub fn database_up(up: bool) {
+    gauge!(DATABASE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn flush_done(seconds: f64, rows: usize, dropped: usize) {
+    histogram!(FLUSH_DURATION).record(seconds);
+    counter!(FLUSH_ROWS).increment(rows as u64);
+    if dropped > 0 {
+        counter!(FLUSH_DROPPED).increment(dropped as u64);
+    }
+}
+
+/// Kind of long-lived relay, for [`ACTIVE_TUNNELS`].
+#[derive(Debug, Clone, Copy)]
+pub enum TunnelKind {
+    Connect,
+    WebSocket,
+}
+
+/// Increments a gauge for its lifetime.
+#[must_use]
+pub struct GaugeGuard(metrics::Gauge);
+
+impl GaugeGuard {
+    pub fn connection(listener: Listener) -> Self {
+        let g = gauge!(ACTIVE_CONNECTIONS, "listener" => listener.as_str());
+        g.increment(1.0);
+        GaugeGuard(g)
+    }
+
+    pub fn tunnel(listener: Listener, kind: TunnelKind) -> Self {
+        let kind = match kind {
+            TunnelKind::Connect => "connect",
+            TunnelKind::WebSocket => "websocket",
+        };
+        let g = gauge!(ACTIVE_TUNNELS, "listener" => listener.as_str(), "kind" => kind);
+        g.increment(1.0);
+        GaugeGuard(g)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}

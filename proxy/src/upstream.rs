@@ -1,0 +1,114 @@
+//! Connections to upstreams (origins for egress, VPS gateways for ingress): an
+//! HTTP/1.1 handshake over any socket, and a pool of idle connections per key.
+//!
+//! A connection goes back to the pool only once hyper says it can take another
+//! request (the previous response was read to the end); connections idle longer
+//! than the pool's timeout, or closed by the peer, are dropped at checkout or by
+//! the reaper.
+
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::body::ProxyBody;
+
+pub type Sender = http1::SendRequest<ProxyBody>;
+
+/// Speak HTTP/1.1 over `io`; the connection is driven by a spawned task. With
+/// `upgrades`, a `101 Switching Protocols` response hands the socket over.
+pub async fn handshake<I>(io: I, upgrades: bool) -> Result<Sender, hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let result = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// Idle connections per key (origin authority, or VPS).
+pub struct Pool<K> {
+    idle: DashMap<K, Vec<Idle>>,
+    max_idle_per_key: usize,
+    idle_timeout: Duration,
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
+    pub fn new(max_idle_per_key: usize, idle_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            idle: DashMap::new(),
+            max_idle_per_key,
+            idle_timeout,
+        })
+    }
+
+    /// An idle connection to `key` that can take a request now, if any.
+    pub fn checkout(&self, key: &K) -> Option<Sender> {
+        let mut list = self.idle.get_mut(key)?;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() < self.idle_timeout && idle.sender.is_ready() {
+                return Some(idle.sender);
+            }
+        }
+        None
+    }
+
+    /// Return `sender` to the pool once its current exchange is over.
+    pub fn release(self: &Arc<Self>, key: K, mut sender: Sender) {
+        if self.max_idle_per_key == 0 {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut list = pool.idle.entry(key).or_default();
+                if list.len() < pool.max_idle_per_key {
+                    list.push(Idle {
+                        sender,
+                        since: Instant::now(),
+                    });
+                }
+            }
+        });
+    }
+
+    /// Drop expired and closed connections, until `shutdown`.
+    pub async fn run_reaper(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = (self.idle_timeout / 2).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let timeout = self.idle_timeout;
+            self.idle.retain(|_, list| {
+                list.retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
+                !list.is_empty()
+            });
+        }
+    }
+
+    /// Idle connections held (for tests and metrics).
+    pub fn idle_count(&self) -> usize {
+        self.idle.iter().map(|l| l.len()).sum()
+    }
+}
