@@ -1287,7 +1287,7 @@ fn grafana_provisioning_matches_the_dashboard_and_compose() {
 // Dockerfile and compose
 
 #[test]
-fn dockerfile_passes_hadolint_and_builds_a_small_non_root_image() {
+fn dockerfile_passes_hadolint_and_describes_a_small_non_root_image() {
     let dockerfile = read("deploy/docker/Dockerfile");
     let froms: Vec<&str> = dockerfile
         .lines()
