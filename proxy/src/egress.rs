@@ -31,7 +31,8 @@ use crate::auth;
 use crate::body::ProxyBody;
 use crate::directory::{Agent, Directory, Lookup};
 use crate::egress_policy::{parse_host, Dial, EgressPolicy, Host, Resolve};
-use crate::headers::{ambiguous_framing, strip_hop_by_hop, wants_upgrade};
+use crate::framing::{Framing, FramingGuard, Verdicts};
+use crate::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::meter::{ConnTally, MeteredIo};
 use crate::relay::{relay, RelayEnd};
 use crate::rescue::{rescue, AuthFailure, ProxyError};
@@ -56,10 +57,12 @@ pub struct Egress {
     pub hard_stop: CancellationToken,
 }
 
-/// One client connection: its meter tally and the agent it is bound to.
+/// One client connection: its meter tally, the agent it is bound to, and the
+/// framing verdicts of its requests.
 struct ClientConn {
     tally: Arc<ConnTally>,
     agent: OnceLock<Uuid>,
+    framing: Arc<Verdicts>,
 }
 
 impl Egress {
@@ -80,11 +83,14 @@ impl Egress {
     ) {
         let _open = GaugeGuard::connection(Listener::Egress);
         let tally = Arc::new(ConnTally::unbound());
+        let framing = Arc::new(Verdicts::default());
         let conn = Arc::new(ClientConn {
             tally: tally.clone(),
             agent: OnceLock::new(),
+            framing: framing.clone(),
         });
         let io = MeteredIo::new(stream, tally, Listener::Egress);
+        let max_head = self.config.max_header_bytes;
         let builder = server::http1_builder(&self.limits());
         let this = self.clone();
         let service = service_fn(move |req| {
@@ -93,6 +99,7 @@ impl Egress {
         });
         match tls {
             None => {
+                let io = FramingGuard::new(io, max_head, framing);
                 serve_until(
                     builder
                         .serve_connection(TokioIo::new(io), service)
@@ -107,9 +114,10 @@ impl Egress {
                         .await;
                 match handshake {
                     Ok(Ok(tls)) => {
+                        let io = FramingGuard::new(tls, max_head, framing);
                         serve_until(
                             builder
-                                .serve_connection(TokioIo::new(tls), service)
+                                .serve_connection(TokioIo::new(io), service)
                                 .with_upgrades(),
                             &shutdown,
                         )
@@ -134,7 +142,7 @@ impl Egress {
         req: Request<Incoming>,
         conn: &ClientConn,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        if ambiguous_framing(req.headers()) {
+        if conn.framing.next() == Framing::Ambiguous {
             return Err(ProxyError::BadRequest(
                 "content-length together with transfer-encoding",
             ));

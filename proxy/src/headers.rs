@@ -1,6 +1,5 @@
 //! Header rules both listeners apply: hop-by-hop headers stay on their hop
-//! (RFC 9110 §7.6.1), message framing must be unambiguous, upgrades are
-//! recognised.
+//! (RFC 9110 §7.6.1) and upgrades are recognised.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -54,12 +53,6 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// `Content-Length` together with `Transfer-Encoding` is how requests are
-/// smuggled past proxies: refuse it rather than pick one.
-pub fn ambiguous_framing(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::CONTENT_LENGTH) && headers.contains_key(header::TRANSFER_ENCODING)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,14 +102,5 @@ mod tests {
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["sec-websocket-key"], "k");
         assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
-    }
-
-    #[test]
-    fn cl_with_te_is_ambiguous() {
-        assert!(ambiguous_framing(&map(&[
-            ("content-length", "5"),
-            ("transfer-encoding", "chunked")
-        ])));
-        assert!(!ambiguous_framing(&map(&[("content-length", "5")])));
     }
 }

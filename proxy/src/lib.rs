@@ -24,6 +24,7 @@ pub mod egress;
 pub mod egress_policy;
 pub mod enforcement;
 pub mod flusher;
+pub mod framing;
 pub mod headers;
 pub mod health;
 pub mod meter;
@@ -118,8 +119,9 @@ pub async fn run(
     options: Options,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    telemetry::describe();
+    // The recorder must exist before metrics are described, or the help texts are lost.
     tollgate_core::telemetry::metrics_handle();
+    telemetry::describe();
     let instance_id = Uuid::new_v4();
     let health = Arc::new(Health::new());
     let pool = db::lazy_pool(&config.database, "tollgate-proxy")?;

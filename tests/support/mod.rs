@@ -3,6 +3,11 @@
 //! helpers to insert the rows tests build on.
 #![allow(dead_code)]
 
+pub mod client;
+pub mod origin;
+pub mod pg_relay;
+pub mod proxy;
+
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -197,6 +202,90 @@ async fn drop_stale_databases(server: &Server) {
         }
     }
     conn.close().await.ok();
+}
+
+/// A plan (1 TiB bandwidth, rate 0), a user on it, a running VPS and its agent.
+#[derive(Debug, Clone)]
+pub struct Fixture {
+    pub plan: Uuid,
+    pub user: Uuid,
+    pub vps: Uuid,
+    pub agent: Uuid,
+    pub token: String,
+}
+
+impl Fixture {
+    /// `Proxy-Authorization` value for the agent.
+    pub fn basic(&self) -> String {
+        client::basic(self.agent, &self.token)
+    }
+}
+
+impl TestDb {
+    pub async fn fixture(&self, provider: &str) -> Fixture {
+        let plan = self
+            .plan(&format!("plan-{}", Uuid::new_v4()), 1 << 40, 0)
+            .await;
+        let user = self
+            .user(&format!("{}@example.com", Uuid::new_v4()), Some(plan))
+            .await;
+        let vps = self.vps(user, provider, "127.0.0.1", "running").await;
+        let (agent, token) = self.agent(user, Some(vps)).await;
+        Fixture {
+            plan,
+            user,
+            vps,
+            agent,
+            token,
+        }
+    }
+
+    /// (rx, tx, bandwidth) recorded for `vps` in the current period.
+    pub async fn usage(&self, vps: Uuid) -> (i64, i64, i64) {
+        sqlx::query_as(
+            "SELECT bandwidth_rx_bytes, bandwidth_tx_bytes, bandwidth_bytes FROM vps_usage_periods
+             WHERE vps_id = $1 AND period_start = $2",
+        )
+        .bind(vps)
+        .bind(tollgate_core::billing::Period::current().start())
+        .fetch_optional(&self.pool)
+        .await
+        .unwrap()
+        .unwrap_or((0, 0, 0))
+    }
+
+    /// Wait until `vps` shows exactly (rx, tx), then check it stays there for
+    /// `settle` (nothing counted twice). Panics with the last value otherwise.
+    pub async fn expect_usage(&self, vps: Uuid, rx: u64, tx: u64, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
+        let want = (rx as i64, tx as i64, (rx + tx) as i64);
+        let mut last = self.usage(vps).await;
+        while last != want && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            last = self.usage(vps).await;
+        }
+        assert_eq!(last, want, "usage (rx, tx, total) of VPS {vps}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(
+            self.usage(vps).await,
+            want,
+            "usage of VPS {vps} changed after settling"
+        );
+    }
+}
+
+/// Host and port of the test PostgreSQL server.
+pub async fn server_addr() -> std::net::SocketAddr {
+    let s = server().await;
+    let host = if s.options.get_host().starts_with('/') {
+        "127.0.0.1"
+    } else {
+        s.options.get_host()
+    };
+    let ip: std::net::IpAddr = host
+        .parse()
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    std::net::SocketAddr::new(ip, s.options.get_port())
 }
 
 /// Path of the built `tollgate` binary.

@@ -1,0 +1,927 @@
+//! The egress forward proxy end to end: real PostgreSQL, real sockets, real
+//! clients (curl, reqwest, raw TCP), a real origin on loopback.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::client::{self, basic, exchange, get_request, post_request, tunnel};
+use support::origin::{body_sum, localhost_cert, pattern, tls_server_config, EchoServer, Origin};
+use support::proxy::{http_get, temp_dir, test_config, TestProxy};
+use support::TestDb;
+use tollgate_proxy::egress_policy::{BoxFuture, Dial, Resolve};
+use tollgate_proxy::Seams;
+
+/// Run curl without blocking the runtime the proxy under test shares.
+async fn curl(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "30"])
+        .args(args)
+        .output()
+        .await
+        .expect("run curl")
+}
+
+fn reqwest_client(proxy_url: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(proxy_url).unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn curl_and_reqwest_requests_arrive_intact_without_hop_by_hop_headers() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let proxy_url = proxy.proxy_url(f.agent, &f.token);
+
+    // curl GET with a query string, custom headers and hop-by-hop headers.
+    let out = curl(&[
+        "-x",
+        &proxy_url,
+        "-H",
+        "X-Custom: kept",
+        "-H",
+        "Connection: keep-alive, X-Hop",
+        "-H",
+        "X-Hop: dropped",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "TE: trailers",
+        &origin.url("/echo/path?a=1&b=two%20words&a=3"),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let echo: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(echo["method"], "GET");
+    assert_eq!(echo["path"], "/echo/path");
+    assert_eq!(echo["query"], "a=1&b=two%20words&a=3");
+    assert_eq!(echo["headers"]["x-custom"][0], "kept");
+    assert_eq!(echo["headers"]["host"][0], origin.addr.to_string());
+    for hop in [
+        "proxy-authorization",
+        "proxy-connection",
+        "x-hop",
+        "keep-alive",
+        "te",
+        "connection",
+    ] {
+        assert!(
+            echo["headers"].get(hop).is_none(),
+            "{hop} reached the origin: {echo}"
+        );
+    }
+
+    // Response hop-by-hop headers stay on the origin's hop.
+    let out = curl(&[
+        "-x",
+        &proxy_url,
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        &origin.url("/hop-response"),
+    ])
+    .await;
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(head.contains("x-end-to-end: 1"), "{head}");
+    for hop in ["x-resp-hop", "keep-alive:", "proxy-authenticate"] {
+        assert!(!head.contains(hop), "{hop} reached the client: {head}");
+    }
+
+    // reqwest POST and PUT with bodies; a chunked (streamed) upload.
+    let http = reqwest_client(&proxy_url);
+    let body = b"{\"hello\":\"world\"}".to_vec();
+    let echo: Value = http
+        .post(origin.url("/echo/post?x=1"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (echo["method"].as_str(), echo["body_len"].as_u64()),
+        (Some("POST"), Some(body.len() as u64))
+    );
+    assert_eq!(echo["body_sum"].as_u64(), Some(body_sum(&body)));
+    let echo: Value = http
+        .put(origin.url("/echo/put"))
+        .body("replace")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (echo["method"].as_str(), echo["body_len"].as_u64()),
+        (Some("PUT"), Some(7))
+    );
+
+    let chunks: Vec<Result<Vec<u8>, io::Error>> =
+        (0..50).map(|i| Ok(vec![i as u8; 1000])).collect();
+    let streamed = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let echo: Value = http
+        .post(origin.url("/echo/chunked"))
+        .body(streamed)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["body_len"].as_u64(), Some(50_000));
+    assert_eq!(echo["headers"]["transfer-encoding"][0], "chunked");
+
+    // A chunked response arrives whole.
+    let bytes = http
+        .get(origin.url("/chunked/300000"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(bytes.len(), 300_000);
+    assert!(bytes
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == pattern(i as u64)));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_and_the_body_forwarded() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let dir = temp_dir("upload");
+    let file = dir.join("body.bin");
+    std::fs::write(&file, vec![7u8; 100_000]).unwrap();
+    let out = curl(&[
+        "-v",
+        "-x",
+        &proxy.proxy_url(f.agent, &f.token),
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &origin.url("/echo/upload"),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("HTTP/1.1 100 Continue"), "{stderr}");
+    let echo: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(echo["body_len"].as_u64(), Some(100_000));
+    assert!(
+        echo["headers"].get("expect").is_none(),
+        "the expectation was met on the proxy's hop"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn connect_carries_https_to_a_local_tls_origin() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let (cert, key) = localhost_cert();
+    let origin = Origin::start_tls(tls_server_config(&cert, &key, &[b"http/1.1"])).await;
+    let mut config = test_config(&db.url);
+    config.proxy.egress.connect_ports = vec![origin.addr.port()];
+    let proxy = TestProxy::start(config).await;
+    let dir = temp_dir("tls");
+    std::fs::write(dir.join("ca.pem"), &cert).unwrap();
+    let url = format!("https://localhost:{}/echo/secure?q=1", origin.addr.port());
+    let out = curl(&[
+        "-x",
+        &proxy.proxy_url(f.agent, &f.token),
+        "--cacert",
+        dir.join("ca.pem").to_str().unwrap(),
+        &url,
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let echo: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(echo["path"], "/echo/secure");
+    assert_eq!(echo["query"], "q=1");
+    // The whole tunnel (TLS included) is counted: at least what the origin moved.
+    let (origin_read, origin_written) = origin.socket_bytes();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (rx, tx, _) = db.usage(f.vps).await;
+        if rx as u64 >= origin_written && tx as u64 >= origin_read {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tunnel bytes not counted: rx {rx} tx {tx}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn database_counts_equal_the_bytes_each_client_moved_over_many_connections() {
+    let db = TestDb::new().await;
+    let f = db.fixture("hetzner").await;
+    let origin = Origin::start().await;
+    let echo = EchoServer::start().await;
+    let mut config = test_config(&db.url);
+    config.proxy.egress.connect_ports = vec![echo.addr.port()];
+    let proxy = TestProxy::start(config).await;
+    let auth = f.basic();
+
+    let mut tasks = Vec::new();
+    for i in 0..40u64 {
+        let (auth, proxy_addr) = (auth.clone(), proxy.egress);
+        let (origin_url, echo_addr) = (origin.url(""), echo.addr);
+        tasks.push(tokio::spawn(async move {
+            match i % 4 {
+                0 => {
+                    exchange(
+                        proxy_addr,
+                        &get_request(&format!("{origin_url}/bytes/{}", 1000 + i * 7919), &auth),
+                    )
+                    .await
+                }
+                1 => {
+                    exchange(
+                        proxy_addr,
+                        &post_request(
+                            &format!("{origin_url}/echo/p"),
+                            &auth,
+                            &vec![b'x'; (i * 3001) as usize],
+                        ),
+                    )
+                    .await
+                }
+                2 => {
+                    exchange(
+                        proxy_addr,
+                        &get_request(&format!("{origin_url}/chunked/{}", i * 10_007), &auth),
+                    )
+                    .await
+                }
+                _ => {
+                    tunnel(
+                        proxy_addr,
+                        &auth,
+                        &echo_addr.to_string(),
+                        &vec![b'y'; (i * 12_345) as usize],
+                    )
+                    .await
+                }
+            }
+        }));
+    }
+    let (mut written, mut read) = (0u64, 0u64);
+    for t in tasks {
+        let ex = t.await.unwrap();
+        assert_eq!(ex.status, 200, "{}", ex.head);
+        written += ex.written;
+        read += ex.read;
+    }
+    // rx = what the VPS received = what the client read; tx = what it wrote.
+    db.expect_usage(f.vps, read, written, Duration::from_secs(10))
+        .await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn bad_credentials_get_407_and_count_nothing() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let url = origin.url("/echo");
+    let id = f.agent;
+    let b64 = |s: String| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+    let cases: Vec<(&str, Option<String>)> = vec![
+        ("missing", None),
+        ("scheme", Some(format!("Bearer {}", f.token))),
+        ("malformed", Some("Basic %%%not-base64%%%".into())),
+        (
+            "malformed",
+            Some(format!("Basic {}", b64(format!("{id}{}", f.token)))),
+        ),
+        (
+            "malformed",
+            Some(format!("Basic {}", b64(format!("agent-7:{}", f.token)))),
+        ),
+        ("unknown_agent", Some(basic(uuid::Uuid::new_v4(), &f.token))),
+        ("bad_token", Some(basic(id, &"0".repeat(64)))),
+        ("bad_token", Some(basic(id, &f.token[..63]))),
+    ];
+    for (reason, auth) in cases {
+        let mut req = format!(
+            "GET {url} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n",
+            origin.addr
+        );
+        if let Some(a) = &auth {
+            req.push_str(&format!("proxy-authorization: {a}\r\n"));
+        }
+        req.push_str("\r\n");
+        let ex = exchange(proxy.egress, req.as_bytes()).await;
+        assert_eq!(ex.status, 407, "{reason}: {}", ex.head);
+        assert_eq!(
+            ex.header("proxy-authenticate").as_deref(),
+            Some("Basic realm=\"tollgate\""),
+            "{reason}"
+        );
+        let body: Value = serde_json::from_slice(&ex.body).unwrap();
+        assert_eq!(body["reason"], reason);
+    }
+    assert_eq!(origin.connections(), 0, "no request reached the origin");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        db.usage(f.vps).await,
+        (0, 0, 0),
+        "unauthenticated bytes are not counted to anyone"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_belongs_to_its_first_agent() {
+    let db = TestDb::new().await;
+    let a = db.fixture("fly").await;
+    let b = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    let request = |auth: &str| {
+        format!(
+            "GET {} HTTP/1.1\r\nhost: {}\r\nproxy-authorization: {auth}\r\n\r\n",
+            origin.url("/status/204"),
+            origin.addr
+        )
+    };
+    s.write_all(request(&a.basic()).as_bytes()).await.unwrap();
+    let head = String::from_utf8(client::read_head(&mut s).await).unwrap();
+    assert!(head.starts_with("HTTP/1.1 204"), "{head}");
+    // Valid credentials of another agent on the same connection: 407 and closed.
+    s.write_all(request(&b.basic()).as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("connection closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.starts_with("HTTP/1.1 407"), "{text}");
+    assert!(text.contains("other_agent"), "{text}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_token_stops_working_within_a_second() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let url = origin.url("/status/204");
+    assert_eq!(
+        exchange(proxy.egress, &get_request(&url, &f.basic()))
+            .await
+            .status,
+        204
+    );
+
+    let new_token = "c".repeat(64);
+    sqlx::query("UPDATE agents SET gateway_token = $2 WHERE id = $1")
+        .bind(f.agent)
+        .bind(&new_token)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let rotated = Instant::now();
+    loop {
+        let status = exchange(proxy.egress, &get_request(&url, &f.basic()))
+            .await
+            .status;
+        if status == 407 {
+            break;
+        }
+        assert!(
+            rotated.elapsed() < Duration::from_secs(1),
+            "old token still accepted after {:?}",
+            rotated.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rotated.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        exchange(
+            proxy.egress,
+            &get_request(&url, &basic(f.agent, &new_token))
+        )
+        .await
+        .status,
+        204
+    );
+
+    // A deleted agent stops working too.
+    sqlx::query("DELETE FROM agents WHERE id = $1")
+        .bind(f.agent)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let deleted = Instant::now();
+    while exchange(
+        proxy.egress,
+        &get_request(&url, &basic(f.agent, &new_token)),
+    )
+    .await
+    .status
+        != 407
+    {
+        assert!(
+            deleted.elapsed() < Duration::from_secs(1),
+            "deleted agent still accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.stop().await;
+}
+
+/// Resolves names from a fixed table only.
+struct TableResolver(HashMap<&'static str, Vec<IpAddr>>);
+
+impl Resolve for TableResolver {
+    fn resolve<'a>(
+        &'a self,
+        name: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
+        let found = self
+            .0
+            .get(name)
+            .map(|ips| ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
+        Box::pin(async move {
+            found.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not in table"))
+        })
+    }
+}
+
+/// Can only ever dial loopback, and records every attempt.
+#[derive(Default)]
+struct LoopbackOnlyDialer(Mutex<Vec<SocketAddr>>);
+
+impl Dial for LoopbackOnlyDialer {
+    fn dial(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<TcpStream>> {
+        self.0.lock().unwrap().push(addr);
+        Box::pin(async move {
+            if !addr.ip().to_canonical().is_loopback() {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "test dialer only reaches loopback",
+                ));
+            }
+            TcpStream::connect(addr).await
+        })
+    }
+}
+
+fn ssrf_seams(dialer: Arc<LoopbackOnlyDialer>) -> Seams {
+    let table = HashMap::from([
+        (
+            "localhost",
+            vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()],
+        ),
+        ("internal.example", vec!["10.1.2.3".parse().unwrap()]),
+        (
+            "mixed.example",
+            vec![
+                "93.184.216.34".parse().unwrap(),
+                "192.168.7.7".parse().unwrap(),
+            ],
+        ),
+        ("metadata.example", vec!["169.254.169.254".parse().unwrap()]),
+        ("loopback6.example", vec!["::1".parse().unwrap()]),
+    ]);
+    Seams {
+        resolver: Arc::new(TableResolver(table)),
+        dialer,
+    }
+}
+
+#[tokio::test]
+async fn ssrf_destinations_are_refused_for_http_and_connect_without_dialing() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let mut config = test_config(&db.url);
+    config.proxy.egress.allow_cidrs.clear();
+    config.proxy.egress.connect_ports = vec![443, 80];
+    let dialer = Arc::new(LoopbackOnlyDialer::default());
+    let proxy = TestProxy::start_with(config, ssrf_seams(dialer.clone())).await;
+    let auth = f.basic();
+    let table = [
+        ("localhost", "loopback"),
+        ("127.0.0.1", "loopback"),
+        ("[::1]", "loopback"),
+        ("[::ffff:127.0.0.1]", "loopback"),
+        ("2130706433", "loopback"),
+        ("0x7f.0.0.1", "loopback"),
+        ("0177.0.0.1", "loopback"),
+        ("127.1", "loopback"),
+        ("169.254.169.254", "link_local"),
+        ("metadata.example", "link_local"),
+        ("10.0.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("172.16.5.4", "private"),
+        ("100.64.0.1", "shared_address_space"),
+        ("0.0.0.0", "unspecified"),
+        ("[fd00::1]", "unique_local"),
+        ("[fe80::1]", "link_local"),
+        ("[64:ff9b::a00:1]", "private"),
+        ("internal.example", "private"),
+        ("mixed.example", "private"),
+        ("loopback6.example", "loopback"),
+        ("224.0.0.1", "multicast"),
+        ("255.255.255.255", "broadcast"),
+        ("192.0.2.10", "documentation"),
+    ];
+    for (host, reason) in table {
+        let plain = exchange(
+            proxy.egress,
+            &get_request(&format!("http://{host}/x"), &auth),
+        )
+        .await;
+        assert_eq!(plain.status, 403, "http://{host}: {}", plain.head);
+        assert_eq!(
+            plain.header("x-tollgate-deny-reason").as_deref(),
+            Some(reason),
+            "http://{host}"
+        );
+        let body: Value = serde_json::from_slice(&plain.body).unwrap();
+        assert_eq!(
+            (body["error"].as_str(), body["reason"].as_str()),
+            (Some("egress_denied"), Some(reason))
+        );
+
+        let tunneled = tunnel(proxy.egress, &auth, &format!("{host}:443"), b"").await;
+        assert_eq!(
+            tunneled.status, 403,
+            "CONNECT {host}:443: {}",
+            tunneled.head
+        );
+        assert_eq!(
+            tunneled.header("x-tollgate-deny-reason").as_deref(),
+            Some(reason),
+            "CONNECT {host}"
+        );
+    }
+    // CONNECT to a port outside the allowlist, even for an otherwise fine host.
+    for target in ["localhost:22", "8.8.8.8:25", "example.com:8443"] {
+        let t = tunnel(proxy.egress, &auth, target, b"").await;
+        assert_eq!(t.status, 403, "{target}");
+        assert_eq!(
+            t.header("x-tollgate-deny-reason").as_deref(),
+            Some("port_not_allowed"),
+            "{target}"
+        );
+    }
+    assert!(
+        dialer.0.lock().unwrap().is_empty(),
+        "refused destinations were dialed: {:?}",
+        dialer.0.lock().unwrap()
+    );
+    // Refusals are counted in metrics.
+    let (_, metrics) = http_get(proxy.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("tollgate_egress_denials_total{reason=\"loopback\"}"),
+        "{metrics}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_allowlisted_cidr_is_reached() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let echo = EchoServer::start().await;
+    let mut config = test_config(&db.url);
+    config.proxy.egress.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    config.proxy.egress.connect_ports = vec![echo.addr.port()];
+    let dialer = Arc::new(LoopbackOnlyDialer::default());
+    let proxy = TestProxy::start_with(config, ssrf_seams(dialer.clone())).await;
+    let ok = exchange(
+        proxy.egress,
+        &get_request(&origin.url("/status/204"), &f.basic()),
+    )
+    .await;
+    assert_eq!(ok.status, 204, "{}", ok.head);
+    let t = tunnel(proxy.egress, &f.basic(), &echo.addr.to_string(), b"hello").await;
+    assert_eq!((t.status, t.body.as_slice()), (200, &b"hello"[..]));
+    // [::1] is not in the allowlist: still refused.
+    let v6 = exchange(
+        proxy.egress,
+        &get_request(&format!("http://[::1]:{}/", origin.addr.port()), &f.basic()),
+    )
+    .await;
+    assert_eq!(v6.status, 403);
+    assert_eq!(dialer.0.lock().unwrap().len(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_4xx_and_the_proxy_keeps_serving() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let auth = f.basic();
+    let url = origin.url("/echo");
+    let host = origin.addr;
+    let huge = "a".repeat(70 * 1024);
+    let cases: Vec<(u16, String)> = vec![
+        (431, format!("GET {url} HTTP/1.1\r\nhost: {host}\r\nproxy-authorization: {auth}\r\nx-big: {huge}\r\n\r\n")),
+        (400, format!(
+            "POST {url} HTTP/1.1\r\nhost: {host}\r\nproxy-authorization: {auth}\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+        )),
+        (400, "HELLO THERE\r\n\r\n".into()),
+        (400, "\x16\x03\x01\x02\x00garbage\r\n\r\n".into()),
+        (400, format!("CONNECT nowhere HTTP/1.1\r\nproxy-authorization: {auth}\r\n\r\n")),
+        (400, format!("CONNECT :443 HTTP/1.1\r\nproxy-authorization: {auth}\r\n\r\n")),
+        (400, format!("CONNECT user@example.com:443 HTTP/1.1\r\nproxy-authorization: {auth}\r\n\r\n")),
+        (400, format!("CONNECT example.com:0 HTTP/1.1\r\nproxy-authorization: {auth}\r\n\r\n")),
+        (400, format!("GET http://user:pw@{host}/echo HTTP/1.1\r\nhost: {host}\r\nproxy-authorization: {auth}\r\n\r\n")),
+        (400, format!("GET /echo HTTP/1.1\r\nhost: {host}\r\nproxy-authorization: {auth}\r\n\r\n")),
+        (400, format!("GET https://{host}/echo HTTP/1.1\r\nhost: {host}\r\nproxy-authorization: {auth}\r\n\r\n")),
+        (400, format!("GET http://exa%mple.com/ HTTP/1.1\r\nhost: x\r\nproxy-authorization: {auth}\r\n\r\n")),
+    ];
+    for (status, request) in &cases {
+        let ex = tokio::time::timeout(
+            Duration::from_secs(5),
+            exchange(proxy.egress, request.as_bytes()),
+        )
+        .await
+        .expect("answered, not hung");
+        assert_eq!(
+            ex.status,
+            *status,
+            "{:?} -> {}",
+            &request[..request.len().min(60)],
+            ex.head
+        );
+        // And a good request right after.
+        let good = exchange(proxy.egress, &get_request(&url, &auth)).await;
+        assert_eq!(good.status, 200);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn slow_request_heads_are_cut_off() {
+    let db = TestDb::new().await;
+    let mut config = test_config(&db.url);
+    config.proxy.egress.header_read_timeout = Duration::from_millis(300);
+    let proxy = TestProxy::start(config).await;
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(b"GET http://127.0.0.1/ HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_get_503() {
+    let db = TestDb::new().await;
+    let mut config = test_config(&db.url);
+    config.proxy.egress.max_connections = 2;
+    let proxy = TestProxy::start(config).await;
+    let _a = TcpStream::connect(proxy.egress).await.unwrap();
+    let _b = TcpStream::connect(proxy.egress).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ex = exchange(
+        proxy.egress,
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(ex.status, 503, "{}", ex.head);
+    let body: Value = serde_json::from_slice(&ex.body).unwrap();
+    assert_eq!(body["reason"], "connections");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn blocked_users_get_403_json_and_their_tunnels_close() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let echo = EchoServer::start().await;
+    let origin = Origin::start().await;
+    let mut config = test_config(&db.url);
+    config.proxy.egress.connect_ports = vec![echo.addr.port()];
+    let proxy = TestProxy::start(config).await;
+    assert_eq!(
+        exchange(
+            proxy.egress,
+            &get_request(&origin.url("/status/204"), &f.basic())
+        )
+        .await
+        .status,
+        204
+    );
+
+    // An open tunnel, then a block published from elsewhere (e.g. the monitor).
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(
+        format!(
+            "CONNECT {} HTTP/1.1\r\nproxy-authorization: {}\r\n\r\n",
+            echo.addr,
+            f.basic()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(String::from_utf8(client::read_head(&mut s).await)
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+
+    let period = tollgate_core::billing::Period::current();
+    let blocked = tollgate_core::billing::Decision {
+        blocked: Some(tollgate_core::billing::BlockReason::Bandwidth),
+        figures: tollgate_core::billing::decide(None, &Default::default(), 0).figures,
+    };
+    tollgate_core::db::decisions::publish(&db.pool, period, &[(f.user, blocked)], "monitor")
+        .await
+        .unwrap();
+    let published = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut rest))
+        .await
+        .expect("tunnel closed within 1 s")
+        .ok();
+    let closed_after = published.elapsed();
+
+    let ex = exchange(
+        proxy.egress,
+        &get_request(&origin.url("/status/204"), &f.basic()),
+    )
+    .await;
+    assert_eq!(ex.status, 403, "{}", ex.head);
+    let body: Value = serde_json::from_slice(&ex.body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "usage_blocked", "reason": "bandwidth", "period": period.start().to_string()})
+    );
+    println!("tunnel closed {closed_after:?} after the decision was published");
+
+    // A user without a plan is blocked from the first request.
+    let nobody = db.user("noplan@example.com", None).await;
+    let vps = db.vps(nobody, "fly", "127.0.0.1", "running").await;
+    let (agent, token) = db.agent(nobody, Some(vps)).await;
+    let ex = exchange(
+        proxy.egress,
+        &get_request(&origin.url("/status/204"), &basic(agent, &token)),
+    )
+    .await;
+    assert_eq!(ex.status, 403);
+    assert!(ex.body_text().contains("no_plan"), "{}", ex.body_text());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_upgrades_are_relayed_over_plain_http() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{protocol::Role, Message};
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    let request = format!(
+        "GET {} HTTP/1.1\r\nhost: {}\r\nproxy-authorization: {}\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        origin.url("/ws"),
+        origin.addr,
+        f.basic()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let head = String::from_utf8(client::read_head(&mut s).await).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(s, Role::Client, None).await;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    ws.send(Message::binary(vec![1u8; 100_000])).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().into_data().len(), 100_000);
+    ws.close(None).await.unwrap();
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn keep_alive_clients_reuse_pooled_origin_connections() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let http = reqwest_client(&proxy.proxy_url(f.agent, &f.token));
+    for i in 0..100 {
+        let r = http
+            .get(origin.url(&format!("/echo/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    assert!(
+        origin.connections() <= 3,
+        "{} origin connections for 100 requests",
+        origin.connections()
+    );
+    proxy.stop().await;
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_with_traffic() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let (status, before) = http_get(proxy.admin, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for _ in 0..5 {
+        assert_eq!(
+            exchange(
+                proxy.egress,
+                &get_request(&origin.url("/bytes/300000"), &f.basic())
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    exchange(proxy.egress, &get_request(&origin.url("/x"), "Basic nope")).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, after) = http_get(proxy.admin, "/metrics").await.unwrap();
+    let ok = "tollgate_requests_total{listener=\"egress\",outcome=\"ok\"}";
+    assert!(metric(&after, ok) >= metric(&before, ok) + 5.0, "{after}");
+    let rx = "tollgate_bytes_total{listener=\"egress\",direction=\"rx\"}";
+    assert!(
+        metric(&after, rx) >= metric(&before, rx) + 1_500_000.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "tollgate_flush_rows_total") > metric(&before, "tollgate_flush_rows_total")
+    );
+    let auth = "tollgate_auth_failures_total{listener=\"egress\",reason=\"malformed\"}";
+    assert!(
+        metric(&after, auth) >= metric(&before, auth) + 1.0,
+        "{after}"
+    );
+    assert!(
+        after.contains("tollgate_flush_duration_seconds_bucket"),
+        "{after}"
+    );
+    let (status, _) = http_get(proxy.admin, "/healthz").await.unwrap();
+    assert_eq!(status, 200);
+    proxy.stop().await;
+}
