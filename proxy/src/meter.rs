@@ -1,8 +1,8 @@
 //! Byte counting on the socket that faces the VPS (SPEC §4.3).
 //!
-//! - [`VpsCounter`]: two atomics per VPS (rx = bytes the VPS received, tx = bytes
-//!   it sent), found once per connection in the sharded [`Meter`] map and then
-//!   incremented directly: no map lookup per chunk.
+//! - [`VpsCounter`]: rx/tx atomics per VPS (rx = bytes the VPS received, tx =
+//!   bytes it sent), striped over cache lines, found once per connection in the
+//!   sharded [`Meter`] map and then incremented directly: no map lookup per chunk.
 //! - [`ConnTally`]: a connection's link to its counter. An egress connection
 //!   learns its VPS only when its first request authenticates, so bytes read
 //!   before that are parked on the tally and moved to the counter on binding.
@@ -16,7 +16,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
@@ -26,37 +26,67 @@ use uuid::Uuid;
 
 use crate::telemetry::{self, Listener};
 
-/// Unflushed bytes of one VPS. Cache-line aligned so counters of different VPSes
-/// never share a line.
-#[derive(Debug)]
+/// One slot of a VPS's counter, on its own cache line.
+#[derive(Debug, Default)]
 #[repr(align(64))]
-pub struct VpsCounter {
+struct Stripe {
     rx: AtomicU64,
     tx: AtomicU64,
+}
+
+/// Number of stripes per VPS counter: one per core, at most 4 (a power of two).
+/// Each thread counts on the stripe of its own index, so two connections of one
+/// VPS served by two worker threads never write the same cache line.
+fn stripe_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.clamp(1, 4).next_power_of_two()
+    })
+}
+
+/// Unflushed bytes of one VPS, striped over cache lines so concurrent
+/// connections of the same VPS do not contend on one atomic.
+#[derive(Debug)]
+pub struct VpsCounter {
+    stripes: Box<[Stripe]>,
     vps_id: Uuid,
     user_id: Uuid,
 }
 
 impl VpsCounter {
     fn new(vps_id: Uuid, user_id: Uuid) -> Self {
+        let stripes = (0..stripe_count()).map(|_| Stripe::default()).collect();
         Self {
-            rx: AtomicU64::new(0),
-            tx: AtomicU64::new(0),
+            stripes,
             vps_id,
             user_id,
         }
     }
 
+    /// The stripe of the calling thread.
+    #[inline]
+    fn stripe(&self) -> &Stripe {
+        thread_local! {
+            static INDEX: usize = {
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            };
+        }
+        let index = INDEX.with(|i| *i);
+        &self.stripes[index & (self.stripes.len() - 1)]
+    }
+
     /// Count `n` bytes the VPS received.
     #[inline]
     pub fn add_rx(&self, n: u64) {
-        self.rx.fetch_add(n, Ordering::Relaxed);
+        self.stripe().rx.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Count `n` bytes the VPS sent.
     #[inline]
     pub fn add_tx(&self, n: u64) {
-        self.tx.fetch_add(n, Ordering::Relaxed);
+        self.stripe().tx.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn vps_id(&self) -> Uuid {
@@ -69,14 +99,19 @@ impl VpsCounter {
 
     /// Unflushed bytes, both directions.
     pub fn pending(&self) -> u64 {
-        self.rx.load(Ordering::Relaxed) + self.tx.load(Ordering::Relaxed)
+        self.stripes
+            .iter()
+            .map(|s| s.rx.load(Ordering::Relaxed) + s.tx.load(Ordering::Relaxed))
+            .sum()
     }
 
     fn take(&self) -> (u64, u64) {
-        (
-            self.rx.swap(0, Ordering::AcqRel),
-            self.tx.swap(0, Ordering::AcqRel),
-        )
+        self.stripes.iter().fold((0, 0), |(rx, tx), s| {
+            (
+                rx + s.rx.swap(0, Ordering::AcqRel),
+                tx + s.tx.swap(0, Ordering::AcqRel),
+            )
+        })
     }
 }
 
