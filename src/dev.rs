@@ -183,14 +183,21 @@ async fn run_with(server: &local_postgres::Server, config: Config) -> anyhow::Re
     pool.close().await;
 
     let shutdown = tollgate_core::shutdown::on_signal();
+    let gateway_addr = SocketAddr::from(([127, 0, 0, 1], config.proxy.ingress.gateway_port));
+    let gateway_listener = tokio::net::TcpListener::bind(gateway_addr)
+        .await
+        .with_context(|| {
+            format!("binding the demo gateway on {gateway_addr} (proxy.ingress.gateway_port)")
+        })?;
+    let _gateway = crate::demo_gateway::DemoGateway::on(gateway_listener);
     let listeners = tollgate_proxy::Listeners::bind(&config).await?;
+    let local =
+        |l: &Option<tokio::net::TcpListener>| l.as_ref().map(|l| l.local_addr()).transpose();
     let addresses = Addresses {
-        egress: listeners
-            .egress
-            .as_ref()
-            .map(|l| l.local_addr())
-            .transpose()?,
+        egress: local(&listeners.egress)?,
+        ingress: local(&listeners.ingress)?,
         admin: listeners.admin.local_addr()?,
+        gateway: gateway_addr,
     };
     let proxy = tokio::spawn(tollgate_proxy::run(
         config.clone(),
@@ -211,7 +218,9 @@ async fn run_with(server: &local_postgres::Server, config: Config) -> anyhow::Re
 /// Where the dev services listen.
 struct Addresses {
     egress: Option<SocketAddr>,
+    ingress: Option<SocketAddr>,
     admin: SocketAddr,
+    gateway: SocketAddr,
 }
 
 fn print_banner(url: &str, origin: &str, agent: &DemoAgent, at: &Addresses) {
@@ -227,8 +236,20 @@ fn print_banner(url: &str, origin: &str, agent: &DemoAgent, at: &Addresses) {
     if let Some(egress) = at.egress {
         out.push_str(&format!(
             "Egress (forward proxy; loopback destinations are allowed in dev):\n  \
-             curl -x http://{id}:{token}@{egress} http://{admin}/healthz\n\n",
-            admin = at.admin,
+             curl -x http://{id}:{token}@{egress} 'http://{gateway}/echo/hello?from=egress'\n\n",
+            gateway = at.gateway,
+        ));
+    }
+    if let Some(ingress) = at.ingress {
+        let base = format!("http://{ingress}/agents/{id}/gateway");
+        out.push_str(&format!(
+            "Ingress (the demo gateway on {gateway} behind the demo VPS):\n  \
+             curl -H 'Authorization: Bearer {token}' '{base}/echo/hello?from=ingress'\n  \
+             curl -N -H 'Authorization: Bearer {token}' {base}/sse/5/500\n  \
+             curl -i -N -H 'Authorization: Bearer {token}' -H 'Connection: Upgrade' -H 'Upgrade: websocket' \\\n       \
+             -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' {base}/ws\n  \
+             curl --http2-prior-knowledge -H 'Authorization: Bearer {token}' {base}/echo/h2\n\n",
+            gateway = at.gateway,
         ));
     }
     out.push_str(&format!(

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod demo_gateway;
 pub mod dev;
 pub mod usage_report;
 

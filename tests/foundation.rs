@@ -924,6 +924,10 @@ fn dev_once(database_url: &str) -> String {
         .env("TOLLGATE_PROXY__INGRESS__LISTEN", "127.0.0.1:0")
         .env("TOLLGATE_PROXY__ADMIN__LISTEN", "127.0.0.1:0")
         .env("TOLLGATE_MONITOR__ADMIN__LISTEN", "127.0.0.1:0")
+        .env(
+            "TOLLGATE_PROXY__INGRESS__GATEWAY_PORT",
+            support::proxy::free_port().to_string(),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

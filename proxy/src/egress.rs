@@ -38,7 +38,7 @@ use crate::relay::{relay, RelayEnd};
 use crate::rescue::{rescue, AuthFailure, ProxyError};
 use crate::server::{self, serve_until, Limits};
 use crate::telemetry::{self, GaugeGuard, Listener, TunnelKind};
-use crate::upstream::{handshake, Pool, Sender};
+use crate::upstream::{handshake, Pool};
 
 /// Pool key: an origin's host and port as requested.
 type OriginKey = (Box<str>, u16);
@@ -296,37 +296,13 @@ impl Egress {
         }
 
         let key: OriginKey = (host.into(), port);
-        let (sender, response) = self.send_pooled(&key, host, port, upstream_req).await?;
-        self.pool.release(key, sender);
-        Ok(self.respond(response, cut))
-    }
-
-    /// Send on a pooled connection, or a new one. A pooled connection the origin
-    /// closed meanwhile gives the request back unsent; it is retried once fresh.
-    async fn send_pooled(
-        &self,
-        key: &OriginKey,
-        host: &str,
-        port: u16,
-        req: Request<ProxyBody>,
-    ) -> Result<(Sender, Response<Incoming>), ProxyError> {
-        let req = match self.pool.checkout(key) {
-            Some(mut sender) => match sender.try_send_request(req).await {
-                Ok(response) => return Ok((sender, response)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => unsent,
-                    None => return Err(ProxyError::Upstream(e.into_error())),
-                },
-            },
-            None => req,
+        let connect = || async {
+            handshake(self.open(host, port).await?, false)
+                .await
+                .map_err(ProxyError::Upstream)
         };
-        let io = self.open(host, port).await?;
-        let mut sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(ProxyError::Upstream)?;
-        Ok((sender, response))
+        let response = self.pool.send(key, upstream_req, connect).await?;
+        Ok(self.respond(response, cut))
     }
 
     fn respond(&self, response: Response<Incoming>, cut: CancellationToken) -> Response<ProxyBody> {

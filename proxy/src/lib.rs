@@ -27,6 +27,7 @@ pub mod flusher;
 pub mod framing;
 pub mod headers;
 pub mod health;
+pub mod ingress;
 pub mod meter;
 pub mod notifications;
 pub mod relay;
@@ -54,6 +55,7 @@ use crate::egress_policy::{Dial, EgressPolicy, Resolve, SystemResolver, TcpDiale
 use crate::enforcement::Enforcer;
 use crate::flusher::Flusher;
 use crate::health::Health;
+use crate::ingress::Ingress;
 use crate::meter::Meter;
 use crate::upstream::Pool;
 
@@ -225,8 +227,38 @@ pub async fn run(
             },
         )));
     }
-    if listeners.ingress.is_some() {
-        tracing::warn!("the ingress listener is not served by this build");
+    if let Some(listener) = listeners.ingress {
+        let i = &config.proxy.ingress;
+        let tls = match &i.tls {
+            Some(tls) => Some(server::tls_acceptor(tls, &[b"h2", b"http/1.1"])?),
+            None => None,
+        };
+        let ingress = Arc::new(Ingress {
+            directory: directory.clone(),
+            resolver: options.seams.resolver.clone(),
+            dialer: options.seams.dialer.clone(),
+            pool: Pool::new(i.upstream_max_idle_per_vps, i.upstream_idle_timeout),
+            config: i.clone(),
+            tracker: connections.clone(),
+            hard_stop: hard_stop.clone(),
+        });
+        background_tasks.spawn(ingress.pool.clone().run_reaper(background.clone()));
+        tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "ingress proxy listening");
+        let (limits, shutdown) = (ingress.limits(), shutdown.clone());
+        accept_loops.push(tokio::spawn(server::accept_loop(
+            listener,
+            telemetry::Listener::Ingress,
+            limits,
+            shutdown.clone(),
+            connections.clone(),
+            move |stream, peer, permit| {
+                let (ingress, tls, shutdown) = (ingress.clone(), tls.clone(), shutdown.clone());
+                async move {
+                    let _permit = permit;
+                    ingress.serve_connection(stream, peer, tls, shutdown).await;
+                }
+            },
+        )));
     }
 
     health.mark_started();

@@ -10,13 +10,18 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+
 use dashmap::DashMap;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
+use crate::rescue::ProxyError;
 
 pub type Sender = http1::SendRequest<ProxyBody>;
 
@@ -89,6 +94,42 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
                 }
             }
         });
+    }
+
+    /// Send `req` on an idle connection to `key`, or on a new one from `connect`,
+    /// and give the connection back to the pool once the exchange is over. A
+    /// pooled connection the peer closed meanwhile hands the request back unsent;
+    /// it is then sent once on a fresh connection.
+    pub async fn send<F, Fut>(
+        self: &Arc<Self>,
+        key: K,
+        req: Request<ProxyBody>,
+        connect: F,
+    ) -> Result<Response<Incoming>, ProxyError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Sender, ProxyError>>,
+    {
+        let req = match self.checkout(&key) {
+            Some(mut sender) => match sender.try_send_request(req).await {
+                Ok(response) => {
+                    self.release(key, sender);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => unsent,
+                    None => return Err(ProxyError::Upstream(e.into_error())),
+                },
+            },
+            None => req,
+        };
+        let mut sender = connect().await?;
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(ProxyError::Upstream)?;
+        self.release(key, sender);
+        Ok(response)
     }
 
     /// Drop expired and closed connections, until `shutdown`.
