@@ -8,7 +8,8 @@
 //! - `/bytes/{n}`: n bytes with content-length; `/chunked/{n}`: n bytes, chunked
 //! - `/hop-response`: a response carrying hop-by-hop headers the proxy must drop
 //! - `/sse/{count}/{interval_ms}`: server-sent events, one per interval
-//! - `/ws`: WebSocket echo (text, binary, ping/pong, close)
+//! - `/ws`: WebSocket echo (text, binary, ping/pong, close; the text `bye` makes
+//!   the gateway close first)
 //! - `/status/{code}`: an empty response with that status
 
 use std::collections::BTreeMap;
@@ -273,10 +274,17 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         let Ok(upgraded) = upgrade.await else { return };
         let mut ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        // Echo text and binary; "bye" makes the gateway close first. Reading on
+        // after a close frame lets tungstenite answer it, so both directions of
+        // the closing handshake complete.
+        use tokio_tungstenite::tungstenite::Message;
         while let Some(Ok(msg)) = ws.next().await {
-            use tokio_tungstenite::tungstenite::Message;
-            let echo = matches!(msg, Message::Text(_) | Message::Binary(_));
-            if matches!(msg, Message::Close(_)) || (echo && ws.send(msg).await.is_err()) {
+            let sent = match msg {
+                Message::Text(ref t) if t.as_str() == "bye" => ws.close(None).await,
+                Message::Text(_) | Message::Binary(_) => ws.send(msg).await,
+                _ => Ok(()),
+            };
+            if sent.is_err() {
                 break;
             }
         }

@@ -1,0 +1,533 @@
+//! The ingress gateway proxy end to end: real PostgreSQL, real sockets, real
+//! clients (reqwest over HTTP/1.1 and HTTP/2, tokio-tungstenite, raw TCP) and the
+//! demo gateway counting the bytes on its own sockets.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use support::origin::{body_sum, localhost_cert, pattern, Origin};
+use support::proxy::{temp_dir, test_config, TestProxy};
+use support::{Fixture, TestDb};
+
+struct Setup {
+    db: TestDb,
+    f: Fixture,
+    gateway: Origin,
+    proxy: TestProxy,
+}
+
+async fn setup() -> Setup {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let gateway = Origin::start().await;
+    let mut config = test_config(&db.url);
+    config.proxy.ingress.gateway_port = gateway.addr.port();
+    let proxy = TestProxy::start(config).await;
+    Setup {
+        db,
+        f,
+        gateway,
+        proxy,
+    }
+}
+
+impl Setup {
+    fn url(&self, path: &str) -> String {
+        format!(
+            "http://{}/agents/{}/gateway{path}",
+            self.proxy.ingress.unwrap(),
+            self.f.agent
+        )
+    }
+
+    fn bearer(&self) -> String {
+        format!("Bearer {}", self.f.token)
+    }
+
+    /// Wait until the database shows exactly what the gateway's sockets moved.
+    async fn expect_gateway_bytes_counted(&self) {
+        let (read, written) = self.gateway.socket_bytes();
+        // rx = received by the VPS (its gateway read it); tx = sent by it.
+        self.db
+            .expect_usage(self.f.vps, read, written, Duration::from_secs(10))
+            .await;
+    }
+}
+
+fn http1() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http_requests_pass_path_query_headers_and_large_bodies_both_ways() {
+    let s = setup().await;
+    let http = http1();
+    let r = http
+        .get(s.url("/echo/a%2Fb/c?q=1&q=2&sp=%20x"))
+        .header("authorization", s.bearer())
+        .header("x-custom", "to-gateway")
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["path"], "/echo/a%2Fb/c");
+    assert_eq!(echo["query"], "q=1&q=2&sp=%20x");
+    assert_eq!(echo["headers"]["x-custom"][0], "to-gateway");
+    assert_eq!(
+        echo["headers"]["authorization"][0],
+        s.bearer(),
+        "the gateway checks the same token"
+    );
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"][0],
+        "203.0.113.9, 127.0.0.1"
+    );
+    assert_eq!(echo["headers"]["x-forwarded-proto"][0], "http");
+    assert_eq!(
+        echo["headers"]["x-forwarded-host"][0],
+        s.proxy.ingress.unwrap().to_string()
+    );
+    assert_eq!(echo["headers"]["host"][0], s.gateway.addr.to_string());
+
+    // Response headers come back; hop-by-hop ones do not.
+    let r = http
+        .get(s.url("/hop-response"))
+        .header("authorization", s.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-end-to-end"], "1");
+    assert!(r.headers().get("x-resp-hop").is_none() && r.headers().get("keep-alive").is_none());
+
+    // Large bodies, streamed both ways.
+    let upload: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let echo: Value = http
+        .post(s.url("/echo/upload?big=1"))
+        .header("authorization", s.bearer())
+        .body(upload.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["body_len"].as_u64(), Some(upload.len() as u64));
+    assert_eq!(echo["body_sum"].as_u64(), Some(body_sum(&upload)));
+    let n = 8 * 1024 * 1024 + 17;
+    let body = http
+        .get(s.url(&format!("/bytes/{n}")))
+        .header("authorization", s.bearer())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.len(), n);
+    assert!(body
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == pattern(i as u64)));
+    s.expect_gateway_bytes_counted().await;
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn server_sent_events_arrive_while_the_stream_is_still_open() {
+    let s = setup().await;
+    let started = Instant::now();
+    let r = http1()
+        .get(s.url("/sse/3/800"))
+        .header("authorization", s.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert!(
+        String::from_utf8_lossy(&first).contains("data: tick 0"),
+        "{first:?}"
+    );
+    assert!(
+        first_at < Duration::from_millis(600),
+        "first event took {first_at:?}: the response was buffered"
+    );
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1600),
+        "the stream stayed open for all events"
+    );
+    assert!(String::from_utf8_lossy(&rest).contains("data: tick 2"));
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_echo_text_binary_large_ping_and_clean_close_both_ways() {
+    let s = setup().await;
+    let url = s.url("/ws").replace("http://", "ws://");
+    let connect = |url: String, bearer: String| async move {
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", bearer.parse().unwrap());
+        tokio_tungstenite::connect_async(req).await.unwrap().0
+    };
+    let mut ws = connect(url.clone(), s.bearer()).await;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::binary(vec![0u8, 1, 2, 255])
+    );
+    let big: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_data().as_ref(),
+        &big[..]
+    );
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Pong(b"are you there".to_vec().into())
+    );
+    // Client closes: the gateway answers the close.
+    ws.close(None).await.unwrap();
+    assert!(matches!(
+        ws.next().await,
+        Some(Ok(Message::Close(_))) | None
+    ));
+
+    // Gateway closes: the client sees the close frame and answers it.
+    let mut ws = connect(url, s.bearer()).await;
+    ws.send(Message::text("bye")).await.unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(Message::Close(_)))));
+    assert!(ws.next().await.is_none(), "closing handshake completed");
+    // WebSocket payload and framing are counted exactly as the gateway's socket saw them.
+    s.expect_gateway_bytes_counted().await;
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn http2_clients_work_end_to_end() {
+    let s = setup().await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(s.url("/echo/h2?x=1"))
+        .header("authorization", s.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(
+        (echo["path"].as_str(), echo["query"].as_str()),
+        (Some("/echo/h2"), Some("x=1"))
+    );
+    assert_eq!(
+        echo["version"], "HTTP/1.1",
+        "gateways are spoken to in HTTP/1.1"
+    );
+    // Several concurrent streams on one connection.
+    let requests = (0..20).map(|i| {
+        let (h2, url, bearer) = (h2.clone(), s.url(&format!("/echo/post/{i}")), s.bearer());
+        async move {
+            let v: Value = h2
+                .post(url)
+                .header("authorization", bearer)
+                .body(vec![1u8; i * 1000])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["body_len"].as_u64().unwrap()
+        }
+    });
+    let lens = futures_util::future::join_all(requests).await;
+    assert_eq!(lens, (0..20).map(|i| i * 1000).collect::<Vec<u64>>());
+    s.expect_gateway_bytes_counted().await;
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn tls_clients_negotiate_http2_with_alpn() {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let gateway = Origin::start().await;
+    let (cert, key) = localhost_cert();
+    let dir = temp_dir("ingress-tls");
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    let mut config = test_config(&db.url);
+    config.proxy.ingress.gateway_port = gateway.addr.port();
+    config.proxy.ingress.tls = Some(tollgate_core::config::TlsConfig {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    });
+    let proxy = TestProxy::start(config).await;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let url = format!(
+        "https://localhost:{}/agents/{}/gateway/echo/tls",
+        proxy.ingress.unwrap().port(),
+        f.agent
+    );
+    let r = client
+        .get(url)
+        .header("authorization", format!("Bearer {}", f.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-proto"][0], "https");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_sequential_requests_use_a_handful_of_upstream_connections() {
+    let s = setup().await;
+    let http = http1();
+    for i in 0..1000 {
+        let r = http
+            .get(s.url(&format!("/status/204?i={i}")))
+            .header("authorization", s.bearer())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    let connections = s.gateway.connections();
+    println!("1000 requests over {connections} upstream connection(s)");
+    assert!(
+        connections <= 3,
+        "{connections} upstream connections for 1000 sequential requests"
+    );
+    s.expect_gateway_bytes_counted().await;
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn database_counts_equal_the_gateway_socket_bytes_under_concurrency() {
+    let s = setup().await;
+    let http = http1();
+    let tasks = (0..30u64).map(|i| {
+        let bearer = s.bearer();
+        let req = match i % 3 {
+            0 => http.get(s.url(&format!("/bytes/{}", 1000 + i * 12_345))),
+            1 => http.get(s.url(&format!("/chunked/{}", i * 7_777))),
+            _ => http
+                .post(s.url("/echo/p"))
+                .body(vec![b'z'; (i * 4099) as usize]),
+        };
+        async move {
+            let r = req.header("authorization", bearer).send().await.unwrap();
+            assert!(r.status().is_success());
+            r.bytes().await.unwrap();
+        }
+    });
+    futures_util::future::join_all(tasks).await;
+    s.expect_gateway_bytes_counted().await;
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn failures_map_to_401_404_503_502_and_504() {
+    let s = setup().await;
+    let http = http1();
+    let other = s.db.fixture("k8s").await;
+    let status = |req: reqwest::RequestBuilder| async move { req.send().await.unwrap() };
+
+    // Authentication.
+    for (auth, reason) in [
+        (None, "missing"),
+        (Some(format!("Basic {}", s.f.token)), "scheme"),
+        (Some("Bearer ".to_owned() + &"0".repeat(64)), "bad_token"),
+        (Some(format!("Bearer {}", other.token)), "bad_token"), // another agent's token
+    ] {
+        let mut req = http.get(s.url("/echo"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let r = status(req).await;
+        assert_eq!(r.status(), 401, "{reason}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"tollgate\"");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["reason"], reason);
+    }
+    let unknown = format!(
+        "http://{}/agents/{}/gateway/echo",
+        s.proxy.ingress.unwrap(),
+        uuid::Uuid::new_v4()
+    );
+    assert_eq!(
+        status(http.get(unknown).header("authorization", s.bearer()))
+            .await
+            .status(),
+        401
+    );
+
+    // Routes.
+    for path in ["/", "/agents", "/agents/not-a-uuid/gateway/x", "/healthz"] {
+        let url = format!("http://{}{path}", s.proxy.ingress.unwrap());
+        assert_eq!(
+            status(http.get(url).header("authorization", s.bearer()))
+                .await
+                .status(),
+            404,
+            "{path}"
+        );
+    }
+
+    // VPS stopped -> 503 with a reason.
+    sqlx::query("UPDATE vpses SET state = 'stopped' WHERE id = $1")
+        .bind(s.f.vps)
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let r = status(http.get(s.url("/echo")).header("authorization", s.bearer())).await;
+        if r.status() == 503 {
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"error": "vps_unavailable", "reason": "vps_stopped"})
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VPS state change not seen within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Gateway down -> 502; gateway silent -> 504.
+    let down = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down_port = down.local_addr().unwrap().port();
+    drop(down);
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let _holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    for (port, expected) in [(down_port, 502), (silent_port, 504)] {
+        let mut config = test_config(&s.db.url);
+        config.proxy.ingress.gateway_port = port;
+        config.proxy.ingress.response_timeout = Duration::from_millis(500);
+        let proxy = TestProxy::start(config).await;
+        let url = format!(
+            "http://{}/agents/{}/gateway/echo",
+            proxy.ingress.unwrap(),
+            other.agent
+        );
+        let r = status(
+            http.get(url)
+                .header("authorization", format!("Bearer {}", other.token)),
+        )
+        .await;
+        assert_eq!(r.status(), expected, "gateway port {port}");
+        proxy.stop().await;
+    }
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn blocked_users_get_403_and_their_websockets_and_streams_close() {
+    let s = setup().await;
+    // An open WebSocket and an open SSE stream.
+    let mut req = s
+        .url("/ws")
+        .replace("http://", "ws://")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", s.bearer().parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
+    let mut sse = TcpStream::connect(s.proxy.ingress.unwrap()).await.unwrap();
+    let path = format!("/agents/{}/gateway/sse/1000/100", s.f.agent);
+    sse.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\n\r\n",
+            s.bearer()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut first = [0u8; 64];
+    let n = sse.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+
+    let period = tollgate_core::billing::Period::current();
+    let decision = tollgate_core::billing::Decision {
+        blocked: Some(tollgate_core::billing::BlockReason::BudgetExhausted),
+        figures: tollgate_core::billing::decide(None, &Default::default(), 0).figures,
+    };
+    tollgate_core::db::decisions::publish(&s.db.pool, period, &[(s.f.user, decision)], "monitor")
+        .await
+        .unwrap();
+    let published = Instant::now();
+
+    let ws_closed = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+    let sse_closed = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut buf = vec![0u8; 4096];
+        while sse.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    let (a, b) = tokio::join!(ws_closed, sse_closed);
+    assert!(a.is_ok(), "WebSocket still open 1 s after the block");
+    assert!(b.is_ok(), "SSE stream still open 1 s after the block");
+    println!(
+        "WebSocket and SSE closed {:?} after the decision was published",
+        published.elapsed()
+    );
+
+    let r = http1()
+        .get(s.url("/echo"))
+        .header("authorization", s.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "usage_blocked");
+    assert_eq!(body["reason"], "budget_exhausted");
+    s.proxy.stop().await;
+}
