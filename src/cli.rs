@@ -24,6 +24,12 @@ pub enum Command {
         #[arg(long)]
         skip_migrations: bool,
     },
+    /// Run the monitor: sample CPU/memory, publish decisions (one active, others stand by).
+    Monitor {
+        /// Do not apply migrations at start.
+        #[arg(long)]
+        skip_migrations: bool,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Everything on one machine: PostgreSQL, demo data, proxy, monitor and a demo gateway.

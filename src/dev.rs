@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use tollgate_core::billing::Period;
-use tollgate_core::config::Config;
+use tollgate_core::config::{CgroupVersion, Config, SourceConfig};
 use tollgate_core::db;
 use tollgate_core::local_postgres::{self, Origin};
 
@@ -156,7 +156,47 @@ pub fn dev_config(mut config: Config, database_url: String) -> Config {
     if p.meter.spill_dir == defaults.proxy.meter.spill_dir {
         p.meter.spill_dir = target_dir().join("tollgate-dev").join("spill");
     }
+    let m = &mut config.monitor;
+    if m.interval == defaults.monitor.interval {
+        m.interval = std::time::Duration::from_secs(5);
+    }
+    m.providers
+        .entry(demo::PROVIDER.to_owned())
+        .or_insert_with(|| SourceConfig::Cgroup {
+            root: PathBuf::from(CGROUP_ROOT),
+            version: CgroupVersion::Auto,
+            path: DEMO_CGROUP.to_owned(),
+        });
     config
+}
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// The demo VPS's cgroup below each hierarchy; the dev process itself runs in it,
+/// so the demo VPS's CPU and memory are those of `tollgate dev`.
+const DEMO_CGROUP: &str = "tollgate-dev/{vps_id}";
+
+/// Create the demo VPS's cgroup and move this process into it (v1: the `cpuacct`
+/// and `memory` hierarchies; v2: the unified one). Best effort: without the
+/// rights, the monitor's samples of the demo VPS fail and say why.
+fn enter_demo_cgroup(vps_id: Uuid) {
+    let root = std::path::Path::new(CGROUP_ROOT);
+    let relative = DEMO_CGROUP.replace("{vps_id}", &vps_id.to_string());
+    let dirs: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+        vec![root.join(&relative)]
+    } else {
+        vec![
+            root.join("cpuacct").join(&relative),
+            root.join("memory").join(&relative),
+        ]
+    };
+    for dir in dirs {
+        let entered = std::fs::create_dir_all(&dir).and_then(|()| {
+            std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+        });
+        if let Err(e) = entered {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "cannot run dev in the demo VPS's cgroup; its CPU/memory samples will fail");
+        }
+    }
 }
 
 /// Run `tollgate dev` until Ctrl-C.
@@ -199,10 +239,25 @@ async fn run_with(server: &local_postgres::Server, config: Config) -> anyhow::Re
         admin: listeners.admin.local_addr()?,
         gateway: gateway_addr,
     };
+    let monitor_admin = tokio::net::TcpListener::bind(config.monitor.admin.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding monitor.admin.listen {}",
+                config.monitor.admin.listen
+            )
+        })?;
+    enter_demo_cgroup(agent.vps_id);
     let proxy = tokio::spawn(tollgate_proxy::run(
         config.clone(),
         listeners,
         tollgate_proxy::Options::default(),
+        shutdown.clone(),
+    ));
+    let monitor = tokio::spawn(tollgate_monitor::run(
+        config.clone(),
+        monitor_admin,
+        tollgate_monitor::Options::default(),
         shutdown.clone(),
     ));
 
@@ -212,7 +267,9 @@ async fn run_with(server: &local_postgres::Server, config: Config) -> anyhow::Re
         Origin::Private { data_dir, .. } => format!("a private server in {}", data_dir.display()),
     };
     print_banner(&url, &origin, &agent, &addresses);
-    proxy.await.context("proxy task")?
+    let proxy = proxy.await.context("proxy task")?;
+    let monitor = monitor.await.context("monitor task")?;
+    proxy.and(monitor)
 }
 
 /// Where the dev services listen.

@@ -43,6 +43,22 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Monitor { skip_migrations } => {
+            let admin = tokio::net::TcpListener::bind(config.monitor.admin.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding monitor.admin.listen {}",
+                        config.monitor.admin.listen
+                    )
+                })?;
+            let options = tollgate_monitor::Options {
+                migrate: !skip_migrations,
+                ..Default::default()
+            };
+            tollgate_monitor::run(config, admin, options, tollgate_core::shutdown::on_signal())
+                .await
+        }
         Command::Dev => dev::run(config).await,
         Command::Usage { user, period, json } => {
             let period = match period {

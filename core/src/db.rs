@@ -4,6 +4,7 @@
 
 pub mod agents;
 pub mod decisions;
+pub mod samples;
 pub mod usage;
 
 use std::str::FromStr;

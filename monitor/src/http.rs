@@ -1,0 +1,101 @@
+//! A minimal HTTP/1.1 GET for the monitor's sources (Prometheus API, in-VM
+//! agent): one connection per request, bounded response size. Timeouts are the
+//! caller's (the per-sample timeout).
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Largest response body read.
+const MAX_BODY: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("invalid URL `{0}`: expected http://host[:port]/path")]
+    Url(String),
+    #[error("cannot connect to {authority}: {source}")]
+    Connect {
+        authority: String,
+        source: std::io::Error,
+    },
+    #[error("request failed: {0}")]
+    Exchange(#[from] hyper::Error),
+    #[error("response body unreadable or larger than {MAX_BODY} bytes")]
+    Body,
+}
+
+/// GET `url` with extra `headers`; returns the status and body.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, Bytes), HttpError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| HttpError::Url(url.to_owned()))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        return Err(HttpError::Url(url.to_owned()));
+    }
+    let target = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let stream = TcpStream::connect(target.as_str())
+        .await
+        .map_err(|source| HttpError::Connect {
+            authority: authority.to_owned(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut request = Request::get(path).header(http::header::HOST, authority);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| HttpError::Url(url.to_owned()))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| HttpError::Body)?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// Percent-encode a query parameter value.
+pub fn encode_query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() * 3);
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(
+            encode_query_value("sum(rate(x{pod=\"a b\"}[1m]))"),
+            "sum%28rate%28x%7Bpod%3D%22a%20b%22%7D%5B1m%5D%29%29"
+        );
+    }
+}

@@ -1,0 +1,50 @@
+//! The monitor's Prometheus metrics (SPEC §6). Bounded labels only.
+
+use std::sync::Once;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const LEADER: &str = "tollgate_monitor_leader";
+pub const CYCLES: &str = "tollgate_monitor_cycles_total";
+pub const CYCLE_DURATION: &str = "tollgate_monitor_cycle_duration_seconds";
+pub const CYCLE_OVERRUNS: &str = "tollgate_monitor_cycle_overruns_total";
+pub const LAST_CYCLE: &str = "tollgate_monitor_last_cycle_timestamp_seconds";
+pub const SAMPLES: &str = "tollgate_monitor_samples_total";
+pub const DECISIONS: &str = "tollgate_monitor_decisions_total";
+pub const USERS_BLOCKED: &str = "tollgate_monitor_users_blocked";
+pub const DATABASE_UP: &str = "tollgate_database_up";
+
+pub fn describe() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        describe_gauge!(
+            LEADER,
+            "1 while this monitor holds the leader lock and samples, else 0."
+        );
+        describe_counter!(CYCLES, "Sampling cycles completed.");
+        describe_histogram!(
+            CYCLE_DURATION,
+            Unit::Seconds,
+            "Time one sampling and decision cycle took."
+        );
+        describe_counter!(
+            CYCLE_OVERRUNS,
+            "Cycles that took longer than monitor.interval."
+        );
+        describe_gauge!(
+            LAST_CYCLE,
+            Unit::Seconds,
+            "Unix time the last cycle completed."
+        );
+        describe_counter!(
+            SAMPLES,
+            "VPS samples, by source and outcome (ok, retryable_error, permanent_error, timeout)."
+        );
+        describe_counter!(
+            DECISIONS,
+            "Decisions computed, by outcome (allowed, blocked)."
+        );
+        describe_gauge!(USERS_BLOCKED, "Users blocked as of the last evaluation.");
+        describe_gauge!(DATABASE_UP, "1 if the last database operation succeeded.");
+    });
+}
