@@ -18,11 +18,13 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sqlx::{Column, Executor, Row, TypeInfo};
+use support::proxy::free_port;
+use support::service::{require_tool, Service};
 use support::TestDb;
 use uuid::Uuid;
 
@@ -46,40 +48,6 @@ fn scratch(what: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Find `name` on PATH or in the scripts directory of the Python that pip uses.
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    for python in ["python3", "/usr/bin/python3"] {
-        if let Ok(out) = Command::new(python)
-            .args([
-                "-c",
-                "import sysconfig; print(sysconfig.get_path('scripts'))",
-            ])
-            .output()
-        {
-            let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if out.status.success() && !dir.is_empty() {
-                dirs.push(PathBuf::from(dir));
-            }
-        }
-    }
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
-
-/// The tool, or `None` with a note (outside CI) so the caller skips its check.
-fn require_tool(name: &str, install: &str) -> Option<PathBuf> {
-    if let Some(path) = find_tool(name) {
-        return Some(path);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{name} is required under CI: {install} (.ci/run installs it)");
-    }
-    eprintln!("SKIPPED: {name} is not installed ({install}; .ci/run installs it)");
-    None
 }
 
 /// Run a command to completion within `limit`; the output, whatever the status.
@@ -121,83 +89,6 @@ fn run_ok(cmd: &mut Command, limit: Duration) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
-}
-
-/// A long-running child that stops with the test: SIGTERM on drop (then SIGKILL),
-/// and `timeout(1)` around it so it also stops if the test process dies first.
-struct Service {
-    child: Child,
-    name: &'static str,
-    log: PathBuf,
-}
-
-impl Service {
-    fn start(
-        name: &'static str,
-        program: &str,
-        args: &[&str],
-        envs: &[(&str, String)],
-        dir: &Path,
-    ) -> Service {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new("timeout");
-        cmd.args(["--kill-after=5", "300", program])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
-        // Only the config keys set below reach the process (an unknown TOLLGATE_* is fatal).
-        for (key, _) in std::env::vars() {
-            if key.starts_with("TOLLGATE_") {
-                cmd.env_remove(key);
-            }
-        }
-        for (key, value) in envs {
-            cmd.env(key, value);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Service { child, name, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Panic with the log if the process has exited.
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("{} exited ({status}):\n{}", self.name, self.log());
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        // timeout(1) passes SIGTERM on to the service and exits with it.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 // ---------------------------------------------------------------------------

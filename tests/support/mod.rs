@@ -4,9 +4,11 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod monitor;
 pub mod origin;
 pub mod pg_relay;
 pub mod proxy;
+pub mod service;
 
 use std::path::PathBuf;
 use std::str::FromStr;

@@ -1,0 +1,604 @@
+//! The monitor against real PostgreSQL, real kernel cgroup counters, a real
+//! Prometheus, and an HTTP server speaking the in-VM agent's `/metrics` JSON.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+use support::monitor::{monitor_config, Cgroup, CounterFiles, TestMonitor};
+use support::proxy::{free_port, temp_dir};
+use support::service::{require_tool, Service};
+use support::TestDb;
+use tollgate_core::billing::Period;
+use tollgate_core::config::SourceConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Recorded {
+    cpu_ms: i64,
+    memory_mb_seconds: i64,
+}
+
+async fn recorded(db: &TestDb, vps: Uuid) -> Recorded {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT cpu_used_ms, memory_used_mb_seconds FROM vps_usage_periods WHERE vps_id = $1 AND period_start = $2",
+    )
+    .bind(vps)
+    .bind(Period::current().start())
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap();
+    let (cpu_ms, memory_mb_seconds) = row.unwrap_or((0, 0));
+    Recorded {
+        cpu_ms,
+        memory_mb_seconds,
+    }
+}
+
+/// (sampled_at, cpu_total_us, memory_bytes) of the VPS's last sample.
+async fn last_sample(db: &TestDb, vps: Uuid) -> Option<(DateTime<Utc>, Option<i64>, Option<i64>)> {
+    sqlx::query_as(
+        "SELECT sampled_at, cpu_total_us, memory_bytes FROM vps_sample_state WHERE vps_id = $1",
+    )
+    .bind(vps)
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// Wait for a sample of `vps` taken after `after`.
+async fn sample_after(
+    db: &TestDb,
+    vps: Uuid,
+    after: DateTime<Utc>,
+    within: Duration,
+) -> DateTime<Utc> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some((at, _, _)) = last_sample(db, vps).await {
+            if at > after {
+                return at;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no sample of {vps} after {after} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn wait_recorded(
+    db: &TestDb,
+    vps: Uuid,
+    want: impl Fn(Recorded) -> bool,
+    within: Duration,
+) -> Recorded {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = recorded(db, vps).await;
+        if want(r) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "recorded usage stuck at {r:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cgroup_cpu_matches_the_kernels_own_counter() {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let mut cgroup = Cgroup::create(f.vps);
+    let mut config = monitor_config(&db.url, Duration::from_millis(250));
+    config
+        .monitor
+        .providers
+        .insert("k8s".into(), Cgroup::source());
+    let monitor = TestMonitor::start(config).await;
+    // Baseline with the cgroup empty: its counter stands still.
+    let baseline_at = sample_after(
+        &db,
+        f.vps,
+        DateTime::<Utc>::MIN_UTC,
+        Duration::from_secs(10),
+    )
+    .await;
+    let before_ns = cgroup.cpu_ns();
+
+    cgroup.spawn("while :; do :; done");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cgroup.kill_all();
+    let stopped = Utc::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let kernel_ms = (cgroup.cpu_ns() - before_ns) as f64 / 1e6;
+    sample_after(
+        &db,
+        f.vps,
+        stopped + chrono::Duration::milliseconds(100),
+        Duration::from_secs(5),
+    )
+    .await;
+    let got = recorded(&db, f.vps).await;
+    let error = (got.cpu_ms as f64 - kernel_ms).abs() / kernel_ms;
+    println!("kernel counted {kernel_ms:.1} ms of CPU, the monitor recorded {} ms ({:.2}% off), baseline at {baseline_at}", got.cpu_ms, error * 100.0);
+    assert!(kernel_ms > 1000.0, "the busy loop ran: {kernel_ms} ms");
+    assert!(
+        error <= 0.05,
+        "recorded {} ms vs the kernel's {kernel_ms:.1} ms",
+        got.cpu_ms
+    );
+    // The VPS's own cumulative gauge follows.
+    let gauge: Option<i64> = sqlx::query_scalar("SELECT cpu_used_ms FROM vpses WHERE id = $1")
+        .bind(f.vps)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(gauge, Some(got.cpu_ms));
+    monitor.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cgroup_memory_integrates_to_the_expected_mb_seconds() {
+    let db = TestDb::new().await;
+    let f = db.fixture("sprites").await;
+    let mut cgroup = Cgroup::create(f.vps);
+    let mut config = monitor_config(&db.url, Duration::from_millis(100));
+    config
+        .monitor
+        .providers
+        .insert("sprites".into(), Cgroup::source());
+    let monitor = TestMonitor::start(config).await;
+    sample_after(
+        &db,
+        f.vps,
+        DateTime::<Utc>::MIN_UTC,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // A process holding 128 MiB it has written to (so the pages are really charged).
+    cgroup.spawn(
+        "exec python3 -c 'import time; b = bytearray(b\"\\x01\") * (128 << 20); time.sleep(3)'",
+    );
+    // Our own readings of the kernel's gauge every 10 ms, to integrate independently.
+    let mut readings: Vec<(DateTime<Utc>, u64)> = Vec::new();
+    let until = Instant::now() + Duration::from_millis(3500);
+    while Instant::now() < until {
+        readings.push((Utc::now(), cgroup.memory_bytes()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cgroup.kill_all();
+    // Let the monitor see the cgroup empty again, so its integral covers the whole
+    // lifetime of the allocation, as ours does.
+    let killed = Utc::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sample_after(
+        &db,
+        f.vps,
+        killed + chrono::Duration::milliseconds(150),
+        Duration::from_secs(5),
+    )
+    .await;
+    monitor.stop().await;
+    let got = recorded(&db, f.vps).await;
+    // Our integral over the allocation's lifetime vs the monitor's over its samples
+    // (outside that lifetime the cgroup is empty).
+    let mut ours = 0.0;
+    for w in readings.windows(2) {
+        let dt = (w[1].0 - w[0].0).num_microseconds().unwrap() as f64 / 1e6;
+        ours += (w[0].1 + w[1].1) as f64 / 2.0 / (1 << 20) as f64 * dt;
+    }
+    let error = (got.memory_mb_seconds as f64 - ours).abs() / ours;
+    println!(
+        "memory: ours {ours:.1} MB-s, monitor {} MB-s ({:.1}% off)",
+        got.memory_mb_seconds,
+        error * 100.0
+    );
+    assert!(ours > 128.0 * 2.0, "the allocation was held: {ours} MB-s");
+    assert!(
+        error <= 0.10,
+        "monitor {} MB-s vs {ours:.1} MB-s",
+        got.memory_mb_seconds
+    );
+}
+
+/// A `/metrics` exporter whose values the test sets.
+struct Exporter {
+    port: u16,
+    values: Arc<Mutex<BTreeMap<&'static str, f64>>>,
+}
+
+impl Exporter {
+    async fn start(vm: &str) -> Exporter {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let values = Arc::new(Mutex::new(BTreeMap::from([("cpu", 0.0), ("memory", 0.0)])));
+        let (v, vm) = (values.clone(), vm.to_owned());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (v, vm) = (v.clone(), vm.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |_req| {
+                        let values = v.lock().unwrap().clone();
+                        let body = format!(
+                            "# TYPE test_cpu_seconds_total counter\ntest_cpu_seconds_total{{vm=\"{vm}\"}} {}\n\
+                             # TYPE test_memory_bytes gauge\ntest_memory_bytes{{vm=\"{vm}\"}} {}\n",
+                            values["cpu"], values["memory"]
+                        );
+                        async move {
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Exporter { port, values }
+    }
+
+    fn set(&self, cpu_seconds: f64, memory: f64) {
+        let mut v = self.values.lock().unwrap();
+        v.insert("cpu", cpu_seconds);
+        v.insert("memory", memory);
+    }
+}
+
+/// What Prometheus currently answers for `query`.
+async fn prom_value(port: u16, query: &str) -> Option<f64> {
+    let url = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query={}",
+        tollgate_monitor::http::encode_query_value(query)
+    );
+    let (_, body) = tollgate_monitor::http::get(&url, &[]).await.ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_deltas_match_the_exporters_counter_deltas() {
+    let Some(prometheus) = require_tool("prometheus", "apt-get install prometheus") else {
+        return;
+    };
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let vm: String = sqlx::query_scalar("SELECT provider_vm_id FROM vpses WHERE id = $1")
+        .bind(f.vps)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let exporter = Exporter::start(&vm).await;
+    exporter.set(100.0, 256.0 * (1 << 20) as f64);
+    let dir = temp_dir("prometheus");
+    let prom_port = free_port();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: exporter\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            exporter.port
+        ),
+    )
+    .unwrap();
+    let mut prom = Service::start(
+        "prometheus",
+        prometheus.to_str().unwrap(),
+        &[
+            &format!("--config.file={}", dir.join("prometheus.yml").display()),
+            &format!("--storage.tsdb.path={}", dir.join("data").display()),
+            &format!("--web.listen-address=127.0.0.1:{prom_port}"),
+        ],
+        &[],
+        &dir,
+    );
+    let cpu_query = "test_cpu_seconds_total{vm=\"{vm_id}\"}";
+    let rendered = cpu_query.replace("{vm_id}", &vm);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while prom_value(prom_port, &rendered).await != Some(100.0) {
+        prom.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape the exporter in 30 s:\n{}",
+            prom.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut config = monitor_config(&db.url, Duration::from_millis(500));
+    config.monitor.providers.insert(
+        "k8s".into(),
+        SourceConfig::Prometheus {
+            url: format!("http://127.0.0.1:{prom_port}"),
+            cpu_query: cpu_query.into(),
+            memory_query: "test_memory_bytes{vm=\"{vm_id}\"}".into(),
+        },
+    );
+    let monitor = TestMonitor::start(config).await;
+    let (first_at, cpu_us, mem) = {
+        sample_after(
+            &db,
+            f.vps,
+            DateTime::<Utc>::MIN_UTC,
+            Duration::from_secs(10),
+        )
+        .await;
+        last_sample(&db, f.vps).await.unwrap()
+    };
+    assert_eq!(
+        (cpu_us, mem),
+        (Some(100_000_000), Some(256 << 20)),
+        "baseline from Prometheus"
+    );
+
+    // The counter moves by 7.25 s: exactly 7250 ms recorded.
+    exporter.set(107.25, 256.0 * (1 << 20) as f64);
+    wait_recorded(&db, f.vps, |r| r.cpu_ms == 7250, Duration::from_secs(15)).await;
+    // A reset (the container restarted) counts the new value.
+    exporter.set(2.0, 256.0 * (1 << 20) as f64);
+    wait_recorded(&db, f.vps, |r| r.cpu_ms == 9250, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    monitor.stop().await;
+    let got = recorded(&db, f.vps).await;
+    assert_eq!(got.cpu_ms, 9250, "nothing counted twice afterwards");
+    // Constant 256 MiB between the first and last sample.
+    let (last_at, _, _) = last_sample(&db, f.vps).await.unwrap();
+    let expected = 256.0 * (last_at - first_at).num_milliseconds() as f64 / 1000.0;
+    assert!(
+        (got.memory_mb_seconds as f64 - expected).abs() <= expected * 0.01 + 1.0,
+        "{} vs {expected}",
+        got.memory_mb_seconds
+    );
+}
+
+#[tokio::test]
+async fn the_in_vm_agent_api_is_a_source_with_its_token() {
+    let db = TestDb::new().await;
+    let good = db.fixture("sprites").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let auth = req
+                        .headers()
+                        .get("authorization")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    s.lock().unwrap().push(auth.clone());
+                    async move {
+                        let response = if auth.as_deref() == Some("Bearer agent-secret") {
+                            hyper::Response::new(Full::new(Bytes::from(
+                                r#"{"cpu_usage_percent": 50.0, "memory_used_bytes": 1073741824, "memory_total_bytes": 4294967296,
+                                    "disk_used_bytes": 3221225472, "disk_total_bytes": 85899345920,
+                                    "load_average": [0.5, 0.3, 0.2], "timestamp": "2024-01-01T00:00:00Z"}"#,
+                            )))
+                        } else {
+                            hyper::Response::builder()
+                                .status(401)
+                                .body(Full::new(Bytes::from("unauthorized")))
+                                .unwrap()
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    // A second VPS on another provider whose configured token is wrong.
+    let wrong_user = db.user("wrong@example.com", Some(good.plan)).await;
+    let wrong_vps = db.vps(wrong_user, "acme", "127.0.0.1", "running").await;
+    let agent = |token: &str| SourceConfig::Agent {
+        url: format!("http://{{address}}:{port}/metrics"),
+        token_header: "Authorization".into(),
+        token: Some(token.into()),
+    };
+    let mut config = monitor_config(&db.url, Duration::from_millis(300));
+    config
+        .monitor
+        .providers
+        .insert("sprites".into(), agent("Bearer agent-secret"));
+    config
+        .monitor
+        .providers
+        .insert("acme".into(), agent("Bearer wrong"));
+    let monitor = TestMonitor::start(config).await;
+    let first = sample_after(
+        &db,
+        good.vps,
+        DateTime::<Utc>::MIN_UTC,
+        Duration::from_secs(10),
+    )
+    .await;
+    let r = wait_recorded(&db, good.vps, |r| r.cpu_ms > 0, Duration::from_secs(10)).await;
+    monitor.stop().await;
+    let (last, _, mem) = last_sample(&db, good.vps).await.unwrap();
+    let seconds = (last - first).num_milliseconds() as f64 / 1000.0;
+    let r2 = recorded(&db, good.vps).await;
+    // 50% of a 1-core VPS: 500 CPU-ms per second; 1 GiB: 1024 MB-s per second.
+    assert!(
+        (r2.cpu_ms as f64 - 500.0 * seconds).abs() <= 5.0 + 0.01 * 500.0 * seconds,
+        "{r2:?} over {seconds} s"
+    );
+    assert!(
+        (r2.memory_mb_seconds as f64 - 1024.0 * seconds).abs() <= 2.0 + 0.01 * 1024.0 * seconds,
+        "{r2:?} over {seconds} s"
+    );
+    assert!(r.cpu_ms > 0 && mem == Some(1 << 30));
+    let storage: i64 = sqlx::query_scalar("SELECT storage_used_bytes FROM vpses WHERE id = $1")
+        .bind(good.vps)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        storage,
+        3 << 30,
+        "disk_used_bytes becomes the storage gauge"
+    );
+    // The wrong token never produced a sample; the agent saw it.
+    assert!(last_sample(&db, wrong_vps).await.is_none());
+    assert!(seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|a| a.as_deref() == Some("Bearer wrong")));
+}
+
+#[tokio::test]
+async fn restarts_neither_lose_nor_double_usage_and_resets_count_the_new_value() {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let files = CounterFiles::new();
+    files.set(f.vps, 1_000_000_000, 64 << 20);
+    let mut config = monitor_config(&db.url, Duration::from_millis(200));
+    config
+        .monitor
+        .providers
+        .insert("k8s".into(), files.source());
+
+    let first = TestMonitor::start(config.clone()).await;
+    sample_after(
+        &db,
+        f.vps,
+        DateTime::<Utc>::MIN_UTC,
+        Duration::from_secs(10),
+    )
+    .await;
+    files.set(f.vps, 3_000_000_000, 64 << 20); // +2 s
+    wait_recorded(&db, f.vps, |r| r.cpu_ms == 2000, Duration::from_secs(10)).await;
+    first.stop().await;
+
+    // While no monitor runs, the VPS keeps using CPU.
+    files.set(f.vps, 5_500_000_000, 64 << 20); // +2.5 s
+    let second = TestMonitor::start(config.clone()).await;
+    wait_recorded(&db, f.vps, |r| r.cpu_ms == 4500, Duration::from_secs(10)).await;
+    // Killed abruptly between samples, then restarted: still exact.
+    second.kill().await;
+    files.set(f.vps, 6_000_000_000, 64 << 20); // +0.5 s
+    let third = TestMonitor::start(config.clone()).await;
+    wait_recorded(&db, f.vps, |r| r.cpu_ms == 5000, Duration::from_secs(10)).await;
+    // The VPS rebooted: its counter restarted from zero and now reads 0.75 s.
+    files.set(f.vps, 750_000_000, 64 << 20);
+    wait_recorded(&db, f.vps, |r| r.cpu_ms == 5750, Duration::from_secs(10)).await;
+    third
+        .wait_cycles(third.status.cycles() + 3, Duration::from_secs(5))
+        .await;
+    third.stop().await;
+    assert_eq!(
+        recorded(&db, f.vps).await.cpu_ms,
+        5750,
+        "nothing counted twice"
+    );
+}
+
+#[tokio::test]
+async fn fixed_allocation_providers_are_never_sampled_and_unknown_ones_are() {
+    let db = TestDb::new().await;
+    let fly = db.fixture("fly").await;
+    let hetzner = db.fixture("Hetzner").await;
+    let unknown = db.fixture("acme-cloud").await;
+    let files = CounterFiles::new();
+    for vps in [fly.vps, hetzner.vps, unknown.vps] {
+        files.set(vps, 1_000_000, 1 << 20);
+    }
+    let mut config = monitor_config(&db.url, Duration::from_millis(200));
+    config.monitor.default_source = Some(files.source());
+    let monitor = TestMonitor::start(config).await;
+    sample_after(
+        &db,
+        unknown.vps,
+        DateTime::<Utc>::MIN_UTC,
+        Duration::from_secs(10),
+    )
+    .await;
+    monitor.wait_cycles(3, Duration::from_secs(10)).await;
+    monitor.stop().await;
+    assert!(
+        last_sample(&db, fly.vps).await.is_none(),
+        "fly is never sampled for CPU/memory"
+    );
+    assert!(
+        last_sample(&db, hetzner.vps).await.is_none(),
+        "hetzner is never sampled for CPU/memory"
+    );
+    let gauges: (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT cpu_used_ms, memory_used_mb_seconds FROM vpses WHERE id = $1")
+            .bind(fly.vps)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        gauges,
+        (None, None),
+        "fixed-resource VPSes keep NULL CPU/memory gauges"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_monitor_leads_and_a_standby_takes_over_within_two_intervals() {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let files = CounterFiles::new();
+    files.set(f.vps, 0, 0);
+    let interval = Duration::from_millis(500);
+    let mut config = monitor_config(&db.url, interval);
+    config
+        .monitor
+        .providers
+        .insert("k8s".into(), files.source());
+    let a = TestMonitor::start(config.clone()).await;
+    let b = TestMonitor::start(config.clone()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(a.status.is_leader() || b.status.is_leader()) {
+        assert!(Instant::now() < deadline, "nobody leads");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Over several intervals, exactly one leads and only it samples.
+    for _ in 0..20 {
+        assert!(
+            a.status.is_leader() ^ b.status.is_leader(),
+            "exactly one leader"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (leader, standby) = if a.status.is_leader() { (a, b) } else { (b, a) };
+    assert!(leader.status.cycles() > 0);
+    assert_eq!(standby.status.cycles(), 0, "the standby never sampled");
+    // Standby answers /readyz: it is healthy, just not leading.
+    let (status, _) = support::proxy::http_get(standby.admin, "/readyz")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    leader.kill().await;
+    let killed = Instant::now();
+    while !standby.status.is_leader() {
+        assert!(
+            killed.elapsed() < 2 * interval,
+            "standby did not take over within two intervals"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "standby took over {:?} after the leader died (interval {interval:?})",
+        killed.elapsed()
+    );
+    standby.wait_cycles(1, Duration::from_secs(5)).await;
+    standby.stop().await;
+}
