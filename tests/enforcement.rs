@@ -1,0 +1,250 @@
+//! Enforcement end to end: plan limits and budgets in PostgreSQL, traffic through
+//! the egress proxy, CPU from a real cgroup through the monitor, and blocks and
+//! unblocks taking effect within seconds. Prints the measured latency and
+//! overshoot.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::client::{exchange, get_request, read_head};
+use support::monitor::{monitor_config, Cgroup, TestMonitor};
+use support::origin::{EchoServer, Origin};
+use support::proxy::{test_config, TestProxy};
+use support::{Fixture, TestDb};
+use tollgate_core::billing::Period;
+
+const MIB: u64 = 1 << 20;
+
+/// Status of a small request, and the reason of a 403.
+async fn probe(proxy: std::net::SocketAddr, origin: &Origin, f: &Fixture) -> (u16, String) {
+    let ex = exchange(proxy, &get_request(&origin.url("/status/204"), &f.basic())).await;
+    let reason = serde_json::from_slice::<serde_json::Value>(&ex.body)
+        .ok()
+        .and_then(|v| v["reason"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    (ex.status, reason)
+}
+
+/// Poll until a probe answers `status`; returns how long it took.
+async fn until_status(
+    proxy: std::net::SocketAddr,
+    origin: &Origin,
+    f: &Fixture,
+    status: u16,
+    within: Duration,
+) -> (Duration, String) {
+    let started = Instant::now();
+    loop {
+        let (got, reason) = probe(proxy, origin, f).await;
+        if got == status {
+            return (started.elapsed(), reason);
+        }
+        assert!(
+            started.elapsed() < within,
+            "still {got} after {within:?} (wanted {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Download `bytes` through the proxy; returns the instant the client's
+/// cumulative traffic (`already` + this exchange) crossed `threshold`, if it did.
+async fn download_crossing(
+    proxy: std::net::SocketAddr,
+    origin: &Origin,
+    f: &Fixture,
+    bytes: u64,
+    already: u64,
+    threshold: u64,
+) -> (u64, Option<Instant>) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let request = get_request(&origin.url(&format!("/bytes/{bytes}")), &f.basic());
+    s.write_all(&request).await.unwrap();
+    let mut total = already + request.len() as u64;
+    let mut crossed = (total > threshold).then(Instant::now);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                total += n as u64;
+                if crossed.is_none() && total > threshold {
+                    crossed = Some(Instant::now());
+                }
+            }
+        }
+    }
+    (total - already, crossed)
+}
+
+async fn bandwidth(db: &TestDb, vps: uuid::Uuid) -> i64 {
+    db.usage(vps).await.2
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again_when_spent() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    sqlx::query("UPDATE plans SET max_bandwidth_bytes = $2, overage_bandwidth_cost_per_gb_cents = 0 WHERE id = $1")
+        .bind(f.plan)
+        .bind(MIB as i64)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let origin = Origin::start().await;
+    let echo = EchoServer::start().await;
+    let mut config = test_config(&db.url);
+    // Production defaults for what decides the latency.
+    config.proxy.meter.flush_interval = Duration::from_secs(1);
+    config.proxy.egress.connect_ports = vec![echo.addr.port()];
+    let proxy = TestProxy::start(config).await;
+    let _monitor = TestMonitor::start(monitor_config(&db.url, Duration::from_secs(15))).await;
+
+    // A tunnel opened while allowed.
+    let mut tunnel = TcpStream::connect(proxy.egress).await.unwrap();
+    let connect = format!(
+        "CONNECT {} HTTP/1.1\r\nproxy-authorization: {}\r\n\r\n",
+        echo.addr,
+        f.basic()
+    );
+    tunnel.write_all(connect.as_bytes()).await.unwrap();
+    let head = read_head(&mut tunnel).await;
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    let mut used = (connect.len() + head.len()) as u64;
+
+    // 2 MiB against a 1 MiB limit with no overage on sale.
+    let (moved, crossed) = download_crossing(proxy.egress, &origin, &f, 2 * MIB, used, MIB).await;
+    used += moved;
+    let crossed = crossed.expect("the download crossed the limit");
+    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, Duration::from_secs(5)).await;
+    let latency = crossed.elapsed();
+    assert_eq!(reason, "bandwidth");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(1), tunnel.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the open tunnel was closed by the block");
+    let recorded = bandwidth(&db, f.vps).await;
+    println!(
+        "bandwidth block: {latency:?} from the byte over the limit to 403; overshoot {} bytes past the {MIB}-byte limit \
+         (recorded {recorded}, client moved {used})",
+        recorded - MIB as i64
+    );
+    assert!(latency <= Duration::from_secs(2), "block took {latency:?}");
+
+    // Overage on sale at 100 cents/GiB with a 1-cent budget: allowed again.
+    let changed = Instant::now();
+    sqlx::query("UPDATE plans SET overage_bandwidth_cost_per_gb_cents = 100 WHERE id = $1")
+        .bind(f.plan)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO overage_budgets (user_id, period_start, budget_cents) VALUES ($1, $2, 1)",
+    )
+    .bind(f.user)
+    .bind(Period::current().start())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    until_status(proxy.egress, &origin, &f, 204, Duration::from_secs(2)).await;
+    println!(
+        "unblocked {:?} after the rate and budget changed",
+        changed.elapsed()
+    );
+
+    // 1 cent buys 2^30/100 bytes of overage; go past it.
+    let budget_end = MIB + (1u64 << 30) / 100;
+    let already = bandwidth(&db, f.vps).await as u64;
+    let (_, crossed) = download_crossing(
+        proxy.egress,
+        &origin,
+        &f,
+        budget_end - already + 2 * MIB,
+        already,
+        budget_end,
+    )
+    .await;
+    let crossed = crossed.expect("crossed the budget");
+    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, Duration::from_secs(5)).await;
+    let latency = crossed.elapsed();
+    println!("budget block: {latency:?} from the byte that exhausted the budget to 403");
+    assert_eq!(reason, "budget_exhausted");
+    assert!(latency <= Duration::from_secs(2), "block took {latency:?}");
+    let figures: serde_json::Value =
+        sqlx::query_scalar("SELECT figures FROM usage_decisions WHERE user_id = $1")
+            .bind(f.user)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(figures["budget_cents"], 1);
+    assert!(
+        figures["overage_cost_cents"].as_i64().unwrap() > 1,
+        "{figures}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_limit_from_a_cgroup_sample_blocks_through_the_proxy() {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    sqlx::query("UPDATE plans SET max_cpu_ms = 300 WHERE id = $1")
+        .bind(f.plan)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut cgroup = Cgroup::create(f.vps);
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let mut config = monitor_config(&db.url, Duration::from_millis(500));
+    config
+        .monitor
+        .providers
+        .insert("k8s".into(), Cgroup::source());
+    let monitor = TestMonitor::start(config).await;
+    monitor.wait_cycles(1, Duration::from_secs(10)).await;
+    assert_eq!(probe(proxy.egress, &origin, &f).await.0, 204);
+
+    let started = Instant::now();
+    cgroup.spawn("while :; do :; done");
+    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, Duration::from_secs(10)).await;
+    let blocked_after = started.elapsed();
+    cgroup.kill_all();
+    assert_eq!(reason, "cpu");
+    // From the monitor's decision to the proxy refusing.
+    let (changed_at, decided_by): (chrono::DateTime<chrono::Utc>, String) =
+        sqlx::query_as("SELECT changed_at, decided_by FROM usage_decisions WHERE user_id = $1")
+            .bind(f.user)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        decided_by.starts_with("monitor:"),
+        "the monitor decided the CPU block: {decided_by}"
+    );
+    let cpu_ms: i64 =
+        sqlx::query_scalar("SELECT cpu_used_ms FROM vps_usage_periods WHERE vps_id = $1")
+            .bind(f.vps)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    println!(
+        "cpu block: 403 {blocked_after:?} after the busy loop started (limit 300 ms, recorded {cpu_ms} ms, \
+         decision published at {changed_at})"
+    );
+    assert!(cpu_ms > 300);
+    // Raising the plan's CPU limit lifts the block within 2 s.
+    let raised = Instant::now();
+    sqlx::query("UPDATE plans SET max_cpu_ms = 360000000 WHERE id = $1")
+        .bind(f.plan)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    until_status(proxy.egress, &origin, &f, 204, Duration::from_secs(2)).await;
+    println!("cpu unblock {:?} after the plan changed", raised.elapsed());
+    monitor.stop().await;
+    proxy.stop().await;
+}
