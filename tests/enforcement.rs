@@ -81,6 +81,29 @@ async fn download_crossing(
     (total - already, crossed)
 }
 
+/// Wait until the user's published decision blocks with `reason`; its figures.
+async fn wait_published(db: &TestDb, user: uuid::Uuid, reason: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let row: Option<(Option<String>, serde_json::Value)> =
+            sqlx::query_as("SELECT reason, figures FROM usage_decisions WHERE user_id = $1")
+                .bind(user)
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+        if let Some((Some(r), figures)) = &row {
+            if r == reason {
+                return figures.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {reason} decision published within 3 s: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn bandwidth(db: &TestDb, vps: uuid::Uuid) -> i64 {
     db.usage(vps).await.2
 }
@@ -126,6 +149,8 @@ async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(1), tunnel.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the open tunnel was closed by the block");
+    // Once the block is published, everything counted has been written.
+    wait_published(&db, f.user, "bandwidth").await;
     let recorded = bandwidth(&db, f.vps).await;
     println!(
         "bandwidth block: {latency:?} from the byte over the limit to 403; overshoot {} bytes past the {MIB}-byte limit \
@@ -133,6 +158,12 @@ async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again
         recorded - MIB as i64
     );
     assert!(latency <= Duration::from_secs(2), "block took {latency:?}");
+    // The download in flight is cut close to the limit, not allowed to finish.
+    assert!(
+        recorded - (MIB as i64) < 256 * 1024,
+        "overshoot {} bytes",
+        recorded - MIB as i64
+    );
 
     // Overage on sale at 100 cents/GiB with a 1-cent budget: allowed again.
     let changed = Instant::now();
@@ -173,17 +204,16 @@ async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again
     println!("budget block: {latency:?} from the byte that exhausted the budget to 403");
     assert_eq!(reason, "budget_exhausted");
     assert!(latency <= Duration::from_secs(2), "block took {latency:?}");
-    let figures: serde_json::Value =
-        sqlx::query_scalar("SELECT figures FROM usage_decisions WHERE user_id = $1")
-            .bind(f.user)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    // The decision itself is published after the next flush.
+    let figures = wait_published(&db, f.user, "budget_exhausted").await;
     assert_eq!(figures["budget_cents"], 1);
     assert!(
         figures["overage_cost_cents"].as_i64().unwrap() > 1,
         "{figures}"
     );
+    let overshoot = figures["usage"]["bandwidth_bytes"].as_i64().unwrap() - budget_end as i64;
+    println!("budget overshoot: {overshoot} bytes past the last byte the budget paid for");
+    assert!(overshoot < 256 * 1024, "overshoot {overshoot} bytes");
     proxy.stop().await;
 }
 

@@ -406,6 +406,49 @@ pub fn decide(plan: Option<&PlanLimits>, usage: &Usage, budget_cents: i64) -> De
     }
 }
 
+/// How many more bandwidth bytes `usage` can grow by before [`decide`] blocks
+/// (other axes unchanged), and the reason it would then give. `None` when the
+/// user is already blocked. Lets the proxy enforce on bytes it has counted but
+/// not yet written.
+pub fn bandwidth_headroom(
+    plan: Option<&PlanLimits>,
+    usage: &Usage,
+    budget_cents: i64,
+) -> Option<(u64, BlockReason)> {
+    let limits = plan?;
+    if decide(plan, usage, budget_cents).is_blocked() {
+        return None;
+    }
+    let allowed_with = |extra: u64| {
+        let grown = Usage {
+            bandwidth_bytes: usage
+                .bandwidth_bytes
+                .saturating_add(i64::try_from(extra).unwrap_or(i64::MAX)),
+            ..*usage
+        };
+        !decide(plan, &grown, budget_cents).is_blocked()
+    };
+    let reason = if limits.bandwidth_cents_per_gib > 0 {
+        BlockReason::BudgetExhausted
+    } else {
+        BlockReason::Bandwidth
+    };
+    // Cost only grows with usage, so the allowed extras form a prefix: search it.
+    let (mut lo, mut hi) = (0u64, i64::MAX as u64);
+    if allowed_with(hi) {
+        return Some((hi, reason));
+    }
+    while lo + 1 < hi {
+        let mid = lo + (hi - lo) / 2;
+        if allowed_with(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some((lo, reason))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -730,7 +773,51 @@ mod tests {
         }
     }
 
+    #[test]
+    fn headroom_is_what_is_left_of_the_limit_or_the_budget() {
+        let limits = PlanLimits {
+            max_bandwidth_bytes: 1000,
+            ..plan()
+        };
+        assert_eq!(
+            bandwidth_headroom(Some(&limits), &usage_bw(400), 0),
+            Some((600, BlockReason::Bandwidth))
+        );
+        assert_eq!(
+            bandwidth_headroom(Some(&limits), &usage_bw(1001), 1000),
+            None
+        );
+        assert_eq!(bandwidth_headroom(None, &usage_bw(0), 1000), None);
+        // 5 cents/GiB and 10 cents of budget buy 2 GiB of overage.
+        let on_sale = PlanLimits {
+            max_bandwidth_bytes: GIB,
+            bandwidth_cents_per_gib: 5,
+            ..plan()
+        };
+        assert_eq!(
+            bandwidth_headroom(Some(&on_sale), &usage_bw(GIB / 2), 10),
+            Some(((GIB / 2 + 2 * GIB) as u64, BlockReason::BudgetExhausted))
+        );
+    }
+
     proptest! {
+        #[test]
+        fn headroom_is_exactly_the_last_allowed_byte(
+            used in 0i64..1 << 40, limit in 0i64..1 << 40, rate in 0i64..50, budget in 0i64..500,
+        ) {
+            let limits = PlanLimits { max_bandwidth_bytes: limit, bandwidth_cents_per_gib: rate, ..plan() };
+            let u = usage_bw(used);
+            match bandwidth_headroom(Some(&limits), &u, budget) {
+                None => prop_assert!(decide(Some(&limits), &u, budget).is_blocked()),
+                Some((room, _)) => {
+                    let at = usage_bw(used + room as i64);
+                    prop_assert!(!decide(Some(&limits), &at, budget).is_blocked());
+                    let past = usage_bw(used + room as i64 + 1);
+                    prop_assert!(decide(Some(&limits), &past, budget).is_blocked());
+                }
+            }
+        }
+
         #[test]
         fn cost_never_decreases_as_usage_grows(
             bw in 0i64..1 << 50, cpu in 0i64..1 << 40, mem in 0i64..1 << 40,

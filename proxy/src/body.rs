@@ -10,8 +10,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use crate::enforcement::StreamGuard;
 use crate::telemetry::{self, Listener};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -25,10 +26,13 @@ pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
     Stream(Incoming),
-    /// A stream that ends with an error (aborting the exchange) when `cut` fires.
+    /// A stream that ends with an error (aborting the exchange) when its user is
+    /// cut off: a block decision, or unflushed bytes past the headroom (checked
+    /// before each frame).
     Guarded {
         inner: Incoming,
         cut: Pin<Box<WaitForCancellationFutureOwned>>,
+        guard: StreamGuard,
         listener: Listener,
     },
 }
@@ -38,10 +42,12 @@ impl ProxyBody {
         ProxyBody::Full(Some(bytes.into()))
     }
 
-    pub fn guarded(inner: Incoming, cut: CancellationToken, listener: Listener) -> Self {
+    pub fn guarded(inner: Incoming, guard: StreamGuard, listener: Listener) -> Self {
+        let cut = Box::pin(guard.cut().clone().cancelled_owned());
         ProxyBody::Guarded {
             inner,
-            cut: Box::pin(cut.cancelled_owned()),
+            cut,
+            guard,
             listener,
         }
     }
@@ -74,9 +80,10 @@ impl Body for ProxyBody {
             ProxyBody::Guarded {
                 inner,
                 cut,
+                guard,
                 listener,
             } => {
-                if cut.as_mut().poll(cx).is_ready() {
+                if cut.as_mut().poll(cx).is_ready() || guard.check().is_err() {
                     telemetry::cut_stream(*listener);
                     return Poll::Ready(Some(Err(StreamCut.into())));
                 }

@@ -197,6 +197,9 @@ impl Directory {
                     Some(c) if c.vps_id() == v.id && c.user_id() == record.user_id => c.clone(),
                     _ => self.meter.counter(v.id, record.user_id),
                 });
+        if let Some(counter) = &counter {
+            gate.track(counter);
+        }
         Ok(Arc::new(Agent {
             agent_id: record.agent_id,
             user_id: record.user_id,

@@ -31,6 +31,7 @@ use crate::auth;
 use crate::body::ProxyBody;
 use crate::directory::{Agent, Directory, Lookup};
 use crate::egress_policy::{parse_host, Dial, EgressPolicy, Host, Resolve};
+use crate::enforcement::StreamGuard;
 use crate::framing::{Framing, FramingGuard, Verdicts};
 use crate::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::meter::{ConnTally, MeteredIo};
@@ -150,8 +151,8 @@ impl Egress {
         let target = Target::of(&req)?;
         let agent = self.authenticate(&req, conn).await?;
         // Take the cut token before checking, so a block landing in between still cuts.
-        let cut = agent.gate.cut_token();
-        agent.gate.check()?;
+        let cut = StreamGuard::new(&agent.gate);
+        cut.check()?;
         match target {
             Target::Tunnel { host, port } => self.tunnel(req, &host, port, cut).await,
             Target::Http {
@@ -200,7 +201,7 @@ impl Egress {
         req: Request<Incoming>,
         host: &str,
         port: u16,
-        cut: CancellationToken,
+        cut: StreamGuard,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.policy
             .check_connect_port(port)
@@ -230,7 +231,7 @@ impl Egress {
         authority: Authority,
         host: &str,
         port: u16,
-        cut: CancellationToken,
+        cut: StreamGuard,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.policy
             .check_http_port(port)
@@ -305,7 +306,7 @@ impl Egress {
         Ok(self.respond(response, cut))
     }
 
-    fn respond(&self, response: Response<Incoming>, cut: CancellationToken) -> Response<ProxyBody> {
+    fn respond(&self, response: Response<Incoming>, cut: StreamGuard) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         telemetry::request(Listener::Egress, "ok");

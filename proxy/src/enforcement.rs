@@ -14,8 +14,8 @@
 //! through one worker task, in order, so an older read never overwrites a newer
 //! decision.
 
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -24,10 +24,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use tollgate_core::billing::{BlockReason, Decision, Period};
+use tollgate_core::billing::{self, BlockReason, Decision, Figures, Period};
 use tollgate_core::db::{decisions, usage};
 
 use crate::health::Health;
+use crate::meter::VpsCounter;
 use crate::telemetry;
 
 /// A user is blocked: why, and for which month.
@@ -53,8 +54,16 @@ fn reason_of(code: u8) -> Option<BlockReason> {
     code.checked_sub(1).map(|i| BlockReason::ALL[i as usize])
 }
 
+/// `headroom` when none is known: only the published decision applies.
+const NO_HEADROOM: u64 = u64::MAX;
+
 /// The decision in force for one user, and the token their long-lived streams
 /// watch.
+///
+/// Between decisions, the gate also refuses once the bytes this proxy has
+/// counted for the user but not yet written exceed the bandwidth headroom the
+/// last evaluation left (`billing::bandwidth_headroom`): unflushed usage counts
+/// at once, not a flush interval later.
 #[derive(Debug)]
 pub struct UserGate {
     user_id: Uuid,
@@ -63,6 +72,12 @@ pub struct UserGate {
     period_day: AtomicI64,
     cut: Mutex<CancellationToken>,
     published: Mutex<Option<(Option<BlockReason>, Instant)>>,
+    /// Bandwidth bytes left before the decision flips, as of the last evaluation.
+    headroom: AtomicU64,
+    /// The reason the decision will flip with, once the headroom is used up.
+    headroom_reason: AtomicU8,
+    /// Counters of the user's VPSes that this proxy meters.
+    counters: RwLock<Vec<Arc<VpsCounter>>>,
 }
 
 impl UserGate {
@@ -73,7 +88,47 @@ impl UserGate {
             period_day: AtomicI64::new(0),
             cut: Mutex::new(CancellationToken::new()),
             published: Mutex::new(None),
+            headroom: AtomicU64::new(NO_HEADROOM),
+            headroom_reason: AtomicU8::new(0),
+            counters: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Count `counter`'s unflushed bytes against this user's headroom.
+    pub fn track(&self, counter: &Arc<VpsCounter>) {
+        let known = self
+            .counters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|c| Arc::ptr_eq(c, counter));
+        if !known {
+            self.counters
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(counter.clone());
+        }
+    }
+
+    fn set_headroom(&self, headroom: Option<(u64, BlockReason)>) {
+        match headroom {
+            Some((bytes, reason)) => {
+                self.headroom_reason
+                    .store(reason_code(Some(reason)), Ordering::Release);
+                self.headroom.store(bytes, Ordering::Release);
+            }
+            None => self.headroom.store(NO_HEADROOM, Ordering::Release),
+        }
+    }
+
+    /// Bytes counted for this user here and not yet written.
+    fn unflushed(&self) -> u64 {
+        self.counters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|c| c.pending())
+            .sum()
     }
 
     pub fn user_id(&self) -> Uuid {
@@ -84,13 +139,22 @@ impl UserGate {
     /// this, so a block landing in between still reaches the stream.
     #[inline]
     pub fn check(&self) -> Result<(), Blocked> {
-        match reason_of(self.reason.load(Ordering::SeqCst)) {
-            None => Ok(()),
-            Some(reason) => Err(Blocked {
+        if let Some(reason) = reason_of(self.reason.load(Ordering::SeqCst)) {
+            return Err(Blocked {
                 reason,
                 period: self.period(),
-            }),
+            });
         }
+        let headroom = self.headroom.load(Ordering::Acquire);
+        if headroom != NO_HEADROOM && self.unflushed() > headroom {
+            let reason = reason_of(self.headroom_reason.load(Ordering::Acquire))
+                .unwrap_or(BlockReason::Bandwidth);
+            return Err(Blocked {
+                reason,
+                period: self.period(),
+            });
+        }
+        Ok(())
     }
 
     /// A token cancelled when this user next becomes blocked.
@@ -119,6 +183,64 @@ impl UserGate {
             *token = CancellationToken::new();
         }
         previous
+    }
+}
+
+/// What a request, stream or tunnel of a user watches: the user's cut token
+/// (taken before the decision is checked, so a block landing in between still
+/// reaches it) and gate (for bytes past the headroom).
+#[derive(Debug, Clone)]
+pub struct StreamGuard {
+    cut: CancellationToken,
+    gate: Option<Arc<UserGate>>,
+}
+
+impl StreamGuard {
+    /// Guard for `gate`'s user. Check it with [`StreamGuard::check`] afterwards.
+    pub fn new(gate: &Arc<UserGate>) -> Self {
+        Self {
+            cut: gate.cut_token(),
+            gate: Some(gate.clone()),
+        }
+    }
+
+    /// A guard that only watches `cut`.
+    pub fn from_token(cut: CancellationToken) -> Self {
+        Self { cut, gate: None }
+    }
+
+    /// `Err` if the user is blocked now (by decision or by unflushed bytes).
+    #[inline]
+    pub fn check(&self) -> Result<(), Blocked> {
+        self.gate.as_ref().map_or(Ok(()), |g| g.check())
+    }
+
+    /// Whether the stream must stop now.
+    #[inline]
+    pub fn tripped_now(&self) -> bool {
+        self.cut.is_cancelled() || self.check().is_err()
+    }
+
+    /// Resolves when the stream must stop: at once on a block decision; within
+    /// `every` when unflushed bytes pass the headroom.
+    pub async fn tripped(&self, every: Duration) {
+        let headroom = async {
+            loop {
+                tokio::time::sleep(every).await;
+                if self.check().is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = self.cut.cancelled() => {}
+            _ = headroom => {}
+        }
+    }
+
+    /// The token cancelled by a block decision.
+    pub fn cut(&self) -> &CancellationToken {
+        &self.cut
     }
 }
 
@@ -210,17 +332,25 @@ impl Enforcer {
         let period = Period::current();
         let published = decisions::load(&self.pool, period, Some(&[user_id])).await?;
         match published.first() {
-            Some(d) => {
-                self.apply(&gate, d.blocked, d.period);
-                *gate.published.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((d.blocked, Instant::now()));
-            }
+            Some(d) => self.apply_published(&gate, d),
             None => {
                 self.evaluate_gates(std::slice::from_ref(&gate), None)
                     .await?
             }
         }
         Ok(self.gates.entry(user_id).or_insert(gate).clone())
+    }
+
+    /// Apply a decision someone published, with the headroom its figures leave.
+    fn apply_published(&self, gate: &UserGate, d: &decisions::PublishedDecision) {
+        self.apply(gate, d.blocked, d.period);
+        let headroom = serde_json::from_value::<Figures>(d.figures.clone())
+            .ok()
+            .and_then(|f| billing::bandwidth_headroom(f.limits.as_ref(), &f.usage, f.budget_cents));
+        gate.set_headroom(headroom);
+        // A published decision counts as ours for refresh purposes.
+        *gate.published.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((d.blocked, Instant::now()));
     }
 
     /// Set a decision on a gate, cutting streams if it newly blocks.
@@ -274,6 +404,11 @@ impl Enforcer {
                 continue;
             };
             self.apply(gate, decision.blocked, period);
+            gate.set_headroom(billing::bandwidth_headroom(
+                b.limits.as_ref(),
+                &b.usage,
+                b.budget_cents,
+            ));
             let mut published = gate.published.lock().unwrap_or_else(|p| p.into_inner());
             let due = match *published {
                 Some((reason, at)) => {
@@ -308,10 +443,7 @@ impl Enforcer {
         };
         let loaded = decisions::load(&self.pool, period, Some(&[user_id])).await?;
         if let Some(d) = loaded.first() {
-            self.apply(&gate, d.blocked, d.period);
-            // A published decision counts as ours for refresh purposes.
-            *gate.published.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((d.blocked, Instant::now()));
+            self.apply_published(&gate, d);
         }
         Ok(())
     }
@@ -372,6 +504,39 @@ impl Enforcer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unflushed_bytes_past_the_headroom_block_before_the_next_decision() {
+        let meter = crate::meter::Meter::new();
+        let gate = UserGate::new(Uuid::new_v4());
+        let (a, b) = (
+            meter.counter(Uuid::new_v4(), gate.user_id),
+            meter.counter(Uuid::new_v4(), gate.user_id),
+        );
+        gate.track(&a);
+        gate.track(&b);
+        gate.track(&a);
+        a.add_rx(10_000);
+        assert!(
+            gate.check().is_ok(),
+            "no headroom known: only decisions apply"
+        );
+        gate.set_headroom(Some((10_100, BlockReason::BudgetExhausted)));
+        b.add_tx(100);
+        assert!(
+            gate.check().is_ok(),
+            "exactly at the headroom is still allowed"
+        );
+        b.add_tx(1);
+        assert_eq!(
+            gate.check().unwrap_err().reason,
+            BlockReason::BudgetExhausted
+        );
+        // A flush drains the counters and a fresh evaluation resets the headroom.
+        meter.drain();
+        gate.set_headroom(Some((5, BlockReason::Bandwidth)));
+        assert!(gate.check().is_ok());
+    }
 
     #[test]
     fn reason_codes_round_trip() {

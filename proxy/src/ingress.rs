@@ -34,6 +34,7 @@ use crate::auth;
 use crate::body::ProxyBody;
 use crate::directory::{Directory, Lookup};
 use crate::egress_policy::{parse_host, Dial, Host, Resolve};
+use crate::enforcement::StreamGuard;
 use crate::framing::{Framing, FramingGuard, Verdicts};
 use crate::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::meter::{ConnTally, MeteredIo, VpsCounter};
@@ -201,8 +202,8 @@ impl Ingress {
             return Err(ProxyError::Auth(AuthFailure::BadToken));
         }
         // Take the cut token before checking, so a block landing in between still cuts.
-        let cut = agent.gate.cut_token();
-        agent.gate.check()?;
+        let cut = StreamGuard::new(&agent.gate);
+        cut.check()?;
         let vps = agent.vps.as_ref().ok_or(ProxyError::NoVps)?;
         if vps.state != VpsState::Running {
             return Err(ProxyError::VpsUnavailable(match vps.state {
@@ -360,7 +361,7 @@ impl Ingress {
     }
 }
 
-fn respond(response: Response<Incoming>, cut: CancellationToken) -> Response<ProxyBody> {
+fn respond(response: Response<Incoming>, cut: StreamGuard) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     telemetry::request(Listener::Ingress, "ok");

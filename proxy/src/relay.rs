@@ -1,7 +1,8 @@
 //! Two-way byte relay for CONNECT tunnels and WebSockets: copies both directions
 //! with half-close (EOF one way shuts down the write side of the other and the
-//! rest keeps flowing), ends on an idle timeout, when the user is cut off, or at
-//! the end of the shutdown drain.
+//! rest keeps flowing), ends on an idle timeout, when the user is cut off (a
+//! block decision at once, bytes past the headroom within [`HEADROOM_CHECK`]), or
+//! at the end of the shutdown drain.
 
 use std::io;
 use std::pin::Pin;
@@ -13,8 +14,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+use crate::enforcement::StreamGuard;
+
 /// Buffer per direction.
 const BUF: usize = 64 * 1024;
+/// How often a relay compares its user's unflushed bytes with the headroom.
+pub const HEADROOM_CHECK: Duration = Duration::from_millis(100);
 
 /// How a relay ended.
 #[derive(Debug)]
@@ -34,7 +39,7 @@ pub async fn relay<C, U>(
     client: C,
     upstream: U,
     idle: Duration,
-    cut: &CancellationToken,
+    guard: &StreamGuard,
     hard_stop: &CancellationToken,
 ) -> RelayEnd
 where
@@ -56,7 +61,7 @@ where
             Err(e) => RelayEnd::Error(e),
         },
         _ = idle_watch(&progress, idle) => RelayEnd::Idle,
-        _ = cut.cancelled() => RelayEnd::Cut,
+        _ = guard.tripped(HEADROOM_CHECK) => RelayEnd::Cut,
         _ = hard_stop.cancelled() => RelayEnd::Shutdown,
     }
 }
@@ -133,7 +138,10 @@ mod tests {
     async fn relays_both_ways_with_half_close() {
         let (client, mut client_peer) = tokio::io::duplex(1024);
         let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
-        let (cut, stop) = (CancellationToken::new(), CancellationToken::new());
+        let (cut, stop) = (
+            StreamGuard::from_token(CancellationToken::new()),
+            CancellationToken::new(),
+        );
         let task = tokio::spawn(async move {
             relay(client, upstream, Duration::from_secs(5), &cut, &stop).await
         });
@@ -155,7 +163,10 @@ mod tests {
     async fn idle_relays_end() {
         let (client, _c) = tokio::io::duplex(64);
         let (upstream, _u) = tokio::io::duplex(64);
-        let (cut, stop) = (CancellationToken::new(), CancellationToken::new());
+        let (cut, stop) = (
+            StreamGuard::from_token(CancellationToken::new()),
+            CancellationToken::new(),
+        );
         let end = relay(client, upstream, Duration::from_secs(60), &cut, &stop).await;
         assert!(matches!(end, RelayEnd::Idle));
     }
@@ -166,8 +177,9 @@ mod tests {
         let (upstream, _u) = tokio::io::duplex(64);
         let (cut, stop) = (CancellationToken::new(), CancellationToken::new());
         cut.cancel();
+        let guard = StreamGuard::from_token(cut);
         assert!(matches!(
-            relay(client, upstream, Duration::from_secs(60), &cut, &stop).await,
+            relay(client, upstream, Duration::from_secs(60), &guard, &stop).await,
             RelayEnd::Cut
         ));
     }

@@ -25,13 +25,21 @@ use crate::rescue::ProxyError;
 
 pub type Sender = http1::SendRequest<ProxyBody>;
 
+/// Largest read buffer per upstream connection, bytes.
+const UPSTREAM_READ_BUF: usize = 64 * 1024;
+
 /// Speak HTTP/1.1 over `io`; the connection is driven by a spawned task. With
 /// `upgrades`, a `101 Switching Protocols` response hands the socket over.
 pub async fn handshake<I>(io: I, upgrades: bool) -> Result<Sender, hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+    // Bounded reads keep body frames small: memory per connection stays low, and a
+    // stream cut at the headroom stops within one frame.
+    let (sender, conn) = http1::Builder::new()
+        .max_buf_size(UPSTREAM_READ_BUF)
+        .handshake(TokioIo::new(io))
+        .await?;
     tokio::spawn(async move {
         let result = if upgrades {
             conn.with_upgrades().await
