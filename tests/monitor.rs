@@ -602,3 +602,138 @@ async fn one_monitor_leads_and_a_standby_takes_over_within_two_intervals() {
     standby.wait_cycles(1, Duration::from_secs(5)).await;
     standby.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_source_times_out_without_stalling_the_cycle() {
+    let db = TestDb::new().await;
+    let fast = db.fixture("k8s").await;
+    let slow = db.fixture("acme").await;
+    // An "agent" that accepts connections and never answers.
+    let hang = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_port = hang.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let files = CounterFiles::new();
+    files.set(fast.vps, 0, 1 << 20);
+    let mut config = monitor_config(&db.url, Duration::from_millis(600));
+    config.monitor.sample_timeout = Duration::from_millis(200);
+    config
+        .monitor
+        .providers
+        .insert("k8s".into(), files.source());
+    config.monitor.providers.insert(
+        "acme".into(),
+        SourceConfig::Agent {
+            url: format!("http://{{address}}:{hang_port}/metrics"),
+            token_header: "Authorization".into(),
+            token: None,
+        },
+    );
+    let monitor = TestMonitor::start(config).await;
+    monitor.wait_cycles(1, Duration::from_secs(10)).await;
+    let started = Instant::now();
+    let cycles = monitor.status.cycles();
+    monitor
+        .wait_cycles(cycles + 3, Duration::from_secs(10))
+        .await;
+    let per_cycle = started.elapsed() / 3;
+    assert!(
+        per_cycle < Duration::from_millis(1000),
+        "cycles took {per_cycle:?} each with a hanging source"
+    );
+    assert!(
+        last_sample(&db, fast.vps).await.is_some(),
+        "the healthy VPS was sampled"
+    );
+    assert!(
+        last_sample(&db, slow.vps).await.is_none(),
+        "the hanging one never produced a sample"
+    );
+    let (_, metrics) = support::proxy::http_get(monitor.admin, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_monitor_samples_total{source=\"agent\",outcome=\"timeout\"}"),
+        "{metrics}"
+    );
+    monitor.stop().await;
+}
+
+#[tokio::test]
+async fn budget_and_plan_changes_are_decided_at_once() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    // Over a 1 KiB limit with overage on sale at 5 cents/GiB and no budget.
+    sqlx::query("UPDATE plans SET max_bandwidth_bytes = 1024, overage_bandwidth_cost_per_gb_cents = 5 WHERE id = $1")
+        .bind(f.plan)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_bytes) VALUES ($1, $2, 4096)")
+        .bind(f.vps)
+        .bind(Period::current().start())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Cycles far apart: only the notification can explain a quick change.
+    let monitor = TestMonitor::start(monitor_config(&db.url, Duration::from_secs(60))).await;
+    monitor.wait_cycles(1, Duration::from_secs(10)).await;
+    let reason = |db: &TestDb| {
+        let user = f.user;
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT reason FROM usage_decisions WHERE user_id = $1",
+            )
+            .bind(user)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(reason(&db).await.as_deref(), Some("budget_exhausted"));
+    let changed = Instant::now();
+    sqlx::query(
+        "INSERT INTO overage_budgets (user_id, period_start, budget_cents) VALUES ($1, $2, 1)",
+    )
+    .bind(f.user)
+    .bind(Period::current().start())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    while reason(&db).await.is_some() {
+        assert!(
+            changed.elapsed() < Duration::from_secs(2),
+            "budget change not decided within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "budget raise decided {:?} after the change",
+        changed.elapsed()
+    );
+    // A plan change (no overage on sale any more) blocks again at once.
+    sqlx::query("UPDATE plans SET overage_bandwidth_cost_per_gb_cents = 0 WHERE id = $1")
+        .bind(f.plan)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let changed = Instant::now();
+    while reason(&db).await.as_deref() != Some("bandwidth") {
+        assert!(
+            changed.elapsed() < Duration::from_secs(2),
+            "plan change not decided within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        monitor.status.cycles(),
+        1,
+        "decided by notification, not by a cycle"
+    );
+    monitor.stop().await;
+}
