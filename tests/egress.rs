@@ -925,3 +925,57 @@ async fn metrics_move_with_traffic() {
     assert_eq!(status, 200);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn https_proxy_urls_are_served_over_tls_and_counted_on_the_encrypted_socket() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let (cert, key) = localhost_cert();
+    let dir = temp_dir("egress-tls");
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    let mut config = test_config(&db.url);
+    config.proxy.egress.tls = Some(tollgate_core::config::TlsConfig {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    });
+    let proxy = TestProxy::start(config).await;
+    let proxy_url = format!(
+        "https://{}:{}@localhost:{}",
+        f.agent,
+        f.token,
+        proxy.egress.port()
+    );
+    let out = curl(&[
+        "-x",
+        &proxy_url,
+        "--proxy-cacert",
+        dir.join("cert.pem").to_str().unwrap(),
+        &origin.url("/echo/over-tls?x=1"),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let echo: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(echo["query"], "x=1");
+    assert!(echo["headers"].get("proxy-authorization").is_none());
+    // The agent's socket carried TLS records: more than the plaintext the origin saw.
+    let (origin_read, origin_written) = origin.socket_bytes();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (rx, tx, _) = db.usage(f.vps).await;
+        if rx as u64 > origin_written && tx as u64 > origin_read {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TLS bytes not counted: rx {rx} tx {tx}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.stop().await;
+}

@@ -157,9 +157,16 @@ async fn a_ten_second_database_outage_under_load_neither_loses_nor_doubles() {
         Arc::new(Totals::default()),
     );
     warm_up(proxy.egress, &origin, &f, &totals).await;
+    // An agent that exists but this proxy has never seen.
+    let stranger = db.fixture("fly").await;
     let workers = drive_load(proxy.egress, &origin, &f, 4, stop.clone(), totals.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     relay.cut();
+    // It cannot be verified while the database is down: 503, not 407.
+    let request = get_request(&origin.url("/status/204"), &stranger.basic());
+    let unverifiable = exchange(proxy.egress, &request).await;
+    assert_eq!(unverifiable.status, 503, "{}", unverifiable.head);
+    assert_eq!(unverifiable.header("retry-after").as_deref(), Some("5"));
     let ok_before = totals.ok.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let served_during_outage = totals.ok.load(Ordering::SeqCst) - ok_before;

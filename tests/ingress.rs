@@ -143,6 +143,17 @@ async fn http_requests_pass_path_query_headers_and_large_bodies_both_ways() {
         .enumerate()
         .all(|(i, b)| *b == pattern(i as u64)));
     s.expect_gateway_bytes_counted().await;
+    // Ingress traffic shows in the proxy's metrics.
+    let (_, metrics) = support::proxy::http_get(s.proxy.admin, "/metrics")
+        .await
+        .unwrap();
+    for series in [
+        "tollgate_requests_total{listener=\"ingress\",outcome=\"ok\"}",
+        "tollgate_bytes_total{listener=\"ingress\",direction=\"rx\"}",
+        "tollgate_bytes_total{listener=\"ingress\",direction=\"tx\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} missing");
+    }
     s.proxy.stop().await;
 }
 
@@ -407,6 +418,24 @@ async fn failures_map_to_401_404_503_502_and_504() {
             "{path}"
         );
     }
+
+    // An agent without a VPS -> 503.
+    let (bare_agent, bare_token) = s.db.agent(s.f.user, None).await;
+    let bare = format!(
+        "http://{}/agents/{bare_agent}/gateway/echo",
+        s.proxy.ingress.unwrap()
+    );
+    let r = status(
+        http.get(bare)
+            .header("authorization", format!("Bearer {bare_token}")),
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "vps_unavailable", "reason": "no_vps"})
+    );
 
     // VPS stopped -> 503 with a reason.
     sqlx::query("UPDATE vpses SET state = 'stopped' WHERE id = $1")
