@@ -239,14 +239,7 @@ async fn run_with(server: &local_postgres::Server, config: Config) -> anyhow::Re
         admin: listeners.admin.local_addr()?,
         gateway: gateway_addr,
     };
-    let monitor_admin = tokio::net::TcpListener::bind(config.monitor.admin.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding monitor.admin.listen {}",
-                config.monitor.admin.listen
-            )
-        })?;
+    let monitor_admin = tollgate_monitor::bind_admin(&config).await?;
     enter_demo_cgroup(agent.vps_id);
     let proxy = tokio::spawn(tollgate_proxy::run(
         config.clone(),

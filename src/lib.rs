@@ -44,14 +44,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             .await
         }
         Command::Monitor { skip_migrations } => {
-            let admin = tokio::net::TcpListener::bind(config.monitor.admin.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "binding monitor.admin.listen {}",
-                        config.monitor.admin.listen
-                    )
-                })?;
+            let admin = tollgate_monitor::bind_admin(&config).await?;
             let options = tollgate_monitor::Options {
                 migrate: !skip_migrations,
                 ..Default::default()

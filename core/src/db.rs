@@ -54,6 +54,31 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// Apply migrations, retrying with backoff (up to 10 s apart) while the server is
+/// unreachable, until done or `shutdown`. `unreachable` hears each failed attempt.
+pub async fn migrate_when_reachable(
+    pool: &PgPool,
+    shutdown: &tokio_util::sync::CancellationToken,
+    unreachable: impl Fn(&sqlx::Error),
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match migrate(pool).await {
+            Ok(()) => return Ok(()),
+            Err(sqlx::migrate::MigrateError::Execute(e)) if is_connection_error(&e) => {
+                unreachable(&e)
+            }
+            Err(e) => return Err(e).context("applying migrations"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => anyhow::bail!("shut down before the database became reachable"),
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+    }
+}
+
 /// Whether `error` means the server could not be reached or the connection broke,
 /// as opposed to a statement the server rejected.
 pub fn is_connection_error(error: &sqlx::Error) -> bool {

@@ -69,6 +69,14 @@ impl Status {
     }
 }
 
+/// Bind the monitor's admin listener (`monitor.admin.listen`).
+pub async fn bind_admin(config: &Config) -> anyhow::Result<TcpListener> {
+    let addr = config.monitor.admin.listen;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding monitor.admin.listen {addr}"))
+}
+
 /// Start-up choices.
 #[derive(Clone, Default)]
 pub struct Options {
@@ -110,7 +118,12 @@ pub async fn run(
     ));
 
     if options.migrate {
-        migrate_until_done(&pool, &status, &shutdown).await?;
+        db::migrate_when_reachable(&pool, &shutdown, |e| {
+            status.set_db(false);
+            tracing::warn!(error = %e, "database unreachable; retrying migrations");
+        })
+        .await?;
+        status.set_db(true);
     }
     tracing::info!(%name, interval = ?config.monitor.interval, "monitor started");
     let sources = Sources::from_config(&config.monitor);
@@ -230,31 +243,5 @@ async fn lead(
                 return;
             }
         }
-    }
-}
-
-async fn migrate_until_done(
-    pool: &PgPool,
-    status: &Status,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match db::migrate(pool).await {
-            Ok(()) => {
-                status.set_db(true);
-                return Ok(());
-            }
-            Err(sqlx::migrate::MigrateError::Execute(e)) if db::is_connection_error(&e) => {
-                status.set_db(false);
-                tracing::warn!(error = %e, "database unreachable; retrying migrations");
-            }
-            Err(e) => return Err(e).context("applying migrations"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.cancelled() => anyhow::bail!("shut down before the database became reachable"),
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

@@ -146,7 +146,11 @@ pub async fn run(
     let admin_task = tokio::spawn(admin::serve(listeners.admin, ready, admin_stop.clone()));
 
     if options.migrate {
-        migrate_until_done(&pool, &health, &shutdown).await?;
+        db::migrate_when_reachable(&pool, &shutdown, |e| {
+            health.db_failed("applying migrations", e)
+        })
+        .await?;
+        health.db_ok();
     }
 
     let meter = Arc::new(Meter::new());
@@ -290,31 +294,4 @@ pub async fn run(
     pool.close().await;
     tracing::info!("proxy stopped");
     Ok(())
-}
-
-/// Apply migrations, retrying while the database is unreachable, until done or
-/// shut down.
-pub async fn migrate_until_done(
-    pool: &sqlx::PgPool,
-    health: &Health,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match db::migrate(pool).await {
-            Ok(()) => {
-                health.db_ok();
-                return Ok(());
-            }
-            Err(sqlx::migrate::MigrateError::Execute(e)) if db::is_connection_error(&e) => {
-                health.db_failed("applying migrations", &e);
-            }
-            Err(e) => return Err(e).context("applying migrations"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.cancelled() => anyhow::bail!("shut down before the database became reachable"),
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
-    }
 }

@@ -108,17 +108,34 @@ pub async fn apply(pool: &PgPool, writes: &[SampleWrite]) -> Result<Vec<Uuid>, s
     let memory = col(&|w| w.state.memory_bytes);
     let memory_residue = col(&|w| Some(w.state.memory_residue));
 
-    // Continue from the state we read; or create it if there was none. Either
-    // way only rows whose predecessor is unchanged come back.
+    // Continue from the state we read, or create it if there was none; either way
+    // only rows whose predecessor is unchanged come back.
     let mut written: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE vps_sample_state s SET
-             source = d.source, sampled_at = d.sampled_at, cpu_total_us = d.cpu_total_us,
-             cpu_residue_us = d.cpu_residue_us, memory_bytes = d.memory_bytes, memory_residue = d.memory_residue
-         FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
-                     $6::bigint[], $7::bigint[], $8::bigint[])
-              AS d(vps_id, source, sampled_at, previous, cpu_total_us, cpu_residue_us, memory_bytes, memory_residue)
-         WHERE s.vps_id = d.vps_id AND d.previous IS NOT NULL AND s.sampled_at = d.previous
-         RETURNING s.vps_id",
+        "WITH d AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                                  $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[])
+                 AS d(vps_id, source, sampled_at, previous, cpu_total_us, cpu_residue_us,
+                      memory_bytes, memory_residue)
+         ), continued AS (
+             UPDATE vps_sample_state s SET
+                 source = d.source, sampled_at = d.sampled_at, cpu_total_us = d.cpu_total_us,
+                 cpu_residue_us = d.cpu_residue_us, memory_bytes = d.memory_bytes,
+                 memory_residue = d.memory_residue
+             FROM d
+             WHERE s.vps_id = d.vps_id AND d.previous IS NOT NULL AND s.sampled_at = d.previous
+             RETURNING s.vps_id
+         ), started AS (
+             INSERT INTO vps_sample_state
+                 (vps_id, source, sampled_at, cpu_total_us, cpu_residue_us, memory_bytes, memory_residue)
+             SELECT d.vps_id, d.source, d.sampled_at, d.cpu_total_us, d.cpu_residue_us,
+                    d.memory_bytes, d.memory_residue
+             FROM d
+             WHERE d.previous IS NULL AND EXISTS (SELECT 1 FROM vpses v WHERE v.id = d.vps_id)
+             ORDER BY d.vps_id
+             ON CONFLICT (vps_id) DO NOTHING
+             RETURNING vps_id
+         )
+         SELECT vps_id FROM continued UNION ALL SELECT vps_id FROM started",
     )
     .bind(&ids)
     .bind(&sources)
@@ -130,29 +147,6 @@ pub async fn apply(pool: &PgPool, writes: &[SampleWrite]) -> Result<Vec<Uuid>, s
     .bind(&memory_residue)
     .fetch_all(&mut *tx)
     .await?;
-    let created: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO vps_sample_state
-             (vps_id, source, sampled_at, cpu_total_us, cpu_residue_us, memory_bytes, memory_residue)
-         SELECT d.vps_id, d.source, d.sampled_at, d.cpu_total_us, d.cpu_residue_us, d.memory_bytes, d.memory_residue
-         FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
-                     $6::bigint[], $7::bigint[], $8::bigint[])
-              AS d(vps_id, source, sampled_at, previous, cpu_total_us, cpu_residue_us, memory_bytes, memory_residue)
-         WHERE d.previous IS NULL AND EXISTS (SELECT 1 FROM vpses v WHERE v.id = d.vps_id)
-         ORDER BY d.vps_id
-         ON CONFLICT (vps_id) DO NOTHING
-         RETURNING vps_id",
-    )
-    .bind(&ids)
-    .bind(&sources)
-    .bind(&at)
-    .bind(&previous)
-    .bind(&cpu_total)
-    .bind(&cpu_residue)
-    .bind(&memory)
-    .bind(&memory_residue)
-    .fetch_all(&mut *tx)
-    .await?;
-    written.extend(created);
     written.sort_unstable();
     let applied: Vec<&SampleWrite> = sorted
         .into_iter()
