@@ -14,11 +14,32 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use support::client::{self, basic, exchange, get_request, post_request, tunnel};
-use support::origin::{body_sum, localhost_cert, pattern, tls_server_config, EchoServer, Origin};
+use support::origin::{body_sum, pattern, tls_files, tls_server_config_from, EchoServer, Origin};
 use support::proxy::{http_get, temp_dir, test_config, TestProxy};
 use support::TestDb;
 use tollgate_proxy::egress_policy::{BoxFuture, Dial, Resolve};
 use tollgate_proxy::Seams;
+
+/// A database with one agent, an origin, and a proxy with the test config.
+struct Setup {
+    db: TestDb,
+    f: support::Fixture,
+    origin: Origin,
+    proxy: TestProxy,
+}
+
+async fn setup() -> Setup {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(test_config(&db.url)).await;
+    Setup {
+        db,
+        f,
+        origin,
+        proxy,
+    }
+}
 
 /// Run curl without blocking the runtime the proxy under test shares.
 async fn curl(args: &[&str]) -> std::process::Output {
@@ -40,10 +61,12 @@ fn reqwest_client(proxy_url: &str) -> reqwest::Client {
 
 #[tokio::test]
 async fn curl_and_reqwest_requests_arrive_intact_without_hop_by_hop_headers() {
-    let db = TestDb::new().await;
-    let f = db.fixture("fly").await;
-    let origin = Origin::start().await;
-    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let Setup {
+        db: _db,
+        f,
+        origin,
+        proxy,
+    } = setup().await;
     let proxy_url = proxy.proxy_url(f.agent, &f.token);
 
     // curl GET with a query string, custom headers and hop-by-hop headers.
@@ -170,10 +193,12 @@ async fn curl_and_reqwest_requests_arrive_intact_without_hop_by_hop_headers() {
 
 #[tokio::test]
 async fn expect_100_continue_is_answered_and_the_body_forwarded() {
-    let db = TestDb::new().await;
-    let f = db.fixture("fly").await;
-    let origin = Origin::start().await;
-    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let Setup {
+        db: _db,
+        f,
+        origin,
+        proxy,
+    } = setup().await;
     let dir = temp_dir("upload");
     let file = dir.join("body.bin");
     std::fs::write(&file, vec![7u8; 100_000]).unwrap();
@@ -203,19 +228,17 @@ async fn expect_100_continue_is_answered_and_the_body_forwarded() {
 async fn connect_carries_https_to_a_local_tls_origin() {
     let db = TestDb::new().await;
     let f = db.fixture("fly").await;
-    let (cert, key) = localhost_cert();
-    let origin = Origin::start_tls(tls_server_config(&cert, &key, &[b"http/1.1"])).await;
+    let (tls, _) = tls_files("connect-origin");
+    let origin = Origin::start_tls(tls_server_config_from(&tls, &[b"http/1.1"])).await;
     let mut config = test_config(&db.url);
     config.proxy.egress.connect_ports = vec![origin.addr.port()];
     let proxy = TestProxy::start(config).await;
-    let dir = temp_dir("tls");
-    std::fs::write(dir.join("ca.pem"), &cert).unwrap();
     let url = format!("https://localhost:{}/echo/secure?q=1", origin.addr.port());
     let out = curl(&[
         "-x",
         &proxy.proxy_url(f.agent, &f.token),
         "--cacert",
-        dir.join("ca.pem").to_str().unwrap(),
+        tls.cert.to_str().unwrap(),
         &url,
     ])
     .await;
@@ -313,10 +336,12 @@ async fn database_counts_equal_the_bytes_each_client_moved_over_many_connections
 
 #[tokio::test]
 async fn bad_credentials_get_407_and_count_nothing() {
-    let db = TestDb::new().await;
-    let f = db.fixture("fly").await;
-    let origin = Origin::start().await;
-    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let Setup {
+        db,
+        f,
+        origin,
+        proxy,
+    } = setup().await;
     let url = origin.url("/echo");
     let id = f.agent;
     let b64 = |s: String| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
@@ -398,10 +423,12 @@ async fn a_connection_belongs_to_its_first_agent() {
 
 #[tokio::test]
 async fn a_rotated_token_stops_working_within_a_second() {
-    let db = TestDb::new().await;
-    let f = db.fixture("fly").await;
-    let origin = Origin::start().await;
-    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let Setup {
+        db,
+        f,
+        origin,
+        proxy,
+    } = setup().await;
     let url = origin.url("/status/204");
     assert_eq!(
         exchange(proxy.egress, &get_request(&url, &f.basic()))
@@ -650,10 +677,12 @@ async fn an_allowlisted_cidr_is_reached() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_the_proxy_keeps_serving() {
-    let db = TestDb::new().await;
-    let f = db.fixture("fly").await;
-    let origin = Origin::start().await;
-    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let Setup {
+        db: _db,
+        f,
+        origin,
+        proxy,
+    } = setup().await;
     let auth = f.basic();
     let url = origin.url("/echo");
     let host = origin.addr;
@@ -773,13 +802,8 @@ async fn blocked_users_get_403_json_and_their_tunnels_close() {
     s.read_exact(&mut buf).await.unwrap();
 
     let period = tollgate_core::billing::Period::current();
-    let blocked = tollgate_core::billing::Decision {
-        blocked: Some(tollgate_core::billing::BlockReason::Bandwidth),
-        figures: tollgate_core::billing::decide(None, &Default::default(), 0).figures,
-    };
-    tollgate_core::db::decisions::publish(&db.pool, period, &[(f.user, blocked)], "monitor")
-        .await
-        .unwrap();
+    db.publish_block(f.user, tollgate_core::billing::BlockReason::Bandwidth)
+        .await;
     let published = Instant::now();
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut rest))
@@ -819,10 +843,12 @@ async fn blocked_users_get_403_json_and_their_tunnels_close() {
 async fn websocket_upgrades_are_relayed_over_plain_http() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::{protocol::Role, Message};
-    let db = TestDb::new().await;
-    let f = db.fixture("fly").await;
-    let origin = Origin::start().await;
-    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let Setup {
+        db: _db,
+        f,
+        origin,
+        proxy,
+    } = setup().await;
     let mut s = TcpStream::connect(proxy.egress).await.unwrap();
     let request = format!(
         "GET {} HTTP/1.1\r\nhost: {}\r\nproxy-authorization: {}\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
@@ -850,10 +876,12 @@ async fn websocket_upgrades_are_relayed_over_plain_http() {
 
 #[tokio::test]
 async fn keep_alive_clients_reuse_pooled_origin_connections() {
-    let db = TestDb::new().await;
-    let f = db.fixture("fly").await;
-    let origin = Origin::start().await;
-    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let Setup {
+        db: _db,
+        f,
+        origin,
+        proxy,
+    } = setup().await;
     let http = reqwest_client(&proxy.proxy_url(f.agent, &f.token));
     for i in 0..100 {
         let r = http
@@ -882,10 +910,12 @@ fn metric(text: &str, name_and_labels: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_move_with_traffic() {
-    let db = TestDb::new().await;
-    let f = db.fixture("fly").await;
-    let origin = Origin::start().await;
-    let proxy = TestProxy::start(test_config(&db.url)).await;
+    let Setup {
+        db: _db,
+        f,
+        origin,
+        proxy,
+    } = setup().await;
     let (status, before) = http_get(proxy.admin, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     for _ in 0..5 {
@@ -931,15 +961,9 @@ async fn https_proxy_urls_are_served_over_tls_and_counted_on_the_encrypted_socke
     let db = TestDb::new().await;
     let f = db.fixture("fly").await;
     let origin = Origin::start().await;
-    let (cert, key) = localhost_cert();
-    let dir = temp_dir("egress-tls");
-    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
-    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    let (tls, _) = tls_files("egress-tls");
     let mut config = test_config(&db.url);
-    config.proxy.egress.tls = Some(tollgate_core::config::TlsConfig {
-        cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
-    });
+    config.proxy.egress.tls = Some(tls.clone());
     let proxy = TestProxy::start(config).await;
     let proxy_url = format!(
         "https://{}:{}@localhost:{}",
@@ -951,7 +975,7 @@ async fn https_proxy_urls_are_served_over_tls_and_counted_on_the_encrypted_socke
         "-x",
         &proxy_url,
         "--proxy-cacert",
-        dir.join("cert.pem").to_str().unwrap(),
+        tls.cert.to_str().unwrap(),
         &origin.url("/echo/over-tls?x=1"),
     ])
     .await;

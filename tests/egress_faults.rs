@@ -27,6 +27,18 @@ struct Totals {
     failed: AtomicU64,
 }
 
+impl Totals {
+    /// The database shows exactly what the clients moved.
+    async fn expect_counted(&self, db: &TestDb, f: &Fixture) {
+        let (read, written) = (
+            self.read.load(Ordering::SeqCst),
+            self.written.load(Ordering::SeqCst),
+        );
+        db.expect_usage(f.vps, read, written, Duration::from_secs(20))
+            .await;
+    }
+}
+
 /// Keep `workers` clients busy with exchanges of varied sizes until `stop`.
 fn drive_load(
     proxy: std::net::SocketAddr,
@@ -133,13 +145,7 @@ async fn killing_the_flushers_connection_mid_flush_neither_loses_nor_doubles() {
         "no backend was caught mid-flush; the test proved nothing"
     );
     assert_eq!(totals.failed.load(Ordering::SeqCst), 0);
-    db.expect_usage(
-        f.vps,
-        totals.read.load(Ordering::SeqCst),
-        totals.written.load(Ordering::SeqCst),
-        Duration::from_secs(20),
-    )
-    .await;
+    totals.expect_counted(&db, &f).await;
     proxy.stop().await;
 }
 
@@ -180,13 +186,7 @@ async fn a_ten_second_database_outage_under_load_neither_loses_nor_doubles() {
         "known agents keep working from cache: {served_during_outage} served"
     );
     assert_eq!(totals.failed.load(Ordering::SeqCst), 0);
-    db.expect_usage(
-        f.vps,
-        totals.read.load(Ordering::SeqCst),
-        totals.written.load(Ordering::SeqCst),
-        Duration::from_secs(20),
-    )
-    .await;
+    totals.expect_counted(&db, &f).await;
     proxy.stop().await;
 }
 

@@ -15,7 +15,6 @@ use support::monitor::{monitor_config, Cgroup, TestMonitor};
 use support::origin::{EchoServer, Origin};
 use support::proxy::{test_config, TestProxy};
 use support::{Fixture, TestDb};
-use tollgate_core::billing::Period;
 
 const MIB: u64 = 1 << 20;
 
@@ -112,12 +111,11 @@ async fn bandwidth(db: &TestDb, vps: uuid::Uuid) -> i64 {
 async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again_when_spent() {
     let db = TestDb::new().await;
     let f = db.fixture("fly").await;
-    sqlx::query("UPDATE plans SET max_bandwidth_bytes = $2, overage_bandwidth_cost_per_gb_cents = 0 WHERE id = $1")
-        .bind(f.plan)
-        .bind(MIB as i64)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    db.update_plan(
+        f.plan,
+        &format!("max_bandwidth_bytes = {MIB}, overage_bandwidth_cost_per_gb_cents = 0"),
+    )
+    .await;
     let origin = Origin::start().await;
     let echo = EchoServer::start().await;
     let mut config = test_config(&db.url);
@@ -167,19 +165,9 @@ async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again
 
     // Overage on sale at 100 cents/GiB with a 1-cent budget: allowed again.
     let changed = Instant::now();
-    sqlx::query("UPDATE plans SET overage_bandwidth_cost_per_gb_cents = 100 WHERE id = $1")
-        .bind(f.plan)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO overage_budgets (user_id, period_start, budget_cents) VALUES ($1, $2, 1)",
-    )
-    .bind(f.user)
-    .bind(Period::current().start())
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    db.update_plan(f.plan, "overage_bandwidth_cost_per_gb_cents = 100")
+        .await;
+    db.set_budget(f.user, 1).await;
     until_status(proxy.egress, &origin, &f, 204, Duration::from_secs(2)).await;
     println!(
         "unblocked {:?} after the rate and budget changed",
@@ -221,11 +209,7 @@ async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again
 async fn a_cpu_limit_from_a_cgroup_sample_blocks_through_the_proxy() {
     let db = TestDb::new().await;
     let f = db.fixture("k8s").await;
-    sqlx::query("UPDATE plans SET max_cpu_ms = 300 WHERE id = $1")
-        .bind(f.plan)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    db.update_plan(f.plan, "max_cpu_ms = 300").await;
     let mut cgroup = Cgroup::create(f.vps);
     let origin = Origin::start().await;
     let proxy = TestProxy::start(test_config(&db.url)).await;
@@ -268,11 +252,7 @@ async fn a_cpu_limit_from_a_cgroup_sample_blocks_through_the_proxy() {
     assert!(cpu_ms > 300);
     // Raising the plan's CPU limit lifts the block within 2 s.
     let raised = Instant::now();
-    sqlx::query("UPDATE plans SET max_cpu_ms = 360000000 WHERE id = $1")
-        .bind(f.plan)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    db.update_plan(f.plan, "max_cpu_ms = 360000000").await;
     until_status(proxy.egress, &origin, &f, 204, Duration::from_secs(2)).await;
     println!("cpu unblock {:?} after the plan changed", raised.elapsed());
     monitor.stop().await;

@@ -13,8 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use support::origin::{body_sum, localhost_cert, pattern, Origin};
-use support::proxy::{temp_dir, test_config, TestProxy};
+use support::origin::{body_sum, pattern, tls_files, Origin};
+use support::proxy::{test_config, TestProxy};
 use support::{Fixture, TestDb};
 
 struct Setup {
@@ -292,16 +292,10 @@ async fn tls_clients_negotiate_http2_with_alpn() {
     let db = TestDb::new().await;
     let f = db.fixture("k8s").await;
     let gateway = Origin::start().await;
-    let (cert, key) = localhost_cert();
-    let dir = temp_dir("ingress-tls");
-    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
-    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    let (tls, cert) = tls_files("ingress-tls");
     let mut config = test_config(&db.url);
     config.proxy.ingress.gateway_port = gateway.addr.port();
-    config.proxy.ingress.tls = Some(tollgate_core::config::TlsConfig {
-        cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
-    });
+    config.proxy.ingress.tls = Some(tls);
     let proxy = TestProxy::start(config).await;
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes()).unwrap())
@@ -523,14 +517,11 @@ async fn blocked_users_get_403_and_their_websockets_and_streams_close() {
     let n = sse.read(&mut first).await.unwrap();
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
 
-    let period = tollgate_core::billing::Period::current();
-    let decision = tollgate_core::billing::Decision {
-        blocked: Some(tollgate_core::billing::BlockReason::BudgetExhausted),
-        figures: tollgate_core::billing::decide(None, &Default::default(), 0).figures,
-    };
-    tollgate_core::db::decisions::publish(&s.db.pool, period, &[(s.f.user, decision)], "monitor")
-        .await
-        .unwrap();
+    s.db.publish_block(
+        s.f.user,
+        tollgate_core::billing::BlockReason::BudgetExhausted,
+    )
+    .await;
     let published = Instant::now();
 
     let ws_closed = tokio::time::timeout(Duration::from_secs(1), async {

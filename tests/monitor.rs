@@ -668,11 +668,11 @@ async fn budget_and_plan_changes_are_decided_at_once() {
     let db = TestDb::new().await;
     let f = db.fixture("fly").await;
     // Over a 1 KiB limit with overage on sale at 5 cents/GiB and no budget.
-    sqlx::query("UPDATE plans SET max_bandwidth_bytes = 1024, overage_bandwidth_cost_per_gb_cents = 5 WHERE id = $1")
-        .bind(f.plan)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    db.update_plan(
+        f.plan,
+        "max_bandwidth_bytes = 1024, overage_bandwidth_cost_per_gb_cents = 5",
+    )
+    .await;
     sqlx::query("INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_bytes) VALUES ($1, $2, 4096)")
         .bind(f.vps)
         .bind(Period::current().start())
@@ -697,14 +697,7 @@ async fn budget_and_plan_changes_are_decided_at_once() {
     };
     assert_eq!(reason(&db).await.as_deref(), Some("budget_exhausted"));
     let changed = Instant::now();
-    sqlx::query(
-        "INSERT INTO overage_budgets (user_id, period_start, budget_cents) VALUES ($1, $2, 1)",
-    )
-    .bind(f.user)
-    .bind(Period::current().start())
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    db.set_budget(f.user, 1).await;
     while reason(&db).await.is_some() {
         assert!(
             changed.elapsed() < Duration::from_secs(2),
@@ -717,11 +710,8 @@ async fn budget_and_plan_changes_are_decided_at_once() {
         changed.elapsed()
     );
     // A plan change (no overage on sale any more) blocks again at once.
-    sqlx::query("UPDATE plans SET overage_bandwidth_cost_per_gb_cents = 0 WHERE id = $1")
-        .bind(f.plan)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    db.update_plan(f.plan, "overage_bandwidth_cost_per_gb_cents = 0")
+        .await;
     let changed = Instant::now();
     while reason(&db).await.as_deref() != Some("bandwidth") {
         assert!(

@@ -242,6 +242,41 @@ impl TestDb {
         }
     }
 
+    /// `UPDATE plans SET {set} WHERE id = plan`, e.g. `"max_cpu_ms = 300"`.
+    pub async fn update_plan(&self, plan: Uuid, set: &str) {
+        sqlx::query(&format!("UPDATE plans SET {set} WHERE id = $1"))
+            .bind(plan)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    /// Set `user`'s overage budget for the current period.
+    pub async fn set_budget(&self, user: Uuid, cents: i64) {
+        sqlx::query(
+            "INSERT INTO overage_budgets (user_id, period_start, budget_cents) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id, period_start) DO UPDATE SET budget_cents = EXCLUDED.budget_cents",
+        )
+        .bind(user)
+        .bind(tollgate_core::billing::Period::current().start())
+        .bind(cents)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
+    /// Publish a block of `user` the way the monitor does.
+    pub async fn publish_block(&self, user: Uuid, reason: tollgate_core::billing::BlockReason) {
+        let decision = tollgate_core::billing::Decision {
+            blocked: Some(reason),
+            figures: tollgate_core::billing::decide(None, &Default::default(), 0).figures,
+        };
+        let period = tollgate_core::billing::Period::current();
+        tollgate_core::db::decisions::publish(&self.pool, period, &[(user, decision)], "monitor")
+            .await
+            .unwrap();
+    }
+
     /// (rx, tx, bandwidth) recorded for `vps` in the current period.
     pub async fn usage(&self, vps: Uuid) -> (i64, i64, i64) {
         sqlx::query_as(

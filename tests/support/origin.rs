@@ -80,3 +80,27 @@ pub fn tls_server_config(
 pub async fn tcp(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).await.expect("connect")
 }
+
+/// A certificate for `localhost` written to a fresh directory: the TLS config
+/// pointing at it and the certificate PEM (to trust it).
+pub fn tls_files(what: &str) -> (tollgate_core::config::TlsConfig, String) {
+    let (cert, key) = localhost_cert();
+    let dir = super::proxy::temp_dir(what);
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    let config = tollgate_core::config::TlsConfig {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    (config, cert)
+}
+
+/// A rustls server config from the PEM files of `tls`.
+pub fn tls_server_config_from(
+    tls: &tollgate_core::config::TlsConfig,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ServerConfig> {
+    let cert = std::fs::read_to_string(&tls.cert).unwrap();
+    let key = std::fs::read_to_string(&tls.key).unwrap();
+    tls_server_config(&cert, &key, alpn)
+}
