@@ -62,10 +62,7 @@ fn reqwest_client(proxy_url: &str) -> reqwest::Client {
 #[tokio::test]
 async fn curl_and_reqwest_requests_arrive_intact_without_hop_by_hop_headers() {
     let Setup {
-        db: _db,
-        f,
-        origin,
-        proxy,
+        f, origin, proxy, ..
     } = setup().await;
     let proxy_url = proxy.proxy_url(f.agent, &f.token);
 
@@ -194,10 +191,7 @@ async fn curl_and_reqwest_requests_arrive_intact_without_hop_by_hop_headers() {
 #[tokio::test]
 async fn expect_100_continue_is_answered_and_the_body_forwarded() {
     let Setup {
-        db: _db,
-        f,
-        origin,
-        proxy,
+        f, origin, proxy, ..
     } = setup().await;
     let dir = temp_dir("upload");
     let file = dir.join("body.bin");
@@ -678,10 +672,7 @@ async fn an_allowlisted_cidr_is_reached() {
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_the_proxy_keeps_serving() {
     let Setup {
-        db: _db,
-        f,
-        origin,
-        proxy,
+        f, origin, proxy, ..
     } = setup().await;
     let auth = f.basic();
     let url = origin.url("/echo");
@@ -844,10 +835,7 @@ async fn websocket_upgrades_are_relayed_over_plain_http() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::{protocol::Role, Message};
     let Setup {
-        db: _db,
-        f,
-        origin,
-        proxy,
+        f, origin, proxy, ..
     } = setup().await;
     let mut s = TcpStream::connect(proxy.egress).await.unwrap();
     let request = format!(
@@ -877,10 +865,7 @@ async fn websocket_upgrades_are_relayed_over_plain_http() {
 #[tokio::test]
 async fn keep_alive_clients_reuse_pooled_origin_connections() {
     let Setup {
-        db: _db,
-        f,
-        origin,
-        proxy,
+        f, origin, proxy, ..
     } = setup().await;
     let http = reqwest_client(&proxy.proxy_url(f.agent, &f.token));
     for i in 0..100 {
@@ -911,10 +896,7 @@ fn metric(text: &str, name_and_labels: &str) -> f64 {
 #[tokio::test]
 async fn metrics_move_with_traffic() {
     let Setup {
-        db: _db,
-        f,
-        origin,
-        proxy,
+        f, origin, proxy, ..
     } = setup().await;
     let (status, before) = http_get(proxy.admin, "/metrics").await.unwrap();
     assert_eq!(status, 200);

@@ -78,6 +78,23 @@ async fn sample_after(
     }
 }
 
+/// The first sample (baseline) of `vps`.
+async fn first_sample(db: &TestDb, vps: Uuid) -> DateTime<Utc> {
+    sample_after(db, vps, DateTime::<Utc>::MIN_UTC, Duration::from_secs(10)).await
+}
+
+/// A monitor sampling `provider` VPSes from `source` every `interval`.
+async fn monitor_with(
+    db: &TestDb,
+    interval: Duration,
+    provider: &str,
+    source: SourceConfig,
+) -> TestMonitor {
+    let mut config = monitor_config(&db.url, interval);
+    config.monitor.providers.insert(provider.into(), source);
+    TestMonitor::start(config).await
+}
+
 async fn wait_recorded(
     db: &TestDb,
     vps: Uuid,
@@ -100,20 +117,9 @@ async fn cgroup_cpu_matches_the_kernels_own_counter() {
     let db = TestDb::new().await;
     let f = db.fixture("k8s").await;
     let mut cgroup = Cgroup::create(f.vps);
-    let mut config = monitor_config(&db.url, Duration::from_millis(250));
-    config
-        .monitor
-        .providers
-        .insert("k8s".into(), Cgroup::source());
-    let monitor = TestMonitor::start(config).await;
+    let monitor = monitor_with(&db, Duration::from_millis(250), "k8s", Cgroup::source()).await;
     // Baseline with the cgroup empty: its counter stands still.
-    let baseline_at = sample_after(
-        &db,
-        f.vps,
-        DateTime::<Utc>::MIN_UTC,
-        Duration::from_secs(10),
-    )
-    .await;
+    let baseline_at = first_sample(&db, f.vps).await;
     let before_ns = cgroup.cpu_ns();
 
     cgroup.spawn("while :; do :; done");
@@ -153,19 +159,8 @@ async fn cgroup_memory_integrates_to_the_expected_mb_seconds() {
     let db = TestDb::new().await;
     let f = db.fixture("sprites").await;
     let mut cgroup = Cgroup::create(f.vps);
-    let mut config = monitor_config(&db.url, Duration::from_millis(100));
-    config
-        .monitor
-        .providers
-        .insert("sprites".into(), Cgroup::source());
-    let monitor = TestMonitor::start(config).await;
-    sample_after(
-        &db,
-        f.vps,
-        DateTime::<Utc>::MIN_UTC,
-        Duration::from_secs(10),
-    )
-    .await;
+    let monitor = monitor_with(&db, Duration::from_millis(100), "sprites", Cgroup::source()).await;
+    first_sample(&db, f.vps).await;
 
     // A process holding 128 MiB it has written to (so the pages are really charged).
     cgroup.spawn(
@@ -326,13 +321,7 @@ async fn prometheus_deltas_match_the_exporters_counter_deltas() {
     );
     let monitor = TestMonitor::start(config).await;
     let (first_at, cpu_us, mem) = {
-        sample_after(
-            &db,
-            f.vps,
-            DateTime::<Utc>::MIN_UTC,
-            Duration::from_secs(10),
-        )
-        .await;
+        first_sample(&db, f.vps).await;
         last_sample(&db, f.vps).await.unwrap()
     };
     assert_eq!(
@@ -419,13 +408,7 @@ async fn the_in_vm_agent_api_is_a_source_with_its_token() {
         .providers
         .insert("acme".into(), agent("Bearer wrong"));
     let monitor = TestMonitor::start(config).await;
-    let first = sample_after(
-        &db,
-        good.vps,
-        DateTime::<Utc>::MIN_UTC,
-        Duration::from_secs(10),
-    )
-    .await;
+    let first = first_sample(&db, good.vps).await;
     let r = wait_recorded(&db, good.vps, |r| r.cpu_ms > 0, Duration::from_secs(10)).await;
     monitor.stop().await;
     let (last, _, mem) = last_sample(&db, good.vps).await.unwrap();
@@ -473,13 +456,7 @@ async fn restarts_neither_lose_nor_double_usage_and_resets_count_the_new_value()
         .insert("k8s".into(), files.source());
 
     let first = TestMonitor::start(config.clone()).await;
-    sample_after(
-        &db,
-        f.vps,
-        DateTime::<Utc>::MIN_UTC,
-        Duration::from_secs(10),
-    )
-    .await;
+    first_sample(&db, f.vps).await;
     files.set(f.vps, 3_000_000_000, 64 << 20); // +2 s
     wait_recorded(&db, f.vps, |r| r.cpu_ms == 2000, Duration::from_secs(10)).await;
     first.stop().await;
@@ -520,13 +497,7 @@ async fn fixed_allocation_providers_are_never_sampled_and_unknown_ones_are() {
     let mut config = monitor_config(&db.url, Duration::from_millis(200));
     config.monitor.default_source = Some(files.source());
     let monitor = TestMonitor::start(config).await;
-    sample_after(
-        &db,
-        unknown.vps,
-        DateTime::<Utc>::MIN_UTC,
-        Duration::from_secs(10),
-    )
-    .await;
+    first_sample(&db, unknown.vps).await;
     monitor.wait_cycles(3, Duration::from_secs(10)).await;
     monitor.stop().await;
     assert!(
