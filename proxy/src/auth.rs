@@ -153,6 +153,24 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_headers_never_panic(raw in proptest::collection::vec(32u8..127, 0..600)) {
+            if let Ok(h) = HeaderValue::from_bytes(&raw) {
+                let _ = basic(Some(&h));
+                let _ = bearer(Some(&h));
+            }
+        }
+
+        #[test]
+        fn any_encoded_credentials_round_trip(token in "[0-9a-f]{1,150}") {
+            let id = Uuid::new_v4();
+            let h = header(&encode(&format!("{id}:{token}")));
+            let c = basic(Some(&h)).unwrap();
+            proptest::prop_assert_eq!((c.agent_id, c.token()), (id, token.as_bytes()));
+        }
+    }
+
     #[test]
     fn bearer_tokens_parse() {
         assert_eq!(bearer(Some(&header("Bearer abc"))).unwrap(), b"abc");

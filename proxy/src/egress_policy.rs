@@ -458,6 +458,27 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_hosts_never_panic_and_literals_are_checked(host in "\\PC{0,80}") {
+            let p = policy();
+            if let Some(Host::Ip(ip)) = parse_host(&host) {
+                let _ = p.check_ip(ip);
+            }
+        }
+
+        #[test]
+        fn every_spelling_of_a_loopback_address_is_refused(a in 0u32..=0x00ff_ffff) {
+            let ip = std::net::Ipv4Addr::from(0x7f00_0000 | a);
+            for text in [ip.to_string(), u32::from(ip).to_string(), format!("0x{:x}", u32::from(ip))] {
+                match parse_host(&text) {
+                    Some(Host::Ip(parsed)) => proptest::prop_assert_eq!(policy().check_ip(parsed), Err(DenyReason::Loopback)),
+                    other => proptest::prop_assert!(false, "{} parsed as {:?}", text, other),
+                }
+            }
+        }
+    }
+
     #[test]
     fn ports() {
         let p = policy();

@@ -336,6 +336,43 @@ mod tests {
         assert_eq!(verdicts_of(te_first, 100), [Framing::Ambiguous]);
     }
 
+    proptest::proptest! {
+        /// Arbitrary client bytes never panic the guard, and how they arrive
+        /// (split into pieces) never changes its verdicts.
+        #[test]
+        fn arbitrary_input_is_followed_the_same_way_in_any_split(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            split in 1usize..64,
+        ) {
+            proptest::prop_assert_eq!(verdicts_of(&data, split), verdicts_of(&data, data.len().max(1)));
+        }
+
+        /// Well-formed pipelines of chunked and sized requests are followed exactly.
+        #[test]
+        fn generated_pipelines_give_one_clear_verdict_per_request(
+            bodies in proptest::collection::vec((0usize..300, proptest::prelude::any::<bool>()), 1..8),
+            split in 1usize..97,
+        ) {
+            let mut stream = Vec::new();
+            for (len, chunked) in &bodies {
+                let body = vec![b'\r'; *len]; // bodies full of CRs must not look like heads
+                if *chunked {
+                    stream.extend_from_slice(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
+                    for piece in body.chunks(37) {
+                        stream.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                        stream.extend_from_slice(piece);
+                        stream.extend_from_slice(b"\r\n");
+                    }
+                    stream.extend_from_slice(b"0\r\n\r\n");
+                } else {
+                    stream.extend_from_slice(format!("POST / HTTP/1.1\r\ncontent-length: {len}\r\n\r\n").as_bytes());
+                    stream.extend_from_slice(&body);
+                }
+            }
+            proptest::prop_assert_eq!(verdicts_of(&stream, split), vec![Framing::Clear; bodies.len()]);
+        }
+    }
+
     #[test]
     fn stops_at_tunnels_and_garbage() {
         let connect = b"CONNECT a:443 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";

@@ -376,6 +376,22 @@ mod tests {
         Route::of(&s.parse::<Uri>().unwrap()).map(|r| (r.agent_id, r.target))
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_gateway_path_is_passed_on_unchanged(path in "(/[A-Za-z0-9%._~-]{0,12}){0,5}", query in proptest::option::of("[A-Za-z0-9=&%]{0,20}")) {
+            let id = Uuid::new_v4();
+            let mut uri = format!("/agents/{id}/gateway{path}");
+            let mut want = if path.is_empty() { "/".to_owned() } else { path.clone() };
+            if let Some(q) = &query {
+                uri.push('?');
+                uri.push_str(q);
+                want.push('?');
+                want.push_str(q);
+            }
+            proptest::prop_assert_eq!(route(&uri), Some((id, want)));
+        }
+    }
+
     #[test]
     fn routes_keep_path_and_query_byte_for_byte() {
         let id = Uuid::new_v4();
