@@ -258,3 +258,78 @@ async fn a_cpu_limit_from_a_cgroup_sample_blocks_through_the_proxy() {
     monitor.stop().await;
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_month_lifts_a_block_within_two_seconds_and_counts_afresh() {
+    use tollgate_core::clock::ShiftedClock;
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    db.update_plan(f.plan, &format!("max_bandwidth_bytes = {MIB}"))
+        .await;
+    let origin = Origin::start().await;
+    let clock = std::sync::Arc::new(ShiftedClock::starting_at(at("2026-11-30T23:59:50Z")));
+    let seams = tollgate_proxy::Seams {
+        clock: clock.clone(),
+        ..Default::default()
+    };
+    let proxy = TestProxy::start_with(test_config(&db.url), seams).await;
+
+    download_crossing(proxy.egress, &origin, &f, 2 * MIB, 0, MIB).await;
+    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, Duration::from_secs(5)).await;
+    assert_eq!(reason, "bandwidth");
+    wait_published(&db, f.user, "bandwidth").await;
+
+    let month = |period: &'static str| {
+        let (pool, vps) = (db.pool.clone(), f.vps);
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT bandwidth_bytes FROM vps_usage_periods WHERE vps_id = $1 AND period_start = $2::date",
+            )
+            .bind(vps)
+            .bind(period)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .unwrap_or(0)
+        }
+    };
+    let november = month("2026-11-01").await;
+    assert!(
+        november > MIB as i64,
+        "November holds the traffic: {november}"
+    );
+
+    clock.set(at("2026-12-01T00:00:00.200Z"));
+    let (took, _) = until_status(proxy.egress, &origin, &f, 204, Duration::from_secs(2)).await;
+    println!("new month: unblocked {took:?} after midnight UTC");
+    // December's traffic lands in December. (The one flush whose span straddles
+    // midnight splits its bytes between the months in proportion to time.)
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while month("2026-12-01").await == 0 {
+        assert!(Instant::now() < deadline, "no December usage recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let november_after = month("2026-11-01").await;
+    assert!(
+        november_after >= november && november_after < november + 64 * 1024,
+        "{november} -> {november_after}"
+    );
+    let december: Option<bool> = sqlx::query_scalar(
+        "SELECT blocked FROM usage_decisions WHERE user_id = $1 AND period_start = '2026-12-01'",
+    )
+    .bind(f.user)
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        december,
+        Some(false),
+        "December's decision is published and allows"
+    );
+    proxy.stop().await;
+}

@@ -3,6 +3,7 @@
 //! - [`config`]: the TOML file with `TOLLGATE_*` overrides, validated up front.
 //! - [`billing`]: periods, the provider metering policy, overage cost and the
 //!   allow/block decision (SPEC §3) — pure, no I/O.
+//! - [`clock`]: the time seam billing periods come from.
 //! - [`db`]: the pool, migrations and every query, batched.
 //! - [`local_postgres`]: finding or starting PostgreSQL for `dev` and tests.
 //! - [`telemetry`]: tracing and the Prometheus recorder.
@@ -12,6 +13,7 @@
 
 pub mod admin;
 pub mod billing;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod local_postgres;

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use tollgate_core::billing::{self, BlockReason, Decision, Figures, Period};
+use tollgate_core::clock::Clock;
 use tollgate_core::db::{decisions, usage};
 
 use crate::health::Health;
@@ -270,6 +271,7 @@ pub struct Enforcer {
     name: String,
     decision_refresh: Duration,
     period: Mutex<Period>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Enforcer {
@@ -279,6 +281,7 @@ impl Enforcer {
         health: Arc<Health>,
         name: String,
         decision_refresh: Duration,
+        clock: Arc<dyn Clock>,
     ) -> (Self, Events) {
         let (events, receiver) = mpsc::unbounded_channel();
         let enforcer = Self {
@@ -288,7 +291,8 @@ impl Enforcer {
             health,
             name,
             decision_refresh,
-            period: Mutex::new(Period::current()),
+            period: Mutex::new(clock.period()),
+            clock,
         };
         (enforcer, receiver)
     }
@@ -329,7 +333,7 @@ impl Enforcer {
             return Ok(g.clone());
         }
         let gate = Arc::new(UserGate::new(user_id));
-        let period = Period::current();
+        let period = self.clock.period();
         let published = decisions::load(&self.pool, period, Some(&[user_id])).await?;
         match published.first() {
             Some(d) => self.apply_published(&gate, d),
@@ -388,7 +392,7 @@ impl Enforcer {
         if gates.is_empty() {
             return Ok(());
         }
-        let period = Period::current();
+        let period = self.clock.period();
         let users: Vec<Uuid> = gates.iter().map(|g| g.user_id).collect();
         let billing = match usage::user_billing(&self.pool, &users, period).await {
             Ok(b) => b,
@@ -435,7 +439,7 @@ impl Enforcer {
     /// A decision was published (by anyone): load and apply it if it is for the
     /// current period and a user this proxy knows.
     pub async fn on_published(&self, user_id: Uuid, period: Period) -> Result<(), sqlx::Error> {
-        if period != Period::current() {
+        if period != self.clock.period() {
             return Ok(());
         }
         let Some(gate) = self.gates.get(&user_id).map(|g| g.clone()) else {
@@ -480,7 +484,7 @@ impl Enforcer {
     /// starts over, blocks lift).
     pub async fn tick(&self) {
         metrics::gauge!(telemetry::USERS_BLOCKED).set(self.blocked_users() as f64);
-        let now = Period::current();
+        let now = self.clock.period();
         let changed = {
             let mut period = self.period.lock().unwrap_or_else(|p| p.into_inner());
             std::mem::replace(&mut *period, now) != now
@@ -549,7 +553,7 @@ mod tests {
     #[test]
     fn blocking_cancels_tokens_taken_before_and_not_after() {
         let gate = UserGate::new(Uuid::new_v4());
-        let period = Period::current();
+        let period = self.clock.period();
         let before = gate.cut_token();
         assert!(gate.check().is_ok());
         gate.set(Some(BlockReason::Bandwidth), period);

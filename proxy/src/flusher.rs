@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use tollgate_core::billing::{split_at_month_boundaries, Period};
+use tollgate_core::clock::Clock;
 use tollgate_core::config::MeterConfig;
 use tollgate_core::db::usage::{self, BandwidthDelta, FlushBatch, FlushOutcome, PeriodDeltas};
 
@@ -59,6 +60,7 @@ pub struct Flusher {
     counted_since: DateTime<Utc>,
     last_success: Instant,
     ticks: u64,
+    clock: Arc<dyn Clock>,
 }
 
 impl Flusher {
@@ -69,6 +71,7 @@ impl Flusher {
         health: Arc<Health>,
         config: MeterConfig,
         instance_id: Uuid,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             meter,
@@ -79,7 +82,8 @@ impl Flusher {
             instance_id,
             next_seq: 0,
             queue: VecDeque::new(),
-            counted_since: Utc::now(),
+            counted_since: clock.now(),
+            clock,
             last_success: Instant::now(),
             ticks: 0,
         }
@@ -166,7 +170,7 @@ impl Flusher {
     }
 
     fn enqueue_drained(&mut self) {
-        let now = Utc::now();
+        let now = self.clock.now();
         let drained = self.meter.drain();
         let from = std::mem::replace(&mut self.counted_since, now);
         if drained.is_empty() {

@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::config::Config;
 use tollgate_core::{admin, db};
 
@@ -89,12 +90,14 @@ impl Listeners {
     }
 }
 
-/// How the proxy reaches the outside world. Tests substitute resolvers and
-/// dialers that can only ever reach loopback.
+/// How the proxy reaches the outside world and tells the time. Tests substitute
+/// resolvers and dialers that can only ever reach loopback, and clocks set near
+/// a month boundary.
 #[derive(Clone)]
 pub struct Seams {
     pub resolver: Arc<dyn Resolve>,
     pub dialer: Arc<dyn Dial>,
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for Seams {
@@ -102,6 +105,7 @@ impl Default for Seams {
         Self {
             resolver: Arc::new(SystemResolver),
             dialer: Arc::new(TcpDialer),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -159,6 +163,7 @@ pub async fn run(
         health.clone(),
         format!("proxy:{instance_id}"),
         config.proxy.meter.decision_refresh,
+        options.seams.clock.clone(),
     );
     let enforcer = Arc::new(enforcer);
     let directory = Arc::new(Directory::new(
@@ -175,6 +180,7 @@ pub async fn run(
         health.clone(),
         config.proxy.meter.clone(),
         instance_id,
+        options.seams.clock.clone(),
     );
     let spilled = flusher.load_spills()?;
     if spilled > 0 {
