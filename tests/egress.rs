@@ -546,6 +546,7 @@ fn ssrf_seams(dialer: Arc<LoopbackOnlyDialer>) -> Seams {
     Seams {
         resolver: Arc::new(TableResolver(table)),
         dialer,
+        ..Seams::default()
     }
 }
 

@@ -553,7 +553,7 @@ mod tests {
     #[test]
     fn blocking_cancels_tokens_taken_before_and_not_after() {
         let gate = UserGate::new(Uuid::new_v4());
-        let period = self.clock.period();
+        let period = Period::current();
         let before = gate.cut_token();
         assert!(gate.check().is_ok());
         gate.set(Some(BlockReason::Bandwidth), period);
