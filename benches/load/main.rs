@@ -1,0 +1,713 @@
+//! Side-by-side load harness for SPEC §7: Tollgate beside nginx and haproxy
+//! (reverse proxies) and squid and tinyproxy (forward proxies) on loopback, on
+//! the same origin, each server pinned to one core with one worker, the load
+//! generators and the origin on the other core. Prints one table of every §7
+//! figure and writes it to `docs/benchmarks.md` with the command, machine and
+//! date.
+//!
+//! Run: `cargo bench --bench load` (`cargo bench --bench load -- --help` for the
+//! options: durations, rounds, connections, sections).
+//!
+//! What runs, in order:
+//! 1. the meter's hot path under contention (two threads, two cores);
+//! 2. a fresh PostgreSQL database (migrated, seeded), and the flush of 100,000
+//!    dirty VPSes in one batch through `apply_flush`, plus the memory of their
+//!    counters;
+//! 3. the origin, Tollgate (`tollgate proxy`, auth + metering + enforcement on),
+//!    nginx, haproxy, squid and tinyproxy;
+//! 4. ingress (reverse proxies): `wrk` with a 100-byte and a 1 MiB response,
+//!    `h2load` over h2c; egress (forward proxies): `wrk` with absolute-form
+//!    requests and `Proxy-Authorization`; each beside a direct run to the origin;
+//!    small-response runs are interleaved over several rounds and the median
+//!    round is reported;
+//! 5. CONNECT bulk throughput through each forward proxy and directly;
+//! 6. RSS per idle keep-alive connection (10,000 connections);
+//! 7. enforcement latency and overshoot through Tollgate's egress with defaults.
+//!
+//! Every child process is stopped and the database dropped at the end, also
+//! when a step fails.
+
+mod counting;
+mod database;
+mod enforcement;
+mod exchange;
+mod flush;
+mod idle;
+mod origin;
+mod profiling;
+mod report;
+mod servers;
+mod traffic;
+mod tunnel;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use clap::{Parser, Subcommand, ValueEnum};
+use futures_util::FutureExt;
+use uuid::Uuid;
+
+use crate::database::BenchDb;
+use crate::report::Results;
+use crate::servers::{installed, Credentials, ForwardProxy, ReverseProxy, Tollgate};
+use crate::traffic::{Run, Target};
+
+/// Tollgate's side-by-side load harness (SPEC §7).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "load")]
+pub struct Args {
+    #[command(subcommand)]
+    command: Option<Internal>,
+    /// Seconds per measured load run.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    /// Seconds of unrecorded warm-up before each load run.
+    #[arg(long, default_value_t = 1)]
+    warmup: u64,
+    /// Interleaved rounds of the small-response runs (the median round is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Concurrent connections per load run.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// HTTP/2 runs: connections x concurrent streams per connection.
+    #[arg(long, default_value_t = 8)]
+    h2_connections: usize,
+    #[arg(long, default_value_t = 8)]
+    h2_streams: usize,
+    /// Seconds of each CONNECT bulk transfer.
+    #[arg(long, default_value_t = 5)]
+    tunnel_duration: u64,
+    /// Idle keep-alive connections for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    /// Dirty VPSes in the flush measurement.
+    #[arg(long, default_value_t = 100_000)]
+    flush_vpses: usize,
+    /// Enforcement trials (each with a fresh agent).
+    #[arg(long, default_value_t = 3)]
+    enforcement_trials: usize,
+    /// Core the servers under test run on (one each).
+    #[arg(long, default_value_t = 0)]
+    server_cpu: usize,
+    /// Core the load generators, the origin and this harness run on.
+    #[arg(long, default_value_t = 1)]
+    load_cpu: usize,
+    /// Only these sections (comma-separated); docs/benchmarks.md is then left alone.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Section>,
+    /// Do not write docs/benchmarks.md.
+    #[arg(long)]
+    no_write: bool,
+    /// Before measuring, keep every server up this many seconds and print how to
+    /// reach them (for manual profiling with perf, strace, wrk).
+    #[arg(long, default_value_t = 0)]
+    hold: u64,
+    /// Record Tollgate with `perf` during its first run of each load section
+    /// (written to target/load-profiles/).
+    #[arg(long)]
+    profile: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+enum Internal {
+    /// Serve the origin (started by the harness itself).
+    #[command(hide = true)]
+    Origin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Section {
+    Meter,
+    Flush,
+    Ingress,
+    Egress,
+    Connect,
+    Idle,
+    Enforcement,
+}
+
+impl Args {
+    fn runs(&self, section: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&section)
+    }
+
+    fn duration(&self) -> Duration {
+        Duration::from_secs(self.duration)
+    }
+
+    fn warmup(&self) -> Duration {
+        Duration::from_secs(self.warmup)
+    }
+}
+
+/// Plan limit of the agent under load: never reached.
+const UNLIMITED: i64 = 1 << 50;
+/// Plan limit of the enforcement agents.
+const ENFORCEMENT_LIMIT: u64 = 1 << 20;
+/// Response size the enforcement agents fetch.
+const ENFORCEMENT_RESPONSE: usize = 16 * 1024;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(Internal::Origin) = args.command {
+        return match origin::serve() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("origin: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mut results = Results::default();
+    if args.runs(Section::Meter) {
+        eprintln!("== meter hot path under contention");
+        results.meter_ns = Some(counting::contended_ns(20_000_000, 7));
+    }
+    // From here on this process (and the threads it starts) stays on the load core.
+    let pinned = Command::new("taskset")
+        .args(["-a", "-p", "-c", &args.load_cpu.to_string()])
+        .arg(std::process::id().to_string())
+        .stdout(std::process::Stdio::null())
+        .status();
+    if !pinned.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "load: cannot pin the harness to CPU {} with taskset",
+            args.load_cpu
+        );
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("load: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, results)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args, mut results: Results) -> anyhow::Result<()> {
+    for tool in ["taskset", "wrk", "h2load"] {
+        anyhow::ensure!(installed(tool), "{tool} is not installed");
+    }
+    let target_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .context("CARGO_TARGET_TMPDIR is inside target/")?
+        .to_path_buf();
+    let work = std::env::temp_dir().join(format!("tollgate-load-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&work)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // nginx workers, squid and tinyproxy drop to unprivileged users when started as root.
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o777))?;
+    }
+    eprintln!("== database");
+    let db = BenchDb::create(&target_dir).await?;
+    results.postgres = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or_default();
+    let measuring = AssertUnwindSafe(measure(&args, &db, &work, &mut results)).catch_unwind();
+    let outcome = tokio::select! {
+        outcome = measuring => outcome,
+        signal = interrupted() => Ok(Err(anyhow::anyhow!("interrupted by {signal}"))),
+    };
+    let dropped = db.drop_database().await;
+    let measured = match outcome {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    if let Err(e) = measured {
+        eprintln!(
+            "load: work directory kept for inspection: {}",
+            work.display()
+        );
+        return Err(e);
+    }
+    dropped.context("dropping the bench database")?;
+    let _ = std::fs::remove_dir_all(&work);
+
+    let invocation = invocation(&args);
+    let table = report::table(&results);
+    println!("\n{table}");
+    println!("{}", report::verdicts(&results).join("\n"));
+    if args.only.is_empty() && !args.no_write {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
+        report::write_docs(&path, &invocation, &args, &results)?;
+        eprintln!("written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM, so child processes and the database are
+/// cleaned up when the harness is stopped.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+/// The command line as a user would type it.
+fn invocation(args: &Args) -> String {
+    let extra: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let _ = args;
+    if extra.is_empty() {
+        "cargo bench --bench load".into()
+    } else {
+        format!("cargo bench --bench load -- {}", extra.join(" "))
+    }
+}
+
+pub fn basic_auth(agent: Uuid, token: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{agent}:{token}"))
+    )
+}
+
+/// Everything after the database exists; child processes stop when this returns.
+async fn measure(
+    args: &Args,
+    db: &BenchDb,
+    work: &Path,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let agent = db.agent("load", UNLIMITED).await?;
+    let creds = Credentials {
+        agent_id: agent.agent_id,
+        token: agent.token.clone(),
+    };
+    let mut enforcement_agents = Vec::new();
+    for i in 0..args.enforcement_trials {
+        enforcement_agents.push(
+            db.agent(&format!("enforcement-{i}"), ENFORCEMENT_LIMIT as i64)
+                .await?,
+        );
+    }
+
+    if args.runs(Section::Flush) {
+        eprintln!("== flush of {} dirty VPSes", args.flush_vpses);
+        results.fleet = Some(flush::measure(db, args.flush_vpses).await?);
+    }
+    let needs_servers = [
+        Section::Ingress,
+        Section::Egress,
+        Section::Connect,
+        Section::Idle,
+        Section::Enforcement,
+    ]
+    .iter()
+    .any(|s| args.runs(*s));
+    if !needs_servers {
+        return Ok(());
+    }
+
+    eprintln!("== starting the origin and the servers");
+    let (cpu, load) = (args.server_cpu, args.load_cpu);
+    let origin = origin::Origin::start(load, &work.join("origin.log"))?;
+    let origin_addr = servers::loopback(origin.http_port);
+    let bulk_addr = servers::loopback(origin.bulk_port);
+    let tollgate = Tollgate::start(
+        Path::new(env!("CARGO_BIN_EXE_tollgate")),
+        cpu,
+        &db.url,
+        origin.http_port,
+        origin.bulk_port,
+        work,
+    )?;
+    let reverse_wanted = args.runs(Section::Ingress) || args.runs(Section::Idle);
+    let forward_wanted =
+        args.runs(Section::Egress) || args.runs(Section::Connect) || args.runs(Section::Idle);
+    let mut reverse: Vec<(&'static str, ReverseProxy)> = Vec::new();
+    let mut forward: Vec<(&'static str, ForwardProxy)> = Vec::new();
+    if reverse_wanted {
+        if let Some(p) = start_or_note(results, "nginx", || {
+            servers::nginx(cpu, origin.http_port, work)
+        }) {
+            reverse.push(("nginx", p));
+        }
+        if let Some(p) = start_or_note(results, "haproxy", || {
+            servers::haproxy(cpu, origin.http_port, work)
+        }) {
+            reverse.push(("haproxy", p));
+        }
+    }
+    if forward_wanted {
+        if let Some(p) = start_or_note(results, "squid", || servers::squid(cpu, &creds, work)) {
+            forward.push(("squid", p));
+        }
+        let max_clients = args.idle_connections + 200;
+        if let Some(p) = start_or_note(results, "tinyproxy", || {
+            servers::tinyproxy(cpu, &creds, origin.bulk_port, max_clients, work)
+        }) {
+            forward.push(("tinyproxy", p));
+        }
+    }
+
+    let origin_host = format!("127.0.0.1:{}", origin.http_port);
+    let direct = |path: &str| Target {
+        connect: origin_addr,
+        path: path.into(),
+        headers: vec![("Host".into(), origin_host.clone())],
+    };
+    let ingress_at = |addr: SocketAddr, path: &str| Target {
+        connect: addr,
+        path: format!("/agents/{}/gateway{path}", agent.agent_id),
+        headers: vec![
+            ("Host".into(), addr.to_string()),
+            ("Authorization".into(), format!("Bearer {}", agent.token)),
+        ],
+    };
+    let ingress = |path: &str| ingress_at(tollgate.ingress, path);
+    let reverse_target = |addr: SocketAddr, path: &str| Target {
+        connect: addr,
+        path: path.into(),
+        headers: vec![("Host".into(), addr.to_string())],
+    };
+    let proxy_auth = basic_auth(agent.agent_id, &agent.token);
+    let forward_target = |addr: SocketAddr, path: &str| Target {
+        connect: addr,
+        path: format!("http://{origin_host}{path}"),
+        headers: vec![
+            ("Host".into(), origin_host.clone()),
+            ("Proxy-Authorization".into(), proxy_auth.clone()),
+        ],
+    };
+
+    if args.hold > 0 {
+        let i = ingress("/small");
+        let e = forward_target(tollgate.egress, "/small");
+        eprintln!("   origin {origin_addr} (pid {})", origin.process.pid());
+        eprintln!(
+            "   tollgate pid {} ingress {} egress {}",
+            tollgate.process.pid(),
+            tollgate.ingress,
+            tollgate.egress
+        );
+        eprintln!(
+            "   ingress: wrk -t1 -c64 -d5s -H 'Authorization: {}' http://{}{}",
+            i.headers[1].1, i.connect, i.path
+        );
+        eprintln!(
+            "   egress: {} via Proxy-Authorization: {}",
+            e.path, e.headers[1].1
+        );
+        for (name, p) in &reverse {
+            eprintln!(
+                "   {name} pid {} http1 {} h2c {}",
+                p.process.pid(),
+                p.http1,
+                p.h2c
+            );
+        }
+        for (name, p) in &forward {
+            eprintln!("   {name} pid {} {}", p.process.pid(), p.addr);
+        }
+        tokio::time::sleep(Duration::from_secs(args.hold)).await;
+    }
+
+    if args.runs(Section::Ingress) {
+        for (path, rounds, out) in [
+            ("/small", args.rounds, &mut results.ingress_small),
+            ("/large", 1, &mut results.ingress_large),
+        ] {
+            eprintln!("== ingress HTTP/1.1 {path}");
+            let mut targets = vec![
+                ("direct".to_owned(), direct(path)),
+                ("Tollgate".to_owned(), ingress(path)),
+            ];
+            for (name, p) in &reverse {
+                targets.push(((*name).to_owned(), reverse_target(p.http1, path)));
+            }
+            let label = format!("ingress{}", path.replace('/', "-"));
+            let profile = args
+                .profile
+                .then_some((tollgate.process.pid(), label.as_str()));
+            *out = interleaved(args, rounds, &targets, work, profile)?;
+        }
+        eprintln!("== ingress HTTP/2 (h2c) /small");
+        let mut targets = vec![("Tollgate".to_owned(), ingress("/small"))];
+        for (name, p) in &reverse {
+            targets.push(((*name).to_owned(), reverse_target(p.h2c, "/small")));
+        }
+        for (name, target) in &targets {
+            let run = traffic::h2load(
+                load,
+                target,
+                args.h2_connections,
+                args.h2_streams,
+                args.duration(),
+                args.warmup(),
+            )
+            .with_context(|| format!("h2load against {name}"))?;
+            results.ingress_h2.push((name.clone(), run));
+        }
+    }
+
+    if args.runs(Section::Egress) {
+        for (path, rounds, out) in [
+            ("/small", args.rounds, &mut results.egress_small),
+            ("/large", 1, &mut results.egress_large),
+        ] {
+            eprintln!("== egress HTTP/1.1 {path}");
+            let mut targets = vec![
+                ("direct".to_owned(), direct(path)),
+                ("Tollgate".to_owned(), forward_target(tollgate.egress, path)),
+            ];
+            for (name, p) in &forward {
+                targets.push(((*name).to_owned(), forward_target(p.addr, path)));
+            }
+            let label = format!("egress{}", path.replace('/', "-"));
+            let profile = args
+                .profile
+                .then_some((tollgate.process.pid(), label.as_str()));
+            *out = interleaved(args, rounds, &targets, work, profile)?;
+        }
+    }
+
+    if args.runs(Section::Connect) {
+        eprintln!("== CONNECT bulk throughput");
+        let duration = Duration::from_secs(args.tunnel_duration);
+        let headers = vec![("Proxy-Authorization".to_owned(), proxy_auth.clone())];
+        results.connect.push((
+            "direct".into(),
+            tunnel::throughput(None, bulk_addr, duration).await?,
+        ));
+        let mut vias = vec![("Tollgate", tollgate.egress)];
+        vias.extend(forward.iter().map(|(n, p)| (*n, p.addr)));
+        for (name, proxy) in vias {
+            let via = tunnel::Via {
+                proxy,
+                headers: headers.clone(),
+            };
+            let _recording = match name {
+                "Tollgate" if args.profile => Some(profiling::Recording::start(
+                    args,
+                    tollgate.process.pid(),
+                    "connect",
+                )?),
+                _ => None,
+            };
+            let rate = tunnel::throughput(Some(&via), bulk_addr, duration)
+                .await
+                .with_context(|| format!("CONNECT through {name}"))?;
+            results.connect.push((name.into(), rate));
+        }
+    }
+
+    if args.runs(Section::Idle) {
+        let n = args.idle_connections;
+        eprintln!("== RSS with {n} idle keep-alive connections");
+        // Each Tollgate listener is measured in a fresh process: memory freed by
+        // the connections of an earlier measurement would otherwise be reused and
+        // hide the cost.
+        for listener in ["ingress", "egress"] {
+            let name = format!("Tollgate {listener}");
+            eprintln!("   {name}");
+            let fresh = Tollgate::start(
+                Path::new(env!("CARGO_BIN_EXE_tollgate")),
+                cpu,
+                &db.url,
+                origin.http_port,
+                origin.bulk_port,
+                &work.join(format!("idle-{listener}")),
+            )?;
+            let (addr, target) = match listener {
+                "ingress" => (fresh.ingress, ingress_at(fresh.ingress, "/small")),
+                _ => (fresh.egress, forward_target(fresh.egress, "/small")),
+            };
+            let request = exchange::get(&target.path, &target.headers);
+            let measured = idle::measure(addr, &request, n, || fresh.process.tree_rss_kib())
+                .await
+                .map_err(|e| format!("{e:#}"));
+            results.idle.push((name, measured));
+        }
+        let mut probes: Vec<(&str, SocketAddr, Vec<u8>, &servers::Process)> = Vec::new();
+        for (name, p) in &reverse {
+            let t = reverse_target(p.http1, "/small");
+            probes.push((
+                name,
+                p.http1,
+                exchange::get(&t.path, &t.headers),
+                &p.process,
+            ));
+        }
+        for (name, p) in &forward {
+            let t = forward_target(p.addr, "/small");
+            probes.push((name, p.addr, exchange::get(&t.path, &t.headers), &p.process));
+        }
+        for (name, addr, request, process) in probes {
+            eprintln!("   {name}");
+            let n = match name {
+                "haproxy" => n.min(servers::HAPROXY_MAX_CONNECTIONS - 50),
+                _ => n,
+            };
+            let measured = idle::measure(addr, &request, n, || process.tree_rss_kib())
+                .await
+                .map_err(|e| format!("{e:#}"));
+            results.idle.push((name.to_owned(), measured));
+        }
+    }
+
+    if args.runs(Section::Enforcement) {
+        eprintln!("== enforcement latency and overshoot (defaults: flush every 1 s)");
+        for agent in &enforcement_agents {
+            let trial = enforcement::trial(
+                db,
+                agent,
+                tollgate.egress,
+                origin.http_port,
+                ENFORCEMENT_RESPONSE,
+                ENFORCEMENT_LIMIT,
+            )
+            .await?;
+            eprintln!(
+                "   {:.3} s to 403, {} bytes on the client socket, {} recorded",
+                trial.latency.as_secs_f64(),
+                trial.client_bytes,
+                trial.recorded_bytes
+            );
+            results.enforcement.push(trial);
+        }
+    }
+
+    results.software = software_versions();
+    drop(forward);
+    drop(reverse);
+    drop(tollgate);
+    drop(origin);
+    Ok(())
+}
+
+fn start_or_note<T>(
+    results: &mut Results,
+    name: &str,
+    start: impl FnOnce() -> anyhow::Result<T>,
+) -> Option<T> {
+    if !installed(name) {
+        results
+            .notes
+            .push(format!("{name}: not installed, skipped"));
+        return None;
+    }
+    match start() {
+        Ok(server) => Some(server),
+        Err(e) => {
+            results
+                .notes
+                .push(format!("{name}: failed to start: {e:#}"));
+            None
+        }
+    }
+}
+
+/// `rounds` rounds over every target in turn; for each target, the round with
+/// the median requests/s.
+fn interleaved(
+    args: &Args,
+    rounds: usize,
+    targets: &[(String, Target)],
+    work: &Path,
+    profile: Option<(u32, &str)>,
+) -> anyhow::Result<Vec<(String, Run)>> {
+    let mut runs: BTreeMap<usize, Vec<Run>> = BTreeMap::new();
+    for round in 0..rounds.max(1) {
+        for (i, (name, target)) in targets.iter().enumerate() {
+            let _recording = match profile {
+                Some((pid, label)) if round == 0 && name == "Tollgate" => {
+                    Some(profiling::Recording::start(args, pid, label)?)
+                }
+                _ => None,
+            };
+            let run = traffic::wrk(
+                args.load_cpu,
+                target,
+                args.connections,
+                args.duration(),
+                args.warmup(),
+                work,
+            )
+            .with_context(|| format!("wrk against {name}"))?;
+            eprintln!(
+                "   round {} {name}: {:.0} req/s, p99 {:.2} ms, errors {}",
+                round + 1,
+                run.requests_per_sec,
+                run.p99_us / 1e3,
+                run.errors
+            );
+            runs.entry(i).or_default().push(run);
+        }
+    }
+    Ok(targets
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let mut r = runs.remove(&i).unwrap_or_default();
+            r.sort_by(|a, b| a.requests_per_sec.total_cmp(&b.requests_per_sec));
+            (name.clone(), r[r.len() / 2])
+        })
+        .collect())
+}
+
+/// Versions of the tools and servers in the table.
+fn software_versions() -> Vec<String> {
+    let version = |program: &str, args: &[&str], pick: &dyn Fn(&str) -> Option<String>| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .and_then(|o| {
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                pick(&text)
+            })
+    };
+    let first_line = |text: &str| text.lines().next().map(|l| l.trim().to_owned());
+    let mut out = Vec::new();
+    for (program, args) in [
+        ("nginx", &["-v"][..]),
+        ("haproxy", &["-v"][..]),
+        ("squid", &["-v"][..]),
+        ("tinyproxy", &["-v"][..]),
+        ("wrk", &["-v"][..]),
+        ("h2load", &["--version"][..]),
+    ] {
+        if let Some(v) = version(program, args, &first_line) {
+            out.push(v);
+        }
+    }
+    out
+}
