@@ -26,10 +26,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     tollgate_core::telemetry::init_tracing(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tollgate: cannot start the async runtime: {e}");
@@ -42,5 +39,20 @@ fn main() -> ExitCode {
             eprintln!("tollgate: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The async runtime: one worker thread per core (`TOKIO_WORKER_THREADS`
+/// overrides), and with a single worker the current-thread scheduler, which does
+/// the same work without the cross-thread hand-offs of the multi-thread one.
+fn runtime_builder() -> tokio::runtime::Builder {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     }
 }
