@@ -1,10 +1,11 @@
 //! Connections to upstreams (origins for egress, VPS gateways for ingress): an
 //! HTTP/1.1 handshake over any socket, and a pool of idle connections per key.
 //!
-//! A connection goes back to the pool only once hyper says it can take another
-//! request (the previous response was read to the end); connections idle longer
-//! than the pool's timeout, or closed by the peer, are dropped at checkout or by
-//! the reaper.
+//! A connection goes back to the pool as soon as its response head is handed on
+//! (no task waits for it), and is handed out again only once hyper says it can
+//! take another request (the previous response was read to the end);
+//! connections idle longer than the pool's timeout, or closed by the peer, are
+//! dropped at checkout or by the reaper.
 
 use std::hash::Hash;
 use std::sync::Arc;
@@ -53,14 +54,18 @@ where
     Ok(sender)
 }
 
-struct Idle {
+/// A pooled connection. It enters the pool as soon as its response head is
+/// handed on, usually while that response's body is still streaming; it can
+/// take a new request once hyper reports it ready.
+struct Pooled {
     sender: Sender,
+    /// When it was returned (an upper bound on how long it has been idle).
     since: Instant,
 }
 
-/// Idle connections per key (origin authority, or VPS).
+/// Connections per key (origin authority, or VPS), most recently returned last.
 pub struct Pool<K> {
-    idle: DashMap<K, Vec<Idle>>,
+    idle: DashMap<K, Vec<Pooled>>,
     max_idle_per_key: usize,
     idle_timeout: Duration,
 }
@@ -74,34 +79,38 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
         })
     }
 
-    /// An idle connection to `key` that can take a request now, if any.
+    /// The most recently returned connection to `key` that can take a request
+    /// now, if any. Connections still finishing their previous exchange stay for
+    /// later; closed and expired ones are dropped.
     pub fn checkout(&self, key: &K) -> Option<Sender> {
         let mut list = self.idle.get_mut(key)?;
-        while let Some(idle) = list.pop() {
-            if idle.since.elapsed() < self.idle_timeout && idle.sender.is_ready() {
-                return Some(idle.sender);
+        let mut i = list.len();
+        while i > 0 {
+            i -= 1;
+            let pooled = &list[i];
+            if pooled.sender.is_closed() || pooled.since.elapsed() >= self.idle_timeout {
+                list.remove(i);
+            } else if pooled.sender.is_ready() {
+                return Some(list.remove(i).sender);
             }
         }
         None
     }
 
-    /// Return `sender` to the pool once its current exchange is over.
-    pub fn release(self: &Arc<Self>, key: K, mut sender: Sender) {
+    /// Return `sender` to the pool; it is reused once its current exchange is
+    /// over. Beyond `max_idle_per_key` connections it is dropped instead, and
+    /// hyper closes it when the exchange ends.
+    pub fn release(&self, key: K, sender: Sender) {
         if self.max_idle_per_key == 0 {
             return;
         }
-        let pool = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut list = pool.idle.entry(key).or_default();
-                if list.len() < pool.max_idle_per_key {
-                    list.push(Idle {
-                        sender,
-                        since: Instant::now(),
-                    });
-                }
-            }
-        });
+        let mut list = self.idle.entry(key).or_default();
+        if list.len() < self.max_idle_per_key {
+            list.push(Pooled {
+                sender,
+                since: Instant::now(),
+            });
+        }
     }
 
     /// Send `req` on an idle connection to `key`, or on a new one from `connect`,
@@ -109,7 +118,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
     /// pooled connection the peer closed meanwhile hands the request back unsent;
     /// it is then sent once on a fresh connection.
     pub async fn send<F, Fut>(
-        self: &Arc<Self>,
+        &self,
         key: K,
         req: Request<ProxyBody>,
         connect: F,
@@ -156,7 +165,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
         }
     }
 
-    /// Idle connections held (for tests and metrics).
+    /// Connections held, idle or finishing an exchange (for tests and metrics).
     pub fn idle_count(&self) -> usize {
         self.idle.iter().map(|l| l.len()).sum()
     }
