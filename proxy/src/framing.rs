@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -88,6 +89,28 @@ impl<T> FramingGuard<T> {
         while !data.is_empty() {
             let consumed = match &mut self.state {
                 State::Off => return,
+                State::Head(buf) if buf.is_empty() => {
+                    // The usual case: the whole head arrived in one read. Look at it
+                    // where it is instead of copying it.
+                    let leading = data
+                        .iter()
+                        .take_while(|b| **b == b'\r' || **b == b'\n')
+                        .count();
+                    match find_head_end(&data[leading..]) {
+                        Some(end) => {
+                            let end = leading + end;
+                            self.state = self.on_head(&data[leading..end]);
+                            end
+                        }
+                        None => {
+                            buf.extend_from_slice(data);
+                            if buf.len() > self.max_head {
+                                self.state = State::Off;
+                            }
+                            return;
+                        }
+                    }
+                }
                 State::Head(buf) => {
                     let before = buf.len();
                     buf.extend_from_slice(data);
@@ -99,7 +122,7 @@ impl<T> FramingGuard<T> {
                     // Search only the new bytes (and the 3 before them): a head
                     // trickling in byte by byte must not cost quadratic time.
                     let from = before.saturating_sub(3).max(leading);
-                    let Some(end) = find(&buf[from..], b"\r\n\r\n").map(|i| from + i + 4) else {
+                    let Some(end) = find_head_end(&buf[from..]).map(|i| from + i) else {
                         if buf.len() > self.max_head {
                             self.state = State::Off;
                         }
@@ -162,7 +185,7 @@ impl<T> FramingGuard<T> {
                     let end = if buf.starts_with(b"\r\n") {
                         Some(2)
                     } else {
-                        find(&buf[from..], b"\r\n\r\n").map(|i| from + i + 4)
+                        find_head_end(&buf[from..]).map(|i| from + i)
                     };
                     match end {
                         Some(end) => {
@@ -183,9 +206,13 @@ impl<T> FramingGuard<T> {
     }
 
     fn on_head(&self, head: &[u8]) -> State {
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut req = httparse::Request::new(&mut headers);
-        if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        // More than hyper accepts (100), so a head hyper serves is never cut short.
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+        let mut req = httparse::Request::new(&mut []);
+        if !matches!(
+            req.parse_with_uninit_headers(head, &mut headers),
+            Ok(httparse::Status::Complete(_))
+        ) {
             return State::Off; // hyper answers this one itself
         }
         let mut lengths = Vec::new();
@@ -236,8 +263,17 @@ impl<T> FramingGuard<T> {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// The offset just past the first `\r\n\r\n` in `data`.
+fn find_head_end(data: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = data[from..].iter().position(|b| *b == b'\n') {
+        let lf = from + i;
+        if lf >= 3 && &data[lf - 3..lf] == b"\r\n\r" {
+            return Some(lf + 1);
+        }
+        from = lf + 1;
+    }
+    None
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
