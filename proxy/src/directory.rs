@@ -113,6 +113,14 @@ impl Directory {
         if let Some(found) = self.cached(agent_id) {
             return found;
         }
+        // Boxed: the database read is large, and a request future that held it
+        // inline would carry it (hyper keeps one per open connection) on the warm
+        // path too.
+        Box::pin(self.fill(agent_id)).await
+    }
+
+    /// Read an agent the cache cannot answer for, one fill per id at a time.
+    async fn fill(&self, agent_id: Uuid) -> Lookup {
         let Ok(_permit) = self.fills.acquire().await else {
             return Lookup::Unavailable;
         };

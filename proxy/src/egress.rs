@@ -20,6 +20,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Vers
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -75,7 +76,9 @@ impl Egress {
         }
     }
 
-    /// Serve one client connection until it closes or `shutdown` drains it.
+    /// Serve one client connection until it closes or `shutdown` drains it. TLS
+    /// runs in its own boxed future, so a plain connection (the common case)
+    /// holds only what it needs while it waits between requests.
     pub async fn serve_connection(
         self: Arc<Self>,
         stream: TcpStream,
@@ -84,55 +87,64 @@ impl Egress {
     ) {
         let _open = GaugeGuard::connection(Listener::Egress);
         let tally = Arc::new(ConnTally::unbound());
+        let io = MeteredIo::new(stream, tally.clone(), Listener::Egress);
+        match tls {
+            None => self.serve_http1(io, tally, shutdown).await,
+            Some(acceptor) => Box::pin(self.serve_tls(io, tally, acceptor, shutdown)).await,
+        }
+    }
+
+    async fn serve_tls(
+        self: Arc<Self>,
+        io: MeteredIo<TcpStream>,
+        tally: Arc<ConnTally>,
+        acceptor: tokio_rustls::TlsAcceptor,
+        shutdown: CancellationToken,
+    ) {
+        let handshake =
+            tokio::time::timeout(self.config.header_read_timeout, acceptor.accept(io)).await;
+        match handshake {
+            Ok(Ok(tls)) => self.serve_http1(tls, tally, shutdown).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "egress TLS handshake failed"),
+            Err(_) => tracing::debug!("egress TLS handshake timed out"),
+        }
+    }
+
+    async fn serve_http1<I>(
+        self: Arc<Self>,
+        io: I,
+        tally: Arc<ConnTally>,
+        shutdown: CancellationToken,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let framing = Arc::new(Verdicts::default());
         let conn = Arc::new(ClientConn {
-            tally: tally.clone(),
+            tally,
             agent: OnceLock::new(),
             framing: framing.clone(),
         });
-        let io = MeteredIo::new(stream, tally, Listener::Egress);
-        let max_head = self.config.max_header_bytes;
+        let io = FramingGuard::new(io, self.config.max_header_bytes, framing);
         let builder = server::http1_builder(&self.limits());
         let this = self.clone();
         let service = service_fn(move |req| {
             let (this, conn) = (this.clone(), conn.clone());
             async move { Ok::<_, Infallible>(this.handle(req, &conn).await) }
         });
-        match tls {
-            None => {
-                let io = FramingGuard::new(io, max_head, framing);
-                serve_until(
-                    builder
-                        .serve_connection(TokioIo::new(io), service)
-                        .with_upgrades(),
-                    &shutdown,
-                )
-                .await
-            }
-            Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout(self.config.header_read_timeout, acceptor.accept(io))
-                        .await;
-                match handshake {
-                    Ok(Ok(tls)) => {
-                        let io = FramingGuard::new(tls, max_head, framing);
-                        serve_until(
-                            builder
-                                .serve_connection(TokioIo::new(io), service)
-                                .with_upgrades(),
-                            &shutdown,
-                        )
-                        .await
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "egress TLS handshake failed"),
-                    Err(_) => tracing::debug!("egress TLS handshake timed out"),
-                }
-            }
-        }
+        serve_until(
+            builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+            &shutdown,
+        )
+        .await
     }
 
     async fn handle(&self, req: Request<Incoming>, conn: &ClientConn) -> Response<ProxyBody> {
-        match self.proxy(req, conn).await {
+        // hyper keeps room for one request future per open connection, busy or
+        // idle; boxing the exchange keeps that room small (a few hundred bytes
+        // instead of kilobytes) at one allocation per request.
+        match Box::pin(self.proxy(req, conn)).await {
             Ok(response) => response,
             Err(e) => rescue(e, Listener::Egress),
         }
@@ -154,7 +166,9 @@ impl Egress {
         let cut = StreamGuard::new(&agent.gate);
         cut.check()?;
         match target {
-            Target::Tunnel { host, port } => self.tunnel(req, &host, port, cut).await,
+            // Boxed (once per tunnel): the request future, which hyper keeps per
+            // connection, stays the size the plain HTTP path needs.
+            Target::Tunnel { host, port } => Box::pin(self.tunnel(req, &host, port, cut)).await,
             Target::Http {
                 authority,
                 host,
@@ -260,49 +274,64 @@ impl Egress {
         *upstream_req.headers_mut() = parts.headers;
 
         if let Some(client_upgrade) = client_upgrade {
-            let io = self.open(host, port).await?;
-            let mut sender = handshake(io, true).await.map_err(ProxyError::Upstream)?;
-            let mut response = sender
-                .send_request(upstream_req)
-                .await
-                .map_err(ProxyError::Upstream)?;
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                let upstream_upgrade = hyper::upgrade::on(&mut response);
-                let (idle, hard_stop) = (self.config.tunnel_idle_timeout, self.hard_stop.clone());
-                self.tracker.spawn(async move {
-                    let (client, upstream) =
-                        match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                            Ok(both) => both,
-                            Err(e) => {
-                                return tracing::debug!(error = %e, "upgrade did not complete")
-                            }
-                        };
-                    let _open = GaugeGuard::tunnel(Listener::Egress, TunnelKind::WebSocket);
-                    log_relay_end(
-                        relay(
-                            TokioIo::new(client),
-                            TokioIo::new(upstream),
-                            idle,
-                            &cut,
-                            &hard_stop,
-                        )
-                        .await,
-                        "upgrade",
-                    );
-                });
-                telemetry::request(Listener::Egress, "upgraded");
-                return Ok(response.map(|_| ProxyBody::Empty));
-            }
-            return Ok(self.respond(response, cut));
+            // Boxed, like the tunnel: rare, and large.
+            return Box::pin(self.upgrade(upstream_req, client_upgrade, host, port, cut)).await;
         }
 
         let key: OriginKey = (host.into(), port);
-        let connect = || async {
-            handshake(self.open(host, port).await?, false)
-                .await
-                .map_err(ProxyError::Upstream)
+        // A new origin connection is the exception; boxed so the pooled path's
+        // future stays small.
+        let connect = || {
+            Box::pin(async {
+                handshake(self.open(host, port).await?, false)
+                    .await
+                    .map_err(ProxyError::Upstream)
+            })
         };
         let response = self.pool.send(key, upstream_req, connect).await?;
+        Ok(self.respond(response, cut))
+    }
+
+    /// A `ws://` (or other) upgrade: its own origin connection, relayed both ways
+    /// once the origin switches protocols.
+    async fn upgrade(
+        &self,
+        upstream_req: Request<ProxyBody>,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+        host: &str,
+        port: u16,
+        cut: StreamGuard,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let io = self.open(host, port).await?;
+        let mut sender = handshake(io, true).await.map_err(ProxyError::Upstream)?;
+        let mut response = sender
+            .send_request(upstream_req)
+            .await
+            .map_err(ProxyError::Upstream)?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let (idle, hard_stop) = (self.config.tunnel_idle_timeout, self.hard_stop.clone());
+            self.tracker.spawn(async move {
+                let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok(both) => both,
+                    Err(e) => return tracing::debug!(error = %e, "upgrade did not complete"),
+                };
+                let _open = GaugeGuard::tunnel(Listener::Egress, TunnelKind::WebSocket);
+                log_relay_end(
+                    relay(
+                        TokioIo::new(client),
+                        TokioIo::new(upstream),
+                        idle,
+                        &cut,
+                        &hard_stop,
+                    )
+                    .await,
+                    "upgrade",
+                );
+            });
+            telemetry::request(Listener::Egress, "upgraded");
+            return Ok(response.map(|_| ProxyBody::Empty));
+        }
         Ok(self.respond(response, cut))
     }
 

@@ -13,15 +13,18 @@
 //!    ways; connect failure 502, timeout 504.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,7 +43,7 @@ use crate::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::meter::{ConnTally, MeteredIo, VpsCounter};
 use crate::relay::relay;
 use crate::rescue::{rescue, AuthFailure, ProxyError};
-use crate::server::{serve_until, Limits};
+use crate::server::{self, serve_until, Limits};
 use crate::telemetry::{self, GaugeGuard, Listener, TunnelKind};
 use crate::upstream::{handshake, Pool, Sender};
 
@@ -106,23 +109,21 @@ impl Ingress {
         }
     }
 
-    fn builder(&self) -> auto::Builder<TokioExecutor> {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+    fn http2_builder(&self) -> http2::Builder<TokioExecutor> {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.config.header_read_timeout)
-            .max_buf_size(self.config.max_header_bytes)
-            .keep_alive(true);
-        builder
-            .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX))
-            .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+            .keep_alive_interval(Some(Duration::from_secs(30)));
         builder
     }
 
     /// Serve one client connection until it closes or `shutdown` drains it.
+    ///
+    /// HTTP/2 is chosen by ALPN on TLS and by the connection preface on cleartext
+    /// (h2c with prior knowledge); everything else is HTTP/1.1. Each protocol,
+    /// and TLS, runs in its own future, so a plain HTTP/1.1 connection (the
+    /// common case) holds only what it needs while it waits between requests.
     pub async fn serve_connection(
         self: Arc<Self>,
         stream: TcpStream,
@@ -131,50 +132,106 @@ impl Ingress {
         shutdown: CancellationToken,
     ) {
         let _open = GaugeGuard::connection(Listener::Ingress);
-        let framing = Arc::new(Verdicts::default());
-        let conn = Arc::new(ClientConn {
-            peer,
-            tls: tls.is_some(),
-            framing: framing.clone(),
-        });
-        let builder = self.builder();
-        let max_head = self.config.max_header_bytes;
-        let this = self.clone();
-        let service = service_fn(move |req| {
-            let (this, conn) = (this.clone(), conn.clone());
-            async move { Ok::<_, Infallible>(this.handle(req, &conn).await) }
-        });
         match tls {
-            None => {
-                let io = TokioIo::new(FramingGuard::new(stream, max_head, framing));
-                serve_until(
-                    builder.serve_connection_with_upgrades(io, service),
-                    &shutdown,
-                )
-                .await
-            }
-            Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout(self.config.header_read_timeout, acceptor.accept(stream))
-                        .await;
-                match handshake {
-                    Ok(Ok(tls)) => {
-                        let io = TokioIo::new(FramingGuard::new(tls, max_head, framing));
-                        serve_until(
-                            builder.serve_connection_with_upgrades(io, service),
-                            &shutdown,
-                        )
-                        .await
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "ingress TLS handshake failed"),
-                    Err(_) => tracing::debug!("ingress TLS handshake timed out"),
+            None => match sniff_preface(&stream, self.config.header_read_timeout).await {
+                Some(Protocol::Http1) => self.serve_http1(stream, peer, false, shutdown).await,
+                Some(Protocol::Http2) => {
+                    Box::pin(self.serve_http2(stream, peer, false, shutdown)).await
                 }
-            }
+                None => {}
+            },
+            Some(acceptor) => Box::pin(self.serve_tls(stream, peer, acceptor, shutdown)).await,
         }
     }
 
+    async fn serve_tls(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        acceptor: tokio_rustls::TlsAcceptor,
+        shutdown: CancellationToken,
+    ) {
+        let handshake =
+            tokio::time::timeout(self.config.header_read_timeout, acceptor.accept(stream)).await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "ingress TLS handshake failed"),
+            Err(_) => return tracing::debug!("ingress TLS handshake timed out"),
+        };
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            self.serve_http2(tls, peer, true, shutdown).await
+        } else {
+            self.serve_http1(tls, peer, true, shutdown).await
+        }
+    }
+
+    async fn serve_http1<I>(
+        self: Arc<Self>,
+        io: I,
+        peer: SocketAddr,
+        tls: bool,
+        shutdown: CancellationToken,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let framing = Arc::new(Verdicts::default());
+        let io = FramingGuard::new(io, self.config.max_header_bytes, framing.clone());
+        let builder = server::http1_builder(&self.limits());
+        let service = self.service(peer, tls, framing);
+        serve_until(
+            builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+            &shutdown,
+        )
+        .await
+    }
+
+    async fn serve_http2<I>(
+        self: Arc<Self>,
+        io: I,
+        peer: SocketAddr,
+        tls: bool,
+        shutdown: CancellationToken,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let builder = self.http2_builder();
+        // HTTP/2 frames its messages itself: no smuggling guard.
+        let service = self.service(peer, tls, Arc::new(Verdicts::default()));
+        serve_until(
+            builder.serve_connection(TokioIo::new(io), service),
+            &shutdown,
+        )
+        .await
+    }
+
+    fn service(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        tls: bool,
+        framing: Arc<Verdicts>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send,
+    > + Clone
+           + Send
+           + 'static {
+        let conn = Arc::new(ClientConn { peer, tls, framing });
+        let this = self.clone();
+        service_fn(move |req| {
+            let (this, conn) = (this.clone(), conn.clone());
+            async move { Ok::<_, Infallible>(this.handle(req, &conn).await) }
+        })
+    }
+
     async fn handle(&self, req: Request<Incoming>, conn: &ClientConn) -> Response<ProxyBody> {
-        match self.proxy(req, conn).await {
+        // hyper keeps room for one request future per open connection, busy or
+        // idle; boxing the exchange keeps that room small (a few hundred bytes
+        // instead of kilobytes) at one allocation per request.
+        match Box::pin(self.proxy(req, conn)).await {
             Ok(response) => response,
             Err(e) => rescue(e, Listener::Ingress),
         }
@@ -262,58 +319,79 @@ impl Ingress {
         *upstream_req.version_mut() = Version::HTTP_11;
         *upstream_req.headers_mut() = parts.headers;
 
-        let connect = |upgrades: bool| {
-            let counter = counter.clone();
-            async move {
-                let io = self.open(address, port, counter).await?;
-                handshake(io, upgrades).await.map_err(ProxyError::Upstream)
-            }
-        };
         let timeout = self.config.response_timeout;
         if let Some(client_upgrade) = client_upgrade {
-            let mut sender: Sender = connect(true).await?;
-            let mut response = tokio::time::timeout(timeout, sender.send_request(upstream_req))
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout)?
-                .map_err(ProxyError::Upstream)?;
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                let upstream_upgrade = hyper::upgrade::on(&mut response);
-                let (idle, hard_stop) =
-                    (self.config.websocket_idle_timeout, self.hard_stop.clone());
-                self.tracker.spawn(async move {
-                    let (client, upstream) =
-                        match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                            Ok(both) => both,
-                            Err(e) => {
-                                return tracing::debug!(error = %e, "upgrade did not complete")
-                            }
-                        };
-                    let _open = GaugeGuard::tunnel(Listener::Ingress, TunnelKind::WebSocket);
-                    let end = relay(
-                        TokioIo::new(client),
-                        TokioIo::new(upstream),
-                        idle,
-                        &cut,
-                        &hard_stop,
-                    )
-                    .await;
-                    if matches!(end, crate::relay::RelayEnd::Cut) {
-                        telemetry::cut_stream(Listener::Ingress);
-                    }
-                    tracing::debug!(?end, "websocket relay ended");
-                });
-                telemetry::request(Listener::Ingress, "upgraded");
-                return Ok(response.map(|_| ProxyBody::Empty));
-            }
-            return Ok(respond(response, cut));
+            // Boxed: rare, and large; the request future hyper keeps per
+            // connection stays the size the plain path needs.
+            return Box::pin(self.upgrade(
+                upstream_req,
+                client_upgrade,
+                address,
+                port,
+                counter,
+                cut,
+            ))
+            .await;
         }
         let key: GatewayKey = (vps.id, address.into(), port);
-        let response = tokio::time::timeout(
-            timeout,
-            self.pool.send(key, upstream_req, || connect(false)),
+        // A new gateway connection is the exception; boxed for the same reason.
+        let connect = || {
+            Box::pin(async move {
+                let io = self.open(address, port, counter).await?;
+                handshake(io, false).await.map_err(ProxyError::Upstream)
+            })
+        };
+        let response = tokio::time::timeout(timeout, self.pool.send(key, upstream_req, connect))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout)??;
+        Ok(respond(response, cut))
+    }
+
+    /// A WebSocket (or other) upgrade: its own gateway connection, relayed both
+    /// ways once the gateway switches protocols.
+    async fn upgrade(
+        &self,
+        upstream_req: Request<ProxyBody>,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+        address: &str,
+        port: u16,
+        counter: Arc<VpsCounter>,
+        cut: StreamGuard,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let io = self.open(address, port, counter).await?;
+        let mut sender: Sender = handshake(io, true).await.map_err(ProxyError::Upstream)?;
+        let mut response = tokio::time::timeout(
+            self.config.response_timeout,
+            sender.send_request(upstream_req),
         )
         .await
-        .map_err(|_| ProxyError::UpstreamTimeout)??;
+        .map_err(|_| ProxyError::UpstreamTimeout)?
+        .map_err(ProxyError::Upstream)?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let (idle, hard_stop) = (self.config.websocket_idle_timeout, self.hard_stop.clone());
+            self.tracker.spawn(async move {
+                let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok(both) => both,
+                    Err(e) => return tracing::debug!(error = %e, "upgrade did not complete"),
+                };
+                let _open = GaugeGuard::tunnel(Listener::Ingress, TunnelKind::WebSocket);
+                let end = relay(
+                    TokioIo::new(client),
+                    TokioIo::new(upstream),
+                    idle,
+                    &cut,
+                    &hard_stop,
+                )
+                .await;
+                if matches!(end, crate::relay::RelayEnd::Cut) {
+                    telemetry::cut_stream(Listener::Ingress);
+                }
+                tracing::debug!(?end, "websocket relay ended");
+            });
+            telemetry::request(Listener::Ingress, "upgraded");
+            return Ok(response.map(|_| ProxyBody::Empty));
+        }
         Ok(respond(response, cut))
     }
 
@@ -368,6 +446,43 @@ fn respond(response: Response<Incoming>, cut: StreamGuard) -> Response<ProxyBody
     Response::from_parts(parts, ProxyBody::guarded(body, cut, Listener::Ingress))
 }
 
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// What a cleartext client speaks, from the first bytes it sent (peeked, not
+/// consumed): HTTP/2 if they are the HTTP/2 connection preface, else HTTP/1.1.
+/// `None` if the client closes, or sends nothing within `timeout`.
+async fn sniff_preface(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; PREFACE.len()];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if !PREFACE.starts_with(&buf[..n]) {
+            return Some(Protocol::Http1);
+        }
+        if n == PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // Part of the preface so far. Peeking does not consume, so the socket stays
+        // readable: wait a moment for the rest instead of spinning.
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(5)))
+            .await
+            .is_err()
+        {
+            return None;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +505,47 @@ mod tests {
             }
             proptest::prop_assert_eq!(route(&uri), Some((id, want)));
         }
+    }
+
+    #[tokio::test]
+    async fn cleartext_clients_are_told_apart_by_the_http2_preface() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sniff = |pieces: Vec<&'static [u8]>| {
+            let listener = &listener;
+            async move {
+                let mut client = TcpStream::connect(addr).await.unwrap();
+                let (server, _) = listener.accept().await.unwrap();
+                let writer = tokio::spawn(async move {
+                    for piece in pieces {
+                        client.write_all(piece).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    client
+                });
+                let protocol = sniff_preface(&server, Duration::from_millis(500)).await;
+                drop(writer.await.unwrap());
+                protocol
+            }
+        };
+        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert!(matches!(
+            sniff(vec![b"GET / HTTP/1.1\r\n"]).await,
+            Some(Protocol::Http1)
+        ));
+        assert!(matches!(
+            sniff(vec![b"POST /"]).await,
+            Some(Protocol::Http1)
+        ));
+        assert!(matches!(sniff(vec![h2]).await, Some(Protocol::Http2)));
+        assert!(matches!(
+            sniff(vec![&h2[..5], &h2[5..]]).await,
+            Some(Protocol::Http2)
+        ));
+        // Silence until the deadline, or a preface that never completes: no protocol.
+        assert!(sniff(vec![]).await.is_none());
+        assert!(sniff(vec![&h2[..3]]).await.is_none());
     }
 
     #[test]

@@ -154,19 +154,17 @@ where
     }
 }
 
-impl<I, S, B, E> GracefulConnection
-    for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
+impl<I, S, B, E> GracefulConnection for hyper::server::conn::http2::Connection<I, S, E>
 where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
-    S::Future: 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
     B: http_body::Body + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = hyper::Error;
     fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
-        hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(self)
+        hyper::server::conn::http2::Connection::graceful_shutdown(self)
     }
 }
