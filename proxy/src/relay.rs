@@ -16,8 +16,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::enforcement::StreamGuard;
 
-/// Buffer per direction.
-const BUF: usize = 64 * 1024;
+/// Buffer per direction: it starts small, doubles while reads fill it (a bulk
+/// transfer then moves in large reads, with few system calls and wake-ups), and
+/// drops back to the small size when the traffic is light again, so an idle
+/// tunnel holds little memory.
+const MIN_BUF: usize = 16 * 1024;
+const MAX_BUF: usize = 256 * 1024;
 /// How often a relay compares its user's unflushed bytes with the headroom.
 pub const HEADROOM_CHECK: Duration = Duration::from_millis(100);
 
@@ -56,13 +60,125 @@ where
         progress: progress.clone(),
     };
     tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUF, BUF) => match r {
+        r = copy_both_ways(&mut client, &mut upstream) => match r {
             Ok((up, down)) => RelayEnd::Done(up, down),
             Err(e) => RelayEnd::Error(e),
         },
         _ = idle_watch(&progress, idle) => RelayEnd::Idle,
         _ = guard.tripped(HEADROOM_CHECK) => RelayEnd::Cut,
         _ = hard_stop.cancelled() => RelayEnd::Shutdown,
+    }
+}
+
+/// Copy both ways until both sides have finished (EOF, then write-side shutdown):
+/// bytes client->upstream, upstream->client.
+async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut a_to_b, mut b_to_a) = (Pump::new(), Pump::new());
+    std::future::poll_fn(|cx| {
+        let up = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
+        let down = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        match (up, down) {
+            (Poll::Ready(up), Poll::Ready(down)) => Poll::Ready(Ok((up, down))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// One direction of a relay.
+struct Pump {
+    buf: Box<[u8]>,
+    pos: usize,
+    filled: usize,
+    /// Bytes the last read returned.
+    last_read: usize,
+    read_done: bool,
+    shut_down: bool,
+    need_flush: bool,
+    total: u64,
+}
+
+impl Pump {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; MIN_BUF].into_boxed_slice(),
+            pos: 0,
+            filled: 0,
+            last_read: 0,
+            read_done: false,
+            shut_down: false,
+            need_flush: false,
+            total: 0,
+        }
+    }
+
+    /// Copy from `reader` to `writer` until `reader` ends; `Ready` with the bytes
+    /// copied once `writer` has been shut down.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.filled && !self.read_done {
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match reader.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        // Waiting for the source: light traffic gives the large buffer back.
+                        if self.last_read < MIN_BUF && self.buf.len() > MIN_BUF {
+                            self.buf = vec![0; MIN_BUF].into_boxed_slice();
+                        }
+                        if self.need_flush {
+                            std::task::ready!(writer.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        self.last_read = n;
+                        self.pos = 0;
+                        self.filled = n;
+                        if n == 0 {
+                            self.read_done = true;
+                        } else if n == self.buf.len() && n < MAX_BUF {
+                            // A full read: more is waiting. Grow for the next one.
+                            let mut bigger = vec![0; (n * 2).min(MAX_BUF)].into_boxed_slice();
+                            bigger[..n].copy_from_slice(&self.buf[..n]);
+                            self.buf = bigger;
+                        }
+                    }
+                }
+            }
+            while self.pos < self.filled {
+                let n = std::task::ready!(writer
+                    .as_mut()
+                    .poll_write(cx, &self.buf[self.pos..self.filled]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.total += n as u64;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                if !self.shut_down {
+                    std::task::ready!(writer.as_mut().poll_shutdown(cx))?;
+                    self.shut_down = true;
+                }
+                return Poll::Ready(Ok(self.total));
+            }
+        }
     }
 }
 
@@ -157,6 +273,38 @@ mod tests {
         client_peer.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"pong");
         assert!(matches!(task.await.unwrap(), RelayEnd::Done(4, 4)));
+    }
+
+    #[tokio::test]
+    async fn bulk_and_small_transfers_arrive_intact_in_order() {
+        let (client, mut client_peer) = tokio::io::duplex(300 * 1024);
+        let (upstream, mut upstream_peer) = tokio::io::duplex(300 * 1024);
+        let (cut, stop) = (
+            StreamGuard::from_token(CancellationToken::new()),
+            CancellationToken::new(),
+        );
+        let task = tokio::spawn(async move {
+            relay(client, upstream, Duration::from_secs(5), &cut, &stop).await
+        });
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            // A bulk burst (buffers grow), a pause, then trickles (they shrink again).
+            client_peer.write_all(&sent[..2_000_000]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for chunk in sent[2_000_000..].chunks(100_000) {
+                client_peer.write_all(chunk).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            client_peer.shutdown().await.unwrap();
+            client_peer
+        });
+        let mut got = Vec::new();
+        upstream_peer.read_to_end(&mut got).await.unwrap();
+        assert!(got == data, "relayed bytes differ");
+        drop(upstream_peer);
+        drop(writer.await.unwrap());
+        assert!(matches!(task.await.unwrap(), RelayEnd::Done(3_000_000, 0)));
     }
 
     #[tokio::test(start_paused = true)]
