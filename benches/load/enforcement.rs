@@ -1,23 +1,39 @@
 //! Enforcement latency and overshoot, through the egress proxy with default
-//! settings: an agent whose plan allows `limit` bytes (overage rate 0) fetches
-//! responses back to back on one keep-alive connection. The time from the read
-//! that carried its socket past the limit to the first `403` is the latency; the
-//! bytes PostgreSQL holds beyond the limit once the last flush landed are the
-//! overshoot.
+//! settings, each trial with a fresh agent whose plan allows `limit` bytes
+//! (overage rate 0):
+//! - requests: responses fetched back to back on one keep-alive connection; the
+//!   time from the exchange that carried the socket past the limit to the first
+//!   `403` is the latency;
+//! - download: one response larger than the limit; the time from crossing the
+//!   limit to the proxy cutting the stream;
+//! - tunnel: a CONNECT tunnel to the bulk source; the time from crossing the
+//!   limit to the proxy closing the tunnel.
+//!
+//! The overshoot is what PostgreSQL records beyond the limit once the last
+//! flush has landed.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::database::{BenchDb, SeededAgent};
 use crate::exchange::{self, Connection};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Requests,
+    Download,
+    Tunnel,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Trial {
-    /// From crossing the limit to the 403.
+    pub kind: Kind,
+    /// From crossing the limit to the 403 (requests) or the cut (streams).
     pub latency: Duration,
-    /// Bytes on the client socket when the 403 had arrived.
+    /// Bytes on the client socket by then.
     pub client_bytes: u64,
     /// Bytes recorded in `vps_usage_periods` after settling.
     pub recorded_bytes: u64,
@@ -32,8 +48,15 @@ impl Trial {
     }
 }
 
-/// One trial with a fresh agent whose plan allows `limit` bytes.
-pub async fn trial(
+fn proxy_auth(agent: &SeededAgent) -> (String, String) {
+    (
+        "proxy-authorization".into(),
+        crate::basic_auth(agent.agent_id, &agent.token),
+    )
+}
+
+/// Back-to-back requests for `response_bytes` each until the 403.
+pub async fn requests(
     db: &BenchDb,
     agent: &SeededAgent,
     egress: SocketAddr,
@@ -41,12 +64,11 @@ pub async fn trial(
     response_bytes: usize,
     limit: u64,
 ) -> anyhow::Result<Trial> {
-    let auth = crate::basic_auth(agent.agent_id, &agent.token);
     let request = exchange::get(
         &format!("http://127.0.0.1:{origin_port}/size/{response_bytes}"),
         &[
             ("host".into(), format!("127.0.0.1:{origin_port}")),
-            ("proxy-authorization".into(), auth),
+            proxy_auth(agent),
         ],
     );
     let mut conn = Connection::open(egress).await?;
@@ -73,21 +95,136 @@ pub async fn trial(
     let blocked_at = Instant::now();
     let crossed = crossed.context("blocked before the limit was reached")?;
     let client_bytes = conn.written + conn.read;
-    let rate = client_bytes as f64 / (blocked_at - start).as_secs_f64();
     drop(conn);
-    // Let the last flush land (default flush interval 1 s), then read the ledger's result.
-    let mut recorded = 0;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        recorded = db.bandwidth(agent.vps_id).await? as u64;
-        if recorded >= client_bytes {
+    finish(
+        db,
+        agent,
+        Kind::Requests,
+        start,
+        crossed,
+        blocked_at,
+        client_bytes,
+        limit,
+    )
+    .await
+}
+
+/// One download of `size` bytes (more than `limit`), read until the proxy cuts it.
+pub async fn download(
+    db: &BenchDb,
+    agent: &SeededAgent,
+    egress: SocketAddr,
+    origin_port: u16,
+    size: u64,
+    limit: u64,
+) -> anyhow::Result<Trial> {
+    let request = exchange::get(
+        &format!("http://127.0.0.1:{origin_port}/size/{size}"),
+        &[
+            ("host".into(), format!("127.0.0.1:{origin_port}")),
+            proxy_auth(agent),
+        ],
+    );
+    let mut conn = Connection::open(egress).await?;
+    let start = Instant::now();
+    conn.stream
+        .write_all(&request)
+        .await
+        .context("sending the download request")?;
+    conn.written += request.len() as u64;
+    stream_until_cut(db, agent, conn, Kind::Download, start, limit, Some(size)).await
+}
+
+/// A CONNECT tunnel to the bulk source, read until the proxy closes it.
+pub async fn tunnel(
+    db: &BenchDb,
+    agent: &SeededAgent,
+    egress: SocketAddr,
+    bulk: SocketAddr,
+    limit: u64,
+) -> anyhow::Result<Trial> {
+    let mut conn = Connection::open(egress).await?;
+    let start = Instant::now();
+    let answer = conn
+        .exchange(
+            &exchange::connect(&bulk.to_string(), &[proxy_auth(agent)]),
+            true,
+        )
+        .await?;
+    if answer.status != 200 {
+        bail!("CONNECT answered {}", answer.status);
+    }
+    stream_until_cut(db, agent, conn, Kind::Tunnel, start, limit, None).await
+}
+
+async fn stream_until_cut(
+    db: &BenchDb,
+    agent: &SeededAgent,
+    mut conn: Connection,
+    kind: Kind,
+    start: Instant,
+    limit: u64,
+    expected: Option<u64>,
+) -> anyhow::Result<Trial> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut crossed = None;
+    let mut body = conn.leftover.len() as u64;
+    let deadline = start + Duration::from_secs(30);
+    loop {
+        // A reset (Err) is the proxy cutting the stream, like an EOF.
+        let n: usize = conn.stream.read(&mut buf).await.unwrap_or_default();
+        if n == 0 {
             break;
+        }
+        conn.read += n as u64;
+        body += n as u64;
+        if crossed.is_none() && conn.written + conn.read >= limit {
+            crossed = Some(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!("{kind:?} not cut within 30 s ({body} bytes)");
+        }
+    }
+    let cut_at = Instant::now();
+    if expected.is_some_and(|size| body >= size) {
+        bail!("{kind:?}: the whole response arrived; nothing was cut");
+    }
+    let crossed = crossed.context("cut before the limit was reached")?;
+    let client_bytes = conn.written + conn.read;
+    drop(conn);
+    finish(db, agent, kind, start, crossed, cut_at, client_bytes, limit).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    db: &BenchDb,
+    agent: &SeededAgent,
+    kind: Kind,
+    start: Instant,
+    crossed: Instant,
+    ended: Instant,
+    client_bytes: u64,
+    limit: u64,
+) -> anyhow::Result<Trial> {
+    let rate = client_bytes as f64 / (ended - start).as_secs_f64();
+    // Let the last flush land (default flush interval 1 s): wait until the
+    // recorded figure has not moved for two seconds.
+    let mut recorded = db.bandwidth(agent.vps_id).await?;
+    let mut still_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while still_since.elapsed() < Duration::from_secs(2) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = db.bandwidth(agent.vps_id).await?;
+        if now != recorded {
+            recorded = now;
+            still_since = Instant::now();
         }
     }
     Ok(Trial {
-        latency: blocked_at - crossed,
+        kind,
+        latency: ended - crossed,
         client_bytes,
-        recorded_bytes: recorded,
+        recorded_bytes: recorded as u64,
         limit,
         rate,
     })

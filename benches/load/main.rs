@@ -123,6 +123,12 @@ enum Internal {
     /// Serve the origin (started by the harness itself).
     #[command(hide = true)]
     Origin,
+    /// Relay connections to a loopback port (started by the harness itself).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        upstream: u16,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -150,6 +156,12 @@ impl Args {
     }
 }
 
+/// The CONNECT baseline whose source runs on the server core.
+pub const DIRECT_ACROSS_CORES: &str = "direct, source on the server core";
+
+/// The CONNECT reference that relays without any proxy logic.
+pub const BARE_RELAY: &str = "bare relay (tokio copy, 256 KiB)";
+
 /// Plan limit of the agent under load: never reached.
 const UNLIMITED: i64 = 1 << 50;
 /// Plan limit of the enforcement agents.
@@ -159,11 +171,16 @@ const ENFORCEMENT_RESPONSE: usize = 16 * 1024;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Internal::Origin) = args.command {
-        return match origin::serve() {
+    let internal = match args.command {
+        Some(Internal::Origin) => Some(origin::serve()),
+        Some(Internal::Relay { upstream }) => Some(tunnel::serve_bare_relay(upstream)),
+        None => None,
+    };
+    if let Some(result) = internal {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("origin: {e:#}");
+                eprintln!("load: {e:#}");
                 ExitCode::FAILURE
             }
         };
@@ -308,7 +325,8 @@ async fn measure(
         token: agent.token.clone(),
     };
     let mut enforcement_agents = Vec::new();
-    for i in 0..args.enforcement_trials {
+    // One per request trial, and one each for the download and the tunnel.
+    for i in 0..args.enforcement_trials + 2 {
         enforcement_agents.push(
             db.agent(&format!("enforcement-{i}"), ENFORCEMENT_LIMIT as i64)
                 .await?,
@@ -503,6 +521,18 @@ async fn measure(
             "direct".into(),
             tunnel::throughput(None, bulk_addr, duration).await?,
         ));
+        // The same connection with the source on the server core: the data crosses
+        // cores once here, and twice through any proxy.
+        let remote = origin::Origin::start(cpu, &work.join("origin-server-core.log"))?;
+        let across =
+            tunnel::throughput(None, servers::loopback(remote.bulk_port), duration).await?;
+        drop(remote);
+        results.connect.push((DIRECT_ACROSS_CORES.into(), across));
+        // What any relay process gets here: a bare two-way copy on the server core.
+        let bare = origin::BareRelay::start(cpu, origin.bulk_port, &work.join("relay.log"))?;
+        let relayed = tunnel::throughput(None, servers::loopback(bare.port), duration).await?;
+        drop(bare);
+        results.connect.push((BARE_RELAY.into(), relayed));
         let mut vias = vec![("Tollgate", tollgate.egress)];
         vias.extend(forward.iter().map(|(n, p)| (*n, p.addr)));
         for (name, proxy) in vias {
@@ -581,24 +611,38 @@ async fn measure(
 
     if args.runs(Section::Enforcement) {
         eprintln!("== enforcement latency and overshoot (defaults: flush every 1 s)");
-        for agent in &enforcement_agents {
-            let trial = enforcement::trial(
+        let (stream_agents, request_agents) = enforcement_agents.split_at(2);
+        let egress = tollgate.egress;
+        for agent in request_agents {
+            let trial = enforcement::requests(
                 db,
                 agent,
-                tollgate.egress,
+                egress,
                 origin.http_port,
                 ENFORCEMENT_RESPONSE,
                 ENFORCEMENT_LIMIT,
             )
             .await?;
-            eprintln!(
-                "   {:.3} s to 403, {} bytes on the client socket, {} recorded",
-                trial.latency.as_secs_f64(),
-                trial.client_bytes,
-                trial.recorded_bytes
-            );
+            report_trial(&trial);
             results.enforcement.push(trial);
         }
+        let download = 64 << 20;
+        let trial = enforcement::download(
+            db,
+            &stream_agents[0],
+            egress,
+            origin.http_port,
+            download,
+            ENFORCEMENT_LIMIT,
+        )
+        .await?;
+        report_trial(&trial);
+        results.enforcement.push(trial);
+        let trial =
+            enforcement::tunnel(db, &stream_agents[1], egress, bulk_addr, ENFORCEMENT_LIMIT)
+                .await?;
+        report_trial(&trial);
+        results.enforcement.push(trial);
     }
 
     results.software = software_versions();
@@ -607,6 +651,16 @@ async fn measure(
     drop(tollgate);
     drop(origin);
     Ok(())
+}
+
+fn report_trial(trial: &enforcement::Trial) {
+    eprintln!(
+        "   {:?}: {:.3} s from the limit to the block, {} bytes on the client socket, {} recorded",
+        trial.kind,
+        trial.latency.as_secs_f64(),
+        trial.client_bytes,
+        trial.recorded_bytes
+    );
 }
 
 fn start_or_note<T>(

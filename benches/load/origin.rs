@@ -1,7 +1,7 @@
 //! The origin every server in the harness forwards to, run as its own process
 //! (`load origin`) pinned to the load-generator core:
 //! - HTTP/1.1 with keep-alive: `/small` (100 bytes), `/large` (1 MiB) and
-//!   `/size/{n}` (n bytes, n <= 1 MiB);
+//!   `/size/{n}` (n bytes, in frames of at most 1 MiB);
 //! - a bulk TCP source for CONNECT tunnels: every accepted connection gets an
 //!   endless stream of bytes until it closes.
 //!
@@ -10,13 +10,14 @@
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::pin::Pin;
 use std::process::{ChildStdout, Command, Stdio};
+use std::task::{Context, Poll};
 
-use anyhow::Context;
+use anyhow::Context as _;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -65,9 +66,9 @@ async fn serve_http(listener: TcpListener) -> anyhow::Result<()> {
                 let body = body_for(req.uri().path(), &large);
                 async move {
                     Ok::<_, Infallible>(match body {
-                        Some(body) => Response::new(Full::new(body)),
+                        Some(body) => Response::new(body),
                         None => {
-                            let mut r = Response::new(Full::new(Bytes::new()));
+                            let mut r = Response::new(Sized::new(0, Bytes::new()));
                             *r.status_mut() = StatusCode::NOT_FOUND;
                             r
                         }
@@ -82,14 +83,49 @@ async fn serve_http(listener: TcpListener) -> anyhow::Result<()> {
     }
 }
 
-fn body_for(path: &str, large: &Bytes) -> Option<Bytes> {
-    match path {
-        "/small" => Some(large.slice(..SMALL_BYTES)),
-        "/large" => Some(large.clone()),
-        _ => {
-            let n: usize = path.strip_prefix("/size/")?.parse().ok()?;
-            (n <= LARGE_BYTES).then(|| large.slice(..n))
+fn body_for(path: &str, large: &Bytes) -> Option<Sized> {
+    let n = match path {
+        "/small" => SMALL_BYTES as u64,
+        "/large" => LARGE_BYTES as u64,
+        _ => path.strip_prefix("/size/")?.parse().ok()?,
+    };
+    Some(Sized::new(n, large.clone()))
+}
+
+/// A body of exactly `left` bytes, sent in frames of at most `chunk.len()`.
+struct Sized {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl Sized {
+    fn new(left: u64, chunk: Bytes) -> Self {
+        Sized { left, chunk }
+    }
+}
+
+impl Body for Sized {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
         }
+        let n = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
     }
 }
 
@@ -115,31 +151,66 @@ pub struct Origin {
 impl Origin {
     /// Start `load origin` pinned to `cpu`.
     pub fn start(cpu: usize, log: &std::path::Path) -> anyhow::Result<Origin> {
-        let exe = std::env::current_exe().context("locating the harness executable")?;
-        let mut cmd = Command::new("taskset");
-        cmd.arg("-c")
-            .arg(cpu.to_string())
-            .arg(exe)
-            .arg("origin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut process = Process::spawn_with_stdout("origin", cmd, log)?;
-        let mut stdout = process.child.stdout.take().context("origin stdout")?;
-        let mut line = String::new();
-        BufReader::new(&mut stdout)
-            .read_line(&mut line)
-            .context("reading the origin's ports")?;
-        let port = |key: &str| -> anyhow::Result<u16> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .and_then(|p| p.parse().ok())
-                .with_context(|| format!("origin printed {line:?}"))
-        };
+        let (process, line, stdout) = start_internal("origin", cpu, &[], log)?;
         Ok(Origin {
-            http_port: port("http=")?,
-            bulk_port: port("bulk=")?,
+            http_port: port_in(&line, "http=")?,
+            bulk_port: port_in(&line, "bulk=")?,
             process,
             _stdout: stdout,
         })
     }
+}
+
+/// The bare relay process (`load relay`) and its port.
+pub struct BareRelay {
+    pub port: u16,
+    /// Stopped on drop.
+    _process: Process,
+    _stdout: ChildStdout,
+}
+
+impl BareRelay {
+    /// Start `load relay` to `upstream`, pinned to `cpu`.
+    pub fn start(cpu: usize, upstream: u16, log: &std::path::Path) -> anyhow::Result<BareRelay> {
+        let upstream = upstream.to_string();
+        let (process, line, stdout) =
+            start_internal("relay", cpu, &["--upstream", &upstream], log)?;
+        Ok(BareRelay {
+            port: port_in(&line, "port=")?,
+            _process: process,
+            _stdout: stdout,
+        })
+    }
+}
+
+/// Start this harness's `command` pinned to `cpu`; returns its first output line.
+fn start_internal(
+    command: &str,
+    cpu: usize,
+    args: &[&str],
+    log: &std::path::Path,
+) -> anyhow::Result<(Process, String, ChildStdout)> {
+    let exe = std::env::current_exe().context("locating the harness executable")?;
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c")
+        .arg(cpu.to_string())
+        .arg(exe)
+        .arg(command)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut process = Process::spawn_with_stdout(command, cmd, log)?;
+    let mut stdout = process.child.stdout.take().context("child stdout")?;
+    let mut line = String::new();
+    BufReader::new(&mut stdout)
+        .read_line(&mut line)
+        .with_context(|| format!("reading the {command}'s ports"))?;
+    Ok((process, line, stdout))
+}
+
+fn port_in(line: &str, key: &str) -> anyhow::Result<u16> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("expected {key}<port> in {line:?}"))
 }
