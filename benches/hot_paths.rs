@@ -3,7 +3,12 @@
 //!   thread counting to the same VPS at the same time);
 //! - a chunk through `MeteredIo` (the whole wrapper, into a sink);
 //! - building a flush batch of 100,000 dirty VPSes;
-//! - the framing guard following a keep-alive request stream.
+//! - the framing guard following a request head;
+//! - per request: the agent directory lookup (a warm entry) and the user's
+//!   decision check, alone (as before every streamed frame) and with taking the
+//!   stream guard (as at the start of every request). These run against a real
+//!   PostgreSQL database (found or started as `tollgate dev` does, created
+//!   fresh and dropped after), which fills the directory once.
 //!
 //! Run: `cargo bench --bench hot_paths`.
 
@@ -15,12 +20,24 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tokio::io::AsyncWrite;
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use uuid::Uuid;
 
+use tollgate_core::clock::SystemClock;
+use tollgate_core::config::Config;
+use tollgate_proxy::directory::{Directory, Lookup};
+use tollgate_proxy::enforcement::{Enforcer, StreamGuard};
 use tollgate_proxy::flusher::build_batch;
+use tollgate_proxy::framing::{FramingGuard, Verdicts};
+use tollgate_proxy::health::Health;
 use tollgate_proxy::meter::{ConnTally, Meter, MeteredIo};
 use tollgate_proxy::telemetry::Listener;
+
+/// The load harness's database: created fresh, migrated, seeded with SQL.
+#[path = "load/database.rs"]
+#[allow(dead_code)]
+mod database;
 
 fn count_chunk(c: &mut Criterion) {
     let meter = Meter::new();
@@ -117,5 +134,92 @@ fn flush_batch(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, count_chunk, flush_batch);
+fn framing(c: &mut Criterion) {
+    let head: &[u8] = b"GET http://origin.example:8080/v1/items?page=2 HTTP/1.1\r\n\
+        host: origin.example:8080\r\nuser-agent: agent/1.0\r\naccept: */*\r\n\
+        proxy-authorization: Basic MDAwMDAwMDAtMDAwMC0wMDAwLTAwMDAtMDAwMDAwMDAwMDAwOnRva2Vu\r\n\r\n";
+    let verdicts = Arc::new(Verdicts::default());
+    let mut buf = [0u8; 4096];
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut group = c.benchmark_group("framing");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("guard_one_request_head", |b| {
+        b.iter(|| {
+            let mut guard = FramingGuard::new(black_box(head), 64 * 1024, verdicts.clone());
+            let mut read = ReadBuf::new(&mut buf);
+            let _ = Pin::new(&mut guard).poll_read(&mut cx, &mut read);
+            verdicts.next()
+        })
+    });
+    group.finish();
+}
+
+/// Directory lookup and decision check on a warm entry, filled once from
+/// PostgreSQL.
+fn lookups(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let target = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("CARGO_TARGET_TMPDIR is inside target/")
+        .to_path_buf();
+    let seeded = runtime.block_on(async {
+        let db = database::BenchDb::create(&target).await?;
+        let agent = db.agent("lookups", 1 << 40).await?;
+        anyhow::Ok((db, agent))
+    });
+    let (db, agent) = match seeded {
+        Ok(seeded) => seeded,
+        Err(e) => {
+            eprintln!("lookups: skipped, no PostgreSQL to fill the directory from: {e:#}");
+            return;
+        }
+    };
+    let config = Config::default();
+    let health = Arc::new(Health::new());
+    let (enforcer, _events) = Enforcer::new(
+        db.pool.clone(),
+        health.clone(),
+        "bench".into(),
+        config.proxy.meter.decision_refresh,
+        Arc::new(SystemClock),
+    );
+    let directory = Directory::new(
+        db.pool.clone(),
+        Arc::new(Meter::new()),
+        Arc::new(enforcer),
+        health,
+        config.proxy.directory.clone(),
+    );
+    let Lookup::Found(entry) = runtime.block_on(directory.lookup(agent.agent_id)) else {
+        panic!("the seeded agent is not found");
+    };
+    let mut group = c.benchmark_group("request");
+    group.throughput(Throughput::Elements(1));
+    // A warm lookup completes on its first poll.
+    group.bench_function("directory_lookup_warm", |b| {
+        b.iter(
+            || match directory.lookup(black_box(agent.agent_id)).now_or_never() {
+                Some(Lookup::Found(agent)) => agent,
+                other => panic!("{other:?}"),
+            },
+        )
+    });
+    group.bench_function("decision_check", |b| b.iter(|| entry.gate.check()));
+    group.bench_function("decision_guard_and_check", |b| {
+        b.iter(|| {
+            let guard = StreamGuard::new(&entry.gate);
+            guard.check().map(|()| guard)
+        })
+    });
+    group.finish();
+    drop(entry);
+    if let Err(e) = runtime.block_on(db.drop_database()) {
+        eprintln!("lookups: could not drop the bench database: {e:#}");
+    }
+}
+
+criterion_group!(benches, count_chunk, flush_batch, framing, lookups);
 criterion_main!(benches);
