@@ -1,8 +1,9 @@
 //! Two-way byte relay for CONNECT tunnels and WebSockets: copies both directions
 //! with half-close (EOF one way shuts down the write side of the other and the
 //! rest keeps flowing), ends on an idle timeout, when the user is cut off (a
-//! block decision at once, bytes past the headroom within [`HEADROOM_CHECK`]), or
-//! at the end of the shutdown drain.
+//! block decision at once; bytes past the headroom before the next chunk is
+//! passed on, and within [`HEADROOM_CHECK`] while nothing moves), or at the end
+//! of the shutdown drain.
 
 use std::io;
 use std::pin::Pin;
@@ -60,9 +61,10 @@ where
         progress: progress.clone(),
     };
     tokio::select! {
-        r = copy_both_ways(&mut client, &mut upstream) => match r {
+        r = copy_both_ways(&mut client, &mut upstream, guard) => match r {
             Ok((up, down)) => RelayEnd::Done(up, down),
-            Err(e) => RelayEnd::Error(e),
+            Err(Stop::Cut) => RelayEnd::Cut,
+            Err(Stop::Io(e)) => RelayEnd::Error(e),
         },
         _ = idle_watch(&progress, idle) => RelayEnd::Idle,
         _ = guard.tripped(HEADROOM_CHECK) => RelayEnd::Cut,
@@ -70,17 +72,34 @@ where
     }
 }
 
+/// Why a copy stopped early.
+#[derive(Debug)]
+enum Stop {
+    Io(io::Error),
+    /// The user's bytes passed the headroom (or a block landed): nothing more is
+    /// passed on.
+    Cut,
+}
+
+impl From<io::Error> for Stop {
+    fn from(e: io::Error) -> Self {
+        Stop::Io(e)
+    }
+}
+
 /// Copy both ways until both sides have finished (EOF, then write-side shutdown):
-/// bytes client->upstream, upstream->client.
-async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// bytes client->upstream, upstream->client. Every chunk read is checked against
+/// `guard` before it is written, so a user past their headroom gets at most the
+/// chunk in hand, not a check interval's worth of traffic.
+async fn copy_both_ways<A, B>(a: &mut A, b: &mut B, guard: &StreamGuard) -> Result<(u64, u64), Stop>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut a_to_b, mut b_to_a) = (Pump::new(), Pump::new());
     std::future::poll_fn(|cx| {
-        let up = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
-        let down = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        let up = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b), guard)?;
+        let down = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a), guard)?;
         match (up, down) {
             (Poll::Ready(up), Poll::Ready(down)) => Poll::Ready(Ok((up, down))),
             _ => Poll::Pending,
@@ -123,7 +142,8 @@ impl Pump {
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
-    ) -> Poll<io::Result<u64>>
+        guard: &StreamGuard,
+    ) -> Poll<Result<u64, Stop>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -143,9 +163,12 @@ impl Pump {
                         }
                         return Poll::Pending;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
+                        if n > 0 && guard.tripped_now() {
+                            return Poll::Ready(Err(Stop::Cut));
+                        }
                         self.last_read = n;
                         self.pos = 0;
                         self.filled = n;
@@ -165,7 +188,7 @@ impl Pump {
                     .as_mut()
                     .poll_write(cx, &self.buf[self.pos..self.filled]))?;
                 if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return Poll::Ready(Err(Stop::Io(io::ErrorKind::WriteZero.into())));
                 }
                 self.pos += n;
                 self.total += n as u64;
