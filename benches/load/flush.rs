@@ -1,6 +1,6 @@
 //! The flush of a large fleet, on the real code path: `Meter` counters for N
-//! VPSes (their memory measured as this process's RSS growth), all dirty,
-//! drained and built into one batch (`flusher::build_batch`), written by
+//! VPSes, all dirty, drained and built into one batch (`flusher::build_batch`),
+//! written by
 //! `tollgate_core::db::usage::apply_flush` against PostgreSQL: once while the
 //! month's rows do not exist yet (inserts) and once more (updates, the steady
 //! state).
@@ -16,13 +16,10 @@ use tollgate_proxy::flusher::build_batch;
 use tollgate_proxy::meter::Meter;
 
 use crate::database::BenchDb;
-use crate::servers::own_rss_kib;
 
 #[derive(Debug, Clone, Copy)]
 pub struct FleetFlush {
     pub vpses: usize,
-    /// RSS growth for the meter's counters, KiB.
-    pub counters_kib: u64,
     pub build: Duration,
     /// First flush of the month: every row inserted.
     pub insert: Duration,
@@ -32,12 +29,7 @@ pub struct FleetFlush {
 
 pub async fn measure(db: &BenchDb, vpses: usize) -> anyhow::Result<FleetFlush> {
     let (user, ids) = db.fleet(vpses).await?;
-    let before = own_rss_kib();
     let meter = Meter::new();
-    for id in &ids {
-        meter.counter(*id, user);
-    }
-    let counters_kib = own_rss_kib().saturating_sub(before);
 
     let instance = Uuid::new_v4();
     let mut timings = Vec::new();
@@ -68,7 +60,6 @@ pub async fn measure(db: &BenchDb, vpses: usize) -> anyhow::Result<FleetFlush> {
     }
     Ok(FleetFlush {
         vpses,
-        counters_kib,
         build: timings[1].0.max(timings[0].0),
         insert: timings[0].1,
         update: timings[1].1,

@@ -87,7 +87,7 @@ pub struct Args {
     /// Idle keep-alive connections for the memory measurement.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
-    /// Dirty VPSes in the flush measurement.
+    /// VPSes in the flush and counter-memory measurements.
     #[arg(long, default_value_t = 100_000)]
     flush_vpses: usize,
     /// Enforcement trials (each with a fresh agent).
@@ -189,6 +189,10 @@ fn main() -> ExitCode {
     if args.runs(Section::Meter) {
         eprintln!("== meter hot path under contention");
         results.meter_ns = Some(counting::contended_ns(20_000_000, 7));
+        eprintln!("== memory of {} VPS counters", args.flush_vpses);
+        let (memory, meter) = counting::counters_memory(args.flush_vpses);
+        drop(meter);
+        results.counters = Some(memory);
     }
     // From here on this process (and the threads it starts) stays on the load core.
     let pinned = Command::new("taskset")

@@ -37,6 +37,10 @@ struct Stripe {
 /// Number of stripes per VPS counter: one per core, at most 4 (a power of two).
 /// Each thread counts on the stripe of its own index, so two connections of one
 /// VPS served by two worker threads never write the same cache line.
+pub fn stripes_per_counter() -> usize {
+    stripe_count()
+}
+
 fn stripe_count() -> usize {
     static COUNT: OnceLock<usize> = OnceLock::new();
     *COUNT.get_or_init(|| {
