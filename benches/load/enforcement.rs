@@ -38,8 +38,6 @@ pub struct Trial {
     /// Bytes recorded in `vps_usage_periods` after settling.
     pub recorded_bytes: u64,
     pub limit: u64,
-    /// Client throughput before the block, bytes/s.
-    pub rate: f64,
 }
 
 impl Trial {
@@ -100,7 +98,6 @@ pub async fn requests(
         db,
         agent,
         Kind::Requests,
-        start,
         crossed,
         blocked_at,
         client_bytes,
@@ -192,7 +189,7 @@ async fn stream_until_cut(
     let crossed = crossed.context("cut before the limit was reached")?;
     let client_bytes = conn.written + conn.read;
     drop(conn);
-    finish(db, agent, kind, start, crossed, cut_at, client_bytes, limit).await
+    finish(db, agent, kind, crossed, cut_at, client_bytes, limit).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -200,13 +197,11 @@ async fn finish(
     db: &BenchDb,
     agent: &SeededAgent,
     kind: Kind,
-    start: Instant,
     crossed: Instant,
     ended: Instant,
     client_bytes: u64,
     limit: u64,
 ) -> anyhow::Result<Trial> {
-    let rate = client_bytes as f64 / (ended - start).as_secs_f64();
     // Let the last flush land (default flush interval 1 s): wait until the
     // recorded figure has not moved for two seconds.
     let mut recorded = db.bandwidth(agent.vps_id).await?;
@@ -226,6 +221,5 @@ async fn finish(
         client_bytes,
         recorded_bytes: recorded as u64,
         limit,
-        rate,
     })
 }

@@ -164,8 +164,9 @@ fn connect_verdict(rates: &[(String, f64)]) -> Option<(bool, f64, String)> {
 }
 
 /// Trials of one kind: (median latency s, max latency s, largest overshoot,
-/// mean client rate).
-fn enforcement_summary(trials: &[Trial], kind: Kind) -> Option<(f64, f64, u64, f64)> {
+/// largest difference between what PostgreSQL recorded and the bytes on the
+/// client socket).
+fn enforcement_summary(trials: &[Trial], kind: Kind) -> Option<(f64, f64, u64, i64)> {
     let trials: Vec<&Trial> = trials.iter().filter(|t| t.kind == kind).collect();
     if trials.is_empty() {
         return None;
@@ -175,8 +176,19 @@ fn enforcement_summary(trials: &[Trial], kind: Kind) -> Option<(f64, f64, u64, f
     let median = latencies[latencies.len() / 2];
     let max = *latencies.last().unwrap_or(&0.0);
     let overshoot = trials.iter().map(|t| t.overshoot()).max().unwrap_or(0);
-    let rate = trials.iter().map(|t| t.rate).sum::<f64>() / trials.len() as f64;
-    Some((median, max, overshoot, rate))
+    let difference = trials
+        .iter()
+        .map(|t| t.recorded_bytes as i64 - t.client_bytes as i64)
+        .max_by_key(|d| d.abs())
+        .unwrap_or(0);
+    Some((median, max, overshoot, difference))
+}
+
+fn recorded_vs_client(difference: i64) -> String {
+    match difference {
+        0 => "recorded = bytes on the client socket".into(),
+        d => format!("recorded {d:+} B vs the client socket"),
+    }
 }
 
 fn ms_s(secs: f64) -> String {
@@ -426,7 +438,8 @@ fn rows(results: &Results) -> Vec<Row> {
             "overshoot bounded, reported",
         ),
     ] {
-        let Some((median, max, overshoot, rate)) = enforcement_summary(&results.enforcement, kind)
+        let Some((median, max, overshoot, difference)) =
+            enforcement_summary(&results.enforcement, kind)
         else {
             continue;
         };
@@ -444,13 +457,12 @@ fn rows(results: &Results) -> Vec<Row> {
             measurement: measurement.into(),
             server: "Tollgate egress".into(),
             result: format!(
-                "{what}: median {}, max {} ({n} trial{}); overshoot ≤ {} at {} (≈ {} of traffic)",
+                "{what}: median {}, max {} ({n} trial{}); overshoot ≤ {} ({})",
                 ms_s(median),
                 ms_s(max),
                 if n == 1 { "" } else { "s" },
                 bytes(overshoot),
-                mib_s(rate),
-                ms_s(overshoot as f64 / rate)
+                recorded_vs_client(difference)
             ),
             p50: "–".into(),
             p99: "–".into(),
@@ -559,25 +571,21 @@ pub fn verdicts(results: &Results) -> Vec<String> {
             Err(e) => out.push(line(false, name, e.clone())),
         }
     }
-    if let Some((median, max, overshoot, rate)) =
+    if let Some((median, max, overshoot, _)) =
         enforcement_summary(&results.enforcement, Kind::Requests)
     {
         let mut detail = format!(
-            "limit to 403 median {}, max {}; overshoot at most {} ({} of traffic at {})",
+            "limit to 403 median {}, max {}; overshoot at most {}",
             ms_s(median),
             ms_s(max),
-            bytes(overshoot),
-            ms_s(overshoot as f64 / rate),
-            mib_s(rate)
+            bytes(overshoot)
         );
         for (kind, what) in [(Kind::Download, "a download"), (Kind::Tunnel, "a tunnel")] {
-            if let Some((_, max, overshoot, rate)) = enforcement_summary(&results.enforcement, kind)
-            {
+            if let Some((_, max, overshoot, _)) = enforcement_summary(&results.enforcement, kind) {
                 detail.push_str(&format!(
-                    "; {what} is cut {} after the limit, overshoot {} at {}",
+                    "; {what} is cut {} after the limit, overshoot {}",
                     ms_s(max),
-                    bytes(overshoot),
-                    mib_s(rate)
+                    bytes(overshoot)
                 ));
             }
         }
