@@ -13,7 +13,9 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::client::{self, basic, exchange, get_request, post_request, tunnel};
+use support::client::{
+    self, basic, exchange, get_request, post_request, tunnel, tunnel_sending_early,
+};
 use support::origin::{body_sum, pattern, tls_files, tls_server_config_from, EchoServer, Origin};
 use support::proxy::{http_get, temp_dir, test_config, TestProxy};
 use support::TestDb;
@@ -304,13 +306,22 @@ async fn database_counts_equal_the_bytes_each_client_moved_over_many_connections
                     .await
                 }
                 _ => {
-                    tunnel(
+                    // Every other tunnel starts sending before the 200 arrives.
+                    let early = vec![b'e'; (i / 4 % 2 * 300) as usize];
+                    let payload = vec![b'y'; (i * 12_345) as usize];
+                    let ex = tunnel_sending_early(
                         proxy_addr,
                         &auth,
                         &echo_addr.to_string(),
-                        &vec![b'y'; (i * 12_345) as usize],
+                        &early,
+                        &payload,
                     )
-                    .await
+                    .await;
+                    assert!(
+                        ex.body == [early, payload].concat(),
+                        "tunnel {i} echo differs"
+                    );
+                    ex
                 }
             }
         }));

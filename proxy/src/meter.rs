@@ -286,20 +286,19 @@ impl ConnTally {
 /// the Prometheus counters are not a contended atomic on every chunk.
 const METRICS_REPORT_EVERY: u64 = 256 * 1024;
 
-/// A socket facing the VPS, counting every byte that crosses it.
+/// Where a connection's bytes are counted: the VPS's counter (through the
+/// connection's tally) and, in batches, the process-wide byte metrics.
 #[derive(Debug)]
-pub struct MeteredIo<T> {
-    inner: T,
+pub struct Tap {
     tally: Arc<ConnTally>,
     listener: Listener,
     unreported_rx: u64,
     unreported_tx: u64,
 }
 
-impl<T> MeteredIo<T> {
-    pub fn new(inner: T, tally: Arc<ConnTally>, listener: Listener) -> Self {
+impl Tap {
+    pub fn new(tally: Arc<ConnTally>, listener: Listener) -> Self {
         Self {
-            inner,
             tally,
             listener,
             unreported_rx: 0,
@@ -307,12 +306,9 @@ impl<T> MeteredIo<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
+    /// Count `n` bytes the VPS received.
     #[inline]
-    fn received(&mut self, n: usize) {
+    pub fn received(&mut self, n: usize) {
         self.tally.record_rx(n as u64);
         self.unreported_rx += n as u64;
         if self.unreported_rx >= METRICS_REPORT_EVERY {
@@ -320,8 +316,9 @@ impl<T> MeteredIo<T> {
         }
     }
 
+    /// Count `n` bytes the VPS sent.
     #[inline]
-    fn sent(&mut self, n: usize) {
+    pub fn sent(&mut self, n: usize) {
         self.tally.record_tx(n as u64);
         self.unreported_tx += n as u64;
         if self.unreported_tx >= METRICS_REPORT_EVERY {
@@ -336,9 +333,36 @@ impl<T> MeteredIo<T> {
     }
 }
 
-impl<T> Drop for MeteredIo<T> {
+impl Drop for Tap {
     fn drop(&mut self) {
         self.report();
+    }
+}
+
+/// A socket facing the VPS, counting every byte that crosses it: bytes read
+/// from it are bytes the VPS sent, bytes written to it bytes the VPS received.
+#[derive(Debug)]
+pub struct MeteredIo<T> {
+    inner: T,
+    tap: Tap,
+}
+
+impl<T> MeteredIo<T> {
+    pub fn new(inner: T, tally: Arc<ConnTally>, listener: Listener) -> Self {
+        Self {
+            inner,
+            tap: Tap::new(tally, listener),
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// The socket and its tap, to keep counting where bytes bypass this wrapper
+    /// (a spliced tunnel).
+    pub fn into_parts(self) -> (T, Tap) {
+        (self.inner, self.tap)
     }
 }
 
@@ -352,7 +376,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for MeteredIo<T> {
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.sent(n);
+            self.tap.sent(n);
         }
         poll
     }
@@ -366,7 +390,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MeteredIo<T> {
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
-            self.received(n);
+            self.tap.received(n);
         }
         poll
     }
@@ -378,7 +402,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MeteredIo<T> {
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = poll {
-            self.received(n);
+            self.tap.received(n);
         }
         poll
     }

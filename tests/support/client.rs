@@ -86,11 +86,25 @@ pub fn post_request(url: &str, auth: &str, body: &[u8]) -> Vec<u8> {
 /// Open a CONNECT tunnel to `target`, send `payload`, half-close, read the echo
 /// to EOF. Returns the exchange (head = the CONNECT response head, body = echo).
 pub async fn tunnel(proxy: SocketAddr, auth: &str, target: &str, payload: &[u8]) -> Exchange {
+    tunnel_sending_early(proxy, auth, target, &[], payload).await
+}
+
+/// As [`tunnel`], but `early` goes out in the same write as the CONNECT head,
+/// before the proxy has answered (as clients that start TLS at once do).
+pub async fn tunnel_sending_early(
+    proxy: SocketAddr,
+    auth: &str,
+    target: &str,
+    early: &[u8],
+    payload: &[u8],
+) -> Exchange {
     let mut s = TcpStream::connect(proxy).await.expect("connect to proxy");
-    let request = format!(
+    let mut request = format!(
         "CONNECT {target} HTTP/1.1\r\nhost: {target}\r\nproxy-authorization: {auth}\r\n\r\n"
-    );
-    s.write_all(request.as_bytes()).await.unwrap();
+    )
+    .into_bytes();
+    request.extend_from_slice(early);
+    s.write_all(&request).await.unwrap();
     let mut written = request.len() as u64;
     let head = read_head(&mut s).await;
     let mut ex = parse(0, head.clone());
