@@ -13,7 +13,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -232,7 +232,7 @@ impl Egress {
                 Err(e) => return tracing::debug!(error = %e, "CONNECT client went away before the tunnel opened"),
             };
             let _open = GaugeGuard::tunnel(Listener::Egress, TunnelKind::Connect);
-            log_relay_end(relay_tunnel(client, upstream, idle, &cut, &hard_stop).await, "tunnel");
+            log_relay_end(relay(TokioIo::new(client), upstream, idle, &cut, &hard_stop).await, "tunnel");
         });
         telemetry::request(Listener::Egress, "tunnel");
         Ok(Response::new(ProxyBody::Empty))
@@ -458,36 +458,6 @@ impl Target {
             port,
         })
     }
-}
-
-/// The agent's side of a tunnel on a cleartext listener, as hyper hands it back.
-#[cfg(target_os = "linux")]
-type PlainClient = TokioIo<FramingGuard<MeteredIo<TcpStream>>>;
-
-/// Relay a CONNECT tunnel: spliced (zero-copy) between two plain TCP sockets,
-/// copied through user space otherwise (a TLS listener).
-async fn relay_tunnel(
-    client: hyper::upgrade::Upgraded,
-    upstream: TcpStream,
-    idle: Duration,
-    cut: &StreamGuard,
-    hard_stop: &CancellationToken,
-) -> RelayEnd {
-    #[cfg(target_os = "linux")]
-    let client = if crate::splice::available() {
-        match client.downcast::<PlainClient>() {
-            Ok(parts) => {
-                let (socket, tap) = parts.io.into_inner().into_inner().into_parts();
-                let early = parts.read_buf;
-                return crate::splice::relay(socket, tap, early, upstream, idle, cut, hard_stop)
-                    .await;
-            }
-            Err(client) => client,
-        }
-    } else {
-        client
-    };
-    relay(TokioIo::new(client), upstream, idle, cut, hard_stop).await
 }
 
 fn log_relay_end(end: RelayEnd, what: &'static str) {

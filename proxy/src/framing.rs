@@ -85,11 +85,6 @@ impl<T> FramingGuard<T> {
         }
     }
 
-    /// The stream underneath, once the connection has left HTTP/1 (a tunnel).
-    pub fn into_inner(self) -> T {
-        self.inner
-    }
-
     fn scan(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             let consumed = match &mut self.state {

@@ -33,8 +33,6 @@ pub mod notifications;
 pub mod relay;
 pub mod rescue;
 pub mod server;
-#[cfg(target_os = "linux")]
-pub mod splice;
 pub mod telemetry;
 pub mod upstream;
 

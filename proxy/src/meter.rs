@@ -286,19 +286,20 @@ impl ConnTally {
 /// the Prometheus counters are not a contended atomic on every chunk.
 const METRICS_REPORT_EVERY: u64 = 256 * 1024;
 
-/// Where a connection's bytes are counted: the VPS's counter (through the
-/// connection's tally) and, in batches, the process-wide byte metrics.
+/// A socket facing the VPS, counting every byte that crosses it.
 #[derive(Debug)]
-pub struct Tap {
+pub struct MeteredIo<T> {
+    inner: T,
     tally: Arc<ConnTally>,
     listener: Listener,
     unreported_rx: u64,
     unreported_tx: u64,
 }
 
-impl Tap {
-    pub fn new(tally: Arc<ConnTally>, listener: Listener) -> Self {
+impl<T> MeteredIo<T> {
+    pub fn new(inner: T, tally: Arc<ConnTally>, listener: Listener) -> Self {
         Self {
+            inner,
             tally,
             listener,
             unreported_rx: 0,
@@ -306,9 +307,12 @@ impl Tap {
         }
     }
 
-    /// Count `n` bytes the VPS received.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     #[inline]
-    pub fn received(&mut self, n: usize) {
+    fn received(&mut self, n: usize) {
         self.tally.record_rx(n as u64);
         self.unreported_rx += n as u64;
         if self.unreported_rx >= METRICS_REPORT_EVERY {
@@ -316,9 +320,8 @@ impl Tap {
         }
     }
 
-    /// Count `n` bytes the VPS sent.
     #[inline]
-    pub fn sent(&mut self, n: usize) {
+    fn sent(&mut self, n: usize) {
         self.tally.record_tx(n as u64);
         self.unreported_tx += n as u64;
         if self.unreported_tx >= METRICS_REPORT_EVERY {
@@ -333,36 +336,9 @@ impl Tap {
     }
 }
 
-impl Drop for Tap {
+impl<T> Drop for MeteredIo<T> {
     fn drop(&mut self) {
         self.report();
-    }
-}
-
-/// A socket facing the VPS, counting every byte that crosses it: bytes read
-/// from it are bytes the VPS sent, bytes written to it bytes the VPS received.
-#[derive(Debug)]
-pub struct MeteredIo<T> {
-    inner: T,
-    tap: Tap,
-}
-
-impl<T> MeteredIo<T> {
-    pub fn new(inner: T, tally: Arc<ConnTally>, listener: Listener) -> Self {
-        Self {
-            inner,
-            tap: Tap::new(tally, listener),
-        }
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
-    /// The socket and its tap, to keep counting where bytes bypass this wrapper
-    /// (a spliced tunnel).
-    pub fn into_parts(self) -> (T, Tap) {
-        (self.inner, self.tap)
     }
 }
 
@@ -376,7 +352,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for MeteredIo<T> {
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.tap.sent(n);
+            self.sent(n);
         }
         poll
     }
@@ -390,7 +366,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MeteredIo<T> {
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
-            self.tap.received(n);
+            self.received(n);
         }
         poll
     }
@@ -402,7 +378,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MeteredIo<T> {
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = poll {
-            self.tap.received(n);
+            self.received(n);
         }
         poll
     }

@@ -60,27 +60,13 @@ where
         inner: upstream,
         progress: progress.clone(),
     };
-    let copy = copy_both_ways(&mut client, &mut upstream, guard);
-    supervise(copy, &progress, idle, guard, hard_stop).await
-}
-
-/// Run `copy` (both directions of a relay; it bumps `progress` whenever bytes
-/// move) until it finishes, nothing moves for `idle`, the user is cut off, or
-/// the drain deadline passes.
-pub(crate) async fn supervise(
-    copy: impl std::future::Future<Output = Result<(u64, u64), Stop>>,
-    progress: &AtomicU64,
-    idle: Duration,
-    guard: &StreamGuard,
-    hard_stop: &CancellationToken,
-) -> RelayEnd {
     tokio::select! {
-        r = copy => match r {
+        r = copy_both_ways(&mut client, &mut upstream, guard) => match r {
             Ok((up, down)) => RelayEnd::Done(up, down),
             Err(Stop::Cut) => RelayEnd::Cut,
             Err(Stop::Io(e)) => RelayEnd::Error(e),
         },
-        _ = idle_watch(progress, idle) => RelayEnd::Idle,
+        _ = idle_watch(&progress, idle) => RelayEnd::Idle,
         _ = guard.tripped(HEADROOM_CHECK) => RelayEnd::Cut,
         _ = hard_stop.cancelled() => RelayEnd::Shutdown,
     }
@@ -88,7 +74,7 @@ pub(crate) async fn supervise(
 
 /// Why a copy stopped early.
 #[derive(Debug)]
-pub(crate) enum Stop {
+enum Stop {
     Io(io::Error),
     /// The user's bytes passed the headroom (or a block landed): nothing more is
     /// passed on.
