@@ -296,27 +296,20 @@ fn prometheus_configs_rules_and_rule_tests_pass_promtool() {
         return;
     };
     let limit = Duration::from_secs(60);
-    let out = run_ok(
-        Command::new(&promtool)
-            .args(["check", "config"])
-            .arg(repo_path("deploy/prometheus/prometheus.yml")),
-        limit,
-    );
-    assert!(out.contains("SUCCESS"), "{out}");
-    let out = run_ok(
-        Command::new(&promtool)
-            .args(["check", "rules"])
-            .arg(repo_path("deploy/prometheus/alerts.yml")),
-        limit,
-    );
-    assert!(out.contains("SUCCESS"), "{out}");
-    let out = run_ok(
-        Command::new(&promtool)
-            .args(["test", "rules"])
-            .arg(repo_path("deploy/prometheus/tests/alerts_test.yml")),
-        limit,
-    );
-    assert!(out.contains("SUCCESS"), "{out}");
+    for (command, file) in [
+        (["check", "config"], "deploy/prometheus/prometheus.yml"),
+        (["check", "rules"], "deploy/prometheus/alerts.yml"),
+        (["test", "rules"], "deploy/prometheus/tests/alerts_test.yml"),
+    ] {
+        let out = run_ok(
+            Command::new(&promtool).args(command).arg(repo_path(file)),
+            limit,
+        );
+        assert!(
+            out.contains("SUCCESS"),
+            "promtool {command:?} {file}: {out}"
+        );
+    }
 
     // kubernetes.yml: Debian's Prometheus is built without Kubernetes service
     // discovery, so check everything else (relabel rules, rule files) with the

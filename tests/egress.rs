@@ -43,6 +43,25 @@ async fn setup() -> Setup {
     }
 }
 
+/// As [`setup`], for an agent on `provider`, with an echo server that CONNECT
+/// may reach (its port is the only one allowed).
+async fn setup_with_echo(provider: &str) -> (Setup, EchoServer) {
+    let db = TestDb::new().await;
+    let f = db.fixture(provider).await;
+    let origin = Origin::start().await;
+    let echo = EchoServer::start().await;
+    let mut config = test_config(&db.url);
+    config.proxy.egress.connect_ports = vec![echo.addr.port()];
+    let proxy = TestProxy::start(config).await;
+    let setup = Setup {
+        db,
+        f,
+        origin,
+        proxy,
+    };
+    (setup, echo)
+}
+
 /// Run curl without blocking the runtime the proxy under test shares.
 async fn curl(args: &[&str]) -> std::process::Output {
     tokio::process::Command::new("curl")
@@ -265,13 +284,15 @@ async fn connect_carries_https_to_a_local_tls_origin() {
 
 #[tokio::test]
 async fn database_counts_equal_the_bytes_each_client_moved_over_many_connections() {
-    let db = TestDb::new().await;
-    let f = db.fixture("hetzner").await;
-    let origin = Origin::start().await;
-    let echo = EchoServer::start().await;
-    let mut config = test_config(&db.url);
-    config.proxy.egress.connect_ports = vec![echo.addr.port()];
-    let proxy = TestProxy::start(config).await;
+    let (
+        Setup {
+            db,
+            f,
+            origin,
+            proxy,
+        },
+        echo,
+    ) = setup_with_echo("hetzner").await;
     let auth = f.basic();
 
     let mut tasks = Vec::new();
@@ -768,13 +789,15 @@ async fn connections_beyond_the_limit_get_503() {
 
 #[tokio::test]
 async fn blocked_users_get_403_json_and_their_tunnels_close() {
-    let db = TestDb::new().await;
-    let f = db.fixture("fly").await;
-    let echo = EchoServer::start().await;
-    let origin = Origin::start().await;
-    let mut config = test_config(&db.url);
-    config.proxy.egress.connect_ports = vec![echo.addr.port()];
-    let proxy = TestProxy::start(config).await;
+    let (
+        Setup {
+            db,
+            f,
+            origin,
+            proxy,
+        },
+        echo,
+    ) = setup_with_echo("fly").await;
     assert_eq!(
         exchange(
             proxy.egress,
