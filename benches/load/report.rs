@@ -98,17 +98,21 @@ fn find<'a>(runs: &'a [(String, Run)], name: &str) -> Option<&'a Run> {
     runs.iter().find(|(n, _)| n == name).map(|(_, r)| r)
 }
 
-/// Ingress small-response verdict: Tollgate's req/s >= every reverse proxy's and
-/// p99 <= every reverse proxy's.
-fn ingress_verdict(runs: &[(String, Run)]) -> Option<(bool, String)> {
+/// Tollgate's run and the reference servers' runs (not the direct one); `None`
+/// without Tollgate or without a reference.
+fn tollgate_and_references(runs: &[(String, Run)]) -> Option<(&Run, Vec<&(String, Run)>)> {
     let t = find(runs, "Tollgate")?;
     let others: Vec<&(String, Run)> = runs
         .iter()
         .filter(|(n, _)| n != "Tollgate" && n != "direct")
         .collect();
-    if others.is_empty() {
-        return None;
-    }
+    (!others.is_empty()).then_some((t, others))
+}
+
+/// Ingress small-response verdict: Tollgate's req/s >= every reverse proxy's and
+/// p99 <= every reverse proxy's.
+fn ingress_verdict(runs: &[(String, Run)]) -> Option<(bool, String)> {
+    let (t, others) = tollgate_and_references(runs)?;
     let mut ok = t.errors == 0;
     let mut parts = Vec::new();
     for (name, r) in others {
@@ -126,14 +130,7 @@ fn ingress_verdict(runs: &[(String, Run)]) -> Option<(bool, String)> {
 }
 
 fn egress_verdict(runs: &[(String, Run)]) -> Option<(bool, String)> {
-    let t = find(runs, "Tollgate")?;
-    let others: Vec<&(String, Run)> = runs
-        .iter()
-        .filter(|(n, _)| n != "Tollgate" && n != "direct")
-        .collect();
-    if others.is_empty() {
-        return None;
-    }
+    let (t, others) = tollgate_and_references(runs)?;
     let mut ok = t.errors == 0;
     let mut parts = Vec::new();
     for (name, r) in others {
