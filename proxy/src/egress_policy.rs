@@ -9,8 +9,11 @@
 //! An address passes unless it is in `deny_cidrs`, or it is in the built-in deny
 //! list and not in `allow_cidrs`. The built-in list covers loopback, RFC 1918,
 //! 100.64/10, link-local (incl. 169.254.169.254), multicast, broadcast,
-//! unspecified, reserved and documentation ranges, IPv6 ULA and link-local, and
-//! the IPv4-mapped, IPv4-compatible, NAT64 and 6to4 forms of denied IPv4.
+//! unspecified, reserved and documentation ranges, IPv6 ULA and link-local.
+//! An IPv6 address that carries an IPv4 address (IPv4-mapped, IPv4-compatible,
+//! NAT64, 6to4) is judged as both: each must pass, against the built-in list
+//! and against both operator lists, so no spelling of a denied IPv4 address
+//! gets through and no allow entry opens more than it contains.
 
 use std::future::Future;
 use std::io;
@@ -168,26 +171,34 @@ fn builtin_v4(ip: Ipv4Addr) -> Option<DenyReason> {
     Some(reason)
 }
 
-/// The built-in reason an IPv6 address is refused, if any.
+/// The IPv4 address an IPv6 address carries, for the forms that lead to it:
+/// IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64
+/// (`64:ff9b::/96`) and 6to4 (`2002:aabb:ccdd::/48`).
+fn carried_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let (hi, lo) = match ip.segments() {
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] => (hi, lo),
+        [0, 0, 0, 0, 0, 0, hi, lo] => (hi, lo),
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => (hi, lo),
+        [0x2002, hi, lo, ..] => (hi, lo),
+        _ => return None,
+    };
+    Some(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)))
+}
+
+/// The built-in reason an IPv6 address is refused, if any, judging the address
+/// itself: the IPv4 address a carrying form leads to is judged separately.
 fn builtin_v6(ip: Ipv6Addr) -> Option<DenyReason> {
     let s = ip.segments();
+    // `::` and `::1` are IPv6's own unspecified and loopback addresses, whatever
+    // IPv4-compatible reading they also have.
     if ip.is_unspecified() {
         return Some(DenyReason::Unspecified);
     }
     if ip.is_loopback() {
         return Some(DenyReason::Loopback);
     }
-    // Forms that carry an IPv4 address: judge by it.
-    let embedded = match s {
-        [0, 0, 0, 0, 0, 0xffff, hi, lo] => Some((hi, lo)), // ::ffff:a.b.c.d mapped
-        [0, 0, 0, 0, 0, 0, hi, lo] => Some((hi, lo)),      // ::a.b.c.d compatible
-        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some((hi, lo)), // 64:ff9b::/96 NAT64
-        [0x2002, hi, lo, ..] => Some((hi, lo)),            // 2002::/16 6to4
-        _ => None,
-    };
-    if let Some((hi, lo)) = embedded {
-        let v4 = Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
-        return builtin_v4(v4);
+    if carried_v4(ip).is_some() {
+        return None;
     }
     let reason = match s[0] {
         0xfc00..=0xfdff => DenyReason::UniqueLocal,
@@ -203,6 +214,14 @@ fn builtin_v6(ip: Ipv6Addr) -> Option<DenyReason> {
         _ => return None,
     };
     Some(reason)
+}
+
+/// The built-in reason an address is refused, if any.
+fn builtin(ip: IpAddr) -> Option<DenyReason> {
+    match ip {
+        IpAddr::V4(v4) => builtin_v4(v4),
+        IpAddr::V6(v6) => builtin_v6(v6),
+    }
 }
 
 /// The configured egress policy.
@@ -225,23 +244,31 @@ impl EgressPolicy {
     }
 
     /// Whether `ip` may be reached.
+    ///
+    /// An address is judged together with the IPv4 address it carries, if it is
+    /// one of the forms that lead to one (IPv4-mapped, IPv4-compatible, NAT64,
+    /// 6to4): both must pass. So `deny_cidrs` catches every spelling of a denied
+    /// IPv4 address, and an entry of `allow_cidrs` opens exactly what it
+    /// contains: an allowed `2002::/16` does not open the 6to4 form of a denied
+    /// IPv4 address, and an allowed IPv4 range does not open `::1`.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), DenyReason> {
-        let canonical = ip.to_canonical();
-        let listed = |nets: &[IpNet]| {
-            nets.iter()
-                .any(|n| n.contains(&ip) || n.contains(&canonical))
+        let carried = match ip {
+            IpAddr::V6(v6) => carried_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
         };
-        if listed(&self.deny) {
+        let judged = [Some(ip), carried];
+        let listed = |nets: &[IpNet], addr: IpAddr| nets.iter().any(|n| n.contains(&addr));
+        if judged.iter().flatten().any(|a| listed(&self.deny, *a)) {
             return Err(DenyReason::DeniedCidr);
         }
-        if listed(&self.allow) {
-            return Ok(());
+        for addr in judged.into_iter().flatten() {
+            if let Some(reason) = builtin(addr) {
+                if !listed(&self.allow, addr) {
+                    return Err(reason);
+                }
+            }
         }
-        let builtin = match canonical {
-            IpAddr::V4(v4) => builtin_v4(v4),
-            IpAddr::V6(v6) => builtin_v6(v6),
-        };
-        builtin.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// Whether a CONNECT tunnel may go to `port`.
@@ -475,6 +502,139 @@ mod tests {
                     Some(Host::Ip(parsed)) => proptest::prop_assert_eq!(policy().check_ip(parsed), Err(DenyReason::Loopback)),
                     other => proptest::prop_assert!(false, "{} parsed as {:?}", text, other),
                 }
+            }
+        }
+    }
+
+    /// Every way to write an IPv4 address: as itself, and in each IPv6 form
+    /// that leads to it (6to4 with any subnet and interface bits).
+    fn spellings(v4: Ipv4Addr, subnet: u16, interface: u64) -> Vec<IpAddr> {
+        let [hi, lo] = [(u32::from(v4) >> 16) as u16, u32::from(v4) as u16];
+        let [i0, i1, i2, i3] = [48, 32, 16, 0].map(|shift| (interface >> shift) as u16);
+        vec![
+            IpAddr::V4(v4),
+            IpAddr::V6(v4.to_ipv6_mapped()),
+            IpAddr::V6(v4.to_ipv6_compatible()),
+            IpAddr::V6(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo)),
+            IpAddr::V6(Ipv6Addr::new(0x2002, hi, lo, subnet, i0, i1, i2, i3)),
+        ]
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    /// Allow entries that cover every IPv6 form carrying an IPv4 address.
+    const CARRIER_ALLOWS: &[&str] = &["2002::/16", "64:ff9b::/96", "::ffff:0:0/96", "::/96"];
+
+    #[test]
+    fn the_operator_deny_list_catches_every_spelling() {
+        let p = EgressPolicy::from_config(&EgressConfig {
+            deny_cidrs: nets(&["93.184.216.0/24"]),
+            allow_cidrs: nets(CARRIER_ALLOWS),
+            ..EgressConfig::default()
+        });
+        let target: Ipv4Addr = "93.184.216.34".parse().unwrap();
+        for addr in spellings(target, 0, 0)
+            .into_iter()
+            .chain(spellings(target, 0xbeef, 1))
+        {
+            assert_eq!(p.check_ip(addr), Err(DenyReason::DeniedCidr), "{addr}");
+        }
+        for text in [
+            "1572395042",
+            "0x5db8d822",
+            "0135.0270.0330.042",
+            "93.184.55330",
+            "[::ffff:93.184.216.34]",
+            "[::93.184.216.34]",
+            "[64:ff9b::5db8:d822]",
+            "[2002:5db8:d822::1]",
+        ] {
+            assert_eq!(p.check_ip(ip(text)), Err(DenyReason::DeniedCidr), "{text}");
+        }
+        // Its neighbours outside the denied range still pass, in every form.
+        for addr in spellings("93.184.217.34".parse().unwrap(), 7, 7) {
+            assert_eq!(p.check_ip(addr), Ok(()), "{addr}");
+        }
+    }
+
+    #[test]
+    fn allow_entries_open_only_what_they_contain() {
+        let p = EgressPolicy::from_config(&EgressConfig {
+            allow_cidrs: nets(&["2002::/16", "64:ff9b::/96", "0.0.0.0/8", "203.0.113.0/24"]),
+            ..EgressConfig::default()
+        });
+        let refused = [
+            // 6to4 and NAT64 forms of denied IPv4 stay denied under a v6 allow.
+            ("2002:7f00:1::", DenyReason::Loopback),
+            ("2002:a9fe:a9fe::1", DenyReason::LinkLocal),
+            ("64:ff9b::a00:1", DenyReason::Private),
+            ("64:ff9b::7f00:1", DenyReason::Loopback),
+            // An IPv4 allow does not open IPv6's own loopback or unspecified,
+            // whose IPv4-compatible reading (0.0.0.1, 0.0.0.0) it contains.
+            ("::1", DenyReason::Loopback),
+            ("::", DenyReason::Unspecified),
+            ("::ffff:10.0.0.1", DenyReason::Private),
+        ];
+        for (addr, reason) in refused {
+            assert_eq!(p.check_ip(addr.parse().unwrap()), Err(reason), "{addr}");
+        }
+        for addr in [
+            "2002:808:808::",
+            "64:ff9b::808:808",
+            "203.0.113.7",
+            "::ffff:203.0.113.7",
+            "64:ff9b::cb00:7107",
+            "2002:cb00:7107::1",
+        ] {
+            assert_eq!(p.check_ip(addr.parse().unwrap()), Ok(()), "{addr}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the allow list says about the IPv6 forms, every spelling of
+        /// an IPv4 address the built-in list denies is denied.
+        #[test]
+        fn every_spelling_of_a_builtin_denied_ipv4_address_is_denied(
+            a in proptest::prelude::any::<u32>(),
+            subnet in proptest::prelude::any::<u16>(),
+            interface in proptest::prelude::any::<u64>(),
+        ) {
+            let v4 = Ipv4Addr::from(a);
+            let p = EgressPolicy::from_config(&EgressConfig {
+                allow_cidrs: nets(CARRIER_ALLOWS),
+                ..EgressConfig::default()
+            });
+            let denied = builtin_v4(v4).is_some();
+            for addr in spellings(v4, subnet, interface) {
+                proptest::prop_assert_eq!(p.check_ip(addr).is_err(), denied, "{}", addr);
+            }
+        }
+
+        /// Every spelling of an IPv4 address in `deny_cidrs` is refused as such,
+        /// allow lists notwithstanding.
+        #[test]
+        fn every_spelling_of_an_operator_denied_ipv4_address_is_denied(
+            a in proptest::prelude::any::<u32>(),
+            prefix in 8u8..=32,
+            subnet in proptest::prelude::any::<u16>(),
+            interface in proptest::prelude::any::<u64>(),
+        ) {
+            let v4 = Ipv4Addr::from(a);
+            let net = ipnet::Ipv4Net::new(v4, prefix).unwrap().trunc();
+            let mut allow = nets(CARRIER_ALLOWS);
+            allow.push(IpNet::V4(net));
+            let p = EgressPolicy::from_config(&EgressConfig {
+                deny_cidrs: vec![IpNet::V4(net)],
+                allow_cidrs: allow,
+                ..EgressConfig::default()
+            });
+            for addr in spellings(v4, subnet, interface) {
+                proptest::prop_assert_eq!(p.check_ip(addr), Err(DenyReason::DeniedCidr), "{}", addr);
+            }
+            for text in [v4.to_string(), a.to_string(), format!("0x{a:x}")] {
+                proptest::prop_assert_eq!(p.check_ip(ip(&text)), Err(DenyReason::DeniedCidr), "{}", text);
             }
         }
     }
