@@ -8,19 +8,34 @@
 //! - Kept fresh: entries older than `refresh_after` are re-read in batches in the
 //!   background; a NOTIFY (token rotated, VPS re-assigned or changed, agent
 //!   deleted) evicts the entry at once, so the next request re-reads it.
+//! - Invalidation wins over reads in flight: a read that started before an
+//!   invalidation of its id is not installed (a fill reads again), so a row read
+//!   just before a rotation can never bring the old token back.
+//! - Revocation: each entry carries a token, [`Agent::revoked`], that relays
+//!   opened with the entry watch. It passes from an entry to its successor while
+//!   the credential stays valid (same gateway token, VPS and user) and is
+//!   cancelled when a re-read shows it is not: token rotated, agent deleted,
+//!   moved to another VPS or user. An evicted entry is re-read at once in the
+//!   background, so its relays are cut within the second even if no request
+//!   comes.
 //! - Survives the database: while it is down, entries keep serving until they
-//!   are `max_stale` old; unknown ids get `Unavailable` (503), not `Unknown` (407).
+//!   are `max_stale` old (an evicted entry too, until the database can say
+//!   whether its credential still holds); unknown ids get `Unavailable` (503),
+//!   not `Unknown` (407).
 //!
 //! Each entry carries the resolved per-VPS counter and user gate, so the request
 //! path does one map lookup for auth, metering and enforcement together.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use tollgate_core::config::DirectoryConfig;
@@ -35,6 +50,11 @@ use crate::telemetry;
 const MAX_CONCURRENT_FILLS: usize = 4;
 /// Agents re-read per statement when refreshing.
 const REFRESH_BATCH: usize = 5_000;
+/// Reads of one id a fill makes when invalidations keep landing during them.
+const FILL_ATTEMPTS: usize = 3;
+/// First and longest wait before re-reading evicted entries again after the
+/// database failed to answer.
+const RECHECK_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
 
 /// A known agent, as the request path needs it.
 pub struct Agent {
@@ -46,6 +66,7 @@ pub struct Agent {
     pub counter: Option<Arc<VpsCounter>>,
     pub gate: Arc<UserGate>,
     fetched_at: Instant,
+    revoked: CancellationToken,
 }
 
 impl std::fmt::Debug for Agent {
@@ -54,6 +75,7 @@ impl std::fmt::Debug for Agent {
             .field("agent_id", &self.agent_id)
             .field("user_id", &self.user_id)
             .field("vps", &self.vps)
+            .field("revoked", &self.revoked.is_cancelled())
             .finish_non_exhaustive()
     }
 }
@@ -62,6 +84,21 @@ impl Agent {
     /// Whether `token` is this agent's gateway token, in constant time.
     pub fn token_matches(&self, token: &[u8]) -> bool {
         self.token.ct_eq(token).into()
+    }
+
+    /// Cancelled once the credential this entry was read with stops being valid
+    /// (token rotated, agent deleted, moved to another VPS or user). Shared with
+    /// the entries that succeed this one while the credential holds, so a relay
+    /// that watches it is cut by whichever later change revokes it.
+    pub fn revoked(&self) -> &CancellationToken {
+        &self.revoked
+    }
+
+    /// Whether `record` carries the credential this entry was read with.
+    fn same_credential(&self, record: &AgentRecord) -> bool {
+        self.user_id == record.user_id
+            && self.vps.as_ref().map(|v| v.id) == record.vps.as_ref().map(|v| v.id)
+            && self.token_matches(record.gateway_token.as_bytes())
     }
 }
 
@@ -76,9 +113,73 @@ pub enum Lookup {
     Unavailable,
 }
 
+/// Reads of one id in flight, and how many invalidations of it landed meanwhile.
+#[derive(Debug, Default)]
+struct ReadState {
+    readers: u32,
+    generation: u64,
+}
+
+/// A database read of some ids in flight: knows, per id, whether an
+/// invalidation landed since it started. Dropping it ends the read.
+struct Reads<'a> {
+    directory: &'a Directory,
+    started: HashMap<Uuid, u64>,
+}
+
+impl Reads<'_> {
+    /// Whether an invalidation of `id` landed since the read started. Asked with
+    /// the id's `entries` shard locked, which `invalidate` takes too.
+    fn superseded(&self, id: Uuid) -> bool {
+        let Some(started) = self.started.get(&id) else {
+            return true;
+        };
+        self.directory
+            .reads
+            .get(&id)
+            .is_none_or(|s| s.generation != *started)
+    }
+}
+
+impl Drop for Reads<'_> {
+    fn drop(&mut self) {
+        for id in self.started.keys() {
+            if let Entry::Occupied(mut state) = self.directory.reads.entry(*id) {
+                state.get_mut().readers -= 1;
+                if state.get().readers == 0 {
+                    state.remove();
+                }
+            }
+        }
+    }
+}
+
+/// What the database said about one id, as far as the directory took it in.
+enum Read {
+    Installed(Arc<Agent>),
+    Deleted,
+    /// An invalidation landed while reading: the row may be older than it.
+    Superseded,
+}
+
+/// A row read from the database, with the counter and gate its entry will use.
+struct Prepared {
+    record: AgentRecord,
+    counter: Option<Arc<VpsCounter>>,
+    gate: Arc<UserGate>,
+}
+
 #[derive(Debug)]
 pub struct Directory {
     entries: DashMap<Uuid, Arc<Agent>>,
+    /// Entries a change notification evicted, until a re-read says whether their
+    /// credential still holds (their relays live on meanwhile).
+    suspended: DashMap<Uuid, Arc<Agent>>,
+    /// Ids being read from the database. Lock order: an `entries` shard, then a
+    /// `reads` or `suspended` shard, never the other way round.
+    reads: DashMap<Uuid, ReadState>,
+    /// Wakes the background task to re-read suspended entries.
+    recheck: Notify,
     unknown: DashMap<Uuid, Instant>,
     fills: Semaphore,
     pool: PgPool,
@@ -98,6 +199,9 @@ impl Directory {
     ) -> Self {
         Self {
             entries: DashMap::new(),
+            suspended: DashMap::new(),
+            reads: DashMap::new(),
+            recheck: Notify::new(),
             unknown: DashMap::new(),
             fills: Semaphore::new(MAX_CONCURRENT_FILLS),
             pool,
@@ -119,7 +223,7 @@ impl Directory {
         Box::pin(self.fill(agent_id)).await
     }
 
-    /// Read an agent the cache cannot answer for, one fill per id at a time.
+    /// Read an agent the cache cannot answer for.
     async fn fill(&self, agent_id: Uuid) -> Lookup {
         let Ok(_permit) = self.fills.acquire().await else {
             return Lookup::Unavailable;
@@ -128,28 +232,17 @@ impl Directory {
         if let Some(found) = self.cached(agent_id) {
             return found;
         }
-        let outcome = match agents::agent_by_id(&self.pool, agent_id).await {
-            Ok(Some(record)) => match self.entry(record, None).await {
-                Ok(agent) => {
-                    self.entries.insert(agent_id, agent.clone());
-                    Lookup::Found(agent)
-                }
-                Err(e) => {
-                    self.health.db_failed("loading a user's decision", &e);
-                    Lookup::Unavailable
-                }
-            },
-            Ok(None) => {
-                self.remember_unknown(agent_id);
-                Lookup::Unknown
+        let mut outcome = Lookup::Unavailable;
+        for _ in 0..FILL_ATTEMPTS {
+            match self.read(&[agent_id]).await {
+                Ok(mut read) => match read.pop() {
+                    Some(Read::Installed(agent)) => outcome = Lookup::Found(agent),
+                    Some(Read::Deleted) => outcome = Lookup::Unknown,
+                    Some(Read::Superseded) | None => continue,
+                },
+                Err(_) => outcome = self.serve_suspended(agent_id),
             }
-            Err(e) => {
-                self.health.db_failed("looking up an agent", &e);
-                Lookup::Unavailable
-            }
-        };
-        if !matches!(outcome, Lookup::Unavailable) {
-            self.health.db_ok();
+            break;
         }
         let result = match outcome {
             Lookup::Found(_) => "filled",
@@ -158,6 +251,17 @@ impl Directory {
         };
         metrics::counter!(telemetry::DIRECTORY_LOOKUPS, "result" => result).increment(1);
         outcome
+    }
+
+    /// While the database cannot answer, an entry evicted by a change keeps
+    /// serving up to `max_stale`, like any cached entry.
+    fn serve_suspended(&self, agent_id: Uuid) -> Lookup {
+        match self.suspended.get(&agent_id) {
+            Some(agent) if agent.fetched_at.elapsed() <= self.config.max_stale => {
+                Lookup::Found(agent.clone())
+            }
+            _ => Lookup::Unavailable,
+        }
     }
 
     fn cached(&self, agent_id: Uuid) -> Option<Lookup> {
@@ -186,13 +290,63 @@ impl Directory {
         self.unknown.insert(agent_id, Instant::now());
     }
 
-    /// Build an entry, reusing the previous entry's counter and gate when the VPS
-    /// and user are unchanged.
-    async fn entry(
-        &self,
-        record: AgentRecord,
-        previous: Option<&Agent>,
-    ) -> Result<Arc<Agent>, sqlx::Error> {
+    /// Read `ids` (at most one batch) and take in what the database says: install
+    /// the agents found, forget (and revoke) those it no longer has, unless an
+    /// invalidation of the id landed meanwhile. One `Read` per id, in order.
+    async fn read(&self, ids: &[Uuid]) -> Result<Vec<Read>, sqlx::Error> {
+        let reads = self.start_reads(ids);
+        let records = match agents::agents_by_ids(&self.pool, ids).await {
+            Ok(records) => records,
+            Err(e) => {
+                self.health.db_failed("looking up agents", &e);
+                return Err(e);
+            }
+        };
+        let mut found: HashMap<Uuid, AgentRecord> =
+            records.into_iter().map(|r| (r.agent_id, r)).collect();
+        let mut outcome = Vec::with_capacity(ids.len());
+        for id in ids {
+            let read = match found.remove(id) {
+                Some(record) => match self.prepare(record).await {
+                    Ok(prepared) => self.install(prepared, &reads),
+                    Err(e) => {
+                        self.health.db_failed("loading a user's decision", &e);
+                        return Err(e);
+                    }
+                },
+                None => self.forget(*id, &reads),
+            };
+            outcome.push(read);
+        }
+        self.health.db_ok();
+        Ok(outcome)
+    }
+
+    fn start_reads(&self, ids: &[Uuid]) -> Reads<'_> {
+        let started = ids
+            .iter()
+            .map(|id| {
+                let mut state = self.reads.entry(*id).or_default();
+                state.readers += 1;
+                (*id, state.generation)
+            })
+            .collect();
+        Reads {
+            directory: self,
+            started,
+        }
+    }
+
+    /// The counter and gate for `record`, reusing the previous entry's when the
+    /// VPS and user are unchanged.
+    async fn prepare(&self, record: AgentRecord) -> Result<Prepared, sqlx::Error> {
+        let id = record.agent_id;
+        let previous = self
+            .entries
+            .get(&id)
+            .map(|e| e.clone())
+            .or_else(|| self.suspended.get(&id).map(|e| e.clone()));
+        let previous = previous.as_deref();
         let gate = match previous.filter(|p| p.user_id == record.user_id) {
             Some(p) => p.gate.clone(),
             None => self.enforcer.gate(record.user_id).await?,
@@ -208,21 +362,96 @@ impl Directory {
         if let Some(counter) = &counter {
             gate.track(counter);
         }
-        Ok(Arc::new(Agent {
-            agent_id: record.agent_id,
+        Ok(Prepared {
+            record,
+            counter,
+            gate,
+        })
+    }
+
+    /// Make `prepared` the entry of its agent, unless an invalidation landed
+    /// since `reads` started. The entry it replaces (cached or suspended) hands
+    /// on its revocation token if the credential is the same, and is revoked if
+    /// not.
+    fn install(&self, prepared: Prepared, reads: &Reads<'_>) -> Read {
+        let Prepared {
+            record,
+            counter,
+            gate,
+        } = prepared;
+        let id = record.agent_id;
+        let slot = self.entries.entry(id);
+        if reads.superseded(id) {
+            return Read::Superseded;
+        }
+        let cached = match &slot {
+            Entry::Occupied(o) => Some(o.get().clone()),
+            Entry::Vacant(_) => None,
+        };
+        let suspended = self.suspended.remove(&id).map(|(_, a)| a);
+        let mut revoked = None;
+        for old in cached.iter().chain(suspended.iter()) {
+            if revoked.is_none() && old.same_credential(&record) {
+                revoked = Some(old.revoked.clone());
+            } else {
+                revoke(old);
+            }
+        }
+        let agent = Arc::new(Agent {
+            agent_id: id,
             user_id: record.user_id,
             token: record.gateway_token.into_bytes().into_boxed_slice(),
             vps: record.vps,
             counter,
             gate,
             fetched_at: Instant::now(),
-        }))
+            revoked: revoked.unwrap_or_default(),
+        });
+        slot.insert(agent.clone());
+        self.unknown.remove(&id);
+        Read::Installed(agent)
     }
 
-    /// Forget an agent (its row changed); the next request re-reads it.
+    /// The database no longer has `id`: drop and revoke its entry, unless an
+    /// invalidation landed since `reads` started.
+    fn forget(&self, id: Uuid, reads: &Reads<'_>) -> Read {
+        let slot = self.entries.entry(id);
+        if reads.superseded(id) {
+            return Read::Superseded;
+        }
+        if let Entry::Occupied(o) = slot {
+            revoke(&o.remove());
+        }
+        if let Some((_, old)) = self.suspended.remove(&id) {
+            revoke(&old);
+        }
+        self.remember_unknown(id);
+        Read::Deleted
+    }
+
+    /// An agent's row changed: evict its entry so the next request re-reads it,
+    /// make reads of it already in flight void, and re-read it at once in the
+    /// background so relays on a revoked credential are cut without waiting for
+    /// a request.
     pub fn invalidate(&self, agent_id: Uuid) {
-        self.entries.remove(&agent_id);
+        let slot = self.entries.entry(agent_id);
+        if let Some(mut state) = self.reads.get_mut(&agent_id) {
+            state.generation += 1;
+        }
+        if let Entry::Occupied(o) = slot {
+            let old = o.remove();
+            // Installing an entry clears the suspended one, so there is none here;
+            // if there were, keeping both alive could hide one from revocation.
+            if let Some(previous) = self.suspended.insert(agent_id, old) {
+                revoke(&previous);
+            }
+        } else {
+            drop(slot);
+        }
         self.unknown.remove(&agent_id);
+        if self.suspended.contains_key(&agent_id) {
+            self.recheck.notify_one();
+        }
     }
 
     /// Re-read entries older than `older_than` in batches; drop deleted agents.
@@ -234,40 +463,63 @@ impl Directory {
             .map(|e| *e.key())
             .collect();
         for chunk in due.chunks(REFRESH_BATCH) {
-            let records = match agents::agents_by_ids(&self.pool, chunk).await {
-                Ok(r) => r,
-                Err(e) => {
-                    self.health.db_failed("refreshing agents", &e);
-                    return Err(e);
-                }
-            };
-            let mut seen = std::collections::HashSet::with_capacity(records.len());
-            for record in records {
-                let id = record.agent_id;
-                seen.insert(id);
-                let previous = self.entries.get(&id).map(|e| e.clone());
-                let fresh = self.entry(record, previous.as_deref()).await?;
-                self.entries.insert(id, fresh);
-            }
-            for id in chunk.iter().filter(|id| !seen.contains(id)) {
-                self.entries.remove(id);
-            }
+            self.read(chunk).await?;
         }
-        self.health.db_ok();
         metrics::gauge!(telemetry::DIRECTORY_ENTRIES).set(self.entries.len() as f64);
         Ok(due.len())
     }
 
-    /// Background refresher: every half `refresh_after`, re-read what is due.
-    pub async fn run_refresher(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+    /// Re-read the entries evicted by change notifications: reinstate those whose
+    /// credential holds, revoke the others.
+    async fn recheck_suspended(&self) -> Result<(), sqlx::Error> {
+        let ids: Vec<Uuid> = self.suspended.iter().map(|e| *e.key()).collect();
+        for chunk in ids.chunks(REFRESH_BATCH) {
+            self.read(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Background work: re-read evicted entries as soon as they are evicted
+    /// (retrying with backoff while the database cannot answer), and every half
+    /// `refresh_after` re-read what is due.
+    pub async fn run_refresher(self: Arc<Self>, shutdown: CancellationToken) {
+        use tokio::time::Instant;
         let every = (self.config.refresh_after / 2).max(Duration::from_millis(500));
+        let mut next_refresh = Instant::now() + every;
+        let mut retry = None;
+        let mut backoff = RECHECK_RETRY.0;
         loop {
+            let wake = retry.map_or(next_refresh, |at: Instant| at.min(next_refresh));
             tokio::select! {
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = self.recheck.notified() => {}
                 _ = shutdown.cancelled() => return,
             }
-            if let Err(e) = self.refresh(self.config.refresh_after).await {
-                tracing::debug!(error = %e, "agent refresh failed; entries keep serving until max_stale");
+            if !self.suspended.is_empty() {
+                let rechecked = tokio::select! {
+                    r = self.recheck_suspended() => r,
+                    _ = shutdown.cancelled() => return,
+                };
+                match rechecked {
+                    Ok(()) => (retry, backoff) = (None, RECHECK_RETRY.0),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "re-reading changed agents failed; retrying");
+                        retry = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(RECHECK_RETRY.1);
+                    }
+                }
+            } else {
+                retry = None;
+            }
+            if Instant::now() >= next_refresh {
+                let refreshed = tokio::select! {
+                    r = self.refresh(self.config.refresh_after) => r,
+                    _ = shutdown.cancelled() => return,
+                };
+                if let Err(e) = refreshed {
+                    tracing::debug!(error = %e, "agent refresh failed; entries keep serving until max_stale");
+                }
+                next_refresh = Instant::now() + every;
             }
         }
     }
@@ -278,5 +530,13 @@ impl Directory {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// Cut everything opened with `agent`'s credential.
+fn revoke(agent: &Agent) {
+    if !agent.revoked.is_cancelled() {
+        tracing::info!(agent_id = %agent.agent_id, "agent credential revoked: closing its relays");
+        agent.revoked.cancel();
     }
 }
