@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use support::client::{exchange, get_request, post_request, read_head};
 use support::origin::{EchoServer, Origin};
 use support::pg_relay::PgRelay;
 use support::proxy::{temp_dir, test_config, ProxyProcess, TestProxy};
+use support::wait::{eventually, holds};
 use support::{Fixture, TestDb};
 
 /// Bytes moved by clients, measured on their own sockets.
@@ -28,14 +29,24 @@ struct Totals {
 }
 
 impl Totals {
-    /// The database shows exactly what the clients moved.
-    async fn expect_counted(&self, db: &TestDb, f: &Fixture) {
-        let (read, written) = (
+    fn moved(&self) -> (u64, u64) {
+        (
             self.read.load(Ordering::SeqCst),
             self.written.load(Ordering::SeqCst),
-        );
+        )
+    }
+
+    /// The database shows exactly what the clients moved.
+    async fn expect_counted(&self, db: &TestDb, f: &Fixture) {
+        let (read, written) = self.moved();
         db.expect_usage(f.vps, read, written, Duration::from_secs(20))
             .await;
+    }
+
+    /// Once the proxy has stopped (final flush written), still exactly that.
+    async fn assert_counted(&self, db: &TestDb, f: &Fixture) {
+        let (read, written) = self.moved();
+        db.assert_usage(f.vps, read, written).await;
     }
 }
 
@@ -110,10 +121,11 @@ async fn killing_the_flushers_connection_mid_flush_neither_loses_nor_doubles() {
     );
     warm_up(proxy.egress, &origin, &f, &totals).await;
     let workers = drive_load(proxy.egress, &origin, &f, 6, stop.clone(), totals.clone());
+    let killed = Arc::new(AtomicU64::new(0));
     let killer = {
         let (pool, name, stop) = (db.pool.clone(), db.name.clone(), stop.clone());
+        let killed = killed.clone();
         tokio::spawn(async move {
-            let mut killed_in_transaction = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 // Kill the proxy's backends while they are in the middle of a statement
                 // or transaction: that is where the flush lives.
@@ -126,16 +138,27 @@ async fn killing_the_flushers_connection_mid_flush_neither_loses_nor_doubles() {
                 .fetch_one(&pool)
                 .await
                 .unwrap_or(0);
-                killed_in_transaction += n as u64;
+                killed.fetch_add(n as u64, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(3)).await;
             }
-            killed_in_transaction
         })
     };
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Load and kills for at least 4 s, and until the killer has caught a flush
+    // (on a loaded machine that can take longer).
+    let loaded_since = Instant::now();
+    eventually(
+        Duration::from_secs(60),
+        "a proxy backend killed mid-statement",
+        || async {
+            let n = killed.load(Ordering::SeqCst);
+            holds(n > 0 && loaded_since.elapsed() >= Duration::from_secs(4), n)
+        },
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     finish(workers).await;
-    let killed = killer.await.unwrap();
+    killer.await.unwrap();
+    let killed = killed.load(Ordering::SeqCst);
     println!(
         "killed {killed} proxy backends mid-statement; {} exchanges",
         totals.ok.load(Ordering::SeqCst)
@@ -147,6 +170,7 @@ async fn killing_the_flushers_connection_mid_flush_neither_loses_nor_doubles() {
     assert_eq!(totals.failed.load(Ordering::SeqCst), 0);
     totals.expect_counted(&db, &f).await;
     proxy.stop().await;
+    totals.assert_counted(&db, &f).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,10 +212,17 @@ async fn a_ten_second_database_outage_under_load_neither_loses_nor_doubles() {
     assert_eq!(totals.failed.load(Ordering::SeqCst), 0);
     totals.expect_counted(&db, &f).await;
     proxy.stop().await;
+    totals.assert_counted(&db, &f).await;
 }
 
-/// A download of `len` bytes read slowly, so it is in flight for a while.
-async fn slow_download(proxy: std::net::SocketAddr, url: String, auth: String) -> (u64, u64) {
+/// A download read slowly, so it is in flight for a while; bumps `flowing`
+/// once the first bytes have arrived.
+async fn slow_download(
+    proxy: std::net::SocketAddr,
+    url: String,
+    auth: String,
+    flowing: Arc<AtomicUsize>,
+) -> (u64, u64) {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     let request = get_request(&url, &auth);
     s.write_all(&request).await.unwrap();
@@ -200,19 +231,26 @@ async fn slow_download(proxy: std::net::SocketAddr, url: String, auth: String) -
     loop {
         match s.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => read += n as u64,
+            Ok(n) => {
+                if read == 0 {
+                    flowing.fetch_add(1, Ordering::SeqCst);
+                }
+                read += n as u64;
+            }
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     (request.len() as u64, read)
 }
 
-/// A tunnel that sends `rounds` pieces over time and reads the echo.
+/// A tunnel that sends `rounds` pieces over time and reads the echo; bumps
+/// `flowing` once the first echo has come back.
 async fn slow_tunnel(
     proxy: std::net::SocketAddr,
     target: String,
     auth: String,
     rounds: usize,
+    flowing: Arc<AtomicUsize>,
 ) -> (u64, u64) {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     let request = format!("CONNECT {target} HTTP/1.1\r\nproxy-authorization: {auth}\r\n\r\n");
@@ -226,9 +264,12 @@ async fn slow_tunnel(
     let (mut written, mut read) = (request.len() as u64, head.len() as u64);
     let piece = vec![b't'; 10_000];
     let mut back = vec![0u8; piece.len()];
-    for _ in 0..rounds {
+    for round in 0..rounds {
         s.write_all(&piece).await.unwrap();
         s.read_exact(&mut back).await.unwrap();
+        if round == 0 {
+            flowing.fetch_add(1, Ordering::SeqCst);
+        }
         written += piece.len() as u64;
         read += back.len() as u64;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -255,9 +296,11 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
     )
     .await;
     let mut inflight = Vec::new();
+    let flowing = Arc::new(AtomicUsize::new(0));
     for i in 0..6u64 {
         let (url, auth) = (origin.url(&format!("/bytes/{}", 3_000_000 + i)), f.basic());
-        inflight.push(tokio::spawn(slow_download(proxy.egress, url, auth)));
+        let download = slow_download(proxy.egress, url, auth, flowing.clone());
+        inflight.push(tokio::spawn(download));
     }
     for _ in 0..3 {
         inflight.push(tokio::spawn(slow_tunnel(
@@ -265,9 +308,19 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
             echo.addr.to_string(),
             f.basic(),
             15,
+            flowing.clone(),
         )));
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // SIGTERM once every transfer is under way.
+    eventually(
+        Duration::from_secs(20),
+        "all 9 transfers flowing",
+        || async {
+            let n = flowing.load(Ordering::SeqCst);
+            holds(n == 9, n)
+        },
+    )
+    .await;
     let signalled = Instant::now();
     let status = proxy.terminate().await;
     assert!(status.success(), "proxy exited with {status}");
@@ -287,8 +340,8 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
         0,
         "nothing spilled with the database up"
     );
-    db.expect_usage(f.vps, read, written, Duration::from_secs(5))
-        .await;
+    // The proxy has exited: its final flush is in.
+    db.assert_usage(f.vps, read, written).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,22 +377,21 @@ async fn database_down_at_exit_spills_and_the_next_start_replays_exactly_once() 
 
     relay.cut();
     let (w2, r2) = run(10, first.egress).await; // served from the directory cache
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_, metrics) = support::proxy::http_get(first.admin, "/metrics")
-            .await
-            .unwrap();
-        if metrics.contains("tollgate_database_up 0")
-            && metrics.contains("tollgate_flush_failures_total")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the outage shows in metrics: {metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the outage shows in metrics",
+        || async {
+            let (_, metrics) = support::proxy::http_get(first.admin, "/metrics")
+                .await
+                .unwrap();
+            holds(
+                metrics.contains("tollgate_database_up 0")
+                    && metrics.contains("tollgate_flush_failures_total"),
+                metrics,
+            )
+        },
+    )
+    .await;
     let status = first.terminate().await;
     assert!(status.success(), "{status}");
     let spilled: Vec<_> = std::fs::read_dir(&spill)
@@ -368,6 +420,7 @@ async fn database_down_at_exit_spills_and_the_next_start_replays_exactly_once() 
         "replayed spill files are removed"
     );
     assert!(second.terminate().await.success());
+    db.assert_usage(f.vps, r1 + r2, w1 + w2).await;
 
     // Replaying the same batch again (a copy restored by hand) changes nothing.
     for p in std::fs::read_dir(&copies).unwrap() {
@@ -375,14 +428,19 @@ async fn database_down_at_exit_spills_and_the_next_start_replays_exactly_once() 
         std::fs::copy(&p, spill.join(p.file_name().unwrap())).unwrap();
     }
     let third = ProxyProcess::start(&db.url, &spill, &[], true).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(&spill).unwrap().count() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
-    db.expect_usage(f.vps, r1 + r2, w1 + w2, Duration::from_secs(2))
-        .await;
+    // The replayed copy is removed once the ledger has skipped it.
+    eventually(
+        Duration::from_secs(10),
+        "the spill copy replayed and removed",
+        || async {
+            let left = std::fs::read_dir(&spill).unwrap().count();
+            holds(left == 0, left)
+        },
+    )
+    .await;
+    db.assert_usage(f.vps, r1 + r2, w1 + w2).await;
     assert!(third.terminate().await.success());
+    db.assert_usage(f.vps, r1 + r2, w1 + w2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -480,16 +538,14 @@ async fn fifty_mib_each_way_stream_through_with_bounded_memory() {
         growth_mib < 16.0,
         "proxy RSS grew {growth_mib:.1} MiB: bodies are being buffered"
     );
-    let (rx, tx, _) = db.usage(f.vps).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (mut rx, mut tx) = (rx, tx);
-    while (rx as u64) < SIZE || (tx as u64) < SIZE {
-        assert!(
-            Instant::now() < deadline,
-            "both directions counted: rx {rx} tx {tx}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        (rx, tx, _) = db.usage(f.vps).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        format!("both directions counted: rx and tx >= {SIZE}"),
+        || async {
+            let (rx, tx, _) = db.usage(f.vps).await;
+            holds(rx as u64 >= SIZE && tx as u64 >= SIZE, (rx, tx))
+        },
+    )
+    .await;
     assert!(proxy.terminate().await.success());
 }

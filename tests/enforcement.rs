@@ -1,7 +1,7 @@
 //! Enforcement end to end: plan limits and budgets in PostgreSQL, traffic through
 //! the egress proxy, CPU from a real cgroup through the monitor, and blocks and
-//! unblocks taking effect within seconds. Prints the measured latency and
-//! overshoot.
+//! unblocks taking effect. Prints the measured latency and overshoot; the load
+//! harness (benches/load) holds them to the SPEC's figures.
 
 mod support;
 
@@ -14,6 +14,7 @@ use support::client::{exchange, get_request, read_head};
 use support::monitor::{monitor_config, Cgroup, TestMonitor};
 use support::origin::{EchoServer, Origin};
 use support::proxy::{test_config, TestProxy};
+use support::wait::{eventually, holds, PROMPTLY};
 use support::{Fixture, TestDb};
 
 const MIB: u64 = 1 << 20;
@@ -28,7 +29,7 @@ async fn probe(proxy: std::net::SocketAddr, origin: &Origin, f: &Fixture) -> (u1
     (ex.status, reason)
 }
 
-/// Poll until a probe answers `status`; returns how long it took.
+/// Poll until a probe answers `status`; returns how long it took, and the reason.
 async fn until_status(
     proxy: std::net::SocketAddr,
     origin: &Origin,
@@ -37,17 +38,12 @@ async fn until_status(
     within: Duration,
 ) -> (Duration, String) {
     let started = Instant::now();
-    loop {
-        let (got, reason) = probe(proxy, origin, f).await;
-        if got == status {
-            return (started.elapsed(), reason);
-        }
-        assert!(
-            started.elapsed() < within,
-            "still {got} after {within:?} (wanted {status})"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (_, reason) = eventually(within, format!("a probe answers {status}"), || async {
+        let answer = probe(proxy, origin, f).await;
+        holds(answer.0 == status, answer)
+    })
+    .await;
+    (started.elapsed(), reason)
 }
 
 /// Download `bytes` through the proxy; returns the instant the client's
@@ -82,25 +78,23 @@ async fn download_crossing(
 
 /// Wait until the user's published decision blocks with `reason`; its figures.
 async fn wait_published(db: &TestDb, user: uuid::Uuid, reason: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let row: Option<(Option<String>, serde_json::Value)> =
-            sqlx::query_as("SELECT reason, figures FROM usage_decisions WHERE user_id = $1")
-                .bind(user)
-                .fetch_optional(&db.pool)
-                .await
-                .unwrap();
-        if let Some((Some(r), figures)) = &row {
-            if r == reason {
-                return figures.clone();
+    eventually(
+        PROMPTLY,
+        format!("a {reason} decision published"),
+        || async {
+            let row: Option<(Option<String>, serde_json::Value)> =
+                sqlx::query_as("SELECT reason, figures FROM usage_decisions WHERE user_id = $1")
+                    .bind(user)
+                    .fetch_optional(&db.pool)
+                    .await
+                    .unwrap();
+            match row {
+                Some((Some(r), figures)) if r == reason => Ok(figures),
+                other => Err(other),
             }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {reason} decision published within 3 s: {row:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        },
+    )
+    .await
 }
 
 async fn bandwidth(db: &TestDb, vps: uuid::Uuid) -> i64 {
@@ -108,7 +102,7 @@ async fn bandwidth(db: &TestDb, vps: uuid::Uuid) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again_when_spent() {
+async fn bandwidth_blocks_promptly_unblocks_on_budget_and_blocks_again_when_spent() {
     let db = TestDb::new().await;
     let f = db.fixture("fly").await;
     db.update_plan(
@@ -141,11 +135,11 @@ async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again
     let (moved, crossed) = download_crossing(proxy.egress, &origin, &f, 2 * MIB, used, MIB).await;
     used += moved;
     let crossed = crossed.expect("the download crossed the limit");
-    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, Duration::from_secs(5)).await;
+    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, PROMPTLY).await;
     let latency = crossed.elapsed();
     assert_eq!(reason, "bandwidth");
     let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(1), tunnel.read_to_end(&mut rest)).await;
+    let closed = tokio::time::timeout(PROMPTLY, tunnel.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the open tunnel was closed by the block");
     // Once the block is published, everything counted has been written.
     wait_published(&db, f.user, "bandwidth").await;
@@ -155,7 +149,7 @@ async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again
          (recorded {recorded}, client moved {used})",
         recorded - MIB as i64
     );
-    assert!(latency <= Duration::from_secs(2), "block took {latency:?}");
+    assert!(latency <= PROMPTLY, "block took {latency:?}");
     // The download in flight is cut close to the limit, not allowed to finish.
     assert!(
         recorded - (MIB as i64) < 256 * 1024,
@@ -168,7 +162,7 @@ async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again
     db.update_plan(f.plan, "overage_bandwidth_cost_per_gb_cents = 100")
         .await;
     db.set_budget(f.user, 1).await;
-    until_status(proxy.egress, &origin, &f, 204, Duration::from_secs(2)).await;
+    until_status(proxy.egress, &origin, &f, 204, PROMPTLY).await;
     println!(
         "unblocked {:?} after the rate and budget changed",
         changed.elapsed()
@@ -187,11 +181,11 @@ async fn bandwidth_blocks_within_two_seconds_unblocks_on_budget_and_blocks_again
     )
     .await;
     let crossed = crossed.expect("crossed the budget");
-    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, Duration::from_secs(5)).await;
+    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, PROMPTLY).await;
     let latency = crossed.elapsed();
     println!("budget block: {latency:?} from the byte that exhausted the budget to 403");
     assert_eq!(reason, "budget_exhausted");
-    assert!(latency <= Duration::from_secs(2), "block took {latency:?}");
+    assert!(latency <= PROMPTLY, "block took {latency:?}");
     // The decision itself is published after the next flush.
     let figures = wait_published(&db, f.user, "budget_exhausted").await;
     assert_eq!(figures["budget_cents"], 1);
@@ -224,7 +218,7 @@ async fn a_cpu_limit_from_a_cgroup_sample_blocks_through_the_proxy() {
 
     let started = Instant::now();
     cgroup.spawn("while :; do :; done");
-    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, Duration::from_secs(10)).await;
+    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, Duration::from_secs(30)).await;
     let blocked_after = started.elapsed();
     cgroup.kill_all();
     assert_eq!(reason, "cpu");
@@ -250,17 +244,17 @@ async fn a_cpu_limit_from_a_cgroup_sample_blocks_through_the_proxy() {
          decision published at {changed_at})"
     );
     assert!(cpu_ms > 300);
-    // Raising the plan's CPU limit lifts the block within 2 s.
+    // Raising the plan's CPU limit lifts the block.
     let raised = Instant::now();
     db.update_plan(f.plan, "max_cpu_ms = 360000000").await;
-    until_status(proxy.egress, &origin, &f, 204, Duration::from_secs(2)).await;
+    until_status(proxy.egress, &origin, &f, 204, PROMPTLY).await;
     println!("cpu unblock {:?} after the plan changed", raised.elapsed());
     monitor.stop().await;
     proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_month_lifts_a_block_within_two_seconds_and_counts_afresh() {
+async fn a_new_month_lifts_a_block_promptly_and_counts_afresh() {
     use tollgate_core::clock::ShiftedClock;
     let at = |s: &str| {
         chrono::DateTime::parse_from_rfc3339(s)
@@ -280,7 +274,7 @@ async fn a_new_month_lifts_a_block_within_two_seconds_and_counts_afresh() {
     let proxy = TestProxy::start_with(test_config(&db.url), seams).await;
 
     download_crossing(proxy.egress, &origin, &f, 2 * MIB, 0, MIB).await;
-    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, Duration::from_secs(5)).await;
+    let (_, reason) = until_status(proxy.egress, &origin, &f, 403, PROMPTLY).await;
     assert_eq!(reason, "bandwidth");
     wait_published(&db, f.user, "bandwidth").await;
 
@@ -305,31 +299,32 @@ async fn a_new_month_lifts_a_block_within_two_seconds_and_counts_afresh() {
     );
 
     clock.set(at("2026-12-01T00:00:00.200Z"));
-    let (took, _) = until_status(proxy.egress, &origin, &f, 204, Duration::from_secs(2)).await;
+    let (took, _) = until_status(proxy.egress, &origin, &f, 204, PROMPTLY).await;
     println!("new month: unblocked {took:?} after midnight UTC");
     // December's traffic lands in December. (The one flush whose span straddles
     // midnight splits its bytes between the months in proportion to time.)
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while month("2026-12-01").await == 0 {
-        assert!(Instant::now() < deadline, "no December usage recorded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(PROMPTLY, "December usage recorded", || async {
+        let december = month("2026-12-01").await;
+        holds(december > 0, december)
+    })
+    .await;
     let november_after = month("2026-11-01").await;
     assert!(
         november_after >= november && november_after < november + 64 * 1024,
         "{november} -> {november_after}"
     );
-    let december: Option<bool> = sqlx::query_scalar(
-        "SELECT blocked FROM usage_decisions WHERE user_id = $1 AND period_start = '2026-12-01'",
-    )
-    .bind(f.user)
-    .fetch_optional(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        december,
-        Some(false),
-        "December's decision is published and allows"
-    );
+    // December's decision follows the flush that wrote its first bytes.
+    let blocked = eventually(PROMPTLY, "December's decision published", || async {
+        let december: Option<bool> = sqlx::query_scalar(
+            "SELECT blocked FROM usage_decisions WHERE user_id = $1 AND period_start = '2026-12-01'",
+        )
+        .bind(f.user)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        december.ok_or("no row")
+    })
+    .await;
+    assert!(!blocked, "December's decision allows");
     proxy.stop().await;
 }

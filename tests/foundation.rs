@@ -473,11 +473,17 @@ async fn triggers_notify_token_rotation_vps_changes_billing_changes_and_decision
     decisions::publish(&db.pool, period, &[(user, allowed)], "test")
         .await
         .unwrap();
+    // A marker sent after both: notifications arrive in commit order, so the
+    // flip's notification followed by the marker means none for the unchanged one.
+    sqlx::query("SELECT pg_notify($1, 'marker')")
+        .bind(db::DECISION_CHANNEL)
+        .execute(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(next_notification(&mut listener).await, expected);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), listener.recv())
-            .await
-            .is_err(),
+    assert_eq!(
+        next_notification(&mut listener).await,
+        (db::DECISION_CHANNEL.to_owned(), "marker".to_owned()),
         "no notification for an unchanged decision"
     );
 }

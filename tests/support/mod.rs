@@ -9,6 +9,7 @@ pub mod origin;
 pub mod pg_relay;
 pub mod proxy;
 pub mod service;
+pub mod wait;
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -291,22 +292,29 @@ impl TestDb {
         .unwrap_or((0, 0, 0))
     }
 
-    /// Wait until `vps` shows exactly (rx, tx), then check it stays there for
-    /// `settle` (nothing counted twice). Panics with the last value otherwise.
+    /// Wait until `vps` shows exactly (rx, tx) (and their sum); panics with the
+    /// last value otherwise. That nothing more is counted afterwards is checked
+    /// with [`TestDb::assert_usage`] once the proxy has stopped.
     pub async fn expect_usage(&self, vps: Uuid, rx: u64, tx: u64, within: std::time::Duration) {
-        let deadline = std::time::Instant::now() + within;
         let want = (rx as i64, tx as i64, (rx + tx) as i64);
-        let mut last = self.usage(vps).await;
-        while last != want && std::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            last = self.usage(vps).await;
-        }
-        assert_eq!(last, want, "usage (rx, tx, total) of VPS {vps}");
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        wait::eventually(
+            within,
+            format!("usage (rx, tx, total) of VPS {vps} = {want:?}"),
+            || async {
+                let usage = self.usage(vps).await;
+                wait::holds(usage == want, usage)
+            },
+        )
+        .await;
+    }
+
+    /// `vps` shows exactly (rx, tx) now. Called after the proxy has stopped: its
+    /// final flush has been written, so nothing was counted twice or late.
+    pub async fn assert_usage(&self, vps: Uuid, rx: u64, tx: u64) {
         assert_eq!(
             self.usage(vps).await,
-            want,
-            "usage of VPS {vps} changed after settling"
+            (rx as i64, tx as i64, (rx + tx) as i64),
+            "usage (rx, tx, total) of VPS {vps} after the proxy stopped"
         );
     }
 }

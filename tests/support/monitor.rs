@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -12,6 +12,8 @@ use uuid::Uuid;
 
 use tollgate_core::config::{CgroupVersion, Config, SourceConfig};
 use tollgate_monitor::{Options, Status};
+
+use super::wait::{eventually, holds};
 
 /// A monitor config for tests: fast cycles, loopback admin.
 pub fn monitor_config(database_url: &str, interval: Duration) -> Config {
@@ -60,15 +62,11 @@ impl TestMonitor {
 
     /// Wait until this monitor has completed `n` cycles as leader.
     pub async fn wait_cycles(&self, n: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.status.cycles() < n {
-            assert!(
-                Instant::now() < deadline,
-                "monitor completed {} of {n} cycles in {within:?}",
-                self.status.cycles()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(within, format!("monitor completes {n} cycles"), || async {
+            let cycles = self.status.cycles();
+            holds(cycles >= n, cycles)
+        })
+        .await;
     }
 
     /// Graceful stop.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -14,6 +14,8 @@ use uuid::Uuid;
 
 use tollgate_core::config::Config;
 use tollgate_proxy::{Listeners, Options, Seams};
+
+use super::wait::eventually;
 
 /// A config for tests: loopback listeners on port 0, fast flushes, loopback
 /// destinations allowed, a private spill directory.
@@ -99,16 +101,18 @@ impl TestProxy {
     }
 
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(body) = http_get(self.admin, "/readyz").await {
-                if body.0 == 200 {
-                    return;
+        let admin = self.admin;
+        eventually(
+            Duration::from_secs(10),
+            "proxy /readyz answers 200",
+            || async move {
+                match http_get(admin, "/readyz").await.map(|(status, _)| status) {
+                    Ok(200) => Ok(()),
+                    other => Err(other),
                 }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("proxy not ready within 10 s");
+            },
+        )
+        .await;
     }
 
     /// Shut down (drain, final flush) and wait for it.
@@ -223,17 +227,19 @@ impl ProxyProcess {
             spill_dir: spill_dir.to_path_buf(),
         };
         let path = if expect_ready { "/readyz" } else { "/healthz" };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok((200, _)) = http_get(p.admin, path).await {
-                return p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tollgate proxy did not answer {path} within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let admin = p.admin;
+        eventually(
+            Duration::from_secs(20),
+            format!("tollgate proxy answers {path} with 200"),
+            || async move {
+                match http_get(admin, path).await.map(|(status, _)| status) {
+                    Ok(200) => Ok(()),
+                    other => Err(other),
+                }
+            },
+        )
+        .await;
+        p
     }
 
     pub fn pid(&self) -> u32 {
@@ -262,17 +268,12 @@ impl ProxyProcess {
     /// SIGTERM and wait for exit (bounded).
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         self.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(40);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not exit within 40 s of SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let child = &mut self.child;
+        eventually(Duration::from_secs(40), "proxy exits after SIGTERM", || {
+            let exited = child.try_wait().unwrap();
+            async move { exited.ok_or("still running") }
+        })
+        .await
     }
 }
 
