@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod deploy;
 pub mod monitor;
 pub mod origin;
 pub mod pg_relay;
