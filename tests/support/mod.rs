@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod deploy;
+pub mod hostile;
 pub mod monitor;
 pub mod origin;
 pub mod pg_relay;
