@@ -2,7 +2,7 @@
 //! memory (bounded concurrency, a timeout per sample, so one slow or failing VPS
 //! never stalls the rest), write the samples, then decide every active user.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use futures_util::StreamExt;
@@ -16,11 +16,16 @@ use tollgate_core::db::samples::{self, SampleTarget, SampleWrite};
 use tollgate_core::db::{decisions, usage};
 
 use crate::accounting::{self, Policy};
-use crate::sources::{SampleError, Source};
+use crate::sources::{FailureReason, SampleError, Source};
 use crate::telemetry;
 
 /// Users evaluated per statement.
 const DECISION_BATCH: usize = 10_000;
+/// VPS ids named in one log line about failed samples; the rest are counted.
+const LOGGED_EXAMPLES: usize = 3;
+/// Kinds of failure (provider, source, reason) logged per cycle, each in one
+/// line; more are summed up in one more line.
+const LOGGED_KINDS: usize = 10;
 
 /// What a cycle did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -91,6 +96,7 @@ pub async fn run_cycle(
             .await;
 
     let mut writes = Vec::with_capacity(results.len());
+    let mut failures = Failures::default();
     for (target, result) in results {
         match result {
             Ok(write) => {
@@ -99,14 +105,11 @@ pub async fn run_cycle(
             }
             Err(e) => {
                 report.failed += 1;
-                if e.retryable {
-                    tracing::debug!(error = %e, provider = %target.provider, "sample failed; retried next cycle");
-                } else {
-                    tracing::warn!(error = %e, provider = %target.provider, "sample failed; fix the source configuration");
-                }
+                failures.add(&target.provider, e);
             }
         }
     }
+    failures.report();
     report.written = samples::apply(pool, &writes).await?.len();
     let (allowed, blocked) = evaluate(
         pool,
@@ -118,6 +121,92 @@ pub async fn run_cycle(
     report.blocked = blocked;
     metrics::gauge!(telemetry::USERS_BLOCKED).set(blocked as f64);
     Ok(report)
+}
+
+/// A cycle's failed samples, grouped so that a fleet-wide problem (a provider
+/// with no source, a Prometheus that is down) is one log line per cycle, not
+/// one per VPS: per-VPS detail goes to debug, counts go to the
+/// `tollgate_monitor_sample_failures_total` metric.
+#[derive(Default)]
+struct Failures {
+    kinds: BTreeMap<FailureKind, FailureGroup>,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct FailureKind {
+    /// Not retryable first: those need an operator.
+    retryable: bool,
+    provider: String,
+    source: &'static str,
+    reason: FailureReason,
+}
+
+struct FailureGroup {
+    count: u64,
+    examples: Vec<Uuid>,
+    first: SampleError,
+}
+
+impl Failures {
+    fn add(&mut self, provider: &str, e: SampleError) {
+        tracing::debug!(error = %e, provider, "sample failed");
+        let kind = FailureKind {
+            retryable: e.retryable,
+            provider: provider.trim().to_ascii_lowercase(),
+            source: e.source_kind.as_str(),
+            reason: e.reason,
+        };
+        let vps_id = e.vps_id;
+        let group = self.kinds.entry(kind).or_insert_with(|| FailureGroup {
+            count: 0,
+            examples: Vec::new(),
+            first: e,
+        });
+        group.count += 1;
+        if group.examples.len() < LOGGED_EXAMPLES {
+            group.examples.push(vps_id);
+        }
+    }
+
+    /// Count every failure in the metric and log one line per kind (at most
+    /// [`LOGGED_KINDS`] of them, then one line for the rest).
+    fn report(self) {
+        let (mut more_kinds, mut more_samples) = (0usize, 0u64);
+        for (i, (kind, group)) in self.kinds.into_iter().enumerate() {
+            counter!(
+                telemetry::SAMPLE_FAILURES,
+                "provider" => telemetry::provider_label(&kind.provider),
+                "source" => kind.source,
+                "reason" => kind.reason.as_str()
+            )
+            .increment(group.count);
+            if i >= LOGGED_KINDS {
+                more_kinds += 1;
+                more_samples += group.count;
+                continue;
+            }
+            if kind.retryable {
+                tracing::info!(
+                    provider = %kind.provider, source = kind.source, reason = kind.reason.as_str(),
+                    count = group.count, examples = ?group.examples, first_error = %group.first,
+                    "samples failed this cycle; retried next cycle"
+                );
+            } else {
+                tracing::warn!(
+                    provider = %kind.provider, source = kind.source, reason = kind.reason.as_str(),
+                    count = group.count, examples = ?group.examples, first_error = %group.first,
+                    "samples failed this cycle; fix the source configuration"
+                );
+            }
+        }
+        if more_kinds > 0 {
+            tracing::warn!(
+                kinds = more_kinds,
+                count = more_samples,
+                "samples failed this cycle in more ways than are logged; see tollgate_monitor_sample_failures_total"
+            );
+        }
+    }
 }
 
 async fn sample_one(
@@ -132,6 +221,7 @@ async fn sample_one(
         return Err(SampleError {
             vps_id: target.vps_id,
             source_kind: crate::sources::SourceKind::Unconfigured,
+            reason: FailureReason::NoSource,
             retryable: false,
             message: format!(
                 "no source configured for provider `{}`: add [monitor.providers.{}] or [monitor.default_source]",
@@ -157,6 +247,7 @@ async fn sample_one(
             return Err(SampleError {
                 vps_id: target.vps_id,
                 source_kind: source.kind(),
+                reason: FailureReason::Timeout,
                 retryable: true,
                 message: format!(
                     "no answer within {:?} (monitor.sample_timeout)",
@@ -182,8 +273,9 @@ async fn sample_one(
     ))
 }
 
-/// Decide `users` for the current period and publish every decision (the trigger
-/// notifies proxies only of the ones that flipped). Returns (allowed, blocked).
+/// Decide `users` for the current period and publish every decision as of the
+/// instant its figures were read (the trigger notifies proxies only of the ones
+/// that flipped). Returns (allowed, blocked).
 pub async fn evaluate(
     pool: &PgPool,
     users: &[Uuid],
@@ -192,15 +284,21 @@ pub async fn evaluate(
     let period = Period::current();
     let (mut allowed, mut blocked) = (0, 0);
     for chunk in users.chunks(DECISION_BATCH) {
-        let decided: Vec<(Uuid, Decision)> = usage::user_billing(pool, chunk, period)
-            .await?
+        let billing = usage::user_billing(pool, chunk, period).await?;
+        // One statement read them all: one instant for the whole chunk.
+        let Some(read_at) = billing.first().map(|b| b.read_at) else {
+            continue;
+        };
+        let decided: Vec<(Uuid, Decision)> = billing
             .into_iter()
             .map(|b| (b.user_id, b.decide()))
             .collect();
         let now_blocked = decided.iter().filter(|(_, d)| d.is_blocked()).count();
         blocked += now_blocked;
         allowed += decided.len() - now_blocked;
-        decisions::publish(pool, period, &decided, decided_by).await?;
+        // A proxy may publish a decision from fresher figures while this one
+        // was being computed: it is kept (`publish_as_of` replaces only older ones).
+        decisions::publish_as_of(pool, period, &decided, decided_by, read_at).await?;
     }
     counter!(telemetry::DECISIONS, "outcome" => "allowed").increment(allowed as u64);
     counter!(telemetry::DECISIONS, "outcome" => "blocked").increment(blocked as u64);

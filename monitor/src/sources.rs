@@ -9,8 +9,8 @@
 //!   preferred wherever one exists.
 //!
 //! Templates may use `{vps_id}`, `{vm_id}` and `{address}`. Failures are
-//! [`SampleError`]s naming the VPS and the source and saying whether retrying
-//! can help.
+//! [`SampleError`]s naming the VPS, the source and a [`FailureReason`], and
+//! saying whether retrying can help.
 
 use std::path::{Path, PathBuf};
 
@@ -44,12 +44,47 @@ impl SourceKind {
     }
 }
 
+/// Why a sample failed, in a few words that fit a metric label and group the
+/// failures of a cycle into one log line each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FailureReason {
+    /// No source is configured for the VPS's provider.
+    NoSource,
+    /// No answer within `monitor.sample_timeout`.
+    Timeout,
+    /// The source could not be reached or read (connection refused, I/O error).
+    Unavailable,
+    /// The source has nothing for this VPS (no cgroup, no series).
+    NotFound,
+    /// The source answered with an HTTP error status.
+    HttpError,
+    /// The source answered with something unreadable.
+    BadResponse,
+    /// The source's configuration cannot work for this VPS (e.g. a path outside the hierarchy).
+    BadConfig,
+}
+
+impl FailureReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::NoSource => "no_source",
+            FailureReason::Timeout => "timeout",
+            FailureReason::Unavailable => "unavailable",
+            FailureReason::NotFound => "not_found",
+            FailureReason::HttpError => "http_error",
+            FailureReason::BadResponse => "bad_response",
+            FailureReason::BadConfig => "bad_config",
+        }
+    }
+}
+
 /// A sample that failed.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{} sample of VPS {vps_id} failed ({}): {message}", source_kind.as_str(), if *retryable { "retryable" } else { "not retryable" })]
+#[error("{} sample of VPS {vps_id} failed ({}, {}): {message}", source_kind.as_str(), reason.as_str(), if *retryable { "retryable" } else { "not retryable" })]
 pub struct SampleError {
     pub vps_id: uuid::Uuid,
     pub source_kind: SourceKind,
+    pub reason: FailureReason,
     pub retryable: bool,
     pub message: String,
 }
@@ -83,12 +118,14 @@ impl Source {
     fn error(
         &self,
         target: &SampleTarget,
+        reason: FailureReason,
         retryable: bool,
         message: impl Into<String>,
     ) -> SampleError {
         SampleError {
             vps_id: target.vps_id,
             source_kind: self.kind(),
+            reason,
             retryable,
             message: message.into(),
         }
@@ -130,6 +167,7 @@ impl Source {
         if relative.split('/').any(|part| part == "..") {
             return Err(self.error(
                 target,
+                FailureReason::BadConfig,
                 false,
                 format!("cgroup path `{relative}` leaves the hierarchy"),
             ));
@@ -155,10 +193,16 @@ impl Source {
         let read = |file: PathBuf| async move {
             tokio::fs::read_to_string(&file).await.map_err(|e| {
                 // A missing cgroup is configuration (or a VPS not on this host), not a blip.
-                let retryable = e.kind() != std::io::ErrorKind::NotFound;
+                let missing = e.kind() == std::io::ErrorKind::NotFound;
+                let reason = if missing {
+                    FailureReason::NotFound
+                } else {
+                    FailureReason::Unavailable
+                };
                 self.error(
                     target,
-                    retryable,
+                    reason,
+                    !missing,
                     format!("reading {}: {e}", file.display()),
                 )
             })
@@ -168,6 +212,7 @@ impl Source {
         let parse_error = |file: &Path| {
             self.error(
                 target,
+                FailureReason::BadResponse,
                 false,
                 format!("unexpected contents in {}", file.display()),
             )
@@ -212,10 +257,16 @@ impl Source {
             );
             let (status, body) = http::get(&full, &[])
                 .await
-                .map_err(|e| self.error(target, true, e.to_string()))?;
+                .map_err(|e| self.error(target, FailureReason::Unavailable, true, e.to_string()))?;
             let parsed: PromResponse = serde_json::from_slice(&body).map_err(|e| {
+                let reason = if status.is_success() {
+                    FailureReason::BadResponse
+                } else {
+                    FailureReason::HttpError
+                };
                 self.error(
                     target,
+                    reason,
                     status.is_server_error(),
                     format!("HTTP {status}, unreadable answer: {e}"),
                 )
@@ -224,6 +275,7 @@ impl Source {
                 let why = parsed.error.unwrap_or_default();
                 return Err(self.error(
                     target,
+                    FailureReason::BadResponse,
                     status.is_server_error(),
                     format!("query `{q}` failed: {why}"),
                 ));
@@ -240,6 +292,7 @@ impl Source {
             if values.is_empty() {
                 return Err(self.error(
                     target,
+                    FailureReason::NotFound,
                     true,
                     format!("query `{q}` returned no series (not scraped yet?)"),
                 ));
@@ -270,14 +323,24 @@ impl Source {
         let headers: Vec<(&str, &str)> = token.map(|t| vec![(token_header, t)]).unwrap_or_default();
         let (status, body) = http::get(&url, &headers)
             .await
-            .map_err(|e| self.error(target, true, e.to_string()))?;
+            .map_err(|e| self.error(target, FailureReason::Unavailable, true, e.to_string()))?;
         if !status.is_success() {
             let retryable =
                 status.is_server_error() || status == ::http::StatusCode::TOO_MANY_REQUESTS;
-            return Err(self.error(target, retryable, format!("agent answered HTTP {status}")));
+            return Err(self.error(
+                target,
+                FailureReason::HttpError,
+                retryable,
+                format!("agent answered HTTP {status}"),
+            ));
         }
         let m: AgentMetrics = serde_json::from_slice(&body).map_err(|e| {
-            self.error(target, false, format!("agent metrics JSON unreadable: {e}"))
+            self.error(
+                target,
+                FailureReason::BadResponse,
+                false,
+                format!("agent metrics JSON unreadable: {e}"),
+            )
         })?;
         Ok(Reading {
             at: Utc::now(),

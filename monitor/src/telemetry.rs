@@ -10,6 +10,7 @@ pub const CYCLE_DURATION: &str = "tollgate_monitor_cycle_duration_seconds";
 pub const CYCLE_OVERRUNS: &str = "tollgate_monitor_cycle_overruns_total";
 pub const LAST_CYCLE: &str = "tollgate_monitor_last_cycle_timestamp_seconds";
 pub const SAMPLES: &str = "tollgate_monitor_samples_total";
+pub const SAMPLE_FAILURES: &str = "tollgate_monitor_sample_failures_total";
 pub const DECISIONS: &str = "tollgate_monitor_decisions_total";
 pub const USERS_BLOCKED: &str = "tollgate_monitor_users_blocked";
 pub const DATABASE_UP: &str = "tollgate_database_up";
@@ -41,10 +42,42 @@ pub fn describe() {
             "VPS samples, by source and outcome (ok, retryable_error, permanent_error, timeout)."
         );
         describe_counter!(
+            SAMPLE_FAILURES,
+            "Failed VPS samples, by provider (fly, hetzner, sprites, k8s, or other for any \
+             other name), source (cgroup, prometheus, agent, none) and reason (no_source, \
+             timeout, unavailable, not_found, http_error, bad_response, bad_config)."
+        );
+        describe_counter!(
             DECISIONS,
             "Decisions computed, by outcome (allowed, blocked)."
         );
         describe_gauge!(USERS_BLOCKED, "Users blocked as of the last evaluation.");
         describe_gauge!(DATABASE_UP, "1 if the last database operation succeeded.");
     });
+}
+
+/// A provider name as a metric label: provider names are free text in the
+/// database, so only the providers the metering policy knows
+/// (`billing::metered_resources_for`) get their own label; any other is `other`.
+pub fn provider_label(provider: &str) -> &'static str {
+    match provider.trim().to_ascii_lowercase().as_str() {
+        "fly" => "fly",
+        "hetzner" => "hetzner",
+        "sprites" => "sprites",
+        "k8s" => "k8s",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_labels_are_bounded() {
+        assert_eq!(provider_label(" K8s "), "k8s");
+        assert_eq!(provider_label("sprites"), "sprites");
+        assert_eq!(provider_label("my-new-cloud-42"), "other");
+        assert_eq!(provider_label(""), "other");
+    }
 }

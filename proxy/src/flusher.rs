@@ -7,7 +7,12 @@
 //! its ledger row, so a batch retried after an unknown outcome (timeout, broken
 //! connection mid-commit) is skipped by the database instead of counted twice.
 //!
-//! While a batch fails it stays queued and is retried with doubling backoff; new
+//! A row the database refuses for what it holds (a constraint, a trigger, an
+//! out-of-range sum) is left out of its batch and the rest commits
+//! ([`usage::apply_flush_detailed`]); it is counted in
+//! `tollgate_flush_dropped_rows_total{reason="rejected"}` and logged once per VPS.
+//!
+//! While a batch fails otherwise it stays queued and is retried with doubling backoff; new
 //! traffic keeps accumulating in the counters meanwhile (nothing is drained until
 //! the queue is empty, so memory stays bounded). At shutdown, what cannot be
 //! written goes to a spill file, replayed exactly once at the next start through
@@ -28,7 +33,9 @@ use uuid::Uuid;
 use tollgate_core::billing::{split_at_month_boundaries, Period};
 use tollgate_core::clock::Clock;
 use tollgate_core::config::MeterConfig;
-use tollgate_core::db::usage::{self, BandwidthDelta, FlushBatch, FlushOutcome, PeriodDeltas};
+use tollgate_core::db::usage::{
+    self, BandwidthDelta, FlushBatch, FlushOutcome, PeriodDeltas, RejectedDelta,
+};
 
 use crate::enforcement::{Enforcer, Event};
 use crate::health::Health;
@@ -39,6 +46,12 @@ use crate::telemetry;
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Ledger rows are kept this long (spill files older than this would be replayed twice).
 const LEDGER_KEEP_DAYS: i32 = 35;
+/// VPS ids named in one log line about dropped rows; the rest are counted.
+const LOGGED_EXAMPLES: usize = 3;
+/// VPSes whose refused rows were logged; later refusals of the same VPS are
+/// only counted (and logged at debug), so a VPS refused on every flush cannot
+/// flood the log. Bounded: once full, new ones are only counted too.
+const MAX_REMEMBERED_REJECTS: usize = 1024;
 
 /// A batch waiting to be written, and the spill file it came from, if any.
 #[derive(Debug)]
@@ -61,6 +74,8 @@ pub struct Flusher {
     last_success: Instant,
     ticks: u64,
     clock: Arc<dyn Clock>,
+    /// VPSes whose refused rows were already logged.
+    rejects_logged: HashSet<Uuid>,
 }
 
 impl Flusher {
@@ -86,6 +101,7 @@ impl Flusher {
             clock,
             last_success: Instant::now(),
             ticks: 0,
+            rejects_logged: HashSet::new(),
         }
     }
 
@@ -194,19 +210,28 @@ impl Flusher {
     async fn write_queue(&mut self, started: Instant) -> Result<(), ()> {
         while let Some(queued) = self.queue.front() {
             let t = Instant::now();
-            match usage::apply_flush(&self.pool, &queued.batch).await {
-                Ok(outcome) => {
+            match usage::apply_flush_detailed(&self.pool, &queued.batch).await {
+                Ok((outcome, rejected)) => {
                     self.health.db_ok();
                     let (rows, dropped) = match &outcome {
                         FlushOutcome::Applied { rows, dropped } => (*rows, dropped.clone()),
                         FlushOutcome::AlreadyApplied => (0, Vec::new()),
                     };
-                    telemetry::flush_done(t.elapsed().as_secs_f64(), rows, dropped.len());
+                    telemetry::flush_done(
+                        t.elapsed().as_secs_f64(),
+                        rows,
+                        dropped.len(),
+                        rejected.len(),
+                    );
                     if !dropped.is_empty() {
                         tracing::warn!(
-                            count = dropped.len(), vps_ids = ?dropped,
+                            count = dropped.len(),
+                            examples = ?&dropped[..dropped.len().min(LOGGED_EXAMPLES)],
                             "discarded counts of VPSes deleted before their bytes were written"
                         );
+                    }
+                    if !rejected.is_empty() {
+                        report_rejected(&mut self.rejects_logged, queued.batch.seq, &rejected);
                     }
                     if outcome == FlushOutcome::AlreadyApplied {
                         tracing::info!(seq = queued.batch.seq, instance = %queued.batch.instance_id, "batch was already written; skipped");
@@ -314,6 +339,39 @@ impl Flusher {
         let spilled = self.queue.iter().filter(|q| q.spill_file.is_some()).count();
         metrics::gauge!(telemetry::SPILLED_BATCHES).set(spilled as f64);
     }
+}
+
+/// Log rows the database refused (the rest of their batch was written): each
+/// VPS once, in one line per batch; every refused row is in the metric.
+fn report_rejected(logged: &mut HashSet<Uuid>, seq: i64, rejected: &[RejectedDelta]) {
+    let mut first_seen = Vec::new();
+    for r in rejected {
+        tracing::debug!(
+            vps_id = %r.delta.vps_id, period = %r.period, rx = r.delta.rx, tx = r.delta.tx,
+            code = r.code.as_deref().unwrap_or(""), error = %r.message,
+            "the database refused a VPS's counts; discarded"
+        );
+        if logged.len() < MAX_REMEMBERED_REJECTS && logged.insert(r.delta.vps_id) {
+            first_seen.push(r);
+        }
+    }
+    let Some(first) = first_seen.first() else {
+        return;
+    };
+    let examples: Vec<Uuid> = first_seen
+        .iter()
+        .take(LOGGED_EXAMPLES)
+        .map(|r| r.delta.vps_id)
+        .collect();
+    tracing::warn!(
+        seq,
+        count = rejected.len(),
+        newly_refused = first_seen.len(),
+        examples = ?examples,
+        code = first.code.as_deref().unwrap_or(""),
+        error = %first.message,
+        "the database refused some VPSes' counts; they were discarded and the rest of the batch written"
+    );
 }
 
 /// Turn drained counts into a batch, splitting each VPS's bytes between the

@@ -97,7 +97,9 @@ pub fn describe() {
         );
         describe_counter!(
             FLUSH_DROPPED,
-            "Per-VPS counts discarded because the VPS no longer exists."
+            "Per-VPS counts left out of a committed flush, by reason: vps_deleted (the VPS no \
+             longer exists), rejected (the database refused the row: a constraint, trigger or \
+             out-of-range sum; the rest of the batch was written)."
         );
         describe_gauge!(
             FLUSH_LAG,
@@ -173,11 +175,16 @@ pub fn database_up(up: bool) {
     gauge!(DATABASE_UP).set(if up { 1.0 } else { 0.0 });
 }
 
-pub fn flush_done(seconds: f64, rows: usize, dropped: usize) {
+/// A flush committed: `rows` written, `deleted` rows of VPSes gone meanwhile and
+/// `rejected` rows the database refused were left out.
+pub fn flush_done(seconds: f64, rows: usize, deleted: usize, rejected: usize) {
     histogram!(FLUSH_DURATION).record(seconds);
     counter!(FLUSH_ROWS).increment(rows as u64);
-    if dropped > 0 {
-        counter!(FLUSH_DROPPED).increment(dropped as u64);
+    if deleted > 0 {
+        counter!(FLUSH_DROPPED, "reason" => "vps_deleted").increment(deleted as u64);
+    }
+    if rejected > 0 {
+        counter!(FLUSH_DROPPED, "reason" => "rejected").increment(rejected as u64);
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod deploy;
 pub mod hostile;
+pub mod logs;
 pub mod monitor;
 pub mod origin;
 pub mod pg_relay;

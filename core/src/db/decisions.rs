@@ -15,6 +15,8 @@ pub struct PublishedDecision {
     pub blocked: Option<BlockReason>,
     pub figures: serde_json::Value,
     pub decided_by: String,
+    /// When the inputs of this decision were read (database clock); a stored
+    /// decision is only ever replaced by one read later.
     pub decided_at: DateTime<Utc>,
     pub changed_at: DateTime<Utc>,
 }
@@ -56,17 +58,51 @@ impl TryFrom<DecisionRow> for PublishedDecision {
     }
 }
 
-/// Upsert decisions for `period`, one statement. Sorted by user so concurrent
-/// writers take row locks in the same order. `changed_at` moves only when the
-/// outcome flips, and only then does the NOTIFY trigger fire.
+/// Upsert decisions for `period` as of the moment of publishing (database
+/// clock): for writers that did not read the inputs themselves, such as an
+/// operator's manual block. Evaluations publish with [`publish_as_of`].
 pub async fn publish(
     pool: &PgPool,
     period: Period,
     decisions: &[(Uuid, Decision)],
     decided_by: &str,
 ) -> Result<(), sqlx::Error> {
+    upsert(pool, period, decisions, decided_by, None)
+        .await
+        .map(|_| ())
+}
+
+/// Upsert decisions for `period` that were computed from inputs read at
+/// `inputs_read_at` (the database clock of that read, e.g.
+/// [`UserBilling::read_at`](crate::db::usage::UserBilling::read_at)), one statement.
+///
+/// Proxies and the monitor publish concurrently, and an evaluation can be slow:
+/// a stored decision is replaced only by one whose inputs were read later, so an
+/// older evaluation that finishes last never undoes a newer one. Returns how
+/// many rows were stored (inserted or replaced).
+///
+/// Sorted by user so concurrent writers take row locks in the same order.
+/// `changed_at` moves only when the outcome flips, and only then does the
+/// NOTIFY trigger fire (a row not replaced fires nothing).
+pub async fn publish_as_of(
+    pool: &PgPool,
+    period: Period,
+    decisions: &[(Uuid, Decision)],
+    decided_by: &str,
+    inputs_read_at: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    upsert(pool, period, decisions, decided_by, Some(inputs_read_at)).await
+}
+
+async fn upsert(
+    pool: &PgPool,
+    period: Period,
+    decisions: &[(Uuid, Decision)],
+    decided_by: &str,
+    inputs_read_at: Option<DateTime<Utc>>,
+) -> Result<u64, sqlx::Error> {
     if decisions.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let mut sorted: Vec<&(Uuid, Decision)> = decisions.iter().collect();
     sorted.sort_unstable_by_key(|(user, _)| *user);
@@ -80,9 +116,12 @@ pub async fn publish(
         .iter()
         .map(|(_, d)| serde_json::to_value(&d.figures).expect("figures serialize"))
         .collect();
-    sqlx::query(
-        "INSERT INTO usage_decisions (user_id, period_start, blocked, reason, figures, decided_by)
-         SELECT d.user_id, $4, d.reason IS NOT NULL, d.reason, d.figures, $5
+    // `decided_at` is the instant the inputs were read, on the database's clock,
+    // so it is comparable across writers.
+    let stored = sqlx::query(
+        "INSERT INTO usage_decisions (user_id, period_start, blocked, reason, figures, decided_by, decided_at)
+         SELECT d.user_id, $4, d.reason IS NOT NULL, d.reason, d.figures, $5,
+                COALESCE($6, statement_timestamp())
          FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) AS d(user_id, reason, figures)
          WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = d.user_id)
          ORDER BY d.user_id
@@ -91,18 +130,21 @@ pub async fn publish(
              reason     = EXCLUDED.reason,
              figures    = EXCLUDED.figures,
              decided_by = EXCLUDED.decided_by,
-             decided_at = now(),
+             decided_at = EXCLUDED.decided_at,
              changed_at = CASE WHEN usage_decisions.reason IS DISTINCT FROM EXCLUDED.reason
-                               THEN now() ELSE usage_decisions.changed_at END",
+                               THEN now() ELSE usage_decisions.changed_at END
+         WHERE EXCLUDED.decided_at > usage_decisions.decided_at",
     )
     .bind(&users)
     .bind(&reasons)
     .bind(&figures)
     .bind(period.start())
     .bind(decided_by)
+    .bind(inputs_read_at)
     .execute(pool)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(stored)
 }
 
 /// Decisions for `period`, for `users` or all users when `None`.

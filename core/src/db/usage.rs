@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -18,6 +19,9 @@ pub struct UserBilling {
     pub limits: Option<PlanLimits>,
     pub usage: Usage,
     pub budget_cents: i64,
+    /// When these figures were read (database clock): what a decision made from
+    /// them is published as of ([`decisions::publish_as_of`](crate::db::decisions::publish_as_of)).
+    pub read_at: DateTime<Utc>,
 }
 
 impl UserBilling {
@@ -43,6 +47,7 @@ struct UserBillingRow {
     cpu_ms: i64,
     memory_mb_seconds: i64,
     max_vps_storage_bytes: i64,
+    read_at: DateTime<Utc>,
 }
 
 impl From<UserBillingRow> for UserBilling {
@@ -68,6 +73,7 @@ impl From<UserBillingRow> for UserBilling {
                 max_vps_storage_bytes: r.max_vps_storage_bytes,
             },
             budget_cents: r.budget_cents,
+            read_at: r.read_at,
         }
     }
 }
@@ -75,6 +81,7 @@ impl From<UserBillingRow> for UserBilling {
 /// Plan, budget and usage in `period` for each of `user_ids` that exists, in one
 /// statement. Usage sums every VPS of the user, destroyed ones included; storage
 /// is the largest gauge among VPSes not destroyed. Sums are cast back to BIGINT.
+/// Every row carries the instant of this read (`read_at`).
 pub async fn user_billing(
     pool: &PgPool,
     user_ids: &[Uuid],
@@ -90,7 +97,8 @@ pub async fn user_billing(
                 COALESCE(us.bandwidth_bytes, 0) AS bandwidth_bytes,
                 COALESCE(us.cpu_ms, 0) AS cpu_ms,
                 COALESCE(us.memory_mb_seconds, 0) AS memory_mb_seconds,
-                COALESCE(st.max_vps_storage_bytes, 0) AS max_vps_storage_bytes
+                COALESCE(st.max_vps_storage_bytes, 0) AS max_vps_storage_bytes,
+                statement_timestamp() AS read_at
          FROM users u
          LEFT JOIN plans pl ON pl.id = u.plan_id
          LEFT JOIN overage_budgets b ON b.user_id = u.id AND b.period_start = $2
@@ -214,10 +222,65 @@ pub enum FlushOutcome {
     AlreadyApplied,
 }
 
+/// A row of a flush batch the database refused for what it holds (a constraint,
+/// a trigger, an out-of-range sum), left out so the rest of the batch commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedDelta {
+    pub period: Period,
+    pub delta: BandwidthDelta,
+    /// SQLSTATE of the refusal, e.g. `23514` for a CHECK constraint.
+    pub code: Option<String>,
+    /// The database's message (names the constraint; holds no credentials).
+    pub message: String,
+}
+
+/// Write `batch` exactly once: see [`apply_flush_detailed`]. Rows the database
+/// refuses are left out and not reported here.
+pub async fn apply_flush(pool: &PgPool, batch: &FlushBatch) -> Result<FlushOutcome, sqlx::Error> {
+    apply_flush_detailed(pool, batch)
+        .await
+        .map(|(outcome, _)| outcome)
+}
+
 /// Write `batch` exactly once: the ledger row and every upsert commit together or
 /// not at all, and a batch already in the ledger is skipped. One statement per
 /// period. Rows are sorted by VPS id so concurrent proxies lock in the same order.
-pub async fn apply_flush(pool: &PgPool, batch: &FlushBatch) -> Result<FlushOutcome, sqlx::Error> {
+///
+/// One bad row never wedges the batch: if the database refuses a statement for
+/// what a row holds (SQLSTATE classes 21, 22, 23, 44 and P0: data, constraint
+/// and trigger errors), the batch is written again with each period's statement
+/// under a savepoint, halving the failing part until the refused rows stand
+/// alone. They are returned and the rest commits, still with the one ledger row.
+/// Any other error (connectivity, locks, permissions, a full disk) fails the
+/// whole batch so the caller retries it later.
+pub async fn apply_flush_detailed(
+    pool: &PgPool,
+    batch: &FlushBatch,
+) -> Result<(FlushOutcome, Vec<RejectedDelta>), sqlx::Error> {
+    match write_batch(pool, batch, false).await {
+        Err(e) if is_row_error(&e) => write_batch(pool, batch, true).await,
+        other => other,
+    }
+}
+
+/// Whether `e` is the database refusing the data it was given, which a row on
+/// its own can cause, rather than a failure of the connection or the server.
+pub fn is_row_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            ["21", "22", "23", "44", "P0"]
+                .iter()
+                .any(|c| code.starts_with(c))
+        }),
+        _ => false,
+    }
+}
+
+async fn write_batch(
+    pool: &PgPool,
+    batch: &FlushBatch,
+    isolate: bool,
+) -> Result<(FlushOutcome, Vec<RejectedDelta>), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let vps_count = batch.periods.iter().map(|p| p.deltas.len()).sum::<usize>();
     let inserted = sqlx::query(
@@ -235,54 +298,119 @@ pub async fn apply_flush(pool: &PgPool, batch: &FlushBatch) -> Result<FlushOutco
     .rows_affected();
     if inserted == 0 {
         tx.rollback().await?;
-        return Ok(FlushOutcome::AlreadyApplied);
+        return Ok((FlushOutcome::AlreadyApplied, Vec::new()));
     }
 
     let mut rows = 0;
     let mut dropped = Vec::new();
+    let mut rejected = Vec::new();
     for part in &batch.periods {
         let mut deltas = part.deltas.clone();
         deltas.sort_unstable_by_key(|d| d.vps_id);
-        let ids: Vec<Uuid> = deltas.iter().map(|d| d.vps_id).collect();
-        let rx: Vec<i64> = deltas.iter().map(|d| to_i64(d.rx)).collect();
-        let tx_bytes: Vec<i64> = deltas.iter().map(|d| to_i64(d.tx)).collect();
-        let written: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO vps_usage_periods
-                 (vps_id, period_start, bandwidth_bytes, bandwidth_rx_bytes, bandwidth_tx_bytes)
-             SELECT d.vps_id, $4, d.rx + d.tx, d.rx, d.tx
-             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS d(vps_id, rx, tx)
-             WHERE EXISTS (SELECT 1 FROM vpses v WHERE v.id = d.vps_id)
-             ORDER BY d.vps_id
-             ON CONFLICT (vps_id, period_start) DO UPDATE SET
-                 bandwidth_bytes    = vps_usage_periods.bandwidth_bytes + EXCLUDED.bandwidth_bytes,
-                 bandwidth_rx_bytes = vps_usage_periods.bandwidth_rx_bytes + EXCLUDED.bandwidth_rx_bytes,
-                 bandwidth_tx_bytes = vps_usage_periods.bandwidth_tx_bytes + EXCLUDED.bandwidth_tx_bytes
-             RETURNING vps_id",
-        )
-        .bind(&ids)
-        .bind(&rx)
-        .bind(&tx_bytes)
-        .bind(part.period.start())
-        .fetch_all(&mut *tx)
-        .await?;
+        let mut written = Vec::with_capacity(deltas.len());
+        let rejected_before = rejected.len();
+        if isolate {
+            // Ranges still to write, lowest VPS ids on top so locks stay in order.
+            let mut todo = vec![(0, deltas.len())];
+            while let Some((lo, hi)) = todo.pop() {
+                sqlx::query("SAVEPOINT flush_part")
+                    .execute(&mut *tx)
+                    .await?;
+                match upsert_deltas(&mut tx, part.period, &deltas[lo..hi]).await {
+                    Ok(ids) => {
+                        sqlx::query("RELEASE SAVEPOINT flush_part")
+                            .execute(&mut *tx)
+                            .await?;
+                        written.extend(ids);
+                    }
+                    Err(e) if is_row_error(&e) => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT flush_part")
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query("RELEASE SAVEPOINT flush_part")
+                            .execute(&mut *tx)
+                            .await?;
+                        if hi - lo == 1 {
+                            let db = e.as_database_error();
+                            rejected.push(RejectedDelta {
+                                period: part.period,
+                                delta: deltas[lo],
+                                code: db.and_then(|d| d.code()).map(|c| c.into_owned()),
+                                message: db
+                                    .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+                            });
+                        } else {
+                            let mid = lo + (hi - lo) / 2;
+                            todo.push((mid, hi));
+                            todo.push((lo, mid));
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        } else {
+            written = upsert_deltas(&mut tx, part.period, &deltas).await?;
+        }
         rows += written.len();
-        if written.len() != ids.len() {
-            let written: HashSet<Uuid> = written.into_iter().collect();
-            dropped.extend(ids.into_iter().filter(|id| !written.contains(id)));
+        let refused = &rejected[rejected_before..];
+        if written.len() + refused.len() != deltas.len() {
+            // The rest were skipped because their VPS no longer exists.
+            let done: HashSet<Uuid> = written
+                .into_iter()
+                .chain(refused.iter().map(|r| r.delta.vps_id))
+                .collect();
+            dropped.extend(
+                deltas
+                    .iter()
+                    .map(|d| d.vps_id)
+                    .filter(|id| !done.contains(id)),
+            );
         }
     }
-    if !dropped.is_empty() {
+    if !dropped.is_empty() || !rejected.is_empty() {
+        // The ledger keeps how many rows of the batch were left out, for whatever reason.
         sqlx::query(
             "UPDATE flush_ledger SET dropped_vps_count = $3 WHERE instance_id = $1 AND seq = $2",
         )
         .bind(batch.instance_id)
         .bind(batch.seq)
-        .bind(i32::try_from(dropped.len()).unwrap_or(i32::MAX))
+        .bind(i32::try_from(dropped.len() + rejected.len()).unwrap_or(i32::MAX))
         .execute(&mut *tx)
         .await?;
     }
     tx.commit().await?;
-    Ok(FlushOutcome::Applied { rows, dropped })
+    Ok((FlushOutcome::Applied { rows, dropped }, rejected))
+}
+
+/// Add `deltas` (sorted by VPS id) to their VPSes' rows for `period`; VPSes that
+/// no longer exist are skipped. Returns the VPS ids written.
+async fn upsert_deltas(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    period: Period,
+    deltas: &[BandwidthDelta],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let ids: Vec<Uuid> = deltas.iter().map(|d| d.vps_id).collect();
+    let rx: Vec<i64> = deltas.iter().map(|d| to_i64(d.rx)).collect();
+    let tx_bytes: Vec<i64> = deltas.iter().map(|d| to_i64(d.tx)).collect();
+    sqlx::query_scalar(
+        "INSERT INTO vps_usage_periods
+             (vps_id, period_start, bandwidth_bytes, bandwidth_rx_bytes, bandwidth_tx_bytes)
+         SELECT d.vps_id, $4, d.rx + d.tx, d.rx, d.tx
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS d(vps_id, rx, tx)
+         WHERE EXISTS (SELECT 1 FROM vpses v WHERE v.id = d.vps_id)
+         ORDER BY d.vps_id
+         ON CONFLICT (vps_id, period_start) DO UPDATE SET
+             bandwidth_bytes    = vps_usage_periods.bandwidth_bytes + EXCLUDED.bandwidth_bytes,
+             bandwidth_rx_bytes = vps_usage_periods.bandwidth_rx_bytes + EXCLUDED.bandwidth_rx_bytes,
+             bandwidth_tx_bytes = vps_usage_periods.bandwidth_tx_bytes + EXCLUDED.bandwidth_tx_bytes
+         RETURNING vps_id",
+    )
+    .bind(&ids)
+    .bind(&rx)
+    .bind(&tx_bytes)
+    .bind(period.start())
+    .fetch_all(&mut **tx)
+    .await
 }
 
 /// Delete ledger rows older than `keep_days`; returns how many went.
