@@ -19,6 +19,7 @@ use uuid::Uuid;
 use support::client::{basic, exchange, get_request, read_head};
 use support::hostile::HoldingRelay;
 use support::origin::{EchoServer, Origin};
+use support::pg_relay::PgRelay;
 use support::proxy::{test_config, TestProxy};
 use support::{Fixture, TestDb};
 
@@ -39,11 +40,16 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with_database_url(|url| url.to_owned()).await
+}
+
+/// As [`setup`], with the proxy reaching the database at `url_for(db.url)`.
+async fn setup_with_database_url(url_for: impl FnOnce(&str) -> String) -> Setup {
     let db = TestDb::new().await;
     let f = db.fixture("k8s").await;
     let gateway = Origin::start().await;
     let echo = EchoServer::start().await;
-    let mut config = test_config(&db.url);
+    let mut config = test_config(&url_for(&db.url));
     config.proxy.egress.connect_ports = vec![echo.addr.port()];
     config.proxy.ingress.gateway_port = gateway.addr.port();
     let proxy = TestProxy::start(config).await;
@@ -258,6 +264,36 @@ async fn changes_that_keep_the_credential_do_not_cut() {
     relays
         .expect_cut(rotated, "token rotation after harmless changes")
         .await;
+    s.proxy.stop().await;
+}
+
+/// A rotation while the proxy cannot reach the database: its relays and its
+/// cached entry keep serving (it cannot know), and once the database answers
+/// again the proxy catches up on what it missed and cuts them.
+#[tokio::test]
+async fn a_rotation_during_a_database_outage_cuts_once_the_database_answers() {
+    let relay = PgRelay::start(support::server_addr().await).await;
+    let s = setup_with_database_url(|url| relay.url_for(url)).await;
+    let mut relays = s.open_relays(s.f.agent, &s.f.token).await;
+
+    relay.cut();
+    s.execute(
+        "UPDATE agents SET gateway_token = md5(random()::text) || md5(random()::text) WHERE id = $1",
+        s.f.agent,
+    )
+    .await;
+    relays.carry_data().await;
+    assert_eq!(s.ingress_status(s.f.agent, &s.f.token).await, 204);
+
+    let restored = Instant::now();
+    relay.restore();
+    relays
+        .expect_cut(
+            restored,
+            "the database's return after a rotation during an outage",
+        )
+        .await;
+    assert_eq!(s.ingress_status(s.f.agent, &s.f.token).await, 401);
     s.proxy.stop().await;
 }
 

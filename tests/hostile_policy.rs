@@ -109,6 +109,7 @@ async fn an_out_of_range_port_is_a_bad_request() {
     )
     .await;
     for authority in [
+        "127.0.0.1:+80",
         "127.0.0.1:99999",
         "127.0.0.1:65536",
         "127.0.0.1:0",
