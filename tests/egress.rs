@@ -385,9 +385,13 @@ async fn bad_credentials_get_407_and_count_nothing() {
             "malformed",
             Some(format!("Basic {}", b64(format!("agent-7:{}", f.token)))),
         ),
-        ("unknown_agent", Some(basic(uuid::Uuid::new_v4(), &f.token))),
-        ("bad_token", Some(basic(id, &"0".repeat(64)))),
-        ("bad_token", Some(basic(id, &f.token[..63]))),
+        // Unknown agents and wrong tokens get one answer: no probing for ids.
+        (
+            "invalid_credentials",
+            Some(basic(uuid::Uuid::new_v4(), &f.token)),
+        ),
+        ("invalid_credentials", Some(basic(id, &"0".repeat(64)))),
+        ("invalid_credentials", Some(basic(id, &f.token[..63]))),
     ];
     for (reason, auth) in cases {
         let mut req = format!(

@@ -388,8 +388,15 @@ async fn failures_map_to_401_404_503_502_and_504() {
     for (auth, reason) in [
         (None, "missing"),
         (Some(format!("Basic {}", s.f.token)), "scheme"),
-        (Some("Bearer ".to_owned() + &"0".repeat(64)), "bad_token"),
-        (Some(format!("Bearer {}", other.token)), "bad_token"), // another agent's token
+        (
+            Some("Bearer ".to_owned() + &"0".repeat(64)),
+            "invalid_credentials",
+        ),
+        // Another agent's token.
+        (
+            Some(format!("Bearer {}", other.token)),
+            "invalid_credentials",
+        ),
     ] {
         let mut req = http.get(s.url("/echo"));
         if let Some(a) = auth {

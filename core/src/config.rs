@@ -128,6 +128,7 @@ pub struct ProxyConfig {
     pub admin: AdminConfig,
     pub meter: MeterConfig,
     pub directory: DirectoryConfig,
+    pub agent_limits: AgentLimitsConfig,
 }
 
 impl Default for ProxyConfig {
@@ -141,6 +142,7 @@ impl Default for ProxyConfig {
             },
             meter: MeterConfig::default(),
             directory: DirectoryConfig::default(),
+            agent_limits: AgentLimitsConfig::default(),
         }
     }
 }
@@ -181,6 +183,10 @@ pub struct EgressConfig {
     /// Time to resolve and connect to an origin; beyond it `504`. Default `10s`.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
+    /// Time for an origin to answer with response headers (plain HTTP and
+    /// `ws://` upgrades); beyond it `504`. Default `60s`.
+    #[serde(with = "duration")]
+    pub response_timeout: Duration,
     /// Pooled origin connections idle this long are closed. Default `90s`.
     #[serde(with = "duration")]
     pub upstream_idle_timeout: Duration,
@@ -209,12 +215,39 @@ impl Default for EgressConfig {
             header_read_timeout: Duration::from_secs(30),
             tunnel_idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(60),
             upstream_idle_timeout: Duration::from_secs(90),
             upstream_max_idle_per_host: 32,
             connect_ports: vec![443],
             http_ports: Vec::new(),
             allow_cidrs: Vec::new(),
             deny_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// `[proxy.agent_limits]`: what one agent may hold on one proxy, whatever the
+/// others do. Beyond a cap the request gets `429` with a JSON reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentLimitsConfig {
+    /// Open egress client connections bound to one agent, and ingress requests
+    /// to one agent under way, each. Default 1024.
+    pub max_connections: usize,
+    /// Open CONNECT tunnels and WebSockets of one agent, both listeners
+    /// together. Default 512.
+    pub max_tunnels: usize,
+    /// New egress client connections one agent may bind per second (a bucket
+    /// holding one second's worth). Default 1000.
+    pub new_connections_per_second: u32,
+}
+
+impl Default for AgentLimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_tunnels: 512,
+            new_connections_per_second: 1000,
         }
     }
 }
@@ -597,6 +630,22 @@ impl Config {
         positive("proxy.egress.connect_timeout", p.egress.connect_timeout)?;
         positive("proxy.ingress.connect_timeout", p.ingress.connect_timeout)?;
         positive("proxy.ingress.response_timeout", p.ingress.response_timeout)?;
+        positive("proxy.egress.response_timeout", p.egress.response_timeout)?;
+        for (key, value) in [
+            (
+                "proxy.agent_limits.max_connections",
+                p.agent_limits.max_connections,
+            ),
+            ("proxy.agent_limits.max_tunnels", p.agent_limits.max_tunnels),
+            (
+                "proxy.agent_limits.new_connections_per_second",
+                p.agent_limits.new_connections_per_second as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(field_error(key, "must be at least 1"));
+            }
+        }
         if p.ingress.gateway_port == 0 {
             return Err(field_error(
                 "proxy.ingress.gateway_port",

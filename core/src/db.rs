@@ -3,6 +3,7 @@
 //! `UNNEST`): nothing here loops over users or VPSes with one statement each.
 
 pub mod agents;
+pub mod changes;
 pub mod decisions;
 pub mod samples;
 pub mod usage;

@@ -1,14 +1,86 @@
-//! Credentials from request headers, parsed without allocating:
-//! egress `Proxy-Authorization: Basic base64(agent_id:gateway_token)`, ingress
-//! `Authorization: Bearer gateway_token`. Comparison against the stored token is
-//! constant-time (see `Directory`).
+//! Authenticating a request against the agent directory, the same for both
+//! listeners: credentials parsed from headers without allocating (egress
+//! `Proxy-Authorization: Basic base64(agent_id:gateway_token)`, ingress
+//! `Authorization: Bearer gateway_token` with the agent id from the route), the
+//! directory lookup, the constant-time token comparison, and the binding of a
+//! client connection to its first agent.
+
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use http::HeaderValue;
 use uuid::Uuid;
 
-use crate::rescue::AuthFailure;
+use crate::agent_limits::AgentLimits;
+use crate::directory::{Agent, Directory, Lookup};
+use crate::gate::StreamGuard;
+use crate::rescue::{AuthFailure, ProxyError};
+use crate::server::ClientConn;
+use crate::telemetry::Listener;
+
+/// The agent `agent_id` if `token` is its gateway token: 407/401 for unknown
+/// agents and wrong tokens alike, 503 when the directory cannot tell.
+pub async fn authenticate(
+    directory: &Directory,
+    agent_id: Uuid,
+    token: &[u8],
+) -> Result<Arc<Agent>, ProxyError> {
+    let agent = match directory.lookup(agent_id).await {
+        Lookup::Found(agent) => agent,
+        Lookup::Unknown => return Err(ProxyError::Auth(AuthFailure::UnknownAgent)),
+        Lookup::Unavailable => return Err(ProxyError::DirectoryUnavailable),
+    };
+    match agent.token_matches(token) {
+        true => Ok(agent),
+        false => Err(ProxyError::Auth(AuthFailure::BadToken)),
+    }
+}
+
+/// What the agent's requests, streams and tunnels watch: its user's gate and
+/// its credential. Taken before the decision is checked, so a block landing in
+/// between still reaches the stream.
+pub fn guard(agent: &Agent) -> StreamGuard {
+    StreamGuard::new(&agent.gate, Some(agent.revoked().clone()))
+}
+
+/// Refuse credentials of another agent than the one `conn` is bound to, before
+/// looking them up.
+pub fn check_binding(conn: &ClientConn, agent_id: Uuid) -> Result<(), ProxyError> {
+    match conn.agent.get() {
+        Some(bound) if *bound != agent_id => Err(ProxyError::Auth(AuthFailure::OtherAgent)),
+        _ => Ok(()),
+    }
+}
+
+/// Bind `conn` to `agent` (counting it under the agent's connection cap and
+/// rate) and the client socket's byte count to the agent's VPS; refused if the
+/// connection belongs to another agent, or the agent's VPS changed under the
+/// open connection.
+pub fn bind(
+    conn: &ClientConn,
+    agent: &Agent,
+    limits: &AgentLimits,
+    listener: Listener,
+) -> Result<(), ProxyError> {
+    let counter = agent.counter.as_ref().ok_or(ProxyError::NoVps)?;
+    // HTTP/1 serves one request at a time per connection, so this cannot race.
+    match conn.agent.get() {
+        Some(bound) if *bound != agent.agent_id => {
+            return Err(ProxyError::Auth(AuthFailure::OtherAgent))
+        }
+        Some(_) => {}
+        None => {
+            let held = limits.connection(agent.agent_id, listener)?;
+            let _ = conn.held.set(held);
+            let _ = conn.agent.set(agent.agent_id);
+        }
+    }
+    match conn.tally.as_ref().is_none_or(|t| t.bind(counter)) {
+        true => Ok(()),
+        false => Err(ProxyError::Auth(AuthFailure::OtherAgent)),
+    }
+}
 
 /// Longest decoded `agent_id:token` accepted (a UUID and a 64-char token need 101).
 const MAX_CREDENTIALS: usize = 256;

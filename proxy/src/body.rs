@@ -1,39 +1,41 @@
-//! The one body type both listeners send: empty, a small buffer (error JSON), or
-//! a streamed body relayed from the other side, optionally cut when its user
-//! becomes blocked. Streamed bodies pass frames through as they arrive, so memory
-//! stays bounded and server-sent events are not held back.
+//! The one body type both listeners send, each way: empty, a small buffer
+//! (error JSON), or a streamed body relayed from the other side. Streamed bodies
+//! pass frames through as they arrive, so memory stays bounded and server-sent
+//! events are not held back; request and response bodies alike are guarded, so
+//! an upload or a download stops within one frame of its user's headroom, a
+//! block, or the revocation of its agent's credential.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::enforcement::StreamGuard;
-use crate::telemetry::{self, Listener};
+use crate::gate::StreamGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a guarded stream ended early.
 #[derive(Debug, thiserror::Error)]
-#[error("stream closed: the user's traffic is blocked")]
+#[error("stream closed: the user's traffic is blocked or the credential was revoked")]
 pub struct StreamCut;
 
 pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
-    Stream(Incoming),
     /// A stream that ends with an error (aborting the exchange) when its user is
-    /// cut off: a block decision, or unflushed bytes past the headroom (checked
-    /// before each frame).
+    /// cut off: a block decision or revocation, or unflushed bytes past the
+    /// headroom (checked before each frame).
     Guarded {
         inner: Incoming,
-        cut: Pin<Box<WaitForCancellationFutureOwned>>,
+        stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
         guard: StreamGuard,
-        listener: Listener,
+        /// Bytes passed on, when someone counts them.
+        counted: Option<Arc<AtomicU64>>,
     },
 }
 
@@ -42,13 +44,13 @@ impl ProxyBody {
         ProxyBody::Full(Some(bytes.into()))
     }
 
-    pub fn guarded(inner: Incoming, guard: StreamGuard, listener: Listener) -> Self {
-        let cut = Box::pin(guard.cut().clone().cancelled_owned());
+    /// `inner`, stopped when `guard` trips; its data bytes added to `counted`.
+    pub fn guarded(inner: Incoming, guard: StreamGuard, counted: Option<Arc<AtomicU64>>) -> Self {
         ProxyBody::Guarded {
             inner,
-            cut,
+            stopped: Box::pin(guard.stopped()),
             guard,
-            listener,
+            counted,
         }
     }
 }
@@ -58,7 +60,6 @@ impl std::fmt::Debug for ProxyBody {
         let kind = match self {
             ProxyBody::Empty => "Empty",
             ProxyBody::Full(_) => "Full",
-            ProxyBody::Stream(_) => "Stream",
             ProxyBody::Guarded { .. } => "Guarded",
         };
         f.write_str(kind)
@@ -76,18 +77,22 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             ProxyBody::Guarded {
                 inner,
-                cut,
+                stopped,
                 guard,
-                listener,
+                counted,
             } => {
-                if cut.as_mut().poll(cx).is_ready() || guard.check().is_err() {
-                    telemetry::cut_stream(*listener);
+                if stopped.as_mut().poll(cx).is_ready() || guard.check().is_err() {
                     return Poll::Ready(Some(Err(StreamCut.into())));
                 }
-                Pin::new(inner).poll_frame(cx).map_err(Into::into)
+                let poll = Pin::new(inner).poll_frame(cx).map_err(Into::into);
+                if let (Some(counted), Poll::Ready(Some(Ok(frame)))) = (counted, &poll) {
+                    if let Some(data) = frame.data_ref() {
+                        counted.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                poll
             }
         }
     }
@@ -96,7 +101,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Stream(inner) | ProxyBody::Guarded { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Guarded { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -106,7 +111,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            ProxyBody::Stream(inner) | ProxyBody::Guarded { inner, .. } => inner.size_hint(),
+            ProxyBody::Guarded { inner, .. } => inner.size_hint(),
         }
     }
 }

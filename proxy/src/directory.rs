@@ -41,7 +41,8 @@ use uuid::Uuid;
 use tollgate_core::config::DirectoryConfig;
 use tollgate_core::db::agents::{self, AgentRecord, VpsRecord};
 
-use crate::enforcement::{Enforcer, UserGate};
+use crate::enforcement::Enforcer;
+use crate::gate::UserGate;
 use crate::health::Health;
 use crate::meter::{Meter, VpsCounter};
 use crate::telemetry;

@@ -69,6 +69,17 @@ pub enum Host {
     Name(String),
 }
 
+impl std::fmt::Display for Host {
+    /// The host as it goes in an authority: `[v6]`, `v4` or the name.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+            Host::Name(name) => f.write_str(name),
+        }
+    }
+}
+
 /// Parse the host part of an authority (`[::1]`, `10.0.0.1`, `0x7f.1`, `example.com`).
 /// `None` if it is neither an IP literal nor a valid DNS name.
 pub fn parse_host(host: &str) -> Option<Host> {

@@ -1,7 +1,58 @@
-//! Header rules both listeners apply: hop-by-hop headers stay on their hop
-//! (RFC 9110 §7.6.1) and upgrades are recognised.
+//! What both listeners do to a request on its way upstream: hop-by-hop headers
+//! stay on their hop (RFC 9110 §7.6.1), upgrades are recognised and kept, the
+//! body is streamed under its user's guard.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Uri, Version};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+
+use crate::body::ProxyBody;
+use crate::exchange::Exchange;
+use crate::gate::StreamGuard;
+
+/// A request as it goes upstream, and the client's side of the upgrade it asks
+/// for, if any.
+pub struct Outbound {
+    pub request: Request<ProxyBody>,
+    pub client_upgrade: Option<OnUpgrade>,
+}
+
+impl Outbound {
+    /// `req` for `target` (origin-form) on the upstream `host`: hop-by-hop
+    /// headers dropped (an HTTP/1 upgrade's own kept), `Host` set, `Expect`
+    /// dropped (this hop answers it: hyper sends the `100` when the body is
+    /// first read), HTTP/1.1; a body is streamed under `guard`, its bytes
+    /// counted in `exchange`.
+    pub fn of(
+        mut req: Request<Incoming>,
+        target: Uri,
+        host: HeaderValue,
+        guard: &StreamGuard,
+        exchange: &mut Exchange,
+    ) -> Outbound {
+        let upgrade = req.version() < Version::HTTP_2 && wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        parts.headers.remove(header::EXPECT);
+        parts.headers.insert(header::HOST, host);
+        let body = match body.is_end_stream() {
+            true => ProxyBody::Empty,
+            false => ProxyBody::guarded(body, guard.clone(), Some(exchange.upload_counter())),
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = target;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = parts.headers;
+        Outbound {
+            request,
+            client_upgrade,
+        }
+    }
+}
 
 /// Headers that describe one connection, never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [

@@ -3,9 +3,31 @@
 //! database recently enough to still serve from its caches.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::telemetry;
+
+/// Whether `error` came from a database that answered (as opposed to one that
+/// could not be reached or timed out).
+pub fn answered(error: &sqlx::Error) -> bool {
+    match error {
+        // Connection exceptions, operator intervention (a terminated backend, a
+        // shutdown) and exhausted resources mean it did not serve us.
+        sqlx::Error::Database(e) => !e
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("53") || c.starts_with("57")),
+        _ => matches!(
+            error,
+            sqlx::Error::RowNotFound
+                | sqlx::Error::ColumnDecode { .. }
+                | sqlx::Error::Decode(_)
+                | sqlx::Error::TypeNotFound { .. }
+                | sqlx::Error::ColumnNotFound(_)
+        ),
+    }
+}
 
 #[derive(Debug)]
 pub struct Health {
@@ -50,6 +72,25 @@ impl Health {
             tracing::warn!(%error, during = what, "database unreachable; serving known agents from cache");
             telemetry::database_up(false);
         }
+    }
+
+    /// Await a database operation, recording whether the database answered: the
+    /// one place database reachability is observed, so `/readyz`, the
+    /// `tollgate_database_up` gauge and the directory's outage behaviour agree.
+    pub async fn observe<T>(
+        &self,
+        what: &'static str,
+        operation: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, sqlx::Error> {
+        let result = operation.await;
+        match &result {
+            Ok(_) => self.db_ok(),
+            // An answer that is an error (a constraint, a bad row) still means
+            // the database is there.
+            Err(e) if answered(e) => self.db_ok(),
+            Err(e) => self.db_failed(what, e),
+        }
+        result
     }
 
     /// Time since the database last answered, if it ever did.

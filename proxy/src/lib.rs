@@ -17,14 +17,17 @@
 //! and shutdown token from the caller, so tests bind port 0 and stop it at will.
 #![forbid(unsafe_code)]
 
+pub mod agent_limits;
 pub mod auth;
 pub mod body;
 pub mod directory;
 pub mod egress;
 pub mod egress_policy;
 pub mod enforcement;
+pub mod exchange;
 pub mod flusher;
 pub mod framing;
+pub mod gate;
 pub mod headers;
 pub mod health;
 pub mod ingress;
@@ -50,6 +53,7 @@ use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::config::Config;
 use tollgate_core::{admin, db};
 
+use crate::agent_limits::AgentLimits;
 use crate::directory::Directory;
 use crate::egress::Egress;
 use crate::egress_policy::{Dial, EgressPolicy, Resolve, SystemResolver, TcpDialer};
@@ -58,7 +62,9 @@ use crate::flusher::Flusher;
 use crate::health::Health;
 use crate::ingress::Ingress;
 use crate::meter::Meter;
-use crate::upstream::Pool;
+use crate::relay::Relays;
+use crate::server::Limits;
+use crate::upstream::{Connector, Pool};
 
 /// The proxy's sockets, bound by the caller.
 pub struct Listeners {
@@ -202,72 +208,74 @@ pub async fn run(
 
     let connections = TaskTracker::new();
     let hard_stop = CancellationToken::new();
+    let relays = Relays {
+        tracker: connections.clone(),
+        hard_stop: hard_stop.clone(),
+    };
+    let connector = Connector {
+        resolver: options.seams.resolver.clone(),
+        dialer: options.seams.dialer.clone(),
+    };
+    let agent_limits = AgentLimits::new(config.proxy.agent_limits.clone());
+    background_tasks.spawn(agent_limits.clone().run_sweeper(background.clone()));
     let mut accept_loops = Vec::new();
     if let Some(listener) = listeners.egress {
         let e = &config.proxy.egress;
-        let tls = match &e.tls {
-            Some(tls) => Some(server::tls_acceptor(tls, &[b"http/1.1"])?),
-            None => None,
-        };
         let egress = Arc::new(Egress {
             directory: directory.clone(),
             policy: EgressPolicy::from_config(e),
-            resolver: options.seams.resolver.clone(),
-            dialer: options.seams.dialer.clone(),
+            connector: connector.clone(),
             pool: Pool::new(e.upstream_max_idle_per_host, e.upstream_idle_timeout),
+            relays: relays.clone(),
+            agent_limits: agent_limits.clone(),
             config: e.clone(),
-            tracker: connections.clone(),
-            hard_stop: hard_stop.clone(),
+            limits: Limits {
+                max_connections: e.max_connections,
+                max_header_bytes: e.max_header_bytes,
+                header_read_timeout: e.header_read_timeout,
+            },
         });
         background_tasks.spawn(egress.pool.clone().run_reaper(background.clone()));
+        let tls = match &e.tls {
+            Some(tls) => Some(server::tls_acceptor(tls, server::alpn::<Egress>())?),
+            None => None,
+        };
         tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "egress proxy listening");
-        let (limits, shutdown) = (egress.limits(), shutdown.clone());
-        accept_loops.push(tokio::spawn(server::accept_loop(
+        accept_loops.push(tokio::spawn(server::run(
+            egress,
             listener,
-            telemetry::Listener::Egress,
-            limits,
+            tls,
             shutdown.clone(),
             connections.clone(),
-            move |stream, _peer, permit| {
-                let (egress, tls, shutdown) = (egress.clone(), tls.clone(), shutdown.clone());
-                async move {
-                    let _permit = permit;
-                    egress.serve_connection(stream, tls, shutdown).await;
-                }
-            },
         )));
     }
     if let Some(listener) = listeners.ingress {
         let i = &config.proxy.ingress;
-        let tls = match &i.tls {
-            Some(tls) => Some(server::tls_acceptor(tls, &[b"h2", b"http/1.1"])?),
-            None => None,
-        };
         let ingress = Arc::new(Ingress {
             directory: directory.clone(),
-            resolver: options.seams.resolver.clone(),
-            dialer: options.seams.dialer.clone(),
+            connector: connector.clone(),
             pool: Pool::new(i.upstream_max_idle_per_vps, i.upstream_idle_timeout),
+            relays: relays.clone(),
+            agent_limits: agent_limits.clone(),
             config: i.clone(),
-            tracker: connections.clone(),
-            hard_stop: hard_stop.clone(),
+            limits: Limits {
+                max_connections: i.max_connections,
+                max_header_bytes: i.max_header_bytes,
+                header_read_timeout: i.header_read_timeout,
+            },
         });
         background_tasks.spawn(ingress.pool.clone().run_reaper(background.clone()));
+        let tls = match &i.tls {
+            Some(tls) => Some(server::tls_acceptor(tls, server::alpn::<Ingress>())?),
+            None => None,
+        };
         tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "ingress proxy listening");
-        let (limits, shutdown) = (ingress.limits(), shutdown.clone());
-        accept_loops.push(tokio::spawn(server::accept_loop(
+        accept_loops.push(tokio::spawn(server::run(
+            ingress,
             listener,
-            telemetry::Listener::Ingress,
-            limits,
+            tls,
             shutdown.clone(),
             connections.clone(),
-            move |stream, peer, permit| {
-                let (ingress, tls, shutdown) = (ingress.clone(), tls.clone(), shutdown.clone());
-                async move {
-                    let _permit = permit;
-                    ingress.serve_connection(stream, peer, tls, shutdown).await;
-                }
-            },
         )));
     }
 

@@ -9,10 +9,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgListener, PgNotification};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use tollgate_core::billing::Period;
-use tollgate_core::db::{AGENT_CHANNEL, BILLING_CHANNEL, DECISION_CHANNEL};
+use tollgate_core::db::changes::Change;
 
 use crate::directory::Directory;
 use crate::enforcement::{Enforcer, Event};
@@ -33,8 +31,7 @@ pub async fn run(
     while !shutdown.is_cancelled() {
         let listener = async {
             let mut l = PgListener::connect_with(&pool).await?;
-            l.listen_all([AGENT_CHANNEL, BILLING_CHANNEL, DECISION_CHANNEL])
-                .await?;
+            l.listen_all(Change::CHANNELS).await?;
             Ok::<_, sqlx::Error>(l)
         };
         let mut listener = match listener.await {
@@ -87,22 +84,10 @@ async fn catch_up(directory: &Directory, enforcer: &Enforcer) {
 }
 
 fn dispatch(n: &PgNotification, directory: &Arc<Directory>, enforcer: &Arc<Enforcer>) {
-    let payload = n.payload();
-    match n.channel() {
-        AGENT_CHANNEL => match payload.parse::<Uuid>() {
-            Ok(agent) => directory.invalidate(agent),
-            Err(_) => tracing::warn!(payload, "ignoring malformed agent notification"),
-        },
-        BILLING_CHANNEL => enforcer.send(Event::BillingChanged(payload.to_owned())),
-        DECISION_CHANNEL => {
-            let parsed = payload.split_once(':').and_then(|(user, period)| {
-                Some((user.parse::<Uuid>().ok()?, period.parse::<Period>().ok()?))
-            });
-            match parsed {
-                Some((user, period)) => enforcer.send(Event::Published { user, period }),
-                None => tracing::warn!(payload, "ignoring malformed decision notification"),
-            }
-        }
-        other => tracing::debug!(channel = other, "ignoring notification"),
+    match Change::parse(n.channel(), n.payload()) {
+        Ok(Change::Agent(agent)) => directory.invalidate(agent),
+        Ok(Change::Billing(change)) => enforcer.send(Event::BillingChanged(change)),
+        Ok(Change::Decision { user, period }) => enforcer.send(Event::Published { user, period }),
+        Err(e) => tracing::warn!(error = %e, "ignoring a malformed change notification"),
     }
 }

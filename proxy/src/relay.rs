@@ -1,10 +1,14 @@
-//! Two-way byte relay for CONNECT tunnels and WebSockets: copies both directions
-//! with half-close (EOF one way shuts down the write side of the other and the
-//! rest keeps flowing), ends on an idle timeout, when the user is cut off (a
-//! block decision at once; bytes past the headroom before the next chunk is
-//! passed on, and within [`HEADROOM_CHECK`] while nothing moves), or at the end
-//! of the shutdown drain.
+//! Two-way byte relay for CONNECT tunnels and upgrades (WebSockets), the same
+//! on both listeners: copies both directions with half-close (EOF one way shuts
+//! down the write side of the other and the rest keeps flowing), ends on an idle
+//! timeout, when the user is cut off (a block decision or a revoked credential
+//! at once; bytes past the headroom before the next chunk is passed on, and
+//! within [`HEADROOM_CHECK`] while nothing moves), or at the end of the shutdown
+//! drain. [`Relays::spawn`] runs one as a tracked task that holds its client
+//! connection (and so its slot) and ends its exchange; [`Relays::upgrade`]
+//! sends an upgrade request and relays what the upstream switches to.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,10 +16,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::{Request, Response, StatusCode};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::enforcement::StreamGuard;
+use crate::agent_limits::Held;
+use crate::body::ProxyBody;
+use crate::exchange::{Ended, Exchange};
+use crate::gate::StreamGuard;
+use crate::rescue::ProxyError;
+use crate::server::ClientConn;
+use crate::telemetry::{GaugeGuard, TunnelKind};
+use crate::upstream::{handshake, passed_on};
 
 /// Buffer per direction: it starts small, doubles while reads fill it (a bulk
 /// transfer then moves in large reads, with few system calls and wake-ups), and
@@ -26,17 +41,129 @@ const MAX_BUF: usize = 256 * 1024;
 /// How often a relay compares its user's unflushed bytes with the headroom.
 pub const HEADROOM_CHECK: Duration = Duration::from_millis(100);
 
+/// Where a listener's relays run: tracked, so the shutdown drain waits for
+/// them, and stopped when its deadline passes.
+#[derive(Clone)]
+pub struct Relays {
+    pub tracker: TaskTracker,
+    pub hard_stop: CancellationToken,
+}
+
+/// A relay about to start: what it is and what it watches.
+pub struct Relay {
+    pub kind: TunnelKind,
+    /// No traffic either way for this long ends it.
+    pub idle: Duration,
+    pub guard: StreamGuard,
+    /// The client connection, held until the relay ends: its slot under the
+    /// connection limits and its place in the active-connections gauge.
+    pub conn: Arc<ClientConn>,
+    /// Its place under the agent's tunnel cap.
+    pub held: Held,
+}
+
+impl Relays {
+    /// Run `relay` as a task once `sides` yields the client and upstream
+    /// streams (both upgrades complete); it ends `exchange` when it ends.
+    pub fn spawn<S, C, U, E>(&self, started: Relay, exchange: Exchange, sides: S)
+    where
+        S: Future<Output = Result<(C, U), E>> + Send + 'static,
+        C: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        E: std::fmt::Display + Send,
+    {
+        let hard_stop = self.hard_stop.clone();
+        self.tracker.spawn(async move {
+            let Relay {
+                kind,
+                idle,
+                guard,
+                conn,
+                held,
+            } = started;
+            let (client, upstream) = match sides.await {
+                Ok(sides) => sides,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the upgrade did not complete");
+                    return exchange.finish_relay(Ended::Aborted, 0, 0);
+                }
+            };
+            let _open = GaugeGuard::tunnel(exchange.listener(), kind);
+            let relayed = relay(TokioIo::new(client), upstream, idle, &guard, &hard_stop).await;
+            if let RelayEnd::Error(e) = &relayed.end {
+                tracing::debug!(error = %e, "relay ended with an I/O error");
+            }
+            exchange.finish_relay(relayed.end.ended(), relayed.up, relayed.down);
+            drop((conn, held));
+        });
+    }
+
+    /// Send an upgrade request (a WebSocket, say) on its own upstream connection
+    /// `io`, waiting up to `timeout` for the answer. If the upstream switches
+    /// protocols, both sides are relayed as `relay` says and the `101` is
+    /// passed on; any other answer is passed on as a plain response.
+    pub async fn upgrade<I>(
+        &self,
+        io: I,
+        request: Request<ProxyBody>,
+        client: OnUpgrade,
+        timeout: Duration,
+        relay: Relay,
+        exchange: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut sender = handshake(io, true).await.map_err(ProxyError::Upstream)?;
+        let mut response = tokio::time::timeout(timeout, sender.send_request(request))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout)?
+            .map_err(|e| ProxyError::from_upstream(e, &relay.guard))?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(passed_on(response, relay.guard));
+        }
+        let upstream = hyper::upgrade::on(&mut response);
+        let exchange = exchange.hand_off("upgraded", StatusCode::SWITCHING_PROTOCOLS);
+        self.spawn(relay, exchange, async move {
+            let (client, upstream) = tokio::try_join!(client, upstream)?;
+            Ok::<_, hyper::Error>((client, TokioIo::new(upstream)))
+        });
+        Ok(response.map(|_| ProxyBody::Empty))
+    }
+}
+
 /// How a relay ended.
 #[derive(Debug)]
 pub enum RelayEnd {
-    /// Both sides finished: bytes client->upstream, upstream->client.
-    Done(u64, u64),
+    /// Both sides finished.
+    Done,
     Error(io::Error),
     Idle,
-    /// The user became blocked.
+    /// The user became blocked, or the credential was revoked.
     Cut,
     /// The proxy is shutting down and the drain deadline passed.
     Shutdown,
+}
+
+impl RelayEnd {
+    pub fn ended(&self) -> Ended {
+        match self {
+            RelayEnd::Done => Ended::Complete,
+            RelayEnd::Error(_) => Ended::Aborted,
+            RelayEnd::Idle => Ended::Idle,
+            RelayEnd::Cut => Ended::Cut,
+            RelayEnd::Shutdown => Ended::Shutdown,
+        }
+    }
+}
+
+/// A finished relay: how it ended, and the bytes it passed each way
+/// (client->upstream, upstream->client).
+#[derive(Debug)]
+pub struct Relayed {
+    pub end: RelayEnd,
+    pub up: u64,
+    pub down: u64,
 }
 
 /// Relay between `client` and `upstream` until one of the ends in [`RelayEnd`].
@@ -46,7 +173,7 @@ pub async fn relay<C, U>(
     idle: Duration,
     guard: &StreamGuard,
     hard_stop: &CancellationToken,
-) -> RelayEnd
+) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -60,15 +187,21 @@ where
         inner: upstream,
         progress: progress.clone(),
     };
-    tokio::select! {
-        r = copy_both_ways(&mut client, &mut upstream, guard) => match r {
-            Ok((up, down)) => RelayEnd::Done(up, down),
+    let (mut up, mut down) = (Pump::new(), Pump::new());
+    let end = tokio::select! {
+        r = copy_both_ways(&mut client, &mut upstream, &mut up, &mut down, guard) => match r {
+            Ok(()) => RelayEnd::Done,
             Err(Stop::Cut) => RelayEnd::Cut,
             Err(Stop::Io(e)) => RelayEnd::Error(e),
         },
         _ = idle_watch(&progress, idle) => RelayEnd::Idle,
         _ = guard.tripped(HEADROOM_CHECK) => RelayEnd::Cut,
         _ = hard_stop.cancelled() => RelayEnd::Shutdown,
+    };
+    Relayed {
+        end,
+        up: up.total,
+        down: down.total,
     }
 }
 
@@ -87,21 +220,26 @@ impl From<io::Error> for Stop {
     }
 }
 
-/// Copy both ways until both sides have finished (EOF, then write-side shutdown):
-/// bytes client->upstream, upstream->client. Every chunk read is checked against
-/// `guard` before it is written, so a user past their headroom gets at most the
-/// chunk in hand, not a check interval's worth of traffic.
-async fn copy_both_ways<A, B>(a: &mut A, b: &mut B, guard: &StreamGuard) -> Result<(u64, u64), Stop>
+/// Copy both ways until both sides have finished (EOF, then write-side shutdown).
+/// Every chunk read is checked against `guard` before it is written, so a user
+/// past their headroom gets at most the chunk in hand, not a check interval's
+/// worth of traffic.
+async fn copy_both_ways<A, B>(
+    a: &mut A,
+    b: &mut B,
+    a_to_b: &mut Pump,
+    b_to_a: &mut Pump,
+    guard: &StreamGuard,
+) -> Result<(), Stop>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut a_to_b, mut b_to_a) = (Pump::new(), Pump::new());
     std::future::poll_fn(|cx| {
         let up = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b), guard)?;
         let down = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a), guard)?;
         match (up, down) {
-            (Poll::Ready(up), Poll::Ready(down)) => Poll::Ready(Ok((up, down))),
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
             _ => Poll::Pending,
         }
     })
@@ -135,15 +273,15 @@ impl Pump {
         }
     }
 
-    /// Copy from `reader` to `writer` until `reader` ends; `Ready` with the bytes
-    /// copied once `writer` has been shut down.
+    /// Copy from `reader` to `writer` until `reader` ends; `Ready` once `writer`
+    /// has been shut down.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
         guard: &StreamGuard,
-    ) -> Poll<Result<u64, Stop>>
+    ) -> Poll<Result<(), Stop>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -199,7 +337,7 @@ impl Pump {
                     std::task::ready!(writer.as_mut().poll_shutdown(cx))?;
                     self.shut_down = true;
                 }
-                return Poll::Ready(Ok(self.total));
+                return Poll::Ready(Ok(()));
             }
         }
     }
@@ -295,7 +433,9 @@ mod tests {
         let mut back = Vec::new();
         client_peer.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"pong");
-        assert!(matches!(task.await.unwrap(), RelayEnd::Done(4, 4)));
+        let relayed = task.await.unwrap();
+        assert!(matches!(relayed.end, RelayEnd::Done));
+        assert_eq!((relayed.up, relayed.down), (4, 4));
     }
 
     #[tokio::test]
@@ -327,7 +467,9 @@ mod tests {
         assert!(got == data, "relayed bytes differ");
         drop(upstream_peer);
         drop(writer.await.unwrap());
-        assert!(matches!(task.await.unwrap(), RelayEnd::Done(3_000_000, 0)));
+        let relayed = task.await.unwrap();
+        assert!(matches!(relayed.end, RelayEnd::Done));
+        assert_eq!((relayed.up, relayed.down), (3_000_000, 0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -338,8 +480,8 @@ mod tests {
             StreamGuard::from_token(CancellationToken::new()),
             CancellationToken::new(),
         );
-        let end = relay(client, upstream, Duration::from_secs(60), &cut, &stop).await;
-        assert!(matches!(end, RelayEnd::Idle));
+        let relayed = relay(client, upstream, Duration::from_secs(60), &cut, &stop).await;
+        assert!(matches!(relayed.end, RelayEnd::Idle));
     }
 
     #[tokio::test]
@@ -350,7 +492,9 @@ mod tests {
         cut.cancel();
         let guard = StreamGuard::from_token(cut);
         assert!(matches!(
-            relay(client, upstream, Duration::from_secs(60), &guard, &stop).await,
+            relay(client, upstream, Duration::from_secs(60), &guard, &stop)
+                .await
+                .end,
             RelayEnd::Cut
         ));
     }

@@ -8,9 +8,10 @@ use std::io;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
-use crate::body::ProxyBody;
+use crate::agent_limits::Limit;
+use crate::body::{ProxyBody, StreamCut};
 use crate::egress_policy::DenyReason;
-use crate::enforcement::Blocked;
+use crate::gate::{Blocked, StreamGuard};
 use crate::telemetry::{self, Listener};
 
 /// Header naming why an egress destination was refused.
@@ -24,6 +25,8 @@ pub enum AuthFailure {
     Malformed,
     UnknownAgent,
     BadToken,
+    /// The credential was revoked while its request was under way.
+    Revoked,
     /// The connection already belongs to another agent.
     OtherAgent,
 }
@@ -36,7 +39,20 @@ impl AuthFailure {
             AuthFailure::Malformed => "malformed",
             AuthFailure::UnknownAgent => "unknown_agent",
             AuthFailure::BadToken => "bad_token",
+            AuthFailure::Revoked => "revoked",
             AuthFailure::OtherAgent => "other_agent",
+        }
+    }
+
+    /// The reason a client is told. Unknown agents, wrong tokens and revoked
+    /// credentials get one answer, so a client cannot probe which agent ids
+    /// exist; metrics and logs keep the precise reason.
+    pub fn public_reason(self) -> &'static str {
+        match self {
+            AuthFailure::UnknownAgent | AuthFailure::BadToken | AuthFailure::Revoked => {
+                "invalid_credentials"
+            }
+            other => other.as_str(),
         }
     }
 }
@@ -62,6 +78,13 @@ pub enum ProxyError {
     /// Client: malformed or unacceptable request.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// Client: the request body failed while it was being passed on (malformed
+    /// chunked framing, a client that went away).
+    #[error("the request body failed")]
+    ClientBody(#[source] hyper::Error),
+    /// Client: the agent reached one of its per-agent caps.
+    #[error("per-agent limit reached: {}", .0.as_str())]
+    TooMany(Limit),
     /// Client: no such route (ingress).
     #[error("not found")]
     NotFound,
@@ -93,6 +116,12 @@ pub enum ProxyError {
     Upstream(#[source] hyper::Error),
 }
 
+impl From<Limit> for ProxyError {
+    fn from(limit: Limit) -> Self {
+        ProxyError::TooMany(limit)
+    }
+}
+
 impl From<Blocked> for ProxyError {
     fn from(b: Blocked) -> Self {
         ProxyError::Blocked(b)
@@ -100,6 +129,37 @@ impl From<Blocked> for ProxyError {
 }
 
 impl ProxyError {
+    /// Whose fault a failed upstream exchange was: the user's traffic stopped by
+    /// `guard` (a block, or a revoked credential, cut the request body), the
+    /// client's (its request body failed), or the upstream's.
+    pub fn from_upstream(error: hyper::Error, guard: &StreamGuard) -> ProxyError {
+        if let Err(blocked) = guard.check() {
+            return ProxyError::Blocked(blocked);
+        }
+        if guard.revoked() {
+            return ProxyError::Auth(AuthFailure::Revoked);
+        }
+        let mut source = std::error::Error::source(&error);
+        while let Some(s) = source {
+            if s.is::<StreamCut>() {
+                return ProxyError::Auth(AuthFailure::Revoked);
+            }
+            source = s.source();
+        }
+        match error.is_user() {
+            true => ProxyError::ClientBody(error),
+            false => ProxyError::Upstream(error),
+        }
+    }
+
+    /// `self`, with an upstream failure attributed as [`ProxyError::from_upstream`] does.
+    pub fn attributed(self, guard: &StreamGuard) -> ProxyError {
+        match self {
+            ProxyError::Upstream(e) => ProxyError::from_upstream(e, guard),
+            other => other,
+        }
+    }
+
     /// The `outcome` label of `tollgate_requests_total`.
     pub fn outcome(&self) -> &'static str {
         match self {
@@ -107,7 +167,8 @@ impl ProxyError {
             ProxyError::DirectoryUnavailable => "unavailable",
             ProxyError::Blocked(_) => "blocked",
             ProxyError::Denied { .. } => "denied",
-            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => "bad_request",
+            ProxyError::TooMany(_) => "agent_limit",
             ProxyError::NotFound => "not_found",
             ProxyError::NoVps | ProxyError::VpsUnavailable(_) => "vps_unavailable",
             ProxyError::Resolve { .. } | ProxyError::Connect { .. } | ProxyError::Upstream(_) => {
@@ -128,9 +189,9 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<ProxyB
     response
 }
 
-/// The response for `error` on `listener`, with metrics recorded.
+/// The response for `error` on `listener`, with its reason counted. (The
+/// request itself is recorded where it ends, in `exchange`.)
 pub fn rescue(error: ProxyError, listener: Listener) -> Response<ProxyBody> {
-    telemetry::request(listener, error.outcome());
     let mut response = match &error {
         ProxyError::Auth(failure) => {
             telemetry::auth_failure(listener, failure.as_str());
@@ -148,7 +209,7 @@ pub fn rescue(error: ProxyError, listener: Listener) -> Response<ProxyBody> {
             };
             let mut r = json_response(
                 status,
-                json!({"error": "unauthorized", "reason": failure.as_str()}),
+                json!({"error": "unauthorized", "reason": failure.public_reason()}),
             );
             r.headers_mut()
                 .insert(challenge_header, HeaderValue::from_static(challenge));
@@ -193,6 +254,29 @@ pub fn rescue(error: ProxyError, listener: Listener) -> Response<ProxyBody> {
             );
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+        ProxyError::ClientBody(_) => {
+            let mut r = json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "bad_request", "reason": "the request body is malformed or incomplete"}),
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+        ProxyError::TooMany(limit) => {
+            let mut r = json_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"error": "too_many_requests", "reason": limit.as_str()}),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            if *limit != Limit::Tunnels {
+                // The connection is not bound to the agent: do not let it linger.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             r
         }
         ProxyError::NotFound => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found"})),

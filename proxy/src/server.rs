@@ -1,46 +1,103 @@
-//! Accepting connections for a listener: the connection limit (503 beyond it),
-//! optional TLS, hyper's HTTP/1.1 settings (head size limit -> 431, head read
-//! timeout), and graceful shutdown (stop accepting, let in-flight exchanges
-//! finish, close idle keep-alives).
+//! Serving a listener, the same for egress and ingress: accepting under the
+//! connection limit (503 beyond it), TLS with ALPN, HTTP/1.1 behind the
+//! smuggling guard (head size limit -> 431, head read timeout), HTTP/2 where the
+//! listener offers it (ALPN on TLS, the connection preface on cleartext), and
+//! graceful shutdown (stop accepting, let in-flight exchanges finish, close idle
+//! keep-alives).
+//!
+//! What differs between listeners is their [`Stages`]: the request path run for
+//! each request. Every request passes through [`handle`], which checks its
+//! framing, runs the stages, and turns the result into the response that ends
+//! the request's [`Exchange`].
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioTimer;
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use tollgate_core::config::TlsConfig;
 
-use crate::telemetry::{self, Listener};
+use crate::agent_limits::Held;
+use crate::body::ProxyBody;
+use crate::exchange::{Exchange, ExchangeBody};
+use crate::framing::{Framing, FramingGuard, Verdicts};
+use crate::meter::{ConnTally, MeteredIo};
+use crate::rescue::ProxyError;
+use crate::telemetry::{self, GaugeGuard, Listener};
 
 /// Limits a listener applies to every connection.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
     pub max_header_bytes: usize,
+    /// Time to send a request head (and to finish a TLS handshake); also how
+    /// long a connection may sit idle between requests.
     pub header_read_timeout: Duration,
 }
 
-/// The HTTP/1.1 server settings for `limits`.
-pub fn http1_builder(limits: &Limits) -> http1::Builder {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_header_size(limits.max_header_bytes)
-        .max_buf_size(limits.max_header_bytes.max(64 * 1024))
-        .keep_alive(true);
-    builder
+/// A listener's request path: the stages one request goes through once the
+/// connection machinery has read it.
+pub trait Stages: Send + Sync + Sized + 'static {
+    /// Which listener this is, for metrics, events and error responses.
+    const LISTENER: Listener;
+    /// Offer HTTP/2 (ALPN `h2`, or the preface on cleartext).
+    const HTTP2: bool;
+    /// Count the client socket's bytes to the VPS it binds to (egress: the
+    /// agent's own socket faces the VPS).
+    const METER_CLIENT: bool;
+
+    fn limits(&self) -> &Limits;
+
+    /// Run the stages for `req`, arrived on `conn`.
+    fn proxy(
+        &self,
+        req: Request<Incoming>,
+        conn: &Arc<ClientConn>,
+        exchange: &mut Exchange,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send;
+}
+
+/// One client connection, as the request path sees it. Relays opened on it hold
+/// it (and so its slot under the connection limit and its place in the
+/// active-connections gauge) until they end.
+pub struct ClientConn {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// Counts the client socket's bytes (listeners that meter the client).
+    pub tally: Option<Arc<ConnTally>>,
+    /// The agent this connection is bound to (egress: the first that authenticates).
+    pub agent: OnceLock<Uuid>,
+    /// The connection's place under its agent's connection cap, once bound.
+    pub held: OnceLock<Held>,
+    framing: Arc<Verdicts>,
+    /// Requests and relays under way on this connection.
+    in_flight: AtomicUsize,
+    _slot: OwnedSemaphorePermit,
+    _open: GaugeGuard,
+}
+
+impl ClientConn {
+    /// Requests and relays under way on this connection.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
 }
 
 /// A rustls server config from PEM files, offering `alpn` protocols.
@@ -63,23 +120,27 @@ pub fn tls_acceptor(tls: &TlsConfig, alpn: &[&[u8]]) -> anyhow::Result<tokio_rus
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The ALPN protocols a listener offers.
+pub fn alpn<S: Stages>() -> &'static [&'static [u8]] {
+    match S::HTTP2 {
+        true => &[b"h2", b"http/1.1"],
+        false => &[b"http/1.1"],
+    }
+}
+
 const OVER_LIMIT: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
 connection: close\r\nretry-after: 1\r\ncontent-length: 46\r\n\r\n{\"error\":\"unavailable\",\"reason\":\"connections\"}";
 
-/// Accept on `listener` until `shutdown`, handing each connection (with its slot
-/// under the connection limit) to `handle`, tracked by `tracker`.
-pub async fn accept_loop<F, Fut>(
+/// Serve `listener` with `stages` until `shutdown`: each connection (with its
+/// slot under the connection limit) runs as a task on `tracker`.
+pub async fn run<S: Stages>(
+    stages: Arc<S>,
     listener: TcpListener,
-    kind: Listener,
-    limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    handle: F,
-) where
-    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+) {
+    let slots = Arc::new(Semaphore::new(stages.limits().max_connections));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -89,18 +150,19 @@ pub async fn accept_loop<F, Fut>(
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(listener = kind.as_str(), error = %e, "accept failed");
+                tracing::warn!(listener = S::LISTENER.as_str(), error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tracker.spawn(handle(stream, peer, permit));
+            Ok(slot) => {
+                let (stages, tls, shutdown) = (stages.clone(), tls.clone(), shutdown.clone());
+                tracker.spawn(serve(stages, stream, peer, slot, tls, shutdown));
             }
             Err(_) => {
-                telemetry::rejected_connection(kind);
+                telemetry::rejected_connection(S::LISTENER);
                 tracker.spawn(async move {
                     let mut stream = stream;
                     let _ =
@@ -113,29 +175,300 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-/// Drive `conn` until it ends or `shutdown` asks it to finish gracefully.
-pub async fn serve_until<C>(conn: C, shutdown: &CancellationToken)
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Serve one client connection until it closes or `shutdown` drains it. TLS and
+/// HTTP/2 run in their own boxed futures, so a plain HTTP/1.1 connection (the
+/// common case) holds only what it needs while it waits between requests.
+async fn serve<S: Stages>(
+    stages: Arc<S>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    let timeout = stages.limits().header_read_timeout;
+    let protocol = match (&tls, S::HTTP2) {
+        (None, true) => match sniff_preface(&stream, timeout).await {
+            Some(protocol) => protocol,
+            None => return,
+        },
+        _ => Protocol::Http1,
+    };
+    let tally = S::METER_CLIENT.then(|| Arc::new(ConnTally::unbound()));
+    let conn = ClientConn {
+        peer,
+        tls: tls.is_some(),
+        tally: tally.clone(),
+        agent: OnceLock::new(),
+        held: OnceLock::new(),
+        framing: Arc::new(Verdicts::default()),
+        in_flight: AtomicUsize::new(0),
+        _slot: slot,
+        _open: GaugeGuard::connection(S::LISTENER),
+    };
+    match tally {
+        Some(tally) => {
+            let io = MeteredIo::new(stream, tally, S::LISTENER);
+            serve_io(stages, io, conn, protocol, tls, shutdown).await
+        }
+        None => serve_io(stages, stream, conn, protocol, tls, shutdown).await,
+    }
+}
+
+async fn serve_io<S, I>(
+    stages: Arc<S>,
+    io: I,
+    conn: ClientConn,
+    protocol: Protocol,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) where
+    S: Stages,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match (tls, protocol) {
+        (None, Protocol::Http1) => serve_http1(stages, io, conn, shutdown).await,
+        (None, Protocol::Http2) => Box::pin(serve_http2(stages, io, conn, shutdown)).await,
+        (Some(acceptor), _) => Box::pin(serve_tls(stages, io, conn, acceptor, shutdown)).await,
+    }
+}
+
+async fn serve_tls<S, I>(
+    stages: Arc<S>,
+    io: I,
+    conn: ClientConn,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shutdown: CancellationToken,
+) where
+    S: Stages,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = stages.limits().header_read_timeout;
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            return tracing::debug!(listener = S::LISTENER.as_str(), error = %e, "TLS handshake failed")
+        }
+        Err(_) => {
+            return tracing::debug!(listener = S::LISTENER.as_str(), "TLS handshake timed out")
+        }
+    };
+    if S::HTTP2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_http2(stages, tls, conn, shutdown).await
+    } else {
+        serve_http1(stages, tls, conn, shutdown).await
+    }
+}
+
+async fn serve_http1<S, I>(stages: Arc<S>, io: I, conn: ClientConn, shutdown: CancellationToken)
 where
+    S: Stages,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = stages.limits();
+    let io = FramingGuard::new(io, limits.max_header_bytes, conn.framing.clone());
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(64 * 1024))
+        .keep_alive(true);
+    let service = service(stages, conn);
+    serve_until(
+        builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades(),
+        &shutdown,
+        None,
+    )
+    .await
+}
+
+async fn serve_http2<S, I>(stages: Arc<S>, io: I, conn: ClientConn, shutdown: CancellationToken)
+where
+    S: Stages,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = stages.limits();
+    let idle = limits.header_read_timeout;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Pings find peers that vanished; the idle watch below closes live ones
+        // that have nothing to do.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let conn = Arc::new(conn);
+    let service = service_for(stages, conn.clone());
+    serve_until(
+        builder.serve_connection(TokioIo::new(io), service),
+        &shutdown,
+        Some((&conn, idle)),
+    )
+    .await
+}
+
+fn service<S: Stages>(
+    stages: Arc<S>,
+    conn: ClientConn,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ExchangeBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<ExchangeBody>, Infallible>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    service_for(stages, Arc::new(conn))
+}
+
+fn service_for<S: Stages>(
+    stages: Arc<S>,
+    conn: Arc<ClientConn>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ExchangeBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<ExchangeBody>, Infallible>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    service_fn(move |req| {
+        let (stages, conn) = (stages.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(handle(&*stages, req, &conn).await) }
+    })
+}
+
+/// Every request of every listener: framing check, the listener's stages, and
+/// the response that carries the exchange to its end.
+async fn handle<S: Stages>(
+    stages: &S,
+    req: Request<Incoming>,
+    conn: &Arc<ClientConn>,
+) -> Response<ExchangeBody> {
+    let mut exchange = Exchange::begin(S::LISTENER, req.method());
+    let _busy = InFlight::enter(conn);
+    // hyper keeps room for one request future per open connection, busy or
+    // idle; boxing the exchange keeps that room small (a few hundred bytes
+    // instead of kilobytes) at one allocation per request.
+    let result = match req.version() < Version::HTTP_2 && conn.framing.next() == Framing::Ambiguous
+    {
+        true => Err(ProxyError::BadRequest(
+            "content-length together with transfer-encoding",
+        )),
+        false => Box::pin(stages.proxy(req, conn, &mut exchange)).await,
+    };
+    exchange.respond(result)
+}
+
+/// Marks a request under way on its connection (for the HTTP/2 idle watch).
+struct InFlight<'a>(&'a ClientConn);
+
+impl<'a> InFlight<'a> {
+    fn enter(conn: &'a ClientConn) -> Self {
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(conn)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Drive `conn` until it ends or `shutdown` asks it to finish gracefully. With
+/// `idle`, a connection with no request under way for that long is asked to
+/// finish too (HTTP/2, where hyper has no idle timeout of its own).
+async fn serve_until<C>(
+    conn: C,
+    shutdown: &CancellationToken,
+    idle: Option<(&Arc<ClientConn>, Duration)>,
+) where
     C: GracefulConnection,
 {
     let mut conn = std::pin::pin!(conn);
+    let idle_watch = async {
+        match idle {
+            Some((client, limit)) => idle_watch(client, limit).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
+            return;
         }
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "client connection ended with an error during drain");
-            }
+        _ = shutdown.cancelled() => {}
+        _ = idle_watch => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "client connection ended with an error while closing");
+    }
+}
+
+/// Resolves once `conn` has had no request waiting for its response head for
+/// `limit`. The graceful close that follows lets response bodies still
+/// streaming finish; the client opens a new connection for its next request.
+async fn idle_watch(conn: &ClientConn, limit: Duration) {
+    let step = (limit / 4).max(Duration::from_millis(10));
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(step).await;
+        match conn.in_flight() {
+            0 => quiet += step,
+            _ => quiet = Duration::ZERO,
+        }
+        if quiet >= limit {
+            return;
+        }
+    }
+}
+
+/// What a cleartext client speaks, from the first bytes it sent (peeked, not
+/// consumed): HTTP/2 if they are the HTTP/2 connection preface, else HTTP/1.1.
+/// `None` if the client closes, or sends nothing within `timeout`.
+async fn sniff_preface(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; PREFACE.len()];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if !PREFACE.starts_with(&buf[..n]) {
+            return Some(Protocol::Http1);
+        }
+        if n == PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // Part of the preface so far. Peeking does not consume, so the socket stays
+        // readable: wait a moment for the rest instead of spinning.
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(5)))
+            .await
+            .is_err()
+        {
+            return None;
         }
     }
 }
 
 /// A hyper connection future that can be asked to finish gracefully.
-pub trait GracefulConnection: Future<Output = Result<(), Self::Error>> {
+trait GracefulConnection: Future<Output = Result<(), Self::Error>> {
     type Error: std::fmt::Display;
     fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
 }
@@ -154,7 +487,7 @@ where
     }
 }
 
-impl<I, S, B, E> GracefulConnection for hyper::server::conn::http2::Connection<I, S, E>
+impl<I, S, B, E> GracefulConnection for http2::Connection<I, S, E>
 where
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -165,6 +498,51 @@ where
 {
     type Error = hyper::Error;
     fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
-        hyper::server::conn::http2::Connection::graceful_shutdown(self)
+        http2::Connection::graceful_shutdown(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cleartext_clients_are_told_apart_by_the_http2_preface() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sniff = |pieces: Vec<&'static [u8]>| {
+            let listener = &listener;
+            async move {
+                let mut client = TcpStream::connect(addr).await.unwrap();
+                let (server, _) = listener.accept().await.unwrap();
+                let writer = tokio::spawn(async move {
+                    for piece in pieces {
+                        client.write_all(piece).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    client
+                });
+                let protocol = sniff_preface(&server, Duration::from_millis(500)).await;
+                drop(writer.await.unwrap());
+                protocol
+            }
+        };
+        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert!(matches!(
+            sniff(vec![b"GET / HTTP/1.1\r\n"]).await,
+            Some(Protocol::Http1)
+        ));
+        assert!(matches!(
+            sniff(vec![b"POST /"]).await,
+            Some(Protocol::Http1)
+        ));
+        assert!(matches!(sniff(vec![h2]).await, Some(Protocol::Http2)));
+        assert!(matches!(
+            sniff(vec![&h2[..5], &h2[5..]]).await,
+            Some(Protocol::Http2)
+        ));
+        // Silence until the deadline, or a preface that never completes: no protocol.
+        assert!(sniff(vec![]).await.is_none());
+        assert!(sniff(vec![&h2[..3]]).await.is_none());
     }
 }

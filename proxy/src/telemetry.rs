@@ -28,6 +28,7 @@ pub const BYTES: &str = "tollgate_bytes_total";
 pub const ACTIVE_CONNECTIONS: &str = "tollgate_active_connections";
 pub const ACTIVE_TUNNELS: &str = "tollgate_active_tunnels";
 pub const REJECTED_CONNECTIONS: &str = "tollgate_rejected_connections_total";
+pub const AGENT_LIMIT_REFUSALS: &str = "tollgate_agent_limit_refusals_total";
 pub const AUTH_FAILURES: &str = "tollgate_auth_failures_total";
 pub const BLOCKED_REQUESTS: &str = "tollgate_blocked_requests_total";
 pub const EGRESS_DENIALS: &str = "tollgate_egress_denials_total";
@@ -68,6 +69,10 @@ pub fn describe() {
         describe_counter!(
             REJECTED_CONNECTIONS,
             "Connections refused with 503 over the connection limit."
+        );
+        describe_counter!(
+            AGENT_LIMIT_REFUSALS,
+            "Requests refused with 429 because an agent reached a per-agent cap, by listener and limit."
         );
         describe_counter!(
             AUTH_FAILURES,
@@ -165,6 +170,10 @@ pub fn egress_denied(reason: &'static str) {
 
 pub fn cut_stream(listener: Listener) {
     counter!(CUT_STREAMS, "listener" => listener.as_str()).increment(1);
+}
+
+pub fn agent_limit_refused(listener: Listener, limit: &'static str) {
+    counter!(AGENT_LIMIT_REFUSALS, "listener" => listener.as_str(), "limit" => limit).increment(1);
 }
 
 pub fn rejected_connection(listener: Listener) {

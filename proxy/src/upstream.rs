@@ -1,5 +1,8 @@
-//! Connections to upstreams (origins for egress, VPS gateways for ingress): an
-//! HTTP/1.1 handshake over any socket, and a pool of idle connections per key.
+//! Connections to upstreams (origins for egress, VPS gateways for ingress), the
+//! same for both listeners: opening one ([`Connector::open`]: resolve once,
+//! check every address against the egress policy where one applies, dial only a
+//! checked address, all within one deadline, typed errors), an HTTP/1.1
+//! handshake over any socket, and a pool of idle connections per key.
 //!
 //! A connection goes back to the pool as soon as its response head is handed on
 //! (no task waits for it), and is handed out again only once hyper says it can
@@ -7,11 +10,11 @@
 //! connections idle longer than the pool's timeout, or closed by the peer, are
 //! dropped at checkout or by the reaper.
 
-use std::hash::Hash;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 use std::future::Future;
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
 use http::{Request, Response};
@@ -19,10 +22,89 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
+use crate::egress_policy::{Dial, EgressPolicy, Host, Resolve};
+use crate::gate::StreamGuard;
+use crate::headers::strip_hop_by_hop;
 use crate::rescue::ProxyError;
+
+/// An upstream's response as the client gets it: hop-by-hop headers dropped,
+/// the body streamed under `guard`.
+pub fn passed_on(response: Response<Incoming>, guard: StreamGuard) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    Response::from_parts(parts, ProxyBody::guarded(body, guard, None))
+}
+
+/// How upstream connections are opened: the resolver and dialer (tests put in
+/// ones that can only ever reach loopback).
+#[derive(Clone)]
+pub struct Connector {
+    pub resolver: Arc<dyn Resolve>,
+    pub dialer: Arc<dyn Dial>,
+}
+
+impl Connector {
+    /// Resolve `host` once, check every address against `policy` (when given;
+    /// one denied address refuses the destination), and connect to the first
+    /// checked address that answers, all within `timeout`. Returns the socket
+    /// and the address it reached.
+    pub async fn open(
+        &self,
+        host: &Host,
+        port: u16,
+        policy: Option<&EgressPolicy>,
+        timeout: Duration,
+    ) -> Result<(TcpStream, SocketAddr), ProxyError> {
+        let deadline = Instant::now() + timeout;
+        let addrs: Vec<SocketAddr> = match host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, port)],
+            Host::Name(name) => {
+                let resolved = tokio::time::timeout_at(deadline, self.resolver.resolve(name, port))
+                    .await
+                    .map_err(|_| ProxyError::UpstreamTimeout)?;
+                resolved.map_err(|source| ProxyError::Resolve {
+                    host: name.clone(),
+                    source,
+                })?
+            }
+        };
+        if addrs.is_empty() {
+            let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses");
+            return Err(ProxyError::Resolve {
+                host: host.to_string(),
+                source,
+            });
+        }
+        if let Some(policy) = policy {
+            for addr in &addrs {
+                policy
+                    .check_ip(addr.ip())
+                    .map_err(|reason| ProxyError::Denied {
+                        reason,
+                        host: host.to_string(),
+                        port,
+                    })?;
+            }
+        }
+        let mut last_error = None;
+        for addr in addrs {
+            match tokio::time::timeout_at(deadline, self.dialer.dial(addr)).await {
+                Ok(Ok(stream)) => return Ok((stream, addr)),
+                Ok(Err(e)) => last_error = Some(e),
+                Err(_) => return Err(ProxyError::UpstreamTimeout),
+            }
+        }
+        Err(ProxyError::Connect {
+            target: format!("{host}:{port}"),
+            source: last_error.unwrap_or_else(|| std::io::Error::other("no address answered")),
+        })
+    }
+}
 
 pub type Sender = http1::SendRequest<ProxyBody>;
 

@@ -1,0 +1,255 @@
+//! Where every request ends, whatever path it took (pingora's logging phase,
+//! smokescreen's canonical decision line).
+//!
+//! An [`Exchange`] is opened when a request arrives and travels with it: in the
+//! response body of a plain exchange (ending when the body has been handed to the
+//! client, was cut, or the client went away), or into the relay task of a tunnel
+//! or upgrade (ending when the relay ends). It ends exactly once, and its end is
+//! recorded there and only there: `tollgate_requests_total{listener,outcome}` and
+//! one structured event (target `tollgate::request`, level DEBUG) with the
+//! agent, method, outcome, status, how it ended, bytes each way and duration.
+//! Neither the event nor the metric carries a token, a query string or a header.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::agent_limits::Held;
+use crate::body::{BoxError, ProxyBody};
+use crate::rescue::{rescue, ProxyError};
+use crate::telemetry::{self, Listener};
+
+/// How an exchange ended, after its response head (or tunnel) was under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The response body, or both directions of a relay, finished.
+    Complete,
+    /// The user became blocked, or their credential was revoked, mid-stream.
+    Cut,
+    /// No traffic either way for the idle timeout (relays).
+    Idle,
+    /// The client went away, or an I/O error ended it.
+    Aborted,
+    /// The drain deadline of a shutdown passed.
+    Shutdown,
+}
+
+impl Ended {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::Complete => "complete",
+            Ended::Cut => "cut",
+            Ended::Idle => "idle",
+            Ended::Aborted => "aborted",
+            Ended::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One request (or tunnel) from arrival to its end.
+#[derive(Debug)]
+pub struct Exchange {
+    listener: Listener,
+    method: Method,
+    started: Instant,
+    agent: Option<Uuid>,
+    outcome: &'static str,
+    status: u16,
+    /// Request body bytes passed on, when the request has a body.
+    upload: Option<Arc<AtomicU64>>,
+    /// Its place under its agent's cap, released when it ends.
+    held: Option<Held>,
+    /// False once recorded, or handed to a relay.
+    open: bool,
+}
+
+impl Exchange {
+    pub fn begin(listener: Listener, method: &Method) -> Self {
+        Self {
+            listener,
+            method: method.clone(),
+            started: Instant::now(),
+            agent: None,
+            outcome: "ok",
+            status: 0,
+            upload: None,
+            held: None,
+            open: true,
+        }
+    }
+
+    pub fn listener(&self) -> Listener {
+        self.listener
+    }
+
+    /// The authenticated agent, for the event.
+    pub fn set_agent(&mut self, agent_id: Uuid) {
+        self.agent = Some(agent_id);
+    }
+
+    /// Count this exchange against its agent's cap until it ends.
+    pub fn hold(&mut self, held: Held) {
+        self.held = Some(held);
+    }
+
+    /// A counter of request body bytes passed on, for the request body to bump.
+    pub fn upload_counter(&mut self) -> Arc<AtomicU64> {
+        self.upload.get_or_insert_with(Default::default).clone()
+    }
+
+    /// Move the record into a relay that will end it; this handle goes inert.
+    pub fn hand_off(&mut self, outcome: &'static str, status: StatusCode) -> Exchange {
+        let relay = Exchange {
+            listener: self.listener,
+            method: self.method.clone(),
+            started: self.started,
+            agent: self.agent,
+            outcome,
+            status: status.as_u16(),
+            upload: self.upload.take(),
+            held: self.held.take(),
+            open: true,
+        };
+        self.open = false;
+        relay
+    }
+
+    /// Turn the request path's result into the response, carrying the record in
+    /// its body unless a relay took it over.
+    pub fn respond(
+        mut self,
+        result: Result<Response<ProxyBody>, ProxyError>,
+    ) -> Response<ExchangeBody> {
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                self.outcome = error.outcome();
+                rescue(error, self.listener)
+            }
+        };
+        self.status = response.status().as_u16();
+        let end = self.open.then_some(self);
+        response.map(|body| ExchangeBody { body, end, sent: 0 })
+    }
+
+    /// Record the end: the metric and the event, once.
+    pub fn finish(mut self, ended: Ended, down: u64) {
+        self.record(ended, None, down);
+    }
+
+    /// Record the end of a relay with its own byte counts.
+    pub fn finish_relay(mut self, ended: Ended, up: u64, down: u64) {
+        self.record(ended, Some(up), down);
+    }
+
+    fn record(&mut self, ended: Ended, up: Option<u64>, down: u64) {
+        self.held = None;
+        if !std::mem::replace(&mut self.open, false) {
+            return;
+        }
+        let up = up.unwrap_or_else(|| {
+            self.upload
+                .as_ref()
+                .map_or(0, |u| u.load(Ordering::Relaxed))
+        });
+        telemetry::request(self.listener, self.outcome);
+        if ended == Ended::Cut {
+            telemetry::cut_stream(self.listener);
+        }
+        tracing::debug!(
+            target: "tollgate::request",
+            listener = self.listener.as_str(),
+            agent_id = self.agent.map(tracing::field::display),
+            method = self.method.as_str(),
+            outcome = self.outcome,
+            status = self.status,
+            ended = ended.as_str(),
+            bytes_up = up,
+            bytes_down = down,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            "request ended"
+        );
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        // Dropped without an end: the client went away, or a task ended early.
+        self.record(Ended::Aborted, None, 0);
+    }
+}
+
+/// The body of every response a listener sends: the response itself, and the
+/// exchange it ends.
+#[derive(Debug)]
+pub struct ExchangeBody {
+    body: ProxyBody,
+    end: Option<Exchange>,
+    sent: u64,
+}
+
+impl ExchangeBody {
+    fn end(&mut self, ended: Ended) {
+        if let Some(exchange) = self.end.take() {
+            exchange.finish(ended, self.sent);
+        }
+    }
+}
+
+impl Body for ExchangeBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.body).poll_frame(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+                if this.body.is_end_stream() {
+                    this.end(Ended::Complete);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let ended = match e.is::<crate::body::StreamCut>() {
+                    true => Ended::Cut,
+                    false => Ended::Aborted,
+                };
+                this.end(ended);
+            }
+            Poll::Ready(None) => this.end(Ended::Complete),
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for ExchangeBody {
+    fn drop(&mut self) {
+        let ended = match self.body.is_end_stream() {
+            true => Ended::Complete,
+            false => Ended::Aborted,
+        };
+        self.end(ended);
+    }
+}
