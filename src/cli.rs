@@ -33,7 +33,19 @@ pub enum Command {
     /// Apply database migrations and exit.
     Migrate,
     /// Everything on one machine: PostgreSQL, demo data, proxy, monitor and a demo gateway.
-    Dev,
+    Dev {
+        /// Use the private PostgreSQL even when a server answers on 127.0.0.1:5432
+        /// (DATABASE_URL, when set, still wins).
+        #[arg(long)]
+        private_postgres: bool,
+        /// Folder of the private PostgreSQL: its cluster in DIR/data, log and socket.
+        /// Default: target/tollgate-postgres.
+        #[arg(long, value_name = "DIR")]
+        postgres_dir: Option<PathBuf>,
+        /// Port of the private PostgreSQL on 127.0.0.1.
+        #[arg(long, value_name = "PORT", default_value_t = tollgate_core::local_postgres::PRIVATE_PORT)]
+        postgres_port: u16,
+    },
     /// Current-period usage per user against plan limits, overage cost, budget and decision.
     Usage {
         /// Only this user (email or id).

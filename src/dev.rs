@@ -3,8 +3,8 @@
 //! Finds or starts PostgreSQL (see `tollgate_core::local_postgres`), creates and
 //! migrates the `tollgate_dev` database, seeds a demo plan, user, VPS and agent
 //! (idempotently: fixed ids, existing rows kept), starts the services, prints
-//! copy-paste commands, and runs until Ctrl-C. A private PostgreSQL it started is
-//! stopped on exit.
+//! copy-paste commands, and runs until SIGINT (Ctrl-C) or SIGTERM. A private
+//! PostgreSQL it started is stopped on exit, whatever the way out.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +16,7 @@ use uuid::Uuid;
 use tollgate_core::billing::Period;
 use tollgate_core::config::{CgroupVersion, Config, SourceConfig};
 use tollgate_core::db;
-use tollgate_core::local_postgres::{self, Origin};
+use tollgate_core::local_postgres::{self, Origin, Search};
 
 /// Database created for `tollgate dev` on a local server.
 pub const DEV_DATABASE: &str = "tollgate_dev";
@@ -199,30 +199,57 @@ fn enter_demo_cgroup(vps_id: Uuid) {
     }
 }
 
-/// Run `tollgate dev` until Ctrl-C.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let server = local_postgres::find_or_start(&target_dir()).await?;
-    let result = run_with(&server, config).await;
-    if let Err(e) = server.stop_if_started_here() {
-        tracing::warn!(error = %e, "could not stop the private PostgreSQL");
+/// Run `tollgate dev` until SIGINT (Ctrl-C) or SIGTERM, with PostgreSQL found or
+/// started as `search` says. A private PostgreSQL it started is stopped however
+/// dev ends: a signal (also one during start-up), an error, a panic.
+pub async fn run(config: Config, search: Search) -> anyhow::Result<()> {
+    // Signals are handled from the start, so none kills the process before it
+    // has stopped the PostgreSQL it started.
+    let shutdown = tollgate_core::shutdown::on_signal();
+    let server = local_postgres::find_or_start_with(&search).await?;
+    let _stop = StopOnExit(&server);
+    if shutdown.is_cancelled() {
+        return Ok(());
     }
-    result
+    run_with(&server, config, shutdown).await
 }
 
-async fn run_with(server: &local_postgres::Server, config: Config) -> anyhow::Result<()> {
-    local_postgres::ensure_database(server, DEV_DATABASE).await?;
+/// Stops the private PostgreSQL this process started when dropped: on return,
+/// on an error and when unwinding from a panic alike.
+struct StopOnExit<'a>(&'a local_postgres::Server);
+
+impl Drop for StopOnExit<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.stop_if_started_here() {
+            tracing::error!(error = %format!("{e:#}"), "could not stop the private PostgreSQL");
+        }
+    }
+}
+
+async fn run_with(
+    server: &local_postgres::Server,
+    config: Config,
+    shutdown: tollgate_core::shutdown::Shutdown,
+) -> anyhow::Result<()> {
     let url = server.database_url(DEV_DATABASE);
     let config = dev_config(config, url.clone());
-    let pool = db::lazy_pool(&config.database, "tollgate-dev")?;
-    db::migrate(&pool)
-        .await
-        .context("applying migrations to the dev database")?;
-    let agent = seed(&pool, "127.0.0.1")
-        .await
-        .context("seeding demo data")?;
-    pool.close().await;
+    let prepare = async {
+        local_postgres::ensure_database(server, DEV_DATABASE).await?;
+        let pool = db::lazy_pool(&config.database, "tollgate-dev")?;
+        db::migrate(&pool)
+            .await
+            .context("applying migrations to the dev database")?;
+        let agent = seed(&pool, "127.0.0.1")
+            .await
+            .context("seeding demo data")?;
+        pool.close().await;
+        anyhow::Ok(agent)
+    };
+    let agent = tokio::select! {
+        agent = prepare => agent?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
 
-    let shutdown = tollgate_core::shutdown::on_signal();
     let gateway_addr = SocketAddr::from(([127, 0, 0, 1], config.proxy.ingress.gateway_port));
     let gateway_listener = tokio::net::TcpListener::bind(gateway_addr)
         .await
@@ -257,7 +284,18 @@ async fn run_with(server: &local_postgres::Server, config: Config) -> anyhow::Re
     let origin = match &server.origin {
         Origin::DatabaseUrl => "DATABASE_URL".to_owned(),
         Origin::Local => "the server on 127.0.0.1:5432".to_owned(),
-        Origin::Private { data_dir, .. } => format!("a private server in {}", data_dir.display()),
+        Origin::Private {
+            dir,
+            started_here: true,
+            ..
+        } => format!(
+            "a private server on cluster {}, stopped when dev exits",
+            dir.join("data").display()
+        ),
+        Origin::Private { dir, .. } => format!(
+            "a private server on cluster {}, already running, left running",
+            dir.join("data").display()
+        ),
     };
     print_banner(&url, &origin, &agent, &addresses);
     let proxy = proxy.await.context("proxy task")?;

@@ -52,7 +52,17 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             tollgate_monitor::run(config, admin, options, tollgate_core::shutdown::on_signal())
                 .await
         }
-        Command::Dev => dev::run(config).await,
+        Command::Dev {
+            private_postgres,
+            postgres_dir,
+            postgres_port,
+        } => {
+            let mut search = tollgate_core::local_postgres::Search::under(&dev::target_dir());
+            search.try_local = !private_postgres;
+            search.dir = postgres_dir.unwrap_or(search.dir);
+            search.port = postgres_port;
+            dev::run(config, search).await
+        }
         Command::Usage { user, period, json } => {
             let period = match period {
                 Some(p) => p.parse::<Period>().map_err(anyhow::Error::msg)?,

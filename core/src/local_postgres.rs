@@ -2,24 +2,82 @@
 //! the test suite (SPEC §9). In order:
 //!
 //! 1. `DATABASE_URL`, when set;
-//! 2. a server on `127.0.0.1:5432` as user `postgres` (trust auth);
-//! 3. a private server started from the installed server binaries, with its data
-//!    directory under the build's `target/` and its socket inside it, listening on
-//!    `127.0.0.1:54329`. When running as root it runs as the `postgres` OS user,
-//!    since PostgreSQL refuses to run as root. Tests leave it running for the next
-//!    test process; `tollgate dev` stops it on exit if it started it.
+//! 2. a server on `127.0.0.1:5432` as user `postgres` (trust auth), unless the
+//!    caller asks for the private server only ([`Search::try_local`]);
+//! 3. a private server started from the installed server binaries. Its folder
+//!    ([`Search::dir`], by default `tollgate-postgres` under the build's `target/`)
+//!    holds the cluster in `data/`, the log `postgres.log` and the socket; it listens
+//!    on `127.0.0.1:54329` ([`Search::port`]). When running as root it runs as the
+//!    `postgres` OS user, since PostgreSQL refuses to run as root.
+//!
+//! Tests leave the private server running for the next test process; `tollgate
+//! dev` stops it on exit if it started it. A `postmaster.pid` left behind by a
+//! server that is gone (a killed process, a restarted container whose PIDs were
+//! reused) is removed before starting; a server of that folder that runs but does
+//! not answer on the expected port is stopped and started again.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
-/// Port of the private server.
+/// Default port of the private server.
 pub const PRIVATE_PORT: u16 = 54329;
+
+/// Folder of the private server below the build's `target/` directory.
+pub const PRIVATE_DIR: &str = "tollgate-postgres";
+
+/// Where to look for a server, and where to start the private one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Search {
+    /// Try a server on `127.0.0.1:5432` before the private one.
+    pub try_local: bool,
+    /// Folder of the private server: the cluster in `data/`, its log and socket.
+    pub dir: PathBuf,
+    /// Port of the private server on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Search {
+    /// The default search: the local server, else the private server in
+    /// `target_dir/tollgate-postgres` on port 54329.
+    pub fn under(target_dir: &Path) -> Search {
+        Search {
+            try_local: true,
+            dir: target_dir.join(PRIVATE_DIR),
+            port: PRIVATE_PORT,
+        }
+    }
+
+    /// The private server's cluster (data directory), `dir/data`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stop the private server of this folder if one runs, whoever started it.
+    /// Returns whether there was one to stop.
+    pub fn stop_private(&self) -> anyhow::Result<bool> {
+        let Some(pid) = running_postmaster(&self.data_dir()) else {
+            return Ok(false);
+        };
+        let bin = find_bin_dir().with_context(|| {
+            format!(
+                "a private PostgreSQL (PID {pid}) runs in {} but no server binaries (pg_ctl) are installed to stop it",
+                self.data_dir().display()
+            )
+        })?;
+        stop_cluster(&bin, &self.data_dir())?;
+        Ok(true)
+    }
+}
 
 /// Where the server came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +86,11 @@ pub enum Origin {
     DatabaseUrl,
     /// A server already listening on 127.0.0.1:5432.
     Local,
-    /// A private server under `target/`; `started_here` if this process started it.
+    /// The private server: `dir` holds its cluster (`dir/data`), log and socket.
+    /// `started_here` if this process started it.
     Private {
-        data_dir: PathBuf,
+        dir: PathBuf,
+        port: u16,
         started_here: bool,
     },
 }
@@ -53,39 +113,45 @@ impl Server {
         match self.origin {
             Origin::DatabaseUrl => self.url.clone(),
             Origin::Local => format!("postgres://postgres@127.0.0.1:5432/{name}"),
-            Origin::Private { .. } => {
-                format!("postgres://postgres@127.0.0.1:{PRIVATE_PORT}/{name}")
+            Origin::Private { port, .. } => {
+                format!("postgres://postgres@127.0.0.1:{port}/{name}")
             }
         }
     }
 
-    /// Stop the private server if this process started it.
-    pub fn stop_if_started_here(&self) -> anyhow::Result<()> {
-        if let (
-            Origin::Private {
-                data_dir,
-                started_here: true,
-            },
-            Some(bin),
-        ) = (&self.origin, &self.bin_dir)
-        {
-            let status = as_postgres_user(Command::new(bin.join("pg_ctl")))
-                .args(["-D"])
-                .arg(data_dir)
-                .args(["stop", "-m", "fast", "-w"])
-                .status()
-                .context("running pg_ctl stop")?;
-            if !status.success() {
-                bail!("pg_ctl stop failed ({status}) for {}", data_dir.display());
+    /// Stop the private server if this process started it (`pg_ctl stop -m fast`
+    /// on its cluster, waiting until it is gone). Returns whether it stopped one.
+    pub fn stop_if_started_here(&self) -> anyhow::Result<bool> {
+        match (&self.origin, &self.bin_dir) {
+            (
+                Origin::Private {
+                    dir,
+                    started_here: true,
+                    ..
+                },
+                Some(bin),
+            ) => {
+                let data_dir = dir.join("data");
+                if running_postmaster(&data_dir).is_none() {
+                    return Ok(false);
+                }
+                stop_cluster(bin, &data_dir)?;
+                Ok(true)
             }
+            _ => Ok(false),
         }
-        Ok(())
     }
 }
 
 /// Find a server as described in the module docs, starting a private one under
 /// `target_dir` if nothing else is there.
 pub async fn find_or_start(target_dir: &Path) -> anyhow::Result<Server> {
+    find_or_start_with(&Search::under(target_dir)).await
+}
+
+/// Find a server as `search` says, starting the private one if nothing else is
+/// there. If it starts the server but then cannot use it, it stops it again.
+pub async fn find_or_start_with(search: &Search) -> anyhow::Result<Server> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         let options =
             PgConnectOptions::from_str(&url).context("DATABASE_URL is not a PostgreSQL URL")?;
@@ -97,7 +163,7 @@ pub async fn find_or_start(target_dir: &Path) -> anyhow::Result<Server> {
         });
     }
     let local = "postgres://postgres@127.0.0.1:5432/postgres";
-    if reachable(local).await {
+    if search.try_local && reachable(local).await {
         return Ok(Server {
             options: PgConnectOptions::from_str(local)?,
             url: local.into(),
@@ -105,8 +171,13 @@ pub async fn find_or_start(target_dir: &Path) -> anyhow::Result<Server> {
             bin_dir: None,
         });
     }
-    let private = format!("postgres://postgres@127.0.0.1:{PRIVATE_PORT}/postgres");
-    let data_dir = target_dir.join("tollgate-postgres");
+    // The server runs with `/` as its working directory: give it absolute paths.
+    let search = Search {
+        dir: std::path::absolute(&search.dir)
+            .with_context(|| format!("resolving {}", search.dir.display()))?,
+        ..search.clone()
+    };
+    let private = search.url();
     let bin_dir = find_bin_dir().context(
         "no PostgreSQL reachable (DATABASE_URL unset, nothing on 127.0.0.1:5432) and no server \
          binaries found to start one: install the `postgresql` package or set DATABASE_URL",
@@ -114,29 +185,43 @@ pub async fn find_or_start(target_dir: &Path) -> anyhow::Result<Server> {
     let started_here = if reachable(&private).await {
         false
     } else {
-        let (dir, bin) = (data_dir.clone(), bin_dir.clone());
-        tokio::task::spawn_blocking(move || start_private(&bin, &dir))
+        make_way(&bin_dir, &search).await?;
+        let (search, bin) = (search.clone(), bin_dir.clone());
+        let started = tokio::task::spawn_blocking(move || start_private(&bin, &search))
             .await
-            .context("private PostgreSQL start task")??;
-        true
+            .context("private PostgreSQL start task")?;
+        match started {
+            Ok(()) => true,
+            // Another process started it meanwhile (test processes start in parallel).
+            Err(_) if reachable(&private).await => false,
+            Err(e) => return Err(e),
+        }
     };
-    for _ in 0..100 {
+    let server = Server {
+        options: PgConnectOptions::from_str(&private)?,
+        url: private.clone(),
+        origin: Origin::Private {
+            dir: search.dir.clone(),
+            port: search.port,
+            started_here,
+        },
+        bin_dir: Some(bin_dir),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
         if reachable(&private).await {
-            return Ok(Server {
-                options: PgConnectOptions::from_str(&private)?,
-                url: private,
-                origin: Origin::Private {
-                    data_dir,
-                    started_here,
-                },
-                bin_dir: Some(bin_dir),
-            });
+            return Ok(server);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    if let Err(e) = server.stop_if_started_here() {
+        tracing::warn!(error = %format!("{e:#}"), "could not stop the private PostgreSQL it started");
+    }
     bail!(
-        "started a private PostgreSQL in {} but cannot connect to it on 127.0.0.1:{PRIVATE_PORT}; see its log there",
-        data_dir.display()
+        "started a private PostgreSQL in {} but cannot connect to it on 127.0.0.1:{}; see {}",
+        search.data_dir().display(),
+        search.port,
+        search.dir.join("postgres.log").display()
     )
 }
 
@@ -151,8 +236,8 @@ async fn reachable(url: &str) -> bool {
     )
 }
 
-/// The newest installed PostgreSQL server binaries.
-fn find_bin_dir() -> Option<PathBuf> {
+/// Folder of the newest installed PostgreSQL server binaries (`initdb`, `pg_ctl`).
+pub fn find_bin_dir() -> Option<PathBuf> {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -170,17 +255,93 @@ fn find_bin_dir() -> Option<PathBuf> {
     versions.pop().map(|(_, dir)| dir)
 }
 
-fn start_private(bin: &Path, data_dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+/// Clear the way for starting the private server: a `postmaster.pid` whose
+/// process is gone is removed; a server of this folder that runs but does not
+/// answer on `search.port` gets a while to finish starting, then is stopped.
+async fn make_way(bin: &Path, search: &Search) -> anyhow::Result<()> {
+    let data_dir = search.data_dir();
+    let pid_file = data_dir.join("postmaster.pid");
+    let Ok(contents) = std::fs::read_to_string(&pid_file) else {
+        return Ok(());
+    };
+    let Some(pid) = running_postmaster(&data_dir) else {
+        std::fs::remove_file(&pid_file).with_context(|| {
+            format!(
+                "removing {}, left by a PostgreSQL that is no longer running",
+                pid_file.display()
+            )
+        })?;
+        tracing::info!(file = %pid_file.display(), "removed a stale postmaster.pid");
+        return Ok(());
+    };
+    // postmaster.pid: PID, data dir, start time, port, socket dir, address, shm key, status.
+    let port: Option<u16> = contents.lines().nth(3).and_then(|l| l.trim().parse().ok());
+    if port == Some(search.port) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if reachable(&search.url()).await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    tracing::info!(pid, ?port, data_dir = %data_dir.display(), "restarting a private PostgreSQL that does not answer on port {}", search.port);
+    let (bin, data_dir) = (bin.to_path_buf(), data_dir.clone());
+    tokio::task::spawn_blocking(move || stop_cluster(&bin, &data_dir))
+        .await
+        .context("private PostgreSQL stop task")?
+}
+
+/// PID of the postmaster running on cluster `data_dir`, from its `postmaster.pid`,
+/// if that process exists and works in `data_dir` (a postmaster's working
+/// directory is its cluster; a reused PID has another one).
+fn running_postmaster(data_dir: &Path) -> Option<u32> {
+    let contents = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: u32 = contents.lines().next()?.trim().parse().ok()?;
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let cwd = std::fs::read_link(proc_dir.join("cwd"));
+    let ours = match cwd {
+        Ok(cwd) => std::fs::canonicalize(data_dir).is_ok_and(|d| d == cwd),
+        // Someone else's process we may not inspect: a postgres is taken at its word.
+        Err(_) => std::fs::read(proc_dir.join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("postgres")),
+    };
+    ours.then_some(pid)
+}
+
+/// `pg_ctl stop -m fast` on cluster `data_dir`, waiting up to a minute until the
+/// server is gone.
+fn stop_cluster(bin: &Path, data_dir: &Path) -> anyhow::Result<()> {
+    let output = as_postgres_user(Command::new(bin.join("pg_ctl")))
+        .arg("-D")
+        .arg(data_dir)
+        .args(["stop", "-m", "fast", "-w", "-t", "60"])
+        .output()
+        .context("running pg_ctl stop")?;
+    if !output.status.success() && running_postmaster(data_dir).is_some() {
+        bail!(
+            "pg_ctl stop failed ({}) for the PostgreSQL cluster {}: {}; stop it with `pg_ctl -D {} stop -m immediate` as the postgres user",
+            output.status,
+            data_dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim(),
+            data_dir.display()
+        );
+    }
+    tracing::info!(data_dir = %data_dir.display(), "stopped the private PostgreSQL");
+    Ok(())
+}
+
+fn start_private(bin: &Path, search: &Search) -> anyhow::Result<()> {
+    let dir = &search.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let owner = postgres_os_user();
     if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(data_dir, Some(uid), Some(gid))
-            .with_context(|| format!("handing {} to the postgres user", data_dir.display()))?;
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+            .with_context(|| format!("handing {} to the postgres user", dir.display()))?;
     }
-    let pgdata = data_dir.join("data");
+    let pgdata = search.data_dir();
     if !pgdata.join("PG_VERSION").exists() {
-        let status = as_postgres_user(Command::new(bin.join("initdb")))
+        let output = as_postgres_user(Command::new(bin.join("initdb")))
             .args([
                 "-U",
                 "postgres",
@@ -191,30 +352,40 @@ fn start_private(bin: &Path, data_dir: &Path) -> anyhow::Result<()> {
                 "-D",
             ])
             .arg(&pgdata)
-            .status()
+            .output()
             .context("running initdb")?;
-        if !status.success() {
-            bail!("initdb failed ({status}) for {}", pgdata.display());
+        if !output.status.success() {
+            bail!(
+                "initdb failed ({}) for {}: {}",
+                output.status,
+                pgdata.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
         }
     }
     let options = format!(
-        "-p {PRIVATE_PORT} -c listen_addresses=127.0.0.1 -k {} -c max_connections=400 -c fsync=off",
-        data_dir.display()
+        "-p {} -c listen_addresses=127.0.0.1 -k {} -c max_connections=400 -c fsync=off",
+        search.port,
+        dir.display()
     );
-    let status = as_postgres_user(Command::new(bin.join("pg_ctl")))
+    let log = dir.join("postgres.log");
+    let output = as_postgres_user(Command::new(bin.join("pg_ctl")))
         .arg("-D")
         .arg(&pgdata)
         .args(["-o", &options, "-l"])
-        .arg(data_dir.join("postgres.log"))
-        .args(["-w", "start"])
-        .status()
+        .arg(&log)
+        .args(["-w", "-t", "60", "start"])
+        .output()
         .context("running pg_ctl start")?;
-    if !status.success() {
+    if !output.status.success() {
         bail!(
-            "pg_ctl start failed ({status}); see {}",
-            data_dir.join("postgres.log").display()
+            "pg_ctl start failed ({}): {}; see {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim(),
+            log.display()
         );
     }
+    tracing::info!(data_dir = %pgdata.display(), port = search.port, "started a private PostgreSQL");
     Ok(())
 }
 
