@@ -188,6 +188,9 @@ fn builtin_v4(ip: Ipv4Addr) -> Option<DenyReason> {
 fn carried_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let (hi, lo) = match ip.segments() {
         [0, 0, 0, 0, 0, 0xffff, hi, lo] => (hi, lo),
+        // `::` and `::1` are IPv6's own unspecified and loopback addresses, not
+        // IPv4-compatible ones (RFC 4291 §2.5.5.1).
+        [0, 0, 0, 0, 0, 0, 0, 0 | 1] => return None,
         [0, 0, 0, 0, 0, 0, hi, lo] => (hi, lo),
         [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => (hi, lo),
         [0x2002, hi, lo, ..] => (hi, lo),
@@ -200,8 +203,6 @@ fn carried_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
 /// itself: the IPv4 address a carrying form leads to is judged separately.
 fn builtin_v6(ip: Ipv6Addr) -> Option<DenyReason> {
     let s = ip.segments();
-    // `::` and `::1` are IPv6's own unspecified and loopback addresses, whatever
-    // IPv4-compatible reading they also have.
     if ip.is_unspecified() {
         return Some(DenyReason::Unspecified);
     }
@@ -518,17 +519,22 @@ mod tests {
     }
 
     /// Every way to write an IPv4 address: as itself, and in each IPv6 form
-    /// that leads to it (6to4 with any subnet and interface bits).
+    /// that leads to it (6to4 with any subnet and interface bits). `::` and
+    /// `::1` are IPv6's own addresses, not IPv4-compatible spellings of 0.0.0.0
+    /// and 0.0.0.1.
     fn spellings(v4: Ipv4Addr, subnet: u16, interface: u64) -> Vec<IpAddr> {
         let [hi, lo] = [(u32::from(v4) >> 16) as u16, u32::from(v4) as u16];
         let [i0, i1, i2, i3] = [48, 32, 16, 0].map(|shift| (interface >> shift) as u16);
-        vec![
+        let mut all = vec![
             IpAddr::V4(v4),
             IpAddr::V6(v4.to_ipv6_mapped()),
-            IpAddr::V6(v4.to_ipv6_compatible()),
             IpAddr::V6(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo)),
             IpAddr::V6(Ipv6Addr::new(0x2002, hi, lo, subnet, i0, i1, i2, i3)),
-        ]
+        ];
+        if u32::from(v4) > 1 {
+            all.push(IpAddr::V6(v4.to_ipv6_compatible()));
+        }
+        all
     }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
@@ -591,6 +597,16 @@ mod tests {
         for (addr, reason) in refused {
             assert_eq!(p.check_ip(addr.parse().unwrap()), Err(reason), "{addr}");
         }
+        // An allow entry for IPv6 loopback opens it (and nothing else).
+        let loopback = EgressPolicy::from_config(&EgressConfig {
+            allow_cidrs: nets(&["::1/128"]),
+            ..EgressConfig::default()
+        });
+        assert_eq!(loopback.check_ip("::1".parse().unwrap()), Ok(()));
+        assert_eq!(
+            loopback.check_ip("::2".parse().unwrap()),
+            Err(DenyReason::Reserved)
+        );
         for addr in [
             "2002:808:808::",
             "64:ff9b::808:808",
