@@ -244,3 +244,101 @@ async fn a_batch_with_a_refused_row_retried_after_a_lost_acknowledgement_counts_
     assert_eq!(db.usage(a.vps).await, (101, 1, 102));
     assert_eq!(ledger(&db, instance).await, [(0, 3, 1), (1, 3, 2)]);
 }
+
+/// Several refused rows in a batch spanning two months, one refused by a
+/// constraint and one by a sum beyond BIGINT (no constraint needed): each is
+/// isolated, every other row of both months lands exactly.
+#[tokio::test]
+async fn several_refused_rows_across_two_months_are_each_isolated() {
+    const VPSES: usize = 40;
+    let db = TestDb::new().await;
+    let mut vpses = Vec::new();
+    for _ in 0..VPSES {
+        vpses.push(db.fixture("fly").await.vps);
+    }
+    // Rows received 666 bytes are refused; VPS 7 is one byte short of BIGINT's end.
+    sqlx::query(
+        "ALTER TABLE vps_usage_periods ADD CONSTRAINT test_refuses_666 CHECK (bandwidth_rx_bytes <> 666)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let this = Period::current();
+    let last = Period::containing(this.start_instant() - chrono::Duration::days(1));
+    sqlx::query(
+        "INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_bytes, bandwidth_tx_bytes)
+         VALUES ($1, $2, $3, $3)",
+    )
+    .bind(vpses[7])
+    .bind(this.start())
+    .bind(i64::MAX - 1)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let deltas = |period_rx: fn(usize) -> u64| -> Vec<BandwidthDelta> {
+        vpses
+            .iter()
+            .enumerate()
+            .map(|(i, &vps_id)| BandwidthDelta {
+                vps_id,
+                rx: period_rx(i),
+                tx: 1,
+            })
+            .collect()
+    };
+    let batch = FlushBatch {
+        instance_id: Uuid::new_v4(),
+        seq: 0,
+        periods: vec![
+            PeriodDeltas {
+                period: last,
+                deltas: deltas(|i| if i == 3 { 666 } else { 10 + i as u64 }),
+            },
+            PeriodDeltas {
+                period: this,
+                deltas: deltas(|i| if i == 30 { 666 } else { 100 + i as u64 }),
+            },
+        ],
+    };
+    let (outcome, refused) = usage::apply_flush_detailed(&db.pool, &batch).await.unwrap();
+    let mut refused: Vec<(Period, Uuid, Option<String>)> = refused
+        .into_iter()
+        .map(|r| (r.period, r.delta.vps_id, r.code))
+        .collect();
+    refused.sort();
+    let mut expected = vec![
+        (last, vpses[3], Some("23514".to_owned())),
+        (this, vpses[7], Some("22003".to_owned())),
+        (this, vpses[30], Some("23514".to_owned())),
+    ];
+    expected.sort();
+    assert_eq!(refused, expected);
+    assert_eq!(
+        outcome,
+        FlushOutcome::Applied {
+            rows: 2 * VPSES - 3,
+            dropped: vec![]
+        }
+    );
+    for (i, &vps) in vpses.iter().enumerate() {
+        let rows: Vec<(chrono::NaiveDate, i64, i64)> = sqlx::query_as(
+            "SELECT period_start, bandwidth_rx_bytes, bandwidth_tx_bytes FROM vps_usage_periods
+             WHERE vps_id = $1 ORDER BY period_start",
+        )
+        .bind(vps)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let mut want = Vec::new();
+        if i != 3 {
+            want.push((last.start(), 10 + i as i64, 1));
+        }
+        match i {
+            7 => want.push((this.start(), 0, i64::MAX - 1)),
+            30 => {}
+            _ => want.push((this.start(), 100 + i as i64, 1)),
+        }
+        assert_eq!(rows, want, "VPS {i}");
+    }
+}
