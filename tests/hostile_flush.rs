@@ -10,8 +10,10 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Level;
 use uuid::Uuid;
 
+use support::logs::LogCapture;
 use support::proxy::temp_dir;
 use support::{Fixture, TestDb};
 use tollgate_core::billing::Period;
@@ -102,6 +104,7 @@ async fn a_refused_row_is_left_out_and_the_rest_of_the_batch_and_later_ones_comm
     refuse_rows_of(&db, bad.vps).await;
     let rejected = [("reason", "rejected")];
     let before = counter(DROPPED, &rejected);
+    let (logs, _guard) = LogCapture::install(Level::WARN);
 
     let meter = Arc::new(Meter::new());
     let instance = Uuid::new_v4();
@@ -150,6 +153,20 @@ async fn a_refused_row_is_left_out_and_the_rest_of_the_batch_and_later_ones_comm
         );
     }
     assert_eq!(counter(DROPPED, &rejected) - before, 2);
+    // Logged once, naming the VPS and the constraint; the second refusal is only counted.
+    let warnings: Vec<String> = logs
+        .from("tollgate_proxy::flusher")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains(&bad.vps.to_string())
+            && warnings[0].contains("test_refuses_one_vps")
+            && !warnings[0].contains(&bad.token),
+        "{}",
+        warnings[0]
+    );
     assert_eq!(
         ledger(&db, instance).await,
         [(0, GOOD as i32 + 1, 1), (1, GOOD as i32 + 1, 1)],
