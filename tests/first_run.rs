@@ -1,7 +1,8 @@
 //! First run: the built `tollgate dev` with no PostgreSQL reachable starts a
 //! private server, and stops the one it started however it ends (SIGTERM,
 //! SIGINT, an error during start-up); a second `dev` gets past a stale
-//! `postmaster.pid` and reuses a server it finds running without stopping it.
+//! `postmaster.pid`, restarts a server of its folder running on another port,
+//! and reuses one it finds running without stopping it.
 //!
 //! Each test gives dev its own private server (`--private-postgres`, its own
 //! folder under `CARGO_TARGET_TMPDIR` and a free port) and free ports for every
@@ -149,6 +150,43 @@ fn dev_reuses_a_running_private_postgres_and_leaves_it_running() {
         .search
         .stop_private()
         .expect("stopping the private server"));
+    case.assert_no_postgres(&dev);
+}
+
+#[test]
+fn dev_restarts_a_private_postgres_running_on_another_port() {
+    let Some(mut case) = Case::new("other-port") else {
+        return;
+    };
+    let mut dev = Dev::start(&case);
+    dev.wait_ready();
+    let old = case
+        .postmaster_pid()
+        .expect("postmaster.pid while dev runs");
+    dev.kill();
+
+    // The same folder on another port: the running server is in the way.
+    case.search.port = Ports::free().postgres;
+    let mut dev = Dev::start(&case);
+    let banner = dev.wait_ready();
+    assert!(
+        banner.contains(&format!("127.0.0.1:{}/", case.search.port))
+            && banner.contains("stopped when dev exits"),
+        "dev should run its own server on the new port:\n{banner}"
+    );
+    assert!(
+        dev.log().contains("restarting a private PostgreSQL"),
+        "{}",
+        dev.log()
+    );
+    assert!(!case.postgres_processes().contains(&old));
+    dev.signal("TERM");
+    let status = dev.wait_exit();
+    assert!(
+        status.success(),
+        "dev after SIGTERM: {status}\n{}",
+        dev.log()
+    );
     case.assert_no_postgres(&dev);
 }
 

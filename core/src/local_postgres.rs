@@ -182,10 +182,9 @@ pub async fn find_or_start_with(search: &Search) -> anyhow::Result<Server> {
         "no PostgreSQL reachable (DATABASE_URL unset, nothing on 127.0.0.1:5432) and no server \
          binaries found to start one: install the `postgresql` package or set DATABASE_URL",
     )?;
-    let started_here = if reachable(&private).await {
+    let started_here = if reachable(&private).await || make_way(&bin_dir, &search).await? {
         false
     } else {
-        make_way(&bin_dir, &search).await?;
         let (search, bin) = (search.clone(), bin_dir.clone());
         let started = tokio::task::spawn_blocking(move || start_private(&bin, &search))
             .await
@@ -258,11 +257,12 @@ pub fn find_bin_dir() -> Option<PathBuf> {
 /// Clear the way for starting the private server: a `postmaster.pid` whose
 /// process is gone is removed; a server of this folder that runs but does not
 /// answer on `search.port` gets a while to finish starting, then is stopped.
-async fn make_way(bin: &Path, search: &Search) -> anyhow::Result<()> {
+/// Returns whether the server answered meanwhile (nothing to start).
+async fn make_way(bin: &Path, search: &Search) -> anyhow::Result<bool> {
     let data_dir = search.data_dir();
     let pid_file = data_dir.join("postmaster.pid");
     let Ok(contents) = std::fs::read_to_string(&pid_file) else {
-        return Ok(());
+        return Ok(false);
     };
     let Some(pid) = running_postmaster(&data_dir) else {
         std::fs::remove_file(&pid_file).with_context(|| {
@@ -272,7 +272,7 @@ async fn make_way(bin: &Path, search: &Search) -> anyhow::Result<()> {
             )
         })?;
         tracing::info!(file = %pid_file.display(), "removed a stale postmaster.pid");
-        return Ok(());
+        return Ok(false);
     };
     // postmaster.pid: PID, data dir, start time, port, socket dir, address, shm key, status.
     let port: Option<u16> = contents.lines().nth(3).and_then(|l| l.trim().parse().ok());
@@ -280,7 +280,7 @@ async fn make_way(bin: &Path, search: &Search) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if reachable(&search.url()).await {
-                return Ok(());
+                return Ok(true);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -289,7 +289,8 @@ async fn make_way(bin: &Path, search: &Search) -> anyhow::Result<()> {
     let (bin, data_dir) = (bin.to_path_buf(), data_dir.clone());
     tokio::task::spawn_blocking(move || stop_cluster(&bin, &data_dir))
         .await
-        .context("private PostgreSQL stop task")?
+        .context("private PostgreSQL stop task")??;
+    Ok(false)
 }
 
 /// PID of the postmaster running on cluster `data_dir`, from its `postmaster.pid`,
