@@ -73,7 +73,7 @@ if command -v readelf >/dev/null; then
     done
 fi
 # The newest GLIBC_ symbol version the binary refers to.
-newest=$(grep -ao 'GLIBC_2\.[0-9]*' "$binary" | sort -u -V | tail -n 1 | sed 's/GLIBC_//')
+newest=$(grep -ao 'GLIBC_2\.[0-9]*' "$binary" | sort -u -V | tail -n 1 | sed 's/GLIBC_//' || true)
 glibc=${newest:-$glibc}
 
 stage=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-deb.XXXXXX")
@@ -157,6 +157,10 @@ if [ "$1" = configure ]; then
     fi
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload >/dev/null || true
+        # An upgrade restarts the services that run (the proxy drains first).
+        if [ -n "$2" ]; then
+            systemctl try-restart tollgate-proxy.service tollgate-monitor.service >/dev/null || true
+        fi
     fi
 fi
 exit 0
