@@ -6,6 +6,7 @@
 pub mod client;
 pub mod deploy;
 pub mod hostile;
+pub mod hostile_load;
 pub mod logs;
 pub mod monitor;
 pub mod origin;
