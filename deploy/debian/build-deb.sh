@@ -86,6 +86,10 @@ if command -v strip >/dev/null; then
     strip --strip-debug "$pkg/usr/bin/tollgate"
 fi
 install -D -m 0644 "$root/deploy/tollgate.example.toml" "$pkg/etc/tollgate/tollgate.toml"
+# The shipped config must load with the shipped binary (same source tree).
+if ! problem=$(env -i PATH="$PATH" "$pkg/usr/bin/tollgate" check-config "$pkg/etc/tollgate/tollgate.toml" 2>&1 >/dev/null); then
+    fail "deploy/tollgate.example.toml does not load with $binary ($problem); build the binary from this tree"
+fi
 
 for unit in tollgate-proxy.service tollgate-monitor.service; do
     src=$root/deploy/systemd/$unit
