@@ -756,3 +756,46 @@ async fn an_idle_http2_connection_is_closed_and_a_streaming_one_is_not() {
     let _ = tokio::time::timeout(GENEROUS, conn).await;
     proxy.stop().await;
 }
+
+/// The idle close must not depend on the client's cooperation: a client that
+/// sends the HTTP/2 preface and its settings, then never reads or answers
+/// anything (no SETTINGS or PING acknowledgements), is closed within a few
+/// header read timeouts too, as an idle HTTP/1.1 client is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails until an HTTP/2 connection that answers nothing is dropped within a few header read timeouts (it lasts the keep-alive interval and timeout, 50 s)"]
+async fn an_idle_http2_client_that_acknowledges_nothing_is_closed_too() {
+    let _serial = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    let mut config = test_config(&db.url);
+    config.proxy.ingress.header_read_timeout = Duration::from_secs(1);
+    let (seams, _) = loopback_seams();
+    let proxy = TestProxy::start_with(config, seams).await;
+    let started = Instant::now();
+    let mut deaf = TcpStream::connect(proxy.ingress.unwrap()).await.unwrap();
+    deaf.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(GENEROUS, async {
+        let mut sink = [0u8; 4096];
+        loop {
+            match deaf.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let elapsed = started.elapsed();
+    println!(
+        "idle HTTP/2 client that acknowledges nothing (1 s header read timeout): {}",
+        match closed {
+            Ok(()) => format!("closed by the proxy after {elapsed:?}"),
+            Err(_) => format!("still open after {elapsed:?}"),
+        }
+    );
+    assert!(
+        closed.is_ok(),
+        "an idle HTTP/2 client that acknowledges nothing still open after {GENEROUS:?}"
+    );
+    proxy.stop().await;
+}
