@@ -108,6 +108,22 @@ struct Measured {
     gateway_written: u64,
 }
 
+/// The upload was refused for its credential (407 on egress, 401 on ingress,
+/// `unauthorized`) or its connection closed without a response.
+fn assert_revoked(how: &str, upload: &Upload) {
+    match upload.status() {
+        0 => {}
+        401 | 407 => {
+            let body = upload.json().expect("a JSON body");
+            assert_eq!(body["error"], "unauthorized", "{how}: {body}");
+        }
+        other => panic!(
+            "{how}: the cut upload got {other}: {}",
+            String::from_utf8_lossy(&upload.response)
+        ),
+    }
+}
+
 /// Stop the proxy (final flush written) and check what the database and the
 /// gateway show against the limit.
 async fn stop_and_measure(s: Setup, how: &str, client: &str) -> Measured {
@@ -302,6 +318,19 @@ async fn an_ingress_http2_upload_past_the_limit_is_cut_near_the_limit() {
 /// until the user is blocked: how long after the block was published the
 /// gateway last received upload bytes.
 async fn trickle_then_block(s: &Setup, addr: std::net::SocketAddr, head: String, how: &str) {
+    trickle_then(s, addr, head, how, Stop::Block).await
+}
+
+/// What stops a trickling upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// A block published for the user.
+    Block,
+    /// The agent's token rotated.
+    Rotation,
+}
+
+async fn trickle_then(s: &Setup, addr: std::net::SocketAddr, head: String, how: &str, stop: Stop) {
     let upload = tokio::spawn(raw_upload(
         addr,
         head,
@@ -348,17 +377,32 @@ async fn trickle_then_block(s: &Setup, addr: std::net::SocketAddr, head: String,
         },
     )
     .await;
-    s.db.publish_block(
-        s.f.user,
-        tollgate_core::billing::BlockReason::BudgetExhausted,
-    )
-    .await;
+    match stop {
+        Stop::Block => {
+            s.db.publish_block(
+                s.f.user,
+                tollgate_core::billing::BlockReason::BudgetExhausted,
+            )
+            .await
+        }
+        Stop::Rotation => {
+            sqlx::query("UPDATE agents SET gateway_token = md5(random()::text) || md5(random()::text) WHERE id = $1")
+                .bind(s.f.agent)
+                .execute(&s.db.pool)
+                .await
+                .unwrap();
+        }
+    }
     let published = Instant::now();
+    let what = match stop {
+        Stop::Block => "the block was published",
+        Stop::Rotation => "the token was rotated",
+    };
     let at_block = read();
     // Quiet for 500 ms (ten chunk intervals): the upload has stopped.
     let (stopped_at, stopped_bytes) = eventually(
         Duration::from_secs(5),
-        format!("{how}: the upload stops reaching the gateway after the block"),
+        format!("{how}: the upload stops reaching the gateway after {what}"),
         || async {
             let (at, bytes) = *last_change.lock().unwrap();
             holds(at.elapsed() >= Duration::from_millis(500), (at, bytes))
@@ -370,21 +414,24 @@ async fn trickle_then_block(s: &Setup, addr: std::net::SocketAddr, head: String,
     let upload = upload.await.unwrap();
     let answered = upload.answered.saturating_duration_since(published);
     println!(
-        "{how}: the trickling upload last reached the gateway {latency:?} after the block was published \
-         ({} bytes after it; 0 means it had stopped by the time publishing returned); the client got {} \
-         {answered:?} after the block, having written {} bytes",
+        "{how}: the trickling upload last reached the gateway {latency:?} after {what} \
+         ({} bytes after it; 0: it had stopped by the time the change was committed); the client got {} \
+         {answered:?} after {what}, having written {} bytes",
         stopped_bytes - at_block,
         upload.status(),
         upload.written
     );
-    assert_cut(how, &upload);
+    match stop {
+        Stop::Block => assert_cut(how, &upload),
+        Stop::Rotation => assert_revoked(how, &upload),
+    }
     assert!(
         latency <= Duration::from_secs(1),
-        "{how}: the upload kept flowing {latency:?} after the block"
+        "{how}: the upload kept flowing {latency:?} after {what}"
     );
     assert!(
         answered <= Duration::from_secs(1),
-        "{how}: the client was answered {answered:?} after the block"
+        "{how}: the client was answered {answered:?} after {what}"
     );
 }
 
@@ -511,4 +558,41 @@ async fn uploads_during_a_database_outage_stay_near_the_limit() {
         total as u64 <= LIMIT + MAX_OVERSHOOT,
         "recorded {total} bytes, {overshoot} past the {LIMIT}-byte limit"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_upload_stops_within_a_second_of_a_token_rotation() {
+    let _serial = SERIAL.lock().await;
+    let s = setup(1 << 40).await;
+    let url = s.gateway.url("/echo");
+    let egress = format!(
+        "POST {url} HTTP/1.1\r\nhost: {}\r\nproxy-authorization: {}\r\ntransfer-encoding: chunked\r\n\r\n",
+        s.gateway.addr,
+        s.f.basic()
+    );
+    trickle_then(
+        &s,
+        s.proxy.egress,
+        egress,
+        "egress chunked upload, token rotated",
+        Stop::Rotation,
+    )
+    .await;
+    s.proxy.stop().await;
+
+    let s = setup(1 << 40).await;
+    let ingress = format!(
+        "POST {} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {}\r\ntransfer-encoding: chunked\r\n\r\n",
+        s.ingress_path("/echo"),
+        s.f.token
+    );
+    trickle_then(
+        &s,
+        s.proxy.ingress.unwrap(),
+        ingress,
+        "ingress HTTP/1.1 chunked upload, token rotated",
+        Stop::Rotation,
+    )
+    .await;
+    s.proxy.stop().await;
 }
