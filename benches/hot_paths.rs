@@ -27,9 +27,10 @@ use uuid::Uuid;
 use tollgate_core::clock::SystemClock;
 use tollgate_core::config::Config;
 use tollgate_proxy::directory::{Directory, Lookup};
-use tollgate_proxy::enforcement::{Enforcer, StreamGuard};
+use tollgate_proxy::enforcement::Enforcer;
 use tollgate_proxy::flusher::build_batch;
 use tollgate_proxy::framing::{FramingGuard, Verdicts};
+use tollgate_proxy::gate::StreamGuard;
 use tollgate_proxy::health::Health;
 use tollgate_proxy::meter::{ConnTally, Meter, MeteredIo};
 use tollgate_proxy::telemetry::Listener;
@@ -210,7 +211,7 @@ fn lookups(c: &mut Criterion) {
     group.bench_function("decision_check", |b| b.iter(|| entry.gate.check()));
     group.bench_function("decision_guard_and_check", |b| {
         b.iter(|| {
-            let guard = StreamGuard::new(&entry.gate);
+            let guard = StreamGuard::new(&entry.gate, Some(entry.revoked().clone()));
             guard.check().map(|()| guard)
         })
     });

@@ -622,7 +622,6 @@ async fn the_origin_pool_stays_within_its_bounds_whatever_the_spelling() {
 /// once: the pool's total and per-agent caps hold under concurrent returns as
 /// they do one at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails until the pool's total and per-agent caps are taken atomically when a connection is returned"]
 async fn the_origin_pool_caps_hold_under_concurrent_returns() {
     let _serial = SERIAL.lock().await;
     const TOTAL: usize = 4;
@@ -821,7 +820,6 @@ async fn an_idle_http2_connection_is_closed_and_a_streaming_one_is_not() {
 /// anything (no SETTINGS or PING acknowledgements), is closed within a few
 /// header read timeouts too, as an idle HTTP/1.1 client is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails until an HTTP/2 connection that answers nothing is dropped within a few header read timeouts (it lasts the keep-alive interval and timeout, 50 s)"]
 async fn an_idle_http2_client_that_acknowledges_nothing_is_closed_too() {
     let _serial = SERIAL.lock().await;
     let db = TestDb::new().await;

@@ -190,8 +190,16 @@ pub struct EgressConfig {
     /// Pooled origin connections idle this long are closed. Default `90s`.
     #[serde(with = "duration")]
     pub upstream_idle_timeout: Duration,
-    /// Idle pooled connections kept per origin. Default 32.
+    /// Idle pooled connections kept per origin (host as resolved from any
+    /// spelling of an address, and port). Default 32.
     pub upstream_max_idle_per_host: usize,
+    /// Idle pooled origin connections kept for one agent's exchanges, over all
+    /// origins, so no agent fills the pool (and the file descriptors) for
+    /// everyone. Default 64.
+    pub upstream_max_idle_per_agent: usize,
+    /// Idle pooled origin connections kept in all; beyond it the one returned
+    /// longest ago is closed. Default 1024.
+    pub upstream_max_idle_total: usize,
     /// Ports CONNECT may reach. Default `[443]`.
     pub connect_ports: Vec<u16>,
     /// Ports plain HTTP requests may reach; empty means any. Default `[]`.
@@ -218,6 +226,8 @@ impl Default for EgressConfig {
             response_timeout: Duration::from_secs(60),
             upstream_idle_timeout: Duration::from_secs(90),
             upstream_max_idle_per_host: 32,
+            upstream_max_idle_per_agent: 64,
+            upstream_max_idle_total: 1024,
             connect_ports: vec![443],
             http_ports: Vec::new(),
             allow_cidrs: Vec::new(),
@@ -287,6 +297,9 @@ pub struct IngressConfig {
     pub upstream_idle_timeout: Duration,
     /// Idle pooled connections kept per VPS. Default 16.
     pub upstream_max_idle_per_vps: usize,
+    /// Idle pooled gateway connections kept in all; beyond it the one returned
+    /// longest ago is closed. Default 4096.
+    pub upstream_max_idle_total: usize,
 }
 
 impl Default for IngressConfig {
@@ -304,6 +317,7 @@ impl Default for IngressConfig {
             websocket_idle_timeout: Duration::from_secs(3600),
             upstream_idle_timeout: Duration::from_secs(90),
             upstream_max_idle_per_vps: 16,
+            upstream_max_idle_total: 4096,
         }
     }
 }

@@ -29,11 +29,12 @@ use crate::gate::StreamGuard;
 use crate::headers::Outbound;
 use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
-use crate::server::{ClientConn, Limits, Stages};
+use crate::server::{ClientConn, Shape, Stages};
 use crate::telemetry::{Listener, TunnelKind};
-use crate::upstream::{handshake, passed_on, Connector, Pool};
+use crate::upstream::{Connector, Pool};
 
-/// Pool key: an origin's host and port as requested.
+/// Pool key: an origin's host, as parsed from whatever spelling the request
+/// used (`0x7f.1` and `127.0.0.1` are one origin; names lowercase), and port.
 type OriginKey = (Box<str>, u16);
 
 /// Shared state of the egress listener.
@@ -45,7 +46,6 @@ pub struct Egress {
     pub relays: Relays,
     pub agent_limits: Arc<AgentLimits>,
     pub config: EgressConfig,
-    pub limits: Limits,
 }
 
 /// A request that passed authentication and enforcement: whose it is, what its
@@ -57,13 +57,11 @@ struct Admitted<'a> {
 }
 
 impl Stages for Egress {
-    const LISTENER: Listener = Listener::Egress;
-    const HTTP2: bool = false;
-    const METER_CLIENT: bool = true;
-
-    fn limits(&self) -> &Limits {
-        &self.limits
-    }
+    const SHAPE: Shape = Shape {
+        listener: Listener::Egress,
+        http2: false,
+        meter_client: true,
+    };
 
     async fn proxy(
         &self,
@@ -199,23 +197,16 @@ impl Egress {
             .await;
         }
         let key: OriginKey = (host.to_string().into(), port);
-        // A new origin connection is the exception; boxed so the pooled path's
-        // future stays small.
-        let connect = || {
-            Box::pin(async {
-                let (io, _) = self
-                    .connector
-                    .open(&host, port, Some(&self.policy), self.config.connect_timeout)
-                    .await?;
-                handshake(io, false).await.map_err(ProxyError::Upstream)
-            })
+        let open = || async {
+            let connect_timeout = self.config.connect_timeout;
+            let opened = self
+                .connector
+                .open(&host, port, Some(&self.policy), connect_timeout);
+            Ok(opened.await?.0)
         };
-        let response =
-            tokio::time::timeout(timeout, self.pool.send(key, outbound.request, connect))
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout)?
-                .map_err(|e| e.attributed(&guard))?;
-        Ok(passed_on(response, guard))
+        self.pool
+            .exchange(key, agent.agent_id, outbound.request, timeout, guard, open)
+            .await
     }
 }
 
@@ -290,6 +281,10 @@ fn host_of(authority: &Authority) -> Result<Host, ProxyError> {
 fn port_of(authority: &Authority) -> Result<Option<u16>, ProxyError> {
     match authority.as_str()[authority.host().len()..].strip_prefix(':') {
         None | Some("") => Ok(None),
+        // Digits only: `u16` parsing would take a sign (`+80`).
+        Some(port) if !port.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(ProxyError::BadRequest("invalid port"))
+        }
         Some(port) => match port.parse::<u16>() {
             Ok(port) if port != 0 => Ok(Some(port)),
             _ => Err(ProxyError::BadRequest("invalid port")),

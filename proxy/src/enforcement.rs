@@ -30,15 +30,19 @@ use tollgate_core::db::{decisions, usage};
 
 use crate::gate::UserGate;
 use crate::health::Health;
+use crate::meter::InTransit;
 use crate::telemetry;
 
 /// Something that may change decisions, handled in order by [`Enforcer::run`].
 #[derive(Debug)]
 pub enum Event {
-    /// A flush that started at `started` wrote usage of `users`.
+    /// A flush that started at `started` wrote usage of `users`. Its bytes
+    /// stop counting as unsettled once this event has been handled (their
+    /// users decided on again from the database that now holds them).
     Flushed {
         users: Vec<Uuid>,
         started: std::time::Instant,
+        in_transit: InTransit,
     },
     /// A plan, its rates or a budget changed.
     BillingChanged(BillingChange),
@@ -101,14 +105,20 @@ impl Enforcer {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let event = tokio::select! {
+            let mut event = tokio::select! {
                 e = events.recv() => match e { Some(e) => e, None => return },
                 _ = tick.tick() => { self.tick().await; continue; }
                 _ = shutdown.cancelled() => return,
             };
-            let result = match &event {
-                Event::Flushed { users, started } => {
-                    self.evaluate(users, Some((*started).into())).await
+            let result = match &mut event {
+                Event::Flushed {
+                    users,
+                    started,
+                    in_transit,
+                } => {
+                    let settled = std::mem::take(in_transit);
+                    self.evaluate_gates(&self.known(users), Some((*started).into()), settled)
+                        .await
                 }
                 Event::BillingChanged(change) => self.on_billing_change(*change).await,
                 Event::Published { user, period } => self.on_published(*user, *period).await,
@@ -139,7 +149,7 @@ impl Enforcer {
         match published.first() {
             Some(d) => self.apply_published(&gate, d),
             None => {
-                self.evaluate_gates(std::slice::from_ref(&gate), None)
+                self.evaluate_gates(std::slice::from_ref(&gate), None, InTransit::default())
                     .await?
             }
         }
@@ -178,17 +188,25 @@ impl Enforcer {
         users: &[Uuid],
         since: Option<Instant>,
     ) -> Result<(), sqlx::Error> {
-        let gates: Vec<Arc<UserGate>> = users
-            .iter()
-            .filter_map(|u| self.gates.get(u).map(|g| g.clone()))
-            .collect();
-        self.evaluate_gates(&gates, since).await
+        self.evaluate_gates(&self.known(users), since, InTransit::default())
+            .await
     }
 
+    /// The gates of `users` that exist here.
+    fn known(&self, users: &[Uuid]) -> Vec<Arc<UserGate>> {
+        users
+            .iter()
+            .filter_map(|u| self.gates.get(u).map(|g| g.clone()))
+            .collect()
+    }
+
+    /// Evaluate and apply; `settled` (bytes the database now holds) stops
+    /// counting as unsettled once the new headroom is in force, and not before.
     async fn evaluate_gates(
         &self,
         gates: &[Arc<UserGate>],
         since: Option<Instant>,
+        settled: InTransit,
     ) -> Result<(), sqlx::Error> {
         if gates.is_empty() {
             return Ok(());
@@ -202,6 +220,9 @@ impl Enforcer {
                 usage::user_billing(&self.pool, &users, period),
             )
             .await?;
+        // Publish as of this read, so an older evaluation published later (by
+        // anyone) never overwrites it.
+        let read_at = billing.first().map(|b| b.read_at);
         let mut to_publish: Vec<(Uuid, Decision)> = Vec::new();
         for b in billing {
             let decision = b.decide();
@@ -226,14 +247,15 @@ impl Enforcer {
                 to_publish.push((b.user_id, decision));
             }
         }
+        drop(settled);
         if let Some(since) = since {
             metrics::histogram!(telemetry::DECISION_LATENCY).record(since.elapsed().as_secs_f64());
         }
-        if !to_publish.is_empty() {
+        if let (false, Some(read_at)) = (to_publish.is_empty(), read_at) {
             self.health
                 .observe(
                     "publishing decisions",
-                    decisions::publish(&self.pool, period, &to_publish, &self.name),
+                    decisions::publish_as_of(&self.pool, period, &to_publish, &self.name, read_at),
                 )
                 .await?;
             metrics::counter!(telemetry::DECISIONS_PUBLISHED).increment(to_publish.len() as u64);

@@ -11,7 +11,7 @@
 //! Neither the event nor the metric carries a token, a query string or a header.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -126,6 +126,7 @@ impl Exchange {
     pub fn respond(
         mut self,
         result: Result<Response<ProxyBody>, ProxyError>,
+        busy: Busy,
     ) -> Response<ExchangeBody> {
         let response = match result {
             Ok(response) => response,
@@ -136,7 +137,12 @@ impl Exchange {
         };
         self.status = response.status().as_u16();
         let end = self.open.then_some(self);
-        response.map(|body| ExchangeBody { body, end, sent: 0 })
+        response.map(|body| ExchangeBody {
+            body,
+            end,
+            sent: 0,
+            _busy: busy,
+        })
     }
 
     /// Record the end: the metric and the event, once.
@@ -193,6 +199,24 @@ pub struct ExchangeBody {
     body: ProxyBody,
     end: Option<Exchange>,
     sent: u64,
+    _busy: Busy,
+}
+
+/// One request under way on its connection, until dropped.
+#[derive(Debug)]
+pub struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    pub fn enter(in_flight: &Arc<AtomicUsize>) -> Self {
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(in_flight.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ExchangeBody {

@@ -39,7 +39,7 @@ use tollgate_core::db::usage::{
 
 use crate::enforcement::{Enforcer, Event};
 use crate::health::Health;
-use crate::meter::{Drained, Meter};
+use crate::meter::{Drained, InTransit, Meter};
 use crate::telemetry;
 
 /// Time the final flush at shutdown may take before the rest is spilled.
@@ -59,6 +59,9 @@ struct Queued {
     batch: FlushBatch,
     users: Vec<Uuid>,
     spill_file: Option<PathBuf>,
+    /// The batch's bytes, still counted against their users until it is
+    /// written and decided on.
+    in_transit: InTransit,
 }
 
 pub struct Flusher {
@@ -131,6 +134,7 @@ impl Flusher {
                 Ok(batch) => {
                     tracing::info!(file = %path.display(), seq = batch.seq, "replaying spilled batch");
                     self.queue.push_back(Queued {
+                        in_transit: InTransit::default(),
                         batch,
                         users: Vec::new(),
                         spill_file: Some(path),
@@ -187,7 +191,7 @@ impl Flusher {
 
     fn enqueue_drained(&mut self) {
         let now = self.clock.now();
-        let drained = self.meter.drain();
+        let (drained, in_transit) = self.meter.drain_in_transit();
         let from = std::mem::replace(&mut self.counted_since, now);
         if drained.is_empty() {
             return;
@@ -201,6 +205,7 @@ impl Flusher {
             .into_iter()
             .collect();
         self.queue.push_back(Queued {
+            in_transit,
             batch,
             users,
             spill_file: None,
@@ -248,6 +253,7 @@ impl Flusher {
                         self.enforcer.send(Event::Flushed {
                             users: queued.users,
                             started,
+                            in_transit: queued.in_transit,
                         });
                     }
                 }

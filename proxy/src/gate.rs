@@ -112,7 +112,7 @@ impl UserGate {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|c| c.pending())
+            .map(|c| c.unsettled())
             .sum()
     }
 

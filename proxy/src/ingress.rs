@@ -33,9 +33,9 @@ use crate::headers::Outbound;
 use crate::meter::{ConnTally, MeteredIo};
 use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
-use crate::server::{ClientConn, Limits, Stages};
+use crate::server::{ClientConn, Shape, Stages};
 use crate::telemetry::{Listener, TunnelKind};
-use crate::upstream::{handshake, passed_on, Connector, Pool};
+use crate::upstream::{Connector, Pool};
 
 /// Pool key: the VPS and the gateway address its connections go to.
 type GatewayKey = (Uuid, Box<str>, u16);
@@ -52,7 +52,6 @@ pub struct Ingress {
     pub relays: Relays,
     pub agent_limits: Arc<AgentLimits>,
     pub config: IngressConfig,
-    pub limits: Limits,
 }
 
 /// Where a request goes.
@@ -82,13 +81,11 @@ impl Route {
 }
 
 impl Stages for Ingress {
-    const LISTENER: Listener = Listener::Ingress;
-    const HTTP2: bool = true;
-    const METER_CLIENT: bool = false;
-
-    fn limits(&self) -> &Limits {
-        &self.limits
-    }
+    const SHAPE: Shape = Shape {
+        listener: Listener::Ingress,
+        http2: true,
+        meter_client: false,
+    };
 
     async fn proxy(
         &self,
@@ -169,20 +166,9 @@ impl Stages for Ingress {
             .await;
         }
         let key: GatewayKey = (vps.id, gateway.host.to_string().into(), gateway.port);
-        // A new gateway connection is the exception; boxed for the same reason.
-        let connect = || {
-            Box::pin(async {
-                handshake(open().await?, false)
-                    .await
-                    .map_err(ProxyError::Upstream)
-            })
-        };
-        let response =
-            tokio::time::timeout(timeout, self.pool.send(key, outbound.request, connect))
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout)?
-                .map_err(|e| e.attributed(&guard))?;
-        Ok(passed_on(response, guard))
+        self.pool
+            .exchange(key, agent.agent_id, outbound.request, timeout, guard, open)
+            .await
     }
 }
 

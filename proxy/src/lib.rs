@@ -3,17 +3,19 @@
 //! meter, one flusher, one enforcer and one admin listener.
 //!
 //! ```text
-//!  client socket ─▶ MeteredIo ─▶ hyper ─▶ framing/target ─▶ auth (directory) ─▶ enforcement (gate)
-//!                   (counts on                                                      │
-//!                    the VPS's socket)                 egress policy / route ◀──────┘
-//!                                                             │
-//!                                   relay (pooled HTTP, CONNECT tunnel, upgrade) ─▶ upstream
+//!  client socket ─▶ server (limits, TLS, HTTP/1 + framing guard, HTTP/2) ─▶ handle
+//!      │ egress: MeteredIo counts here                                        │
+//!      ▼                                                                      ▼
+//!  Stages::proxy:  target/route ─▶ auth (directory) ─▶ agent caps ─▶ enforcement (gate)
+//!                  ─▶ destination (egress policy / the VPS) ─▶ relay (pooled HTTP,
+//!                  CONNECT tunnel, upgrade) ─▶ upstream (ingress: MeteredIo counts here)
+//!  every request ends once, in exchange (metric + event); errors become responses in rescue
 //!  meter ──every flush_interval──▶ flusher ──(ledger, exactly once)──▶ PostgreSQL
-//!                                     └──▶ enforcer re-evaluates flushed users ──▶ decisions
-//!  PostgreSQL NOTIFY ──▶ notifications ──▶ directory (evict) / enforcer (apply)
+//!                                     └──▶ enforcer re-evaluates flushed users ──▶ gates
+//!  PostgreSQL NOTIFY ──▶ notifications ──▶ directory (evict, revoke) / enforcer (apply)
 //! ```
 //!
-//! Errors become responses in one place, [`rescue`]. [`run`] takes its listeners
+//! `docs/request-path.md` walks through the stages. [`run`] takes its listeners
 //! and shutdown token from the caller, so tests bind port 0 and stop it at will.
 #![forbid(unsafe_code)]
 
@@ -50,7 +52,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use tollgate_core::clock::{Clock, SystemClock};
-use tollgate_core::config::Config;
+use tollgate_core::config::{Config, TlsConfig};
 use tollgate_core::{admin, db};
 
 use crate::agent_limits::AgentLimits;
@@ -63,8 +65,8 @@ use crate::health::Health;
 use crate::ingress::Ingress;
 use crate::meter::Meter;
 use crate::relay::Relays;
-use crate::server::Limits;
-use crate::upstream::{Connector, Pool};
+use crate::server::{Limits, Stages};
+use crate::upstream::{Connector, Pool, PoolLimits};
 
 /// The proxy's sockets, bound by the caller.
 pub struct Listeners {
@@ -122,6 +124,38 @@ pub struct Options {
     /// Apply migrations at start (retrying until the database answers).
     pub migrate: bool,
     pub seams: Seams,
+}
+
+/// What every listener's accept loop shares.
+struct Serving {
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Serving {
+    /// Serve `listener` with `stages` (TLS from `tls`, when configured) until shutdown.
+    fn start<S: Stages>(
+        &self,
+        stages: Arc<S>,
+        listener: TcpListener,
+        limits: Limits,
+        tls: &Option<TlsConfig>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let tls = match tls {
+            Some(tls) => Some(server::tls_acceptor(tls, server::alpn::<S>())?),
+            None => None,
+        };
+        let name = S::SHAPE.listener.as_str();
+        tracing::info!(listener = name, listen = %listener.local_addr()?, tls = tls.is_some(), "listening");
+        Ok(tokio::spawn(server::run(
+            stages,
+            listener,
+            limits,
+            tls,
+            self.shutdown.clone(),
+            self.tracker.clone(),
+        )))
+    }
 }
 
 /// Run the proxy until `shutdown`, then drain, flush and return.
@@ -219,64 +253,57 @@ pub async fn run(
     let agent_limits = AgentLimits::new(config.proxy.agent_limits.clone());
     background_tasks.spawn(agent_limits.clone().run_sweeper(background.clone()));
     let mut accept_loops = Vec::new();
+    let serving = Serving {
+        shutdown: shutdown.clone(),
+        tracker: connections.clone(),
+    };
     if let Some(listener) = listeners.egress {
         let e = &config.proxy.egress;
         let egress = Arc::new(Egress {
             directory: directory.clone(),
             policy: EgressPolicy::from_config(e),
             connector: connector.clone(),
-            pool: Pool::new(e.upstream_max_idle_per_host, e.upstream_idle_timeout),
+            pool: Pool::new(PoolLimits {
+                per_key: e.upstream_max_idle_per_host,
+                per_agent: e.upstream_max_idle_per_agent,
+                total: e.upstream_max_idle_total,
+                idle_timeout: e.upstream_idle_timeout,
+            }),
             relays: relays.clone(),
             agent_limits: agent_limits.clone(),
             config: e.clone(),
-            limits: Limits {
-                max_connections: e.max_connections,
-                max_header_bytes: e.max_header_bytes,
-                header_read_timeout: e.header_read_timeout,
-            },
         });
         background_tasks.spawn(egress.pool.clone().run_reaper(background.clone()));
-        let tls = match &e.tls {
-            Some(tls) => Some(server::tls_acceptor(tls, server::alpn::<Egress>())?),
-            None => None,
+        let limits = Limits {
+            max_connections: e.max_connections,
+            max_header_bytes: e.max_header_bytes,
+            header_read_timeout: e.header_read_timeout,
         };
-        tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "egress proxy listening");
-        accept_loops.push(tokio::spawn(server::run(
-            egress,
-            listener,
-            tls,
-            shutdown.clone(),
-            connections.clone(),
-        )));
+        accept_loops.push(serving.start(egress, listener, limits, &e.tls)?);
     }
     if let Some(listener) = listeners.ingress {
         let i = &config.proxy.ingress;
         let ingress = Arc::new(Ingress {
             directory: directory.clone(),
             connector: connector.clone(),
-            pool: Pool::new(i.upstream_max_idle_per_vps, i.upstream_idle_timeout),
+            // One agent per VPS: the per-VPS limit is the per-agent one.
+            pool: Pool::new(PoolLimits {
+                per_key: i.upstream_max_idle_per_vps,
+                per_agent: i.upstream_max_idle_per_vps,
+                total: i.upstream_max_idle_total,
+                idle_timeout: i.upstream_idle_timeout,
+            }),
             relays: relays.clone(),
             agent_limits: agent_limits.clone(),
             config: i.clone(),
-            limits: Limits {
-                max_connections: i.max_connections,
-                max_header_bytes: i.max_header_bytes,
-                header_read_timeout: i.header_read_timeout,
-            },
         });
         background_tasks.spawn(ingress.pool.clone().run_reaper(background.clone()));
-        let tls = match &i.tls {
-            Some(tls) => Some(server::tls_acceptor(tls, server::alpn::<Ingress>())?),
-            None => None,
+        let limits = Limits {
+            max_connections: i.max_connections,
+            max_header_bytes: i.max_header_bytes,
+            header_read_timeout: i.header_read_timeout,
         };
-        tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "ingress proxy listening");
-        accept_loops.push(tokio::spawn(server::run(
-            ingress,
-            listener,
-            tls,
-            shutdown.clone(),
-            connections.clone(),
-        )));
+        accept_loops.push(serving.start(ingress, listener, limits, &i.tls)?);
     }
 
     health.mark_started();

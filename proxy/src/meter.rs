@@ -54,6 +54,9 @@ fn stripe_count() -> usize {
 #[derive(Debug)]
 pub struct VpsCounter {
     stripes: Box<[Stripe]>,
+    /// Bytes drained into a batch that is not yet written and decided on: still
+    /// the user's, as far as enforcement is concerned.
+    in_transit: AtomicU64,
     vps_id: Uuid,
     user_id: Uuid,
 }
@@ -63,6 +66,7 @@ impl VpsCounter {
         let stripes = (0..stripe_count()).map(|_| Stripe::default()).collect();
         Self {
             stripes,
+            in_transit: AtomicU64::new(0),
             vps_id,
             user_id,
         }
@@ -109,6 +113,13 @@ impl VpsCounter {
             .sum()
     }
 
+    /// Bytes not yet reflected in a decision: unflushed, or drained into a
+    /// batch that has not been written and decided on (while the database is
+    /// down, every queued batch).
+    pub fn unsettled(&self) -> u64 {
+        self.pending() + self.in_transit.load(Ordering::Acquire)
+    }
+
     fn take(&self) -> (u64, u64) {
         self.stripes.iter().fold((0, 0), |(rx, tx), s| {
             (
@@ -126,6 +137,20 @@ pub struct Drained {
     pub user_id: Uuid,
     pub rx: u64,
     pub tx: u64,
+}
+
+/// Bytes drained from counters and on their way to the database, counted as
+/// in transit on their counters until this is dropped: after the batch was
+/// written and its users decided on again (or when it is given up).
+#[derive(Debug, Default)]
+pub struct InTransit(Vec<(Arc<VpsCounter>, u64)>);
+
+impl Drop for InTransit {
+    fn drop(&mut self) {
+        for (counter, bytes) in &self.0 {
+            counter.in_transit.fetch_sub(*bytes, Ordering::AcqRel);
+        }
+    }
 }
 
 /// All per-VPS counters of this process.
@@ -153,10 +178,19 @@ impl Meter {
 
     /// Swap every counter to zero and return the non-zero ones.
     pub fn drain(&self) -> Vec<Drained> {
-        let mut out = Vec::new();
+        self.drain_in_transit().0
+    }
+
+    /// As [`Meter::drain`], with the drained bytes kept in transit on their
+    /// counters until the returned [`InTransit`] is dropped, so enforcement
+    /// keeps seeing them while their batch waits for the database.
+    pub fn drain_in_transit(&self) -> (Vec<Drained>, InTransit) {
+        let (mut out, mut in_transit) = (Vec::new(), Vec::new());
         for entry in self.counters.iter() {
             let (rx, tx) = entry.take();
             if rx != 0 || tx != 0 {
+                entry.in_transit.fetch_add(rx + tx, Ordering::AcqRel);
+                in_transit.push((entry.value().clone(), rx + tx));
                 out.push(Drained {
                     vps_id: entry.vps_id,
                     user_id: entry.user_id,
@@ -165,7 +199,7 @@ impl Meter {
                 });
             }
         }
-        out
+        (out, InTransit(in_transit))
     }
 
     /// Put bytes back (a batch that could not be built or written is re-queued).
@@ -180,7 +214,7 @@ impl Meter {
     /// Forget counters that hold nothing and that no connection holds.
     pub fn evict_idle(&self) {
         self.counters
-            .retain(|_, c| Arc::strong_count(c) > 1 || c.pending() != 0);
+            .retain(|_, c| Arc::strong_count(c) > 1 || c.unsettled() != 0);
     }
 
     /// Unflushed bytes over all VPSes.

@@ -36,14 +36,14 @@ use tollgate_core::config::TlsConfig;
 
 use crate::agent_limits::Held;
 use crate::body::ProxyBody;
-use crate::exchange::{Exchange, ExchangeBody};
+use crate::exchange::{Busy, Exchange, ExchangeBody};
 use crate::framing::{Framing, FramingGuard, Verdicts};
 use crate::meter::{ConnTally, MeteredIo};
 use crate::rescue::ProxyError;
 use crate::telemetry::{self, GaugeGuard, Listener};
 
 /// Limits a listener applies to every connection.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
     pub max_header_bytes: usize,
@@ -52,18 +52,22 @@ pub struct Limits {
     pub header_read_timeout: Duration,
 }
 
+/// What sets one listener's connections apart from another's.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Which listener this is, for metrics, events and error responses.
+    pub listener: Listener,
+    /// Offer HTTP/2 (ALPN `h2`, or the preface on cleartext).
+    pub http2: bool,
+    /// Count the client socket's bytes to the VPS it binds to (egress: the
+    /// agent's own socket faces the VPS).
+    pub meter_client: bool,
+}
+
 /// A listener's request path: the stages one request goes through once the
 /// connection machinery has read it.
 pub trait Stages: Send + Sync + Sized + 'static {
-    /// Which listener this is, for metrics, events and error responses.
-    const LISTENER: Listener;
-    /// Offer HTTP/2 (ALPN `h2`, or the preface on cleartext).
-    const HTTP2: bool;
-    /// Count the client socket's bytes to the VPS it binds to (egress: the
-    /// agent's own socket faces the VPS).
-    const METER_CLIENT: bool;
-
-    fn limits(&self) -> &Limits;
+    const SHAPE: Shape;
 
     /// Run the stages for `req`, arrived on `conn`.
     fn proxy(
@@ -79,6 +83,7 @@ pub trait Stages: Send + Sync + Sized + 'static {
 /// active-connections gauge) until they end.
 pub struct ClientConn {
     pub peer: SocketAddr,
+    limits: Limits,
     pub tls: bool,
     /// Counts the client socket's bytes (listeners that meter the client).
     pub tally: Option<Arc<ConnTally>>,
@@ -88,7 +93,7 @@ pub struct ClientConn {
     pub held: OnceLock<Held>,
     framing: Arc<Verdicts>,
     /// Requests and relays under way on this connection.
-    in_flight: AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
     _slot: OwnedSemaphorePermit,
     _open: GaugeGuard,
 }
@@ -122,7 +127,7 @@ pub fn tls_acceptor(tls: &TlsConfig, alpn: &[&[u8]]) -> anyhow::Result<tokio_rus
 
 /// The ALPN protocols a listener offers.
 pub fn alpn<S: Stages>() -> &'static [&'static [u8]] {
-    match S::HTTP2 {
+    match S::SHAPE.http2 {
         true => &[b"h2", b"http/1.1"],
         false => &[b"http/1.1"],
     }
@@ -136,11 +141,12 @@ connection: close\r\nretry-after: 1\r\ncontent-length: 46\r\n\r\n{\"error\":\"un
 pub async fn run<S: Stages>(
     stages: Arc<S>,
     listener: TcpListener,
+    limits: Limits,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(stages.limits().max_connections));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -150,7 +156,7 @@ pub async fn run<S: Stages>(
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(listener = S::LISTENER.as_str(), error = %e, "accept failed");
+                tracing::warn!(listener = S::SHAPE.listener.as_str(), error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -158,11 +164,16 @@ pub async fn run<S: Stages>(
         let _ = stream.set_nodelay(true);
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
-                let (stages, tls, shutdown) = (stages.clone(), tls.clone(), shutdown.clone());
-                tracker.spawn(serve(stages, stream, peer, slot, tls, shutdown));
+                let accepted = Accepted {
+                    peer,
+                    slot,
+                    limits,
+                    tls: tls.clone(),
+                };
+                tracker.spawn(serve(stages.clone(), stream, accepted, shutdown.clone()));
             }
             Err(_) => {
-                telemetry::rejected_connection(S::LISTENER);
+                telemetry::rejected_connection(S::SHAPE.listener);
                 tracker.spawn(async move {
                     let mut stream = stream;
                     let _ =
@@ -180,40 +191,53 @@ enum Protocol {
     Http2,
 }
 
+/// A connection just accepted, with its slot and what it is served with.
+struct Accepted {
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 /// Serve one client connection until it closes or `shutdown` drains it. TLS and
 /// HTTP/2 run in their own boxed futures, so a plain HTTP/1.1 connection (the
 /// common case) holds only what it needs while it waits between requests.
 async fn serve<S: Stages>(
     stages: Arc<S>,
     stream: TcpStream,
-    peer: SocketAddr,
-    slot: OwnedSemaphorePermit,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    accepted: Accepted,
     shutdown: CancellationToken,
 ) {
-    let timeout = stages.limits().header_read_timeout;
-    let protocol = match (&tls, S::HTTP2) {
-        (None, true) => match sniff_preface(&stream, timeout).await {
+    let Accepted {
+        peer,
+        slot,
+        limits,
+        tls,
+    } = accepted;
+    let shape = S::SHAPE;
+    let protocol = match (&tls, shape.http2) {
+        (None, true) => match sniff_preface(&stream, limits.header_read_timeout).await {
             Some(protocol) => protocol,
             None => return,
         },
         _ => Protocol::Http1,
     };
-    let tally = S::METER_CLIENT.then(|| Arc::new(ConnTally::unbound()));
+    let tally = shape.meter_client.then(|| Arc::new(ConnTally::unbound()));
     let conn = ClientConn {
         peer,
+        limits,
         tls: tls.is_some(),
         tally: tally.clone(),
         agent: OnceLock::new(),
         held: OnceLock::new(),
         framing: Arc::new(Verdicts::default()),
-        in_flight: AtomicUsize::new(0),
+        in_flight: Arc::default(),
         _slot: slot,
-        _open: GaugeGuard::connection(S::LISTENER),
+        _open: GaugeGuard::connection(shape.listener),
     };
     match tally {
         Some(tally) => {
-            let io = MeteredIo::new(stream, tally, S::LISTENER);
+            let io = MeteredIo::new(stream, tally, shape.listener);
             serve_io(stages, io, conn, protocol, tls, shutdown).await
         }
         None => serve_io(stages, stream, conn, protocol, tls, shutdown).await,
@@ -248,17 +272,13 @@ async fn serve_tls<S, I>(
     S: Stages,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let timeout = stages.limits().header_read_timeout;
+    let (timeout, listener) = (conn.limits.header_read_timeout, S::SHAPE.listener.as_str());
     let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            return tracing::debug!(listener = S::LISTENER.as_str(), error = %e, "TLS handshake failed")
-        }
-        Err(_) => {
-            return tracing::debug!(listener = S::LISTENER.as_str(), "TLS handshake timed out")
-        }
+        Ok(Err(e)) => return tracing::debug!(listener, error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::debug!(listener, "TLS handshake timed out"),
     };
-    if S::HTTP2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+    if S::SHAPE.http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
         serve_http2(stages, tls, conn, shutdown).await
     } else {
         serve_http1(stages, tls, conn, shutdown).await
@@ -270,7 +290,7 @@ where
     S: Stages,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = stages.limits();
+    let limits = conn.limits;
     let io = FramingGuard::new(io, limits.max_header_bytes, conn.framing.clone());
     let mut builder = http1::Builder::new();
     builder
@@ -279,7 +299,7 @@ where
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(64 * 1024))
         .keep_alive(true);
-    let service = service(stages, conn);
+    let service = service(stages, Arc::new(conn));
     serve_until(
         builder
             .serve_connection(TokioIo::new(io), service)
@@ -295,7 +315,7 @@ where
     S: Stages,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = stages.limits();
+    let limits = conn.limits;
     let idle = limits.header_read_timeout;
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -306,7 +326,7 @@ where
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let conn = Arc::new(conn);
-    let service = service_for(stages, conn.clone());
+    let service = service(stages, conn.clone());
     serve_until(
         builder.serve_connection(TokioIo::new(io), service),
         &shutdown,
@@ -316,20 +336,6 @@ where
 }
 
 fn service<S: Stages>(
-    stages: Arc<S>,
-    conn: ClientConn,
-) -> impl hyper::service::Service<
-    Request<Incoming>,
-    Response = Response<ExchangeBody>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<ExchangeBody>, Infallible>> + Send,
-> + Clone
-       + Send
-       + 'static {
-    service_for(stages, Arc::new(conn))
-}
-
-fn service_for<S: Stages>(
     stages: Arc<S>,
     conn: Arc<ClientConn>,
 ) -> impl hyper::service::Service<
@@ -353,35 +359,20 @@ async fn handle<S: Stages>(
     req: Request<Incoming>,
     conn: &Arc<ClientConn>,
 ) -> Response<ExchangeBody> {
-    let mut exchange = Exchange::begin(S::LISTENER, req.method());
-    let _busy = InFlight::enter(conn);
+    let mut exchange = Exchange::begin(S::SHAPE.listener, req.method());
+    // Under way until its response body has been sent (for the HTTP/2 idle watch).
+    let busy = Busy::enter(&conn.in_flight);
     // hyper keeps room for one request future per open connection, busy or
     // idle; boxing the exchange keeps that room small (a few hundred bytes
     // instead of kilobytes) at one allocation per request.
     let result = match req.version() < Version::HTTP_2 && conn.framing.next() == Framing::Ambiguous
     {
         true => Err(ProxyError::BadRequest(
-            "content-length together with transfer-encoding",
+            "ambiguous message framing (content-length with transfer-encoding, or unparseable)",
         )),
         false => Box::pin(stages.proxy(req, conn, &mut exchange)).await,
     };
-    exchange.respond(result)
-}
-
-/// Marks a request under way on its connection (for the HTTP/2 idle watch).
-struct InFlight<'a>(&'a ClientConn);
-
-impl<'a> InFlight<'a> {
-    fn enter(conn: &'a ClientConn) -> Self {
-        conn.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(conn)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
+    exchange.respond(result, busy)
 }
 
 /// Drive `conn` until it ends or `shutdown` asks it to finish gracefully. With
@@ -401,25 +392,34 @@ async fn serve_until<C>(
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
+    let went_idle = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
             return;
         }
-        _ = shutdown.cancelled() => {}
-        _ = idle_watch => {}
-    }
+        _ = shutdown.cancelled() => false,
+        _ = idle_watch => true,
+    };
     conn.as_mut().graceful_shutdown();
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "client connection ended with an error while closing");
+    // An idle client that never acknowledges the close holds its slot no
+    // longer than the idle limit again. (A shutdown waits for the drain.)
+    let closing = match (went_idle, idle) {
+        (true, Some((_, limit))) => limit,
+        _ => Duration::MAX,
+    };
+    match tokio::time::timeout(closing, conn).await {
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "client connection ended with an error while closing")
+        }
+        Ok(Ok(())) => {}
+        Err(_) => tracing::debug!("client did not finish closing an idle connection; dropped"),
     }
 }
 
-/// Resolves once `conn` has had no request waiting for its response head for
-/// `limit`. The graceful close that follows lets response bodies still
-/// streaming finish; the client opens a new connection for its next request.
+/// Resolves once `conn` has had no request under way (its response body
+/// included) for `limit`; the client opens a new connection for its next one.
 async fn idle_watch(conn: &ClientConn, limit: Duration) {
     let step = (limit / 4).max(Duration::from_millis(10));
     let mut quiet = Duration::ZERO;

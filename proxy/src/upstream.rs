@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::hash::Hash;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::body::ProxyBody;
 use crate::egress_policy::{Dial, EgressPolicy, Host, Resolve};
@@ -143,21 +145,38 @@ struct Pooled {
     sender: Sender,
     /// When it was returned (an upper bound on how long it has been idle).
     since: Instant,
+    /// The agent whose exchange put it here.
+    owner: Uuid,
 }
 
-/// Connections per key (origin authority, or VPS), most recently returned last.
+/// How many connections a pool keeps, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    /// Per key (origin or VPS gateway).
+    pub per_key: usize,
+    /// Per agent, over all keys: no agent fills the pool for everyone.
+    pub per_agent: usize,
+    /// In all; beyond it the connection returned longest ago is closed.
+    pub total: usize,
+    pub idle_timeout: Duration,
+}
+
+/// Connections per key (origin host and port, or VPS), most recently returned
+/// last, bounded per key, per agent and in total.
 pub struct Pool<K> {
     idle: DashMap<K, Vec<Pooled>>,
-    max_idle_per_key: usize,
-    idle_timeout: Duration,
+    per_agent: DashMap<Uuid, usize>,
+    total: AtomicUsize,
+    limits: PoolLimits,
 }
 
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
-    pub fn new(max_idle_per_key: usize, idle_timeout: Duration) -> Arc<Self> {
+    pub fn new(limits: PoolLimits) -> Arc<Self> {
         Arc::new(Self {
             idle: DashMap::new(),
-            max_idle_per_key,
-            idle_timeout,
+            per_agent: DashMap::new(),
+            total: AtomicUsize::new(0),
+            limits,
         })
     }
 
@@ -170,38 +189,127 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
         while i > 0 {
             i -= 1;
             let pooled = &list[i];
-            if pooled.sender.is_closed() || pooled.since.elapsed() >= self.idle_timeout {
-                list.remove(i);
+            if pooled.sender.is_closed() || pooled.since.elapsed() >= self.limits.idle_timeout {
+                self.forget(&list.remove(i));
             } else if pooled.sender.is_ready() {
-                return Some(list.remove(i).sender);
+                let pooled = list.remove(i);
+                self.forget(&pooled);
+                return Some(pooled.sender);
             }
         }
         None
     }
 
-    /// Return `sender` to the pool; it is reused once its current exchange is
-    /// over. Beyond `max_idle_per_key` connections it is dropped instead, and
-    /// hyper closes it when the exchange ends.
-    pub fn release(&self, key: K, sender: Sender) {
-        if self.max_idle_per_key == 0 {
+    /// Return `sender`, used by `owner`'s exchange, to the pool; it is reused
+    /// once its current exchange is over. Beyond the key's or the agent's limit
+    /// it is dropped instead (hyper closes it when the exchange ends); at the
+    /// total limit, the connection returned longest ago makes room.
+    pub fn release(&self, key: K, owner: Uuid, sender: Sender) {
+        let limits = self.limits;
+        if limits.per_key == 0 {
             return;
         }
-        let mut list = self.idle.entry(key).or_default();
-        if list.len() < self.max_idle_per_key {
-            list.push(Pooled {
-                sender,
-                since: Instant::now(),
-            });
+        // Places are reserved before the push (and given back if it does not
+        // happen), so concurrent returns cannot overrun the limits.
+        let reserved = {
+            let mut held = self.per_agent.entry(owner).or_insert(0);
+            let room = *held < limits.per_agent;
+            if room {
+                *held += 1;
+            }
+            room
+        };
+        if !reserved {
+            self.give_back_if_empty(owner);
+            return;
+        }
+        let take_total = || {
+            self.total
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limits.total).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        // No map guard is held while evicting: it walks every shard.
+        let placed = take_total() || (self.evict_oldest() && take_total());
+        let pushed = placed && {
+            let mut list = self.idle.entry(key).or_default();
+            let room = list.len() < limits.per_key;
+            if room {
+                list.push(Pooled {
+                    sender,
+                    since: Instant::now(),
+                    owner,
+                });
+            }
+            room
+        };
+        if !pushed {
+            if placed {
+                self.total.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.give_back(owner);
+        }
+    }
+
+    /// Account for a connection leaving the pool.
+    fn forget(&self, pooled: &Pooled) {
+        self.total.fetch_sub(1, Ordering::AcqRel);
+        self.give_back(pooled.owner);
+    }
+
+    /// One of `owner`'s places is free again.
+    fn give_back(&self, owner: Uuid) {
+        if let dashmap::Entry::Occupied(mut e) = self.per_agent.entry(owner) {
+            *e.get_mut() = e.get().saturating_sub(1);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Drop `owner`'s record if it holds no place (a refused reservation may
+    /// have created it).
+    fn give_back_if_empty(&self, owner: Uuid) {
+        self.per_agent.remove_if(&owner, |_, held| *held == 0);
+    }
+
+    /// Close the connection returned longest ago; false if there is none.
+    fn evict_oldest(&self) -> bool {
+        let mut oldest: Option<(K, Instant)> = None;
+        for entry in self.idle.iter() {
+            for pooled in entry.value() {
+                if oldest
+                    .as_ref()
+                    .is_none_or(|(_, since)| pooled.since < *since)
+                {
+                    oldest = Some((entry.key().clone(), pooled.since));
+                }
+            }
+        }
+        let Some((key, since)) = oldest else {
+            return false;
+        };
+        let Some(mut list) = self.idle.get_mut(&key) else {
+            return false;
+        };
+        match list.iter().position(|p| p.since == since) {
+            Some(i) => {
+                self.forget(&list.remove(i));
+                true
+            }
+            None => false,
         }
     }
 
     /// Send `req` on an idle connection to `key`, or on a new one from `connect`,
-    /// and give the connection back to the pool once the exchange is over. A
-    /// pooled connection the peer closed meanwhile hands the request back unsent;
-    /// it is then sent once on a fresh connection.
+    /// and give the connection back to the pool (as `owner`'s) once the exchange
+    /// is over. A pooled connection the peer closed meanwhile hands the request
+    /// back unsent; it is then sent once on a fresh connection.
     pub async fn send<F, Fut>(
         &self,
         key: K,
+        owner: Uuid,
         req: Request<ProxyBody>,
         connect: F,
     ) -> Result<Response<Incoming>, ProxyError>
@@ -212,7 +320,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
         let req = match self.checkout(&key) {
             Some(mut sender) => match sender.try_send_request(req).await {
                 Ok(response) => {
-                    self.release(key, sender);
+                    self.release(key, owner, sender);
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {
@@ -227,21 +335,60 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
             .send_request(req)
             .await
             .map_err(ProxyError::Upstream)?;
-        self.release(key, sender);
+        self.release(key, owner, sender);
         Ok(response)
+    }
+
+    /// One plain exchange, as both listeners make it: `req` over a pooled
+    /// connection to `key` (or one `open` makes, boxed: a new connection is the
+    /// exception, and the pooled path's future stays small), its response head
+    /// within `timeout`, passed on under `guard`; a failure is attributed to
+    /// whoever caused it.
+    pub async fn exchange<F, Fut, I>(
+        &self,
+        key: K,
+        owner: Uuid,
+        req: Request<ProxyBody>,
+        timeout: Duration,
+        guard: StreamGuard,
+        open: F,
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<I, ProxyError>>,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let connect = || {
+            Box::pin(async {
+                handshake(open().await?, false)
+                    .await
+                    .map_err(ProxyError::Upstream)
+            })
+        };
+        let response = tokio::time::timeout(timeout, self.send(key, owner, req, connect))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout)?
+            .map_err(|e| e.attributed(&guard))?;
+        Ok(passed_on(response, guard))
     }
 
     /// Drop expired and closed connections, until `shutdown`.
     pub async fn run_reaper(self: Arc<Self>, shutdown: CancellationToken) {
-        let every = (self.idle_timeout / 2).max(Duration::from_millis(100));
+        let timeout = self.limits.idle_timeout;
+        let every = (timeout / 2).max(Duration::from_millis(100));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.cancelled() => return,
             }
-            let timeout = self.idle_timeout;
             self.idle.retain(|_, list| {
-                list.retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
+                list.retain(|p| {
+                    let keep = p.since.elapsed() < timeout && !p.sender.is_closed();
+                    if !keep {
+                        self.forget(p);
+                    }
+                    keep
+                });
                 !list.is_empty()
             });
         }
@@ -249,6 +396,6 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
 
     /// Connections held, idle or finishing an exchange (for tests and metrics).
     pub fn idle_count(&self) -> usize {
-        self.idle.iter().map(|l| l.len()).sum()
+        self.total.load(Ordering::Acquire)
     }
 }
