@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use tollgate_core::billing::{metered_resources_for, Decision, Period};
 use tollgate_core::config::MonitorConfig;
+use tollgate_core::db::changes::BillingChange;
 use tollgate_core::db::samples::{self, SampleTarget, SampleWrite};
 use tollgate_core::db::{decisions, usage};
 
@@ -305,20 +306,13 @@ pub async fn evaluate(
     Ok((allowed, blocked))
 }
 
-/// A plan or budget changed (`user:<id>` / `plan:<id>`): decide the affected users now.
+/// A plan or budget changed: decide the affected users now.
 pub async fn on_billing_change(
     pool: &PgPool,
-    payload: &str,
+    change: BillingChange,
     decided_by: &str,
 ) -> Result<(), sqlx::Error> {
-    let users: Vec<Uuid> = match payload.split_once(':') {
-        Some(("user", id)) => id.parse().ok().into_iter().collect(),
-        Some(("plan", id)) => match id.parse() {
-            Ok(plan) => usage::users_on_plan(pool, plan).await?,
-            Err(_) => Vec::new(),
-        },
-        _ => Vec::new(),
-    };
+    let users = change.users(pool).await?;
     evaluate(pool, &users, decided_by).await.map(|_| ())
 }
 

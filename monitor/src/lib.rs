@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use tollgate_core::config::Config;
+use tollgate_core::db::changes::Change;
 use tollgate_core::db::{self, BILLING_CHANNEL};
 
 use crate::cycle::Sources;
@@ -224,11 +225,15 @@ async fn lead(
                     None => std::future::pending().await,
                 }
             } => match n {
-                Ok(Some(n)) => {
-                    if let Err(e) = cycle::on_billing_change(pool, n.payload(), name).await {
-                        tracing::warn!(error = %e, "re-deciding after a plan or budget change failed");
+                Ok(Some(n)) => match Change::parse(n.channel(), n.payload()) {
+                    Ok(Change::Billing(change)) => {
+                        if let Err(e) = cycle::on_billing_change(pool, change, name).await {
+                            tracing::warn!(error = %e, "re-deciding after a plan or budget change failed");
+                        }
                     }
-                }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed change notification"),
+                },
                 Ok(None) => {
                     // Reconnected: changes may have been missed; the next cycle decides everyone.
                 }

@@ -28,13 +28,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
 use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -296,30 +297,21 @@ impl Directory {
     /// invalidation of the id landed meanwhile. One `Read` per id, in order.
     async fn read(&self, ids: &[Uuid]) -> Result<Vec<Read>, sqlx::Error> {
         let reads = self.start_reads(ids);
-        let records = match agents::agents_by_ids(&self.pool, ids).await {
-            Ok(records) => records,
-            Err(e) => {
-                self.health.db_failed("looking up agents", &e);
-                return Err(e);
-            }
-        };
+        let records = self
+            .health
+            .observe("looking up agents", agents::agents_by_ids(&self.pool, ids))
+            .await?;
         let mut found: HashMap<Uuid, AgentRecord> =
             records.into_iter().map(|r| (r.agent_id, r)).collect();
         let mut outcome = Vec::with_capacity(ids.len());
         for id in ids {
             let read = match found.remove(id) {
-                Some(record) => match self.prepare(record).await {
-                    Ok(prepared) => self.install(prepared, &reads),
-                    Err(e) => {
-                        self.health.db_failed("loading a user's decision", &e);
-                        return Err(e);
-                    }
-                },
+                // The user's decision is read (and observed) by the enforcer.
+                Some(record) => self.install(self.prepare(record).await?, &reads),
                 None => self.forget(*id, &reads),
             };
             outcome.push(read);
         }
-        self.health.db_ok();
         Ok(outcome)
     }
 
@@ -484,7 +476,6 @@ impl Directory {
     /// (retrying with backoff while the database cannot answer), and every half
     /// `refresh_after` re-read what is due.
     pub async fn run_refresher(self: Arc<Self>, shutdown: CancellationToken) {
-        use tokio::time::Instant;
         let every = (self.config.refresh_after / 2).max(Duration::from_millis(500));
         let mut next_refresh = Instant::now() + every;
         let mut retry = None;

@@ -41,7 +41,7 @@ pub enum Event {
     /// users decided on again from the database that now holds them).
     Flushed {
         users: Vec<Uuid>,
-        started: std::time::Instant,
+        started: Instant,
         in_transit: InTransit,
     },
     /// A plan, its rates or a budget changed.
@@ -117,7 +117,7 @@ impl Enforcer {
                     in_transit,
                 } => {
                     let settled = std::mem::take(in_transit);
-                    self.evaluate_gates(&self.known(users), Some((*started).into()), settled)
+                    self.evaluate_gates(&self.known(users), Some(*started), settled)
                         .await
                 }
                 Event::BillingChanged(change) => self.on_billing_change(*change).await,

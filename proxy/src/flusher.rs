@@ -23,10 +23,11 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -215,9 +216,12 @@ impl Flusher {
     async fn write_queue(&mut self, started: Instant) -> Result<(), ()> {
         while let Some(queued) = self.queue.front() {
             let t = Instant::now();
-            match usage::apply_flush_detailed(&self.pool, &queued.batch).await {
+            let written = self.health.observe(
+                "flushing usage",
+                usage::apply_flush_detailed(&self.pool, &queued.batch),
+            );
+            match written.await {
                 Ok((outcome, rejected)) => {
-                    self.health.db_ok();
                     let (rows, dropped) = match &outcome {
                         FlushOutcome::Applied { rows, dropped } => (*rows, dropped.clone()),
                         FlushOutcome::AlreadyApplied => (0, Vec::new()),
@@ -258,7 +262,6 @@ impl Flusher {
                     }
                 }
                 Err(e) => {
-                    self.health.db_failed("flushing usage", &e);
                     metrics::counter!(telemetry::FLUSH_FAILURES).increment(1);
                     tracing::debug!(error = %e, seq = queued.batch.seq, "flush failed; will retry the same batch");
                     self.report_queue();

@@ -34,10 +34,9 @@ pub async fn run(
             l.listen_all(Change::CHANNELS).await?;
             Ok::<_, sqlx::Error>(l)
         };
-        let mut listener = match listener.await {
+        let mut listener = match health.observe("listening for changes", listener).await {
             Ok(l) => l,
-            Err(e) => {
-                health.db_failed("listening for changes", &e);
+            Err(_) => {
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => return,
@@ -46,7 +45,6 @@ pub async fn run(
                 continue;
             }
         };
-        health.db_ok();
         backoff = Duration::from_millis(100);
         if !std::mem::take(&mut first) {
             metrics::counter!(telemetry::NOTIFY_RECONNECTS).increment(1);
@@ -54,7 +52,7 @@ pub async fn run(
         }
         loop {
             let next = tokio::select! {
-                n = listener.try_recv() => n,
+                n = health.observe("receiving change notifications", listener.try_recv()) => n,
                 _ = shutdown.cancelled() => return,
             };
             match next {
@@ -64,10 +62,7 @@ pub async fn run(
                     metrics::counter!(telemetry::NOTIFY_RECONNECTS).increment(1);
                     catch_up(&directory, &enforcer).await;
                 }
-                Err(e) => {
-                    health.db_failed("receiving change notifications", &e);
-                    break;
-                }
+                Err(_) => break,
             }
         }
     }
