@@ -414,11 +414,16 @@ async fn database_down_at_exit_spills_and_the_next_start_replays_exactly_once() 
     let second = ProxyProcess::start(&via_relay, &spill, &[], true).await;
     db.expect_usage(f.vps, r1 + r2, w1 + w2, Duration::from_secs(10))
         .await;
-    assert_eq!(
-        std::fs::read_dir(&spill).unwrap().count(),
-        0,
-        "replayed spill files are removed"
-    );
+    // The file goes once its batch has committed, a moment after the rows show.
+    eventually(
+        Duration::from_secs(10),
+        "replayed spill files are removed",
+        || async {
+            let left = std::fs::read_dir(&spill).unwrap().count();
+            holds(left == 0, left)
+        },
+    )
+    .await;
     assert!(second.terminate().await.success());
     db.assert_usage(f.vps, r1 + r2, w1 + w2).await;
 

@@ -113,6 +113,10 @@ pub struct Args {
     /// (written to target/load-profiles/).
     #[arg(long)]
     profile: bool,
+    /// The `tollgate` binary under test (default: the one this bench was built
+    /// with). Point it at another build to compare two builds on this machine.
+    #[arg(long)]
+    tollgate: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -143,6 +147,12 @@ pub enum Section {
 }
 
 impl Args {
+    fn tollgate_binary(&self) -> &Path {
+        self.tollgate
+            .as_deref()
+            .unwrap_or(Path::new(env!("CARGO_BIN_EXE_tollgate")))
+    }
+
     fn runs(&self, section: Section) -> bool {
         self.only.is_empty() || self.only.contains(&section)
     }
@@ -360,7 +370,7 @@ async fn measure(
     let origin_addr = servers::loopback(origin.http_port);
     let bulk_addr = servers::loopback(origin.bulk_port);
     let tollgate = Tollgate::start(
-        Path::new(env!("CARGO_BIN_EXE_tollgate")),
+        args.tollgate_binary(),
         cpu,
         &db.url,
         origin.http_port,
@@ -569,7 +579,7 @@ async fn measure(
             let name = format!("Tollgate {listener}");
             eprintln!("   {name}");
             let fresh = Tollgate::start(
-                Path::new(env!("CARGO_BIN_EXE_tollgate")),
+                args.tollgate_binary(),
                 cpu,
                 &db.url,
                 origin.http_port,
