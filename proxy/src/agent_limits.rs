@@ -154,8 +154,11 @@ impl AgentLimits {
 
     /// Forget agents that hold nothing and have not for `quiet`.
     pub fn sweep(&self, quiet: Duration) {
+        // A record someone holds or is about to count on (a clone taken, not
+        // yet incremented) stays, so an agent never has two.
         self.agents.retain(|_, u| {
-            u.connections.load(Ordering::Acquire) > 0
+            Arc::strong_count(u) > 1
+                || u.connections.load(Ordering::Acquire) > 0
                 || u.tunnels.load(Ordering::Acquire) > 0
                 || u.last_used
                     .lock()

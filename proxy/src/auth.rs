@@ -64,7 +64,8 @@ pub fn bind(
     listener: Listener,
 ) -> Result<(), ProxyError> {
     let counter = agent.counter.as_ref().ok_or(ProxyError::NoVps)?;
-    // HTTP/1 serves one request at a time per connection, so this cannot race.
+    // Egress speaks HTTP/1 only (its `Shape`), one request at a time per
+    // connection, so binding cannot race.
     match conn.agent.get() {
         Some(bound) if *bound != agent.agent_id => {
             return Err(ProxyError::Auth(AuthFailure::OtherAgent))

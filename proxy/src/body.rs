@@ -83,7 +83,8 @@ impl Body for ProxyBody {
                 guard,
                 counted,
             } => {
-                if stopped.as_mut().poll(cx).is_ready() || guard.check().is_err() {
+                // Checked first: once tripped, `stopped` is not polled again.
+                if guard.tripped_now() || stopped.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(StreamCut.into())));
                 }
                 let poll = Pin::new(inner).poll_frame(cx).map_err(Into::into);

@@ -70,7 +70,17 @@ impl Stages for Egress {
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let target = Target::of(&req)?;
-        let agent = self.authenticate(&req, conn).await?;
+        let agent = match self.authenticate(&req, conn).await {
+            Ok(agent) => agent,
+            Err(e) => {
+                // A connection no agent has bound is not counted under any
+                // agent's cap: it does not get to linger after a refusal.
+                if conn.agent.get().is_none() {
+                    exchange.close_connection();
+                }
+                return Err(e);
+            }
+        };
         exchange.set_agent(agent.agent_id);
         let guard = auth::guard(&agent);
         guard.check()?;
@@ -279,15 +289,18 @@ fn host_of(authority: &Authority) -> Result<Host, ProxyError> {
 /// not a port number (`99999`, `0`), never a silent fall back to a default.
 /// Userinfo has been refused already, so the port follows the host directly.
 fn port_of(authority: &Authority) -> Result<Option<u16>, ProxyError> {
-    match authority.as_str()[authority.host().len()..].strip_prefix(':') {
-        None | Some("") => Ok(None),
-        // Digits only: `u16` parsing would take a sign (`+80`).
-        Some(port) if !port.bytes().all(|b| b.is_ascii_digit()) => {
-            Err(ProxyError::BadRequest("invalid port"))
-        }
-        Some(port) => match port.parse::<u16>() {
-            Ok(port) if port != 0 => Ok(Some(port)),
+    let rest = authority.as_str().get(authority.host().len()..);
+    match rest {
+        Some("" | ":") => Ok(None),
+        // Digits only: `u16` parsing would take a sign (`+80`); anything else
+        // after the host (`[::1]junk`) is no port either.
+        Some(rest) => match rest.strip_prefix(':') {
+            Some(port) if port.bytes().all(|b| b.is_ascii_digit()) => match port.parse::<u16>() {
+                Ok(port) if port != 0 => Ok(Some(port)),
+                _ => Err(ProxyError::BadRequest("invalid port")),
+            },
             _ => Err(ProxyError::BadRequest("invalid port")),
         },
+        None => Err(ProxyError::BadRequest("invalid authority")),
     }
 }

@@ -64,6 +64,8 @@ pub struct Exchange {
     status: u16,
     /// Request body bytes passed on, when the request has a body.
     upload: Option<Arc<AtomicU64>>,
+    /// Close the client connection after the response.
+    close: bool,
     /// Its place under its agent's cap, released when it ends.
     held: Option<Held>,
     /// False once recorded, or handed to a relay.
@@ -80,6 +82,7 @@ impl Exchange {
             outcome: "ok",
             status: 0,
             upload: None,
+            close: false,
             held: None,
             open: true,
         }
@@ -92,6 +95,11 @@ impl Exchange {
     /// The authenticated agent, for the event.
     pub fn set_agent(&mut self, agent_id: Uuid) {
         self.agent = Some(agent_id);
+    }
+
+    /// Close the client connection once the response is sent.
+    pub fn close_connection(&mut self) {
+        self.close = true;
     }
 
     /// Count this exchange against its agent's cap until it ends.
@@ -114,6 +122,7 @@ impl Exchange {
             outcome,
             status: status.as_u16(),
             upload: self.upload.take(),
+            close: self.close,
             held: self.held.take(),
             open: true,
         };
@@ -128,13 +137,19 @@ impl Exchange {
         result: Result<Response<ProxyBody>, ProxyError>,
         busy: Busy,
     ) -> Response<ExchangeBody> {
-        let response = match result {
+        let mut response = match result {
             Ok(response) => response,
             Err(error) => {
                 self.outcome = error.outcome();
                 rescue(error, self.listener)
             }
         };
+        if self.close {
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         self.status = response.status().as_u16();
         let end = self.open.then_some(self);
         response.map(|body| ExchangeBody {
@@ -187,7 +202,11 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        // Dropped without an end: the client went away, or a task ended early.
+        // Dropped without an end: the client went away (before its response,
+        // if no status was set), or a task ended early.
+        if self.status == 0 {
+            self.outcome = "aborted";
+        }
         self.record(Ended::Aborted, None, 0);
     }
 }

@@ -88,10 +88,12 @@ impl UserGate {
             .iter()
             .any(|c| Arc::ptr_eq(c, counter));
         if !known {
-            self.counters
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(counter.clone());
+            // Checked again under the write lock: two fills of one agent at
+            // once must not count its VPS twice.
+            let mut counters = self.counters.write().unwrap_or_else(|p| p.into_inner());
+            if !counters.iter().any(|c| Arc::ptr_eq(c, counter)) {
+                counters.push(counter.clone());
+            }
         }
     }
 

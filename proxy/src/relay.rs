@@ -81,7 +81,15 @@ impl Relays {
                 conn,
                 held,
             } = started;
-            let (client, upstream) = match sides.await {
+            // An upgrade that never completes holds nothing past the idle
+            // limit, a cut or the drain.
+            let sides = tokio::select! {
+                sides = sides => sides,
+                _ = guard.stopped() => return exchange.finish_relay(Ended::Cut, 0, 0),
+                _ = hard_stop.cancelled() => return exchange.finish_relay(Ended::Shutdown, 0, 0),
+                _ = tokio::time::sleep(idle) => return exchange.finish_relay(Ended::Idle, 0, 0),
+            };
+            let (client, upstream) = match sides {
                 Ok(sides) => sides,
                 Err(e) => {
                     tracing::debug!(error = %e, "the upgrade did not complete");

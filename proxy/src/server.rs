@@ -13,7 +13,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -92,14 +92,16 @@ pub struct ClientConn {
     /// The connection's place under its agent's connection cap, once bound.
     pub held: OnceLock<Held>,
     framing: Arc<Verdicts>,
-    /// Requests and relays under way on this connection.
+    /// Requests under way on this connection, until their response bodies end.
     in_flight: Arc<AtomicUsize>,
+    /// Requests started on this connection.
+    started: AtomicU64,
     _slot: OwnedSemaphorePermit,
     _open: GaugeGuard,
 }
 
 impl ClientConn {
-    /// Requests and relays under way on this connection.
+    /// Requests under way on this connection, until their response bodies end.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }
@@ -232,6 +234,7 @@ async fn serve<S: Stages>(
         held: OnceLock::new(),
         framing: Arc::new(Verdicts::default()),
         in_flight: Arc::default(),
+        started: AtomicU64::new(0),
         _slot: slot,
         _open: GaugeGuard::connection(shape.listener),
     };
@@ -362,6 +365,7 @@ async fn handle<S: Stages>(
     let mut exchange = Exchange::begin(S::SHAPE.listener, req.method());
     // Under way until its response body has been sent (for the HTTP/2 idle watch).
     let busy = Busy::enter(&conn.in_flight);
+    conn.started.fetch_add(1, Ordering::AcqRel);
     // hyper keeps room for one request future per open connection, busy or
     // idle; boxing the exchange keeps that room small (a few hundred bytes
     // instead of kilobytes) at one allocation per request.
@@ -404,31 +408,40 @@ async fn serve_until<C>(
     };
     conn.as_mut().graceful_shutdown();
     // An idle client that never acknowledges the close holds its slot no
-    // longer than the idle limit again. (A shutdown waits for the drain.)
-    let closing = match (went_idle, idle) {
-        (true, Some((_, limit))) => limit,
-        _ => Duration::MAX,
+    // longer than the idle limit again, unless a request it started just
+    // before the close is still under way. (A shutdown waits for the drain.)
+    let (closing, client) = match (went_idle, idle) {
+        (true, Some((client, limit))) => (limit, Some(client)),
+        _ => (Duration::MAX, None),
     };
-    match tokio::time::timeout(closing, conn).await {
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "client connection ended with an error while closing")
+    loop {
+        match tokio::time::timeout(closing, conn.as_mut()).await {
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "client connection ended with an error while closing")
+            }
+            Ok(Ok(())) => {}
+            Err(_) if client.is_some_and(|c| c.in_flight() > 0) => continue,
+            Err(_) => tracing::debug!("client did not finish closing an idle connection; dropped"),
         }
-        Ok(Ok(())) => {}
-        Err(_) => tracing::debug!("client did not finish closing an idle connection; dropped"),
+        return;
     }
 }
 
 /// Resolves once `conn` has had no request under way (its response body
-/// included) for `limit`; the client opens a new connection for its next one.
+/// included), and has started none, for `limit`; the client opens a new
+/// connection for its next one.
 async fn idle_watch(conn: &ClientConn, limit: Duration) {
     let step = (limit / 4).max(Duration::from_millis(10));
     let mut quiet = Duration::ZERO;
+    let mut seen = conn.started.load(Ordering::Acquire);
     loop {
         tokio::time::sleep(step).await;
-        match conn.in_flight() {
-            0 => quiet += step,
-            _ => quiet = Duration::ZERO,
+        let started = conn.started.load(Ordering::Acquire);
+        match conn.in_flight() == 0 && started == seen {
+            true => quiet += step,
+            false => quiet = Duration::ZERO,
         }
+        seen = started;
         if quiet >= limit {
             return;
         }
