@@ -14,7 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use support::client::{
-    self, basic, exchange, get_request, post_request, tunnel, tunnel_sending_early,
+    self, assert_refused_both_ways, basic, exchange, get_request, post_request, tunnel,
+    tunnel_sending_early,
 };
 use support::origin::{body_sum, pattern, tls_files, tls_server_config_from, EchoServer, Origin};
 use support::proxy::{http_get, temp_dir, test_config, TestProxy};
@@ -621,34 +622,7 @@ async fn ssrf_destinations_are_refused_for_http_and_connect_without_dialing() {
         ("192.0.2.10", "documentation"),
     ];
     for (host, reason) in table {
-        let plain = exchange(
-            proxy.egress,
-            &get_request(&format!("http://{host}/x"), &auth),
-        )
-        .await;
-        assert_eq!(plain.status, 403, "http://{host}: {}", plain.head);
-        assert_eq!(
-            plain.header("x-tollgate-deny-reason").as_deref(),
-            Some(reason),
-            "http://{host}"
-        );
-        let body: Value = serde_json::from_slice(&plain.body).unwrap();
-        assert_eq!(
-            (body["error"].as_str(), body["reason"].as_str()),
-            (Some("egress_denied"), Some(reason))
-        );
-
-        let tunneled = tunnel(proxy.egress, &auth, &format!("{host}:443"), b"").await;
-        assert_eq!(
-            tunneled.status, 403,
-            "CONNECT {host}:443: {}",
-            tunneled.head
-        );
-        assert_eq!(
-            tunneled.header("x-tollgate-deny-reason").as_deref(),
-            Some(reason),
-            "CONNECT {host}"
-        );
+        assert_refused_both_ways(proxy.egress, &auth, host, reason).await;
     }
     // CONNECT to a port outside the allowlist, even for an otherwise fine host.
     for target in ["localhost:22", "8.8.8.8:25", "example.com:8443"] {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tracing::Level;
 use uuid::Uuid;
 
+use support::counter;
 use support::logs::LogCapture;
 use support::proxy::temp_dir;
 use support::{Fixture, TestDb};
@@ -33,23 +34,6 @@ async fn refuse_rows_of(db: &TestDb, vps: Uuid) {
     .execute(&db.pool)
     .await
     .unwrap();
-}
-
-/// The value of the counter `name` with exactly these labels (0 if absent).
-fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
-    let text = tollgate_core::telemetry::render_metrics();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| {
-            let inside = &l[name.len() + 1..l.find('}').unwrap_or(l.len())];
-            let have: Vec<&str> = inside.split(',').collect();
-            have.len() == labels.len()
-                && labels
-                    .iter()
-                    .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
 }
 
 const DROPPED: &str = "tollgate_flush_dropped_rows_total";

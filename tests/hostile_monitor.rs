@@ -13,6 +13,7 @@ use sqlx::postgres::PgListener;
 use tracing::Level;
 use uuid::Uuid;
 
+use support::counter;
 use support::logs::LogCapture;
 use support::monitor::{monitor_config, TestMonitor};
 use support::TestDb;
@@ -36,23 +37,6 @@ async fn fleet(db: &TestDb, user: Uuid, provider: &str, count: i32) {
     .execute(&db.pool)
     .await
     .unwrap();
-}
-
-/// The value of the counter `name` with exactly these labels (0 if absent).
-fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
-    let text = tollgate_core::telemetry::render_metrics();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| {
-            let inside = &l[name.len() + 1..l.find('}').unwrap_or(l.len())];
-            let have: Vec<&str> = inside.split(',').collect();
-            have.len() == labels.len()
-                && labels
-                    .iter()
-                    .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
 }
 
 const FAILURES: &str = "tollgate_monitor_sample_failures_total";

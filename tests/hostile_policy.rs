@@ -10,11 +10,10 @@ mod support;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use support::client::{exchange, get_request, tunnel};
+use support::client::{assert_refused_both_ways, exchange, get_request};
 use support::hostile::{closes, loopback_seams, read_response, LoopbackOnlyDialer};
 use support::origin::Origin;
 use support::proxy::{test_config, TestProxy};
@@ -70,27 +69,7 @@ async fn every_spelling_of_a_denied_address_is_refused_without_dialing() {
         ("[::1]", "loopback"),
     ];
     for (host, reason) in cases {
-        let plain = exchange(
-            proxy.egress,
-            &get_request(&format!("http://{host}/x"), &auth),
-        )
-        .await;
-        assert_eq!(plain.status, 403, "http://{host}: {}", plain.head);
-        assert_eq!(
-            plain.header("x-tollgate-deny-reason").as_deref(),
-            Some(reason),
-            "http://{host}"
-        );
-        let body: Value = serde_json::from_slice(&plain.body).unwrap();
-        assert_eq!(body["reason"], reason, "http://{host}");
-
-        let tunneled = tunnel(proxy.egress, &auth, &format!("{host}:443"), b"").await;
-        assert_eq!(tunneled.status, 403, "CONNECT {host}: {}", tunneled.head);
-        assert_eq!(
-            tunneled.header("x-tollgate-deny-reason").as_deref(),
-            Some(reason),
-            "CONNECT {host}"
-        );
+        assert_refused_both_ways(proxy.egress, &auth, host, reason).await;
     }
     assert_eq!(dialer.attempts(), [], "refused destinations were dialed");
     proxy.stop().await;

@@ -85,6 +85,35 @@ pub fn post_request(url: &str, auth: &str, body: &[u8]) -> Vec<u8> {
 
 /// Open a CONNECT tunnel to `target`, send `payload`, half-close, read the echo
 /// to EOF. Returns the exchange (head = the CONNECT response head, body = echo).
+/// Assert that the egress proxy at `proxy` refuses `host` with `reason`, as a
+/// plain HTTP destination (403 JSON `egress_denied`) and as a CONNECT target.
+pub async fn assert_refused_both_ways(proxy: SocketAddr, auth: &str, host: &str, reason: &str) {
+    let plain = exchange(proxy, &get_request(&format!("http://{host}/x"), auth)).await;
+    assert_eq!(plain.status, 403, "http://{host}: {}", plain.head);
+    assert_eq!(
+        plain.header("x-tollgate-deny-reason").as_deref(),
+        Some(reason),
+        "http://{host}"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&plain.body).unwrap();
+    assert_eq!(
+        (body["error"].as_str(), body["reason"].as_str()),
+        (Some("egress_denied"), Some(reason)),
+        "http://{host}"
+    );
+    let tunneled = tunnel(proxy, auth, &format!("{host}:443"), b"").await;
+    assert_eq!(
+        tunneled.status, 403,
+        "CONNECT {host}:443: {}",
+        tunneled.head
+    );
+    assert_eq!(
+        tunneled.header("x-tollgate-deny-reason").as_deref(),
+        Some(reason),
+        "CONNECT {host}"
+    );
+}
+
 pub async fn tunnel(proxy: SocketAddr, auth: &str, target: &str, payload: &[u8]) -> Exchange {
     tunnel_sending_early(proxy, auth, target, &[], payload).await
 }

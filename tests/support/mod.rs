@@ -341,3 +341,21 @@ pub async fn server_addr() -> std::net::SocketAddr {
 pub fn tollgate_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tollgate")
 }
+
+/// The value of the counter `name` with exactly these labels (0 if absent), from
+/// this process's metrics recorder.
+pub fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
+    let text = tollgate_core::telemetry::render_metrics();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            let inside = &l[name.len() + 1..l.find('}').unwrap_or(l.len())];
+            let have: Vec<&str> = inside.split(',').collect();
+            have.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
+}
