@@ -5,8 +5,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -17,11 +16,11 @@ use support::client::{
     self, assert_refused_both_ways, basic, exchange, get_request, post_request, tunnel,
     tunnel_sending_early,
 };
+use support::hostile::{loopback_seams, LoopbackOnlyDialer};
 use support::origin::{body_sum, pattern, tls_files, tls_server_config_from, EchoServer, Origin};
 use support::proxy::{http_get, temp_dir, test_config, TestProxy};
 use support::wait::{eventually, holds, PROMPTLY};
 use support::TestDb;
-use tollgate_proxy::egress_policy::{BoxFuture, Dial, Resolve};
 use tollgate_proxy::Seams;
 
 /// A database with one agent, an origin, and a proxy with the test config.
@@ -523,44 +522,6 @@ async fn a_rotated_or_deleted_token_stops_working_promptly() {
     proxy.stop().await;
 }
 
-/// Resolves names from a fixed table only.
-struct TableResolver(HashMap<&'static str, Vec<IpAddr>>);
-
-impl Resolve for TableResolver {
-    fn resolve<'a>(
-        &'a self,
-        name: &'a str,
-        port: u16,
-    ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
-        let found = self
-            .0
-            .get(name)
-            .map(|ips| ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
-        Box::pin(async move {
-            found.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not in table"))
-        })
-    }
-}
-
-/// Can only ever dial loopback, and records every attempt.
-#[derive(Default)]
-struct LoopbackOnlyDialer(Mutex<Vec<SocketAddr>>);
-
-impl Dial for LoopbackOnlyDialer {
-    fn dial(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<TcpStream>> {
-        self.0.lock().unwrap().push(addr);
-        Box::pin(async move {
-            if !addr.ip().to_canonical().is_loopback() {
-                return Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "test dialer only reaches loopback",
-                ));
-            }
-            TcpStream::connect(addr).await
-        })
-    }
-}
-
 fn ssrf_seams(dialer: Arc<LoopbackOnlyDialer>) -> Seams {
     let table = HashMap::from([
         (
@@ -578,11 +539,7 @@ fn ssrf_seams(dialer: Arc<LoopbackOnlyDialer>) -> Seams {
         ("metadata.example", vec!["169.254.169.254".parse().unwrap()]),
         ("loopback6.example", vec!["::1".parse().unwrap()]),
     ]);
-    Seams {
-        resolver: Arc::new(TableResolver(table)),
-        dialer,
-        ..Seams::default()
-    }
+    loopback_seams(table, dialer)
 }
 
 #[tokio::test]
@@ -635,7 +592,7 @@ async fn ssrf_destinations_are_refused_for_http_and_connect_without_dialing() {
         );
     }
     assert!(
-        dialer.0.lock().unwrap().is_empty(),
+        dialer.attempts().is_empty(),
         "refused destinations were dialed: {:?}",
         dialer.0.lock().unwrap()
     );
