@@ -78,18 +78,7 @@ async fn connect_on(
     if !head.ends_with(b"\r\n\r\n") {
         return Some(None);
     }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let mut response = RawResponse {
-        status,
-        head,
-        body: Vec::new(),
-    };
-    let len: usize = response
-        .header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    response.body = vec![0u8; len];
+    let mut response = RawResponse::from_head(&head);
     if s.read_exact(&mut response.body).await.is_err() {
         return Some(None);
     }

@@ -183,17 +183,7 @@ impl HoldingRelay {
 
     /// `url` with its host and port replaced by the relay's.
     pub fn url_for(&self, url: &str) -> String {
-        let scheme_end = url.find("://").unwrap() + 3;
-        let rest = &url[scheme_end..];
-        let at = rest.find('@').map_or(0, |i| i + 1);
-        let host_end = rest[at..].find(['/', '?']).map_or(rest.len(), |i| at + i);
-        format!(
-            "{}{}{}{}",
-            &url[..scheme_end],
-            &rest[..at],
-            self.addr,
-            &rest[host_end..]
-        )
+        super::pg_relay::with_address(url, self.addr)
     }
 }
 
@@ -248,6 +238,24 @@ pub struct RawResponse {
 }
 
 impl RawResponse {
+    /// A response from its head, with room for the body its `Content-Length`
+    /// announces (zeros until read).
+    pub fn from_head(head: &[u8]) -> RawResponse {
+        let head = String::from_utf8_lossy(head).into_owned();
+        let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let mut response = RawResponse {
+            status,
+            head,
+            body: Vec::new(),
+        };
+        let len: usize = response
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        response.body = vec![0u8; len];
+        response
+    }
+
     pub fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
@@ -261,19 +269,7 @@ impl RawResponse {
 /// Read one response (head, then `content-length` bytes of body), within 10 s.
 pub async fn read_response(s: &mut TcpStream) -> RawResponse {
     tokio::time::timeout(Duration::from_secs(10), async {
-        let head = super::client::read_head(s).await;
-        let head = String::from_utf8_lossy(&head).into_owned();
-        let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let mut response = RawResponse {
-            status,
-            head,
-            body: Vec::new(),
-        };
-        let len: usize = response
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        response.body = vec![0u8; len];
+        let mut response = RawResponse::from_head(&super::client::read_head(s).await);
         s.read_exact(&mut response.body).await.unwrap();
         response
     })

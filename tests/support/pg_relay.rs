@@ -77,16 +77,21 @@ impl PgRelay {
 
     /// `url` with its host and port replaced by the relay's.
     pub fn url_for(&self, url: &str) -> String {
-        let scheme_end = url.find("://").unwrap() + 3;
-        let rest = &url[scheme_end..];
-        let at = rest.find('@').map_or(0, |i| i + 1);
-        let host_end = rest[at..].find(['/', '?']).map_or(rest.len(), |i| at + i);
-        format!(
-            "{}{}{}{}",
-            &url[..scheme_end],
-            &rest[..at],
-            self.addr,
-            &rest[host_end..]
-        )
+        with_address(url, self.addr)
     }
+}
+
+/// `url` with its host and port replaced by `addr`.
+pub fn with_address(url: &str, addr: SocketAddr) -> String {
+    let scheme_end = url.find("://").unwrap() + 3;
+    let rest = &url[scheme_end..];
+    let at = rest.find('@').map_or(0, |i| i + 1);
+    let host_end = rest[at..].find(['/', '?']).map_or(rest.len(), |i| at + i);
+    format!(
+        "{}{}{}{}",
+        &url[..scheme_end],
+        &rest[..at],
+        addr,
+        &rest[host_end..]
+    )
 }
