@@ -471,12 +471,7 @@ async fn a_rotated_or_deleted_token_stops_working_promptly() {
     );
 
     let new_token = "c".repeat(64);
-    sqlx::query("UPDATE agents SET gateway_token = $2 WHERE id = $1")
-        .bind(f.agent)
-        .bind(&new_token)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    db.set_token(f.agent, &new_token).await;
     let rotated = Instant::now();
     let old = f.basic();
     eventually(PROMPTLY, "the old token refused with 407", || async {

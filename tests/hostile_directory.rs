@@ -323,12 +323,7 @@ async fn a_rotation_that_lands_during_a_cold_read_wins() {
 
     let new_token = "d".repeat(64);
     let rotated = Instant::now();
-    sqlx::query("UPDATE agents SET gateway_token = $2 WHERE id = $1")
-        .bind(f.agent)
-        .bind(&new_token)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    db.set_token(f.agent, &new_token).await;
     // The notification has reached the proxy's LISTEN connection; give the
     // proxy a moment to take it in before the stale answer goes through, so
     // the answer lands after the invalidation.

@@ -54,6 +54,16 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Rotate `agent`'s gateway token to `token` (64 lowercase hex characters).
+    pub async fn set_token(&self, agent: Uuid, token: &str) {
+        sqlx::query("UPDATE agents SET gateway_token = $2 WHERE id = $1")
+            .bind(agent)
+            .bind(token)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
     pub async fn new() -> TestDb {
         let db = Self::empty().await;
         tollgate_core::db::migrate(&db.pool)
