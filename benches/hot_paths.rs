@@ -25,13 +25,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use uuid::Uuid;
 
 use tollgate_core::clock::SystemClock;
-use tollgate_core::config::Config;
+use tollgate_core::config::{Config, LeaseConfig};
 use tollgate_proxy::directory::{Directory, Lookup};
 use tollgate_proxy::enforcement::Enforcer;
 use tollgate_proxy::flusher::build_batch;
 use tollgate_proxy::framing::{FramingGuard, Verdicts};
 use tollgate_proxy::gate::StreamGuard;
 use tollgate_proxy::health::Health;
+use tollgate_proxy::leases::Leases;
 use tollgate_proxy::meter::{ConnTally, Meter, MeteredIo};
 use tollgate_proxy::telemetry::Listener;
 
@@ -180,12 +181,24 @@ fn lookups(c: &mut Criterion) {
     };
     let config = Config::default();
     let health = Arc::new(Health::new());
+    // Leases off: the lookup is measured, not the grants no worker answers here.
+    let (leases, _asks) = Leases::new(
+        db.pool.clone(),
+        health.clone(),
+        LeaseConfig {
+            enabled: false,
+            ..LeaseConfig::default()
+        },
+        Uuid::new_v4(),
+        Arc::new(SystemClock),
+    );
     let (enforcer, _events) = Enforcer::new(
         db.pool.clone(),
         health.clone(),
         "bench".into(),
         config.proxy.meter.decision_refresh,
         Arc::new(SystemClock),
+        leases,
     );
     let directory = Directory::new(
         db.pool.clone(),

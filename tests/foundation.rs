@@ -568,6 +568,7 @@ fn batch(instance_id: Uuid, seq: i64, period: Period, deltas: &[(Uuid, u64, u64)
     FlushBatch {
         instance_id,
         seq,
+        leases: None,
         periods: vec![PeriodDeltas {
             period,
             deltas: deltas

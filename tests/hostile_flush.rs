@@ -19,11 +19,12 @@ use support::proxy::temp_dir;
 use support::{Fixture, TestDb};
 use tollgate_core::billing::Period;
 use tollgate_core::clock::{Clock, SystemClock};
-use tollgate_core::config::MeterConfig;
+use tollgate_core::config::{LeaseConfig, MeterConfig};
 use tollgate_core::db::usage::{self, BandwidthDelta, FlushBatch, FlushOutcome, PeriodDeltas};
 use tollgate_proxy::enforcement::Enforcer;
 use tollgate_proxy::flusher::Flusher;
 use tollgate_proxy::health::Health;
+use tollgate_proxy::leases::Leases;
 use tollgate_proxy::meter::Meter;
 
 /// Refuse every `vps_usage_periods` row of `vps` in this test's database.
@@ -42,12 +43,20 @@ const DROPPED: &str = "tollgate_flush_dropped_rows_total";
 fn flusher(db: &TestDb, meter: Arc<Meter>, instance: Uuid) -> Flusher {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let health = Arc::new(Health::new());
+    let (leases, _asks) = Leases::new(
+        db.pool.clone(),
+        health.clone(),
+        LeaseConfig::default(),
+        instance,
+        clock.clone(),
+    );
     let (enforcer, _events) = Enforcer::new(
         db.pool.clone(),
         health.clone(),
         "proxy-test".into(),
         Duration::from_secs(30),
         clock.clone(),
+        leases,
     );
     let config = MeterConfig {
         spill_dir: temp_dir("spill"),
@@ -162,6 +171,7 @@ fn batch(instance: Uuid, seq: i64, deltas: &[(Uuid, u64, u64)]) -> FlushBatch {
     FlushBatch {
         instance_id: instance,
         seq,
+        leases: None,
         periods: vec![PeriodDeltas {
             period: Period::current(),
             deltas: deltas
@@ -291,6 +301,7 @@ async fn several_refused_rows_across_two_months_are_each_isolated() {
     let batch = FlushBatch {
         instance_id: Uuid::new_v4(),
         seq: 0,
+        leases: None,
         periods: vec![
             PeriodDeltas {
                 period: last,

@@ -449,6 +449,26 @@ pub fn bandwidth_headroom(
     Some((lo, reason))
 }
 
+/// How many bandwidth bytes `usage` is past the most [`decide`] allows (other
+/// axes unchanged): the overshoot of a block that bandwidth caused. `None` when
+/// the user is not blocked, or would be blocked even with no bandwidth at all
+/// (the block is not bandwidth's doing).
+pub fn bandwidth_overshoot(
+    plan: Option<&PlanLimits>,
+    usage: &Usage,
+    budget_cents: i64,
+) -> Option<u64> {
+    if !decide(plan, usage, budget_cents).is_blocked() {
+        return None;
+    }
+    let without = Usage {
+        bandwidth_bytes: 0,
+        ..*usage
+    };
+    let (allowed, _) = bandwidth_headroom(plan, &without, budget_cents)?;
+    Some((usage.bandwidth_bytes.max(0) as u64).saturating_sub(allowed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,6 +476,43 @@ mod tests {
     use proptest::prelude::*;
 
     const GIB: i64 = 1 << 30;
+
+    #[test]
+    fn overshoot_is_the_bandwidth_past_the_last_allowed_byte() {
+        let limits = PlanLimits {
+            max_bandwidth_bytes: 1_000_000,
+            ..plan()
+        };
+        let at = |bandwidth_bytes| Usage {
+            bandwidth_bytes,
+            ..Usage::default()
+        };
+        assert_eq!(bandwidth_overshoot(Some(&limits), &at(1_000_000), 0), None);
+        assert_eq!(
+            bandwidth_overshoot(Some(&limits), &at(1_000_001), 0),
+            Some(1)
+        );
+        assert_eq!(
+            bandwidth_overshoot(Some(&limits), &at(1_049_000), 0),
+            Some(49_000)
+        );
+        // Overage on sale: the budget sets the last allowed byte.
+        let on_sale = PlanLimits {
+            bandwidth_cents_per_gib: 100,
+            ..limits
+        };
+        let ceiling = 1_000_000 + (GIB as u64) / 100;
+        assert_eq!(
+            bandwidth_overshoot(Some(&on_sale), &at(ceiling as i64), 1),
+            None
+        );
+        assert_eq!(
+            bandwidth_overshoot(Some(&on_sale), &at(ceiling as i64 + 7), 1),
+            Some(7)
+        );
+        // Blocked for something else: not bandwidth's overshoot.
+        assert_eq!(bandwidth_overshoot(None, &at(5), 0), None);
+    }
 
     fn plan() -> PlanLimits {
         PlanLimits {

@@ -129,6 +129,7 @@ pub struct ProxyConfig {
     pub meter: MeterConfig,
     pub directory: DirectoryConfig,
     pub agent_limits: AgentLimitsConfig,
+    pub leases: LeaseConfig,
 }
 
 impl Default for ProxyConfig {
@@ -143,6 +144,7 @@ impl Default for ProxyConfig {
             meter: MeterConfig::default(),
             directory: DirectoryConfig::default(),
             agent_limits: AgentLimitsConfig::default(),
+            leases: LeaseConfig::default(),
         }
     }
 }
@@ -258,6 +260,45 @@ impl Default for AgentLimitsConfig {
             max_connections: 1024,
             max_tunnels: 512,
             new_connections_per_second: 1000,
+        }
+    }
+}
+
+/// `[proxy.leases]`: how replicas share a user's bandwidth headroom. A proxy
+/// lets a user's bytes through only against a slice of their headroom that it
+/// has leased from PostgreSQL, so overshoot does not grow with the number of
+/// replicas (`docs/operations.md`, "Headroom leases").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// Lease headroom from PostgreSQL. With `false` each proxy spends the whole
+    /// headroom of its last decision on its own (exact with one replica only).
+    /// Default true.
+    pub enabled: bool,
+    /// A lease not renewed for this long lapses and its bytes return to the
+    /// user's other replicas; a proxy stops spending its leases before then.
+    /// Renewed every third of it. Default `30s`.
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    /// Smallest slice asked for, in bytes, unless less is left. Default 262144
+    /// (256 KiB).
+    pub min_slice_bytes: u64,
+    /// Largest slice asked for, in bytes. A slice is an eighth of what the user
+    /// has left, between these two bounds. Default 1073741824 (1 GiB).
+    pub max_slice_bytes: u64,
+    /// How long a request waits for a lease before it is refused. Default `2s`.
+    #[serde(with = "duration")]
+    pub wait: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl: Duration::from_secs(30),
+            min_slice_bytes: 256 * 1024,
+            max_slice_bytes: 1 << 30,
+            wait: Duration::from_secs(2),
         }
     }
 }
@@ -659,6 +700,14 @@ impl Config {
             if value == 0 {
                 return Err(field_error(key, "must be at least 1"));
             }
+        }
+        positive("proxy.leases.ttl", p.leases.ttl)?;
+        positive("proxy.leases.wait", p.leases.wait)?;
+        if p.leases.min_slice_bytes == 0 || p.leases.min_slice_bytes > p.leases.max_slice_bytes {
+            return Err(field_error(
+                "proxy.leases.min_slice_bytes",
+                "must be at least 1 and at most proxy.leases.max_slice_bytes",
+            ));
         }
         if p.ingress.gateway_port == 0 {
             return Err(field_error(

@@ -5,6 +5,7 @@
 pub mod agents;
 pub mod changes;
 pub mod decisions;
+pub mod leases;
 pub mod samples;
 pub mod usage;
 

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::gate::StreamGuard;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::gate::{Pass, StreamGuard};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -36,6 +38,8 @@ pub enum ProxyBody {
         guard: StreamGuard,
         /// Bytes passed on, when someone counts them.
         counted: Option<Arc<AtomicU64>>,
+        /// Set while the user's lease is spent and a grant is on its way.
+        waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     },
 }
 
@@ -51,6 +55,7 @@ impl ProxyBody {
             stopped: Box::pin(guard.stopped()),
             guard,
             counted,
+            waiting: None,
         }
     }
 }
@@ -82,10 +87,22 @@ impl Body for ProxyBody {
                 stopped,
                 guard,
                 counted,
+                waiting,
             } => {
-                // Checked first: once tripped, `stopped` is not polled again.
-                if guard.tripped_now() || stopped.as_mut().poll(cx).is_ready() {
+                // Checked first: once stopped, `stopped` is not polled again.
+                if stopped.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(StreamCut.into())));
+                }
+                loop {
+                    if let Some(wait) = waiting {
+                        std::task::ready!(wait.as_mut().poll(cx));
+                        *waiting = None;
+                    }
+                    match guard.pass() {
+                        Pass::Go => break,
+                        Pass::Wait(news) => *waiting = Some(Box::pin(news.cancelled_owned())),
+                        Pass::Stop => return Poll::Ready(Some(Err(StreamCut.into()))),
+                    }
                 }
                 let poll = Pin::new(inner).poll_frame(cx).map_err(Into::into);
                 if let (Some(counted), Poll::Ready(Some(Ok(frame)))) = (counted, &poll) {

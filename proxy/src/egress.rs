@@ -83,7 +83,7 @@ impl Stages for Egress {
         };
         exchange.set_agent(agent.agent_id);
         let guard = auth::guard(&agent);
-        guard.check()?;
+        guard.admit(Listener::Egress).await?;
         let admitted = Admitted { agent, guard, conn };
         match target {
             // Boxed (once per tunnel): the request future, which hyper keeps per

@@ -28,8 +28,9 @@ use tollgate_core::clock::Clock;
 use tollgate_core::db::changes::BillingChange;
 use tollgate_core::db::{decisions, usage};
 
-use crate::gate::UserGate;
+use crate::gate::{UserGate, UNLEASED};
 use crate::health::Health;
+use crate::leases::{Leases, Settled};
 use crate::meter::InTransit;
 use crate::telemetry;
 
@@ -43,6 +44,8 @@ pub enum Event {
         users: Vec<Uuid>,
         started: Instant,
         in_transit: InTransit,
+        /// The batch's bytes, to come off this proxy's leases.
+        leases: Settled,
     },
     /// A plan, its rates or a budget changed.
     BillingChanged(BillingChange),
@@ -68,6 +71,7 @@ pub struct Enforcer {
     decision_refresh: Duration,
     period: Mutex<Period>,
     clock: Arc<dyn Clock>,
+    leases: Arc<Leases>,
 }
 
 impl Enforcer {
@@ -78,6 +82,7 @@ impl Enforcer {
         name: String,
         decision_refresh: Duration,
         clock: Arc<dyn Clock>,
+        leases: Arc<Leases>,
     ) -> (Self, Events) {
         let (events, receiver) = mpsc::unbounded_channel();
         let enforcer = Self {
@@ -90,6 +95,7 @@ impl Enforcer {
             decision_refresh,
             period: Mutex::new(clock.period()),
             clock,
+            leases,
         };
         (enforcer, receiver)
     }
@@ -115,8 +121,9 @@ impl Enforcer {
                     users,
                     started,
                     in_transit,
+                    leases,
                 } => {
-                    let settled = std::mem::take(in_transit);
+                    let settled = (std::mem::take(in_transit), std::mem::take(leases));
                     self.evaluate_gates(&self.known(users), Some(*started), settled)
                         .await
                 }
@@ -137,7 +144,10 @@ impl Enforcer {
         if let Some(g) = self.gates.get(&user_id) {
             return Ok(g.clone());
         }
-        let gate = Arc::new(UserGate::new(user_id));
+        let gate = Arc::new(UserGate::new(user_id, self.leases.asks()));
+        if self.leases.initial() == UNLEASED {
+            gate.reset_lease(UNLEASED);
+        }
         let period = self.clock.period();
         let published = self
             .health
@@ -149,7 +159,7 @@ impl Enforcer {
         match published.first() {
             Some(d) => self.apply_published(&gate, d),
             None => {
-                self.evaluate_gates(std::slice::from_ref(&gate), None, InTransit::default())
+                self.evaluate_gates(std::slice::from_ref(&gate), None, Default::default())
                     .await?
             }
         }
@@ -168,15 +178,20 @@ impl Enforcer {
             .insert(gate.user_id(), (d.blocked, Instant::now()));
     }
 
-    /// Set a decision on a gate, cutting streams if it newly blocks.
-    fn apply(&self, gate: &UserGate, reason: Option<BlockReason>, period: Period) {
+    /// Set a decision on a gate, cutting streams if it newly blocks; `true` if
+    /// it did.
+    fn apply(&self, gate: &UserGate, reason: Option<BlockReason>, period: Period) -> bool {
         let previous = gate.set(reason, period);
         match (previous, reason) {
             (None, Some(r)) => {
-                tracing::info!(user_id = %gate.user_id(), reason = %r, %period, "user blocked")
+                tracing::info!(user_id = %gate.user_id(), reason = %r, %period, "user blocked");
+                true
             }
-            (Some(_), None) => tracing::info!(user_id = %gate.user_id(), %period, "user unblocked"),
-            _ => {}
+            (Some(_), None) => {
+                tracing::info!(user_id = %gate.user_id(), %period, "user unblocked");
+                false
+            }
+            _ => false,
         }
     }
 
@@ -188,7 +203,7 @@ impl Enforcer {
         users: &[Uuid],
         since: Option<Instant>,
     ) -> Result<(), sqlx::Error> {
-        self.evaluate_gates(&self.known(users), since, InTransit::default())
+        self.evaluate_gates(&self.known(users), since, Default::default())
             .await
     }
 
@@ -200,13 +215,32 @@ impl Enforcer {
             .collect()
     }
 
+    /// This proxy's headroom leases.
+    pub fn leases(&self) -> &Arc<Leases> {
+        &self.leases
+    }
+
+    /// The gate of `user` if this proxy has one.
+    pub fn known_gate(&self, user: Uuid) -> Option<Arc<UserGate>> {
+        self.gates.get(&user).map(|g| g.clone())
+    }
+
+    /// Run `f` on every gate of this proxy.
+    pub fn for_each_gate(&self, mut f: impl FnMut(&UserGate)) {
+        for gate in self.gates.iter() {
+            f(gate.value());
+        }
+    }
+
     /// Evaluate and apply; `settled` (bytes the database now holds) stops
-    /// counting as unsettled once the new headroom is in force, and not before.
+    /// counting as unsettled once the new headroom is in force, and not before:
+    /// first off the leases, then out of transit, so a lease never looks larger
+    /// than it is.
     async fn evaluate_gates(
         &self,
         gates: &[Arc<UserGate>],
         since: Option<Instant>,
-        settled: InTransit,
+        settled: (InTransit, Settled),
     ) -> Result<(), sqlx::Error> {
         if gates.is_empty() {
             return Ok(());
@@ -229,7 +263,15 @@ impl Enforcer {
             let Some(gate) = gates.iter().find(|g| g.user_id() == b.user_id) else {
                 continue;
             };
-            self.apply(gate, decision.blocked, period);
+            let listeners = gate.take_listeners();
+            let blocks_now = self.apply(gate, decision.blocked, period);
+            if let (true, Some(listeners)) = (blocks_now, listeners) {
+                if let Some(over) =
+                    billing::bandwidth_overshoot(b.limits.as_ref(), &b.usage, b.budget_cents)
+                {
+                    telemetry::overshoot(listeners, over);
+                }
+            }
             gate.set_headroom(billing::bandwidth_headroom(
                 b.limits.as_ref(),
                 &b.usage,
@@ -247,7 +289,9 @@ impl Enforcer {
                 to_publish.push((b.user_id, decision));
             }
         }
-        drop(settled);
+        let (in_transit, leases) = settled;
+        leases.apply();
+        drop(in_transit);
         if let Some(since) = since {
             metrics::histogram!(telemetry::DECISION_LATENCY).record(since.elapsed().as_secs_f64());
         }

@@ -40,6 +40,7 @@ use tollgate_core::db::usage::{
 
 use crate::enforcement::{Enforcer, Event};
 use crate::health::Health;
+use crate::leases::Settled;
 use crate::meter::{Drained, InTransit, Meter};
 use crate::telemetry;
 
@@ -63,6 +64,8 @@ struct Queued {
     /// The batch's bytes, still counted against their users until it is
     /// written and decided on.
     in_transit: InTransit,
+    /// The batch's bytes let through against this proxy's leases.
+    leases: Settled,
 }
 
 pub struct Flusher {
@@ -136,6 +139,7 @@ impl Flusher {
                     tracing::info!(file = %path.display(), seq = batch.seq, "replaying spilled batch");
                     self.queue.push_back(Queued {
                         in_transit: InTransit::default(),
+                        leases: Settled::default(),
                         batch,
                         users: Vec::new(),
                         spill_file: Some(path),
@@ -197,7 +201,12 @@ impl Flusher {
         if drained.is_empty() {
             return;
         }
-        let batch = build_batch(self.instance_id, self.next_seq, &drained, from, now);
+        let mut batch = build_batch(self.instance_id, self.next_seq, &drained, from, now);
+        let (settlement, leases) = self
+            .enforcer
+            .leases()
+            .settlement(&drained, |user| self.enforcer.known_gate(user));
+        batch.leases = settlement;
         self.next_seq += 1;
         let users: Vec<Uuid> = drained
             .iter()
@@ -207,6 +216,7 @@ impl Flusher {
             .collect();
         self.queue.push_back(Queued {
             in_transit,
+            leases,
             batch,
             users,
             spill_file: None,
@@ -258,6 +268,7 @@ impl Flusher {
                             users: queued.users,
                             started,
                             in_transit: queued.in_transit,
+                            leases: queued.leases,
                         });
                     }
                 }
@@ -420,6 +431,7 @@ pub fn build_batch(
             .into_iter()
             .map(|(period, deltas)| PeriodDeltas { period, deltas })
             .collect(),
+        leases: None,
     }
 }
 

@@ -7,16 +7,19 @@
 //! only writer; the request path only reads them.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use tollgate_core::billing::{BlockReason, Period};
 
 use crate::meter::VpsCounter;
+use crate::telemetry::Listener;
 
 /// A user is blocked: why, and for which month.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +47,30 @@ fn reason_of(code: u8) -> Option<BlockReason> {
 /// `headroom` when none is known: only the published decision applies.
 const NO_HEADROOM: u64 = u64::MAX;
 
+/// `lease` when leases do not apply (switched off, or suspended while the
+/// database is out of reach): only the headroom of the last decision applies.
+pub(crate) const UNLEASED: u64 = u64::MAX;
+
+/// How a gate asks this proxy's lease worker for a grant, and how long a request
+/// waits for one.
+#[derive(Debug, Clone)]
+pub struct LeaseAsks {
+    pub(crate) asks: mpsc::UnboundedSender<Uuid>,
+    pub(crate) wait: Duration,
+}
+
+/// Where a user's traffic stands, as the hot path sees it.
+#[derive(Debug)]
+pub enum Verdict {
+    Go,
+    /// This proxy's lease is spent and a grant is on its way: hold the bytes in
+    /// hand until `news` is cancelled (the lease changed), then ask again.
+    Wait {
+        news: CancellationToken,
+    },
+    Stop(Blocked),
+}
+
 /// The decision in force for one user, and the token their long-lived streams
 /// watch.
 ///
@@ -64,10 +91,25 @@ pub struct UserGate {
     headroom_reason: AtomicU8,
     /// Counters of the user's VPSes that this proxy meters.
     counters: RwLock<Vec<Arc<VpsCounter>>>,
+    /// This proxy's lease on the user's headroom: how many bytes it may have
+    /// counted and not yet settled ([`UNLEASED`] when leases do not apply).
+    lease: AtomicU64,
+    /// A grant was asked for and not answered yet.
+    lease_asked: AtomicBool,
+    /// The last grant found the user's headroom spent fleet-wide: refuse, and
+    /// ask again no sooner than `spent_retry`.
+    spent: AtomicBool,
+    spent_retry: Mutex<Option<Instant>>,
+    /// Cancelled (and replaced) whenever the lease changes or a grant is
+    /// answered: what traffic waiting for a lease waits on.
+    lease_news: Mutex<CancellationToken>,
+    leases: Option<LeaseAsks>,
+    /// Listeners that carried the user's traffic here, a bit each.
+    listeners: AtomicU8,
 }
 
 impl UserGate {
-    pub(crate) fn new(user_id: Uuid) -> Self {
+    pub(crate) fn new(user_id: Uuid, leases: Option<LeaseAsks>) -> Self {
         Self {
             user_id,
             reason: AtomicU8::new(0),
@@ -76,6 +118,13 @@ impl UserGate {
             headroom: AtomicU64::new(NO_HEADROOM),
             headroom_reason: AtomicU8::new(0),
             counters: RwLock::new(Vec::new()),
+            lease: AtomicU64::new(if leases.is_some() { 0 } else { UNLEASED }),
+            lease_asked: AtomicBool::new(false),
+            spent: AtomicBool::new(false),
+            spent_retry: Mutex::new(None),
+            lease_news: Mutex::new(CancellationToken::new()),
+            leases,
+            listeners: AtomicU8::new(0),
         }
     }
 
@@ -108,8 +157,9 @@ impl UserGate {
         }
     }
 
-    /// Bytes counted for this user here and not yet written.
-    fn unflushed(&self) -> u64 {
+    /// Bytes counted for this user here and not yet settled: unflushed, or in a
+    /// batch whose write has not been taken into account yet.
+    pub(crate) fn unflushed(&self) -> u64 {
         self.counters
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -122,26 +172,198 @@ impl UserGate {
         self.user_id
     }
 
-    /// `Err` if the user is blocked. Take [`UserGate::cut_token`] *before* calling
-    /// this, so a block landing in between still reaches the stream.
+    /// `Err` if the user's traffic must stop: blocked by decision, past the
+    /// headroom of the last decision, or past this proxy's lease with the user's
+    /// headroom spent fleet-wide. A lease merely waiting for a grant is `Ok`
+    /// here; [`UserGate::verdict`] tells it apart. Take [`UserGate::cut_token`]
+    /// *before* calling this, so a block landing in between still reaches the
+    /// stream.
     #[inline]
     pub fn check(&self) -> Result<(), Blocked> {
+        match self.verdict() {
+            Verdict::Stop(blocked) => Err(blocked),
+            Verdict::Go | Verdict::Wait { .. } => Ok(()),
+        }
+    }
+
+    /// Where the user's traffic stands. Asks for a grant once the lease is half
+    /// spent, so traffic far from the limit never waits for one.
+    #[inline]
+    pub fn verdict(&self) -> Verdict {
         if let Some(reason) = reason_of(self.reason.load(Ordering::SeqCst)) {
-            return Err(Blocked {
+            return Verdict::Stop(Blocked {
                 reason,
                 period: self.period(),
             });
         }
         let headroom = self.headroom.load(Ordering::Acquire);
-        if headroom != NO_HEADROOM && self.unflushed() > headroom {
-            let reason = reason_of(self.headroom_reason.load(Ordering::Acquire))
-                .unwrap_or(BlockReason::Bandwidth);
-            return Err(Blocked {
-                reason,
-                period: self.period(),
-            });
+        let lease = self.lease.load(Ordering::Acquire);
+        if headroom == NO_HEADROOM && lease == UNLEASED {
+            return Verdict::Go;
         }
-        Ok(())
+        let unflushed = self.unflushed();
+        if headroom != NO_HEADROOM && unflushed > headroom {
+            return Verdict::Stop(self.spent_blocked());
+        }
+        if lease == UNLEASED || unflushed.saturating_mul(2) < lease {
+            return Verdict::Go;
+        }
+        self.lease_low(unflushed)
+    }
+
+    /// The lease is at least half spent: ask for more; past it, wait or stop.
+    #[cold]
+    fn lease_low(&self, unflushed: u64) -> Verdict {
+        // Taken before the lease is read again, so a grant landing in between
+        // is either seen or wakes the waiter.
+        let news = self
+            .lease_news
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let lease = self.lease.load(Ordering::Acquire);
+        if lease == UNLEASED || unflushed <= lease {
+            if lease != UNLEASED && !self.spent.load(Ordering::Acquire) {
+                self.ask();
+            }
+            return Verdict::Go;
+        }
+        if self.spent.load(Ordering::Acquire) {
+            let due = self
+                .spent_retry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none_or(|at| Instant::now() >= at);
+            if due {
+                self.ask();
+            }
+            return Verdict::Stop(self.spent_blocked());
+        }
+        self.ask();
+        Verdict::Wait { news }
+    }
+
+    fn spent_blocked(&self) -> Blocked {
+        Blocked {
+            reason: reason_of(self.headroom_reason.load(Ordering::Acquire))
+                .unwrap_or(BlockReason::Bandwidth),
+            period: self.period(),
+        }
+    }
+
+    /// Ask the lease worker for a grant, once until it answers.
+    fn ask(&self) {
+        if let Some(leases) = &self.leases {
+            if !self.lease_asked.swap(true, Ordering::AcqRel)
+                && leases.asks.send(self.user_id).is_err()
+            {
+                self.lease_asked.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// Admit a new request from `listener`: `Err` if the user's traffic must
+    /// stop; waits (up to the configured lease wait) while a grant is on its way.
+    pub async fn admit(&self, listener: Listener) -> Result<(), Blocked> {
+        self.listeners
+            .fetch_or(listener_bit(listener), Ordering::Relaxed);
+        let mut deadline = None;
+        loop {
+            match self.verdict() {
+                Verdict::Go => return Ok(()),
+                Verdict::Stop(blocked) => return Err(blocked),
+                Verdict::Wait { news } => {
+                    let wait = self.leases.as_ref().map_or(Duration::ZERO, |l| l.wait);
+                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + wait);
+                    if tokio::time::timeout_at(deadline, news.cancelled())
+                        .await
+                        .is_err()
+                    {
+                        return Err(self.spent_blocked());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The lease worker answered: `granted` more bytes (none if the headroom is
+    /// spent, with the reason it would block for).
+    pub(crate) fn lease_answered(&self, granted: u64, spent: Option<BlockReason>, retry: Instant) {
+        if granted > 0 {
+            let _ = self
+                .lease
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                    (l != UNLEASED).then(|| l.saturating_add(granted))
+                });
+        }
+        match spent {
+            Some(reason) => {
+                self.headroom_reason
+                    .store(reason_code(Some(reason)), Ordering::Release);
+                *self.spent_retry.lock().unwrap_or_else(|p| p.into_inner()) = Some(retry);
+                self.spent.store(true, Ordering::Release);
+            }
+            None => self.spent.store(false, Ordering::Release),
+        }
+        self.lease_asked.store(false, Ordering::Release);
+        self.lease_news();
+    }
+
+    /// Wake whatever waits for this gate's lease.
+    pub(crate) fn lease_news(&self) {
+        let mut news = self.lease_news.lock().unwrap_or_else(|p| p.into_inner());
+        news.cancel();
+        *news = CancellationToken::new();
+    }
+
+    /// This proxy's lease ([`UNLEASED`] when leases do not apply).
+    pub fn lease(&self) -> u64 {
+        self.lease.load(Ordering::Acquire)
+    }
+
+    /// Replace the lease (starting over, suspending or resuming leases); returns
+    /// what it was.
+    pub(crate) fn reset_lease(&self, lease: u64) -> u64 {
+        let previous = self.lease.swap(lease, Ordering::AcqRel);
+        self.spent.store(false, Ordering::Release);
+        self.lease_asked.store(false, Ordering::Release);
+        self.lease_news();
+        previous
+    }
+
+    /// Take `bytes` off the lease: they are written to usage now.
+    pub(crate) fn settle_lease(&self, bytes: u64) {
+        let _ = self
+            .lease
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                (l != UNLEASED).then(|| l.saturating_sub(bytes))
+            });
+    }
+
+    /// Give the whole lease back if nothing is counted against it: returns the
+    /// bytes given back (0 when there was none, or traffic is under way).
+    pub(crate) fn release_idle_lease(&self) -> u64 {
+        let lease = self.lease.load(Ordering::Acquire);
+        if lease == UNLEASED || lease == 0 || self.unflushed() != 0 {
+            return 0;
+        }
+        match self
+            .lease
+            .compare_exchange(lease, 0, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => lease,
+            Err(_) => 0,
+        }
+    }
+
+    /// The listeners that carried this user's traffic here since the last call.
+    pub(crate) fn take_listeners(&self) -> Option<&'static str> {
+        match self.listeners.swap(0, Ordering::Relaxed) {
+            0 => None,
+            1 => Some(Listener::Egress.as_str()),
+            2 => Some(Listener::Ingress.as_str()),
+            _ => Some("both"),
+        }
     }
 
     /// A token cancelled when this user next becomes blocked.
@@ -171,6 +393,22 @@ impl UserGate {
         }
         previous
     }
+}
+
+fn listener_bit(listener: Listener) -> u8 {
+    match listener {
+        Listener::Egress => 1,
+        Listener::Ingress => 2,
+    }
+}
+
+/// What a stream does with the bytes in hand ([`StreamGuard::pass`]).
+#[derive(Debug)]
+pub enum Pass {
+    Go,
+    /// Hold them until the token is cancelled (the lease changed), then ask again.
+    Wait(CancellationToken),
+    Stop,
 }
 
 /// What a request, stream or tunnel watches: its user's cut token (taken before
@@ -208,6 +446,28 @@ impl StreamGuard {
     #[inline]
     pub fn check(&self) -> Result<(), Blocked> {
         self.gate.as_ref().map_or(Ok(()), |g| g.check())
+    }
+
+    /// What to do with the bytes in hand: pass them on, hold them until a
+    /// grant arrives, or stop (a block, a revocation, the headroom spent).
+    #[inline]
+    pub fn pass(&self) -> Pass {
+        if self.cut.is_cancelled() || self.revoked() {
+            return Pass::Stop;
+        }
+        match self.gate.as_ref().map(|g| g.verdict()) {
+            None | Some(Verdict::Go) => Pass::Go,
+            Some(Verdict::Wait { news }) => Pass::Wait(news),
+            Some(Verdict::Stop(_)) => Pass::Stop,
+        }
+    }
+
+    /// Admit a new request (see [`UserGate::admit`]).
+    pub async fn admit(&self, listener: Listener) -> Result<(), Blocked> {
+        match &self.gate {
+            Some(gate) => gate.admit(listener).await,
+            None => Ok(()),
+        }
     }
 
     /// Whether the credential this guard was opened with has been revoked.
@@ -262,7 +522,7 @@ mod tests {
     #[test]
     fn unflushed_bytes_past_the_headroom_block_before_the_next_decision() {
         let meter = crate::meter::Meter::new();
-        let gate = UserGate::new(Uuid::new_v4());
+        let gate = UserGate::new(Uuid::new_v4(), None);
         let (a, b) = (
             meter.counter(Uuid::new_v4(), gate.user_id),
             meter.counter(Uuid::new_v4(), gate.user_id),
@@ -302,7 +562,7 @@ mod tests {
 
     #[test]
     fn blocking_cancels_tokens_taken_before_and_not_after() {
-        let gate = UserGate::new(Uuid::new_v4());
+        let gate = UserGate::new(Uuid::new_v4(), None);
         let period = Period::current();
         let before = gate.cut_token();
         assert!(gate.check().is_ok());

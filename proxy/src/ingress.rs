@@ -99,7 +99,7 @@ impl Stages for Ingress {
         let agent = auth::authenticate(&self.directory, route.agent_id, token).await?;
         exchange.set_agent(agent.agent_id);
         let guard = auth::guard(&agent);
-        guard.check()?;
+        guard.admit(Listener::Ingress).await?;
         exchange.hold(
             self.agent_limits
                 .request(agent.agent_id, Listener::Ingress)?,

@@ -33,6 +33,7 @@ pub mod gate;
 pub mod headers;
 pub mod health;
 pub mod ingress;
+pub mod leases;
 pub mod meter;
 pub mod notifications;
 pub mod relay;
@@ -63,6 +64,7 @@ use crate::enforcement::Enforcer;
 use crate::flusher::Flusher;
 use crate::health::Health;
 use crate::ingress::Ingress;
+use crate::leases::Leases;
 use crate::meter::Meter;
 use crate::relay::Relays;
 use crate::server::{Limits, Stages};
@@ -198,12 +200,20 @@ pub async fn run(
     }
 
     let meter = Arc::new(Meter::new());
+    let (leases, asks) = Leases::new(
+        pool.clone(),
+        health.clone(),
+        config.proxy.leases.clone(),
+        instance_id,
+        options.seams.clock.clone(),
+    );
     let (enforcer, events) = Enforcer::new(
         pool.clone(),
         health.clone(),
         format!("proxy:{instance_id}"),
         config.proxy.meter.decision_refresh,
         options.seams.clock.clone(),
+        leases.clone(),
     );
     let enforcer = Arc::new(enforcer);
     let directory = Arc::new(Directory::new(
@@ -229,6 +239,11 @@ pub async fn run(
 
     let background_tasks = TaskTracker::new();
     background_tasks.spawn(enforcer.clone().run(events, background.clone()));
+    background_tasks.spawn(
+        leases
+            .clone()
+            .run(enforcer.clone(), asks, background.clone()),
+    );
     background_tasks.spawn(directory.clone().run_refresher(background.clone()));
     background_tasks.spawn(notifications::run(
         pool.clone(),
@@ -327,6 +342,7 @@ pub async fn run(
     // Everything is counted now: final flush (or spill).
     flusher_stop.cancel();
     flusher_task.await.context("flusher task")?;
+    leases.release_all().await;
     background.cancel();
     background_tasks.close();
     background_tasks.wait().await;

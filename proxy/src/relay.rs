@@ -20,13 +20,13 @@ use http::{Request, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use crate::agent_limits::Held;
 use crate::body::ProxyBody;
 use crate::exchange::{Ended, Exchange};
-use crate::gate::StreamGuard;
+use crate::gate::{Pass, StreamGuard};
 use crate::rescue::ProxyError;
 use crate::server::ClientConn;
 use crate::telemetry::{GaugeGuard, TunnelKind};
@@ -264,6 +264,10 @@ struct Pump {
     read_done: bool,
     shut_down: bool,
     need_flush: bool,
+    /// The bytes in hand have not been passed by the guard yet.
+    unchecked: bool,
+    /// Set while the user's lease is spent and a grant is on its way.
+    waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     total: u64,
 }
 
@@ -277,6 +281,8 @@ impl Pump {
             read_done: false,
             shut_down: false,
             need_flush: false,
+            unchecked: false,
+            waiting: None,
             total: 0,
         }
     }
@@ -312,9 +318,7 @@ impl Pump {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
-                        if n > 0 && guard.tripped_now() {
-                            return Poll::Ready(Err(Stop::Cut));
-                        }
+                        self.unchecked = n > 0;
                         self.last_read = n;
                         self.pos = 0;
                         self.filled = n;
@@ -327,6 +331,17 @@ impl Pump {
                             self.buf = bigger;
                         }
                     }
+                }
+            }
+            while self.unchecked {
+                if let Some(wait) = &mut self.waiting {
+                    std::task::ready!(wait.as_mut().poll(cx));
+                    self.waiting = None;
+                }
+                match guard.pass() {
+                    Pass::Go => self.unchecked = false,
+                    Pass::Wait(news) => self.waiting = Some(Box::pin(news.cancelled_owned())),
+                    Pass::Stop => return Poll::Ready(Err(Stop::Cut)),
                 }
             }
             while self.pos < self.filled {

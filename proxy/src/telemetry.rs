@@ -43,6 +43,10 @@ pub const SPILLED_BATCHES: &str = "tollgate_spilled_batches";
 pub const USERS_BLOCKED: &str = "tollgate_users_blocked";
 pub const DECISION_LATENCY: &str = "tollgate_decision_latency_seconds";
 pub const DECISIONS_PUBLISHED: &str = "tollgate_decisions_published_total";
+pub const LEASE_GRANTS: &str = "tollgate_lease_grants_total";
+pub const LEASED_BYTES: &str = "tollgate_leased_bytes_total";
+pub const LEASE_FAILURES: &str = "tollgate_lease_failures_total";
+pub const OVERSHOOT: &str = "tollgate_overshoot_bytes";
 pub const DIRECTORY_LOOKUPS: &str = "tollgate_directory_lookups_total";
 pub const DIRECTORY_ENTRIES: &str = "tollgate_directory_entries";
 pub const DATABASE_UP: &str = "tollgate_database_up";
@@ -133,6 +137,24 @@ pub fn describe() {
             DECISIONS_PUBLISHED,
             "Decisions written to usage_decisions by this proxy."
         );
+        describe_counter!(
+            LEASE_GRANTS,
+            "Headroom lease grants asked of PostgreSQL, by outcome (granted, spent)."
+        );
+        describe_counter!(
+            LEASED_BYTES,
+            Unit::Bytes,
+            "Bytes of headroom this proxy leased."
+        );
+        describe_counter!(
+            LEASE_FAILURES,
+            "Lease grants or renewals that failed (leases are suspended when they cannot be renewed in time)."
+        );
+        describe_histogram!(
+            OVERSHOOT,
+            Unit::Bytes,
+            "Bandwidth bytes past the last allowed byte when a block lands, by the listeners that carried the user's traffic here (egress, ingress, both)."
+        );
         describe_counter!(DIRECTORY_LOOKUPS, "Agent directory lookups, by result.");
         describe_gauge!(DIRECTORY_ENTRIES, "Agents cached in the directory.");
         describe_gauge!(DATABASE_UP, "1 if the last database operation succeeded.");
@@ -166,6 +188,21 @@ pub fn blocked_request(listener: Listener, reason: &'static str) {
 
 pub fn egress_denied(reason: &'static str) {
     counter!(EGRESS_DENIALS, "reason" => reason).increment(1);
+}
+
+pub fn lease_granted(bytes: u64) {
+    let outcome = if bytes > 0 { "granted" } else { "spent" };
+    counter!(LEASE_GRANTS, "outcome" => outcome).increment(1);
+    counter!(LEASED_BYTES).increment(bytes);
+}
+
+pub fn lease_failed() {
+    counter!(LEASE_FAILURES).increment(1);
+}
+
+/// A block landed `bytes` past the last allowed byte.
+pub fn overshoot(listeners: &'static str, bytes: u64) {
+    histogram!(OVERSHOOT, "listener" => listeners).record(bytes as f64);
 }
 
 pub fn cut_stream(listener: Listener) {

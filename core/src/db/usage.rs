@@ -31,7 +31,7 @@ impl UserBilling {
 }
 
 #[derive(sqlx::FromRow)]
-struct UserBillingRow {
+pub(crate) struct UserBillingRow {
     user_id: Uuid,
     email: String,
     plan_name: Option<String>,
@@ -78,17 +78,10 @@ impl From<UserBillingRow> for UserBilling {
     }
 }
 
-/// Plan, budget and usage in `period` for each of `user_ids` that exists, in one
-/// statement. Usage sums every VPS of the user, destroyed ones included; storage
-/// is the largest gauge among VPSes not destroyed. Sums are cast back to BIGINT.
-/// Every row carries the instant of this read (`read_at`).
-pub async fn user_billing(
-    pool: &PgPool,
-    user_ids: &[Uuid],
-    period: Period,
-) -> Result<Vec<UserBilling>, sqlx::Error> {
-    let rows: Vec<UserBillingRow> = sqlx::query_as(
-        "SELECT u.id AS user_id, u.email, pl.name AS plan_name,
+/// Plan, budget and usage per user in `$2` (a period start) for the users in
+/// `$1`: the one statement every decision is made from. Leases read it inside
+/// their own statement so figures and leases come from one snapshot.
+pub(crate) const USER_BILLING: &str = "SELECT u.id AS user_id, u.email, pl.name AS plan_name,
                 pl.max_bandwidth_bytes, pl.max_cpu_ms, pl.max_memory_mb_seconds, pl.max_storage_bytes,
                 pl.overage_bandwidth_cost_per_gb_cents AS bandwidth_rate,
                 pl.overage_cpu_cost_per_hour_cents AS cpu_rate,
@@ -115,13 +108,22 @@ pub async fn user_billing(
              FROM vpses v
              WHERE v.user_id = u.id AND v.state <> 'destroyed'
          ) st ON true
-         WHERE u.id = ANY($1)
-         ORDER BY u.email",
-    )
-    .bind(user_ids)
-    .bind(period.start())
-    .fetch_all(pool)
-    .await?;
+         WHERE u.id = ANY($1)";
+
+/// Plan, budget and usage in `period` for each of `user_ids` that exists, in one
+/// statement. Usage sums every VPS of the user, destroyed ones included; storage
+/// is the largest gauge among VPSes not destroyed. Sums are cast back to BIGINT.
+/// Every row carries the instant of this read (`read_at`).
+pub async fn user_billing(
+    pool: &PgPool,
+    user_ids: &[Uuid],
+    period: Period,
+) -> Result<Vec<UserBilling>, sqlx::Error> {
+    let rows: Vec<UserBillingRow> = sqlx::query_as(&format!("{USER_BILLING} ORDER BY u.email"))
+        .bind(user_ids)
+        .bind(period.start())
+        .fetch_all(pool)
+        .await?;
     Ok(rows.into_iter().map(UserBilling::from).collect())
 }
 
@@ -175,6 +177,12 @@ pub struct FlushBatch {
     /// Increasing per instance; `(instance_id, seq)` is the ledger key.
     pub seq: i64,
     pub periods: Vec<PeriodDeltas>,
+    /// Bytes of this batch that were let through against the instance's
+    /// headroom leases: taken off those leases in the same transaction. Not
+    /// kept in spill files: a lease left too large only holds headroom back
+    /// until it lapses.
+    #[serde(skip)]
+    pub leases: Option<crate::db::leases::Settlement>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,6 +374,9 @@ async fn write_batch(
                     .filter(|id| !done.contains(id)),
             );
         }
+    }
+    if let Some(settlement) = &batch.leases {
+        crate::db::leases::settle(&mut tx, batch.instance_id, settlement).await?;
     }
     if !dropped.is_empty() || !rejected.is_empty() {
         // The ledger keeps how many rows of the batch were left out, for whatever reason.

@@ -1,0 +1,27 @@
+-- Headroom leases: the slice of a user's bandwidth headroom each proxy instance
+-- may let through before its bytes are written. A proxy grants itself a slice
+-- under a per-user advisory lock, only out of what the user's usage and the
+-- other instances' live leases leave; its flushes move bytes from its lease to
+-- vps_usage_periods in the same transaction, so usage plus live leases never
+-- exceeds the headroom, whatever the number of proxies.
+--
+-- `epoch` names one run of an instance's leases: when a proxy stops trusting its
+-- leases (it could not renew them in time, or a month began) it starts a new
+-- epoch, and writes against an older one no longer apply.
+--
+-- Keyed by user first, so the table distributes by user_id with the rest of a
+-- user's rows (docs/operations.md, "When one PostgreSQL is not enough").
+CREATE TABLE bandwidth_leases (
+    user_id      UUID NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    period_start DATE NOT NULL CHECK (extract(day FROM period_start) = 1),
+    instance_id  UUID NOT NULL,
+    epoch        BIGINT NOT NULL,
+    bytes        BIGINT NOT NULL CHECK (bytes >= 0),
+    granted_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    expires_at   TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (user_id, period_start, instance_id)
+);
+
+-- Renewal and clean-up go by instance.
+CREATE INDEX bandwidth_leases_instance_idx ON bandwidth_leases (instance_id);
+CREATE INDEX bandwidth_leases_expires_at_idx ON bandwidth_leases (expires_at);
