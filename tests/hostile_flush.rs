@@ -354,3 +354,71 @@ async fn several_refused_rows_across_two_months_are_each_isolated() {
         assert_eq!(rows, want, "VPS {i}");
     }
 }
+
+/// A VPS deleted while its bytes were pending is dropped and reported, whether
+/// the batch meets rows of the month already there or new ones, and also when
+/// the same batch holds a row the database refuses.
+#[tokio::test]
+async fn a_deleted_vps_is_dropped_beside_updated_inserted_and_refused_rows() {
+    let db = TestDb::new().await;
+    let (kept, fresh, gone, bad) = (
+        db.fixture("fly").await,
+        db.fixture("fly").await,
+        db.fixture("fly").await,
+        db.fixture("fly").await,
+    );
+    let instance = Uuid::new_v4();
+    let first = batch(instance, 0, &[(kept.vps, 1, 1), (gone.vps, 1, 1)]);
+    usage::apply_flush(&db.pool, &first).await.unwrap();
+    sqlx::query("DELETE FROM vpses WHERE id = $1")
+        .bind(gone.vps)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let second = batch(
+        instance,
+        1,
+        &[(kept.vps, 10, 0), (fresh.vps, 5, 5), (gone.vps, 7, 7)],
+    );
+    assert_eq!(
+        usage::apply_flush(&db.pool, &second).await.unwrap(),
+        FlushOutcome::Applied {
+            rows: 2,
+            dropped: vec![gone.vps]
+        }
+    );
+    assert_eq!(db.usage(kept.vps).await, (11, 1, 12));
+    assert_eq!(db.usage(fresh.vps).await, (5, 5, 10));
+
+    refuse_rows_of(&db, bad.vps).await;
+    let third = batch(
+        instance,
+        2,
+        &[
+            (kept.vps, 1, 0),
+            (fresh.vps, 1, 0),
+            (gone.vps, 1, 0),
+            (bad.vps, 3, 3),
+        ],
+    );
+    let (outcome, refused) = usage::apply_flush_detailed(&db.pool, &third).await.unwrap();
+    assert_eq!(
+        outcome,
+        FlushOutcome::Applied {
+            rows: 2,
+            dropped: vec![gone.vps]
+        }
+    );
+    assert_eq!(
+        refused.iter().map(|r| r.delta.vps_id).collect::<Vec<_>>(),
+        [bad.vps]
+    );
+    assert_eq!(db.usage(kept.vps).await, (12, 1, 13));
+    assert_eq!(db.usage(fresh.vps).await, (6, 5, 11));
+    assert_eq!(db.usage(bad.vps).await, (0, 0, 0));
+    assert_eq!(
+        ledger(&db, instance).await,
+        [(0, 2, 0), (1, 3, 1), (2, 4, 2)]
+    );
+}

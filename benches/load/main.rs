@@ -11,8 +11,9 @@
 //! What runs, in order:
 //! 1. the meter's hot path under contention (two threads, two cores);
 //! 2. a fresh PostgreSQL database (migrated, seeded), and the flush of 100,000
-//!    dirty VPSes in one batch through `apply_flush`, plus the memory of their
-//!    counters;
+//!    dirty VPSes in one batch through `apply_flush` (several rounds of a first
+//!    flush of a month and the flushes after it; median and spread), plus the
+//!    memory of their counters;
 //! 3. the origin, Tollgate (`tollgate proxy`, auth + metering + enforcement on),
 //!    nginx, haproxy, squid and tinyproxy;
 //! 4. ingress (reverse proxies): `wrk` with a 100-byte and a 1 MiB response,
@@ -90,6 +91,9 @@ pub struct Args {
     /// VPSes in the flush and counter-memory measurements.
     #[arg(long, default_value_t = 100_000)]
     flush_vpses: usize,
+    /// Rounds of the flush measurement (each: one insert, two updates, in a month of its own).
+    #[arg(long, default_value_t = 5)]
+    flush_rounds: usize,
     /// Enforcement trials (each with a fresh agent).
     #[arg(long, default_value_t = 3)]
     enforcement_trials: usize,
@@ -155,6 +159,19 @@ impl Args {
 
     fn runs(&self, section: Section) -> bool {
         self.only.is_empty() || self.only.contains(&section)
+    }
+
+    /// Whether a section that starts the servers under test runs.
+    fn runs_servers(&self) -> bool {
+        [
+            Section::Ingress,
+            Section::Egress,
+            Section::Connect,
+            Section::Idle,
+            Section::Enforcement,
+        ]
+        .iter()
+        .any(|s| self.runs(*s))
     }
 
     fn duration(&self) -> Duration {
@@ -237,8 +254,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, mut results: Results) -> anyhow::Result<()> {
-    for tool in ["taskset", "wrk", "h2load"] {
-        anyhow::ensure!(installed(tool), "{tool} is not installed");
+    if args.runs_servers() {
+        for tool in ["taskset", "wrk", "h2load"] {
+            anyhow::ensure!(installed(tool), "{tool} is not installed");
+        }
     }
     let target_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .parent()
@@ -349,18 +368,9 @@ async fn measure(
 
     if args.runs(Section::Flush) {
         eprintln!("== flush of {} dirty VPSes", args.flush_vpses);
-        results.fleet = Some(flush::measure(db, args.flush_vpses).await?);
+        results.fleet = Some(flush::measure(db, args.flush_vpses, args.flush_rounds).await?);
     }
-    let needs_servers = [
-        Section::Ingress,
-        Section::Egress,
-        Section::Connect,
-        Section::Idle,
-        Section::Enforcement,
-    ]
-    .iter()
-    .any(|s| args.runs(*s));
-    if !needs_servers {
+    if !args.runs_servers() {
         return Ok(());
     }
 

@@ -315,8 +315,6 @@ async fn write_batch(
     for part in &batch.periods {
         let mut deltas = part.deltas.clone();
         deltas.sort_unstable_by_key(|d| d.vps_id);
-        let mut written = Vec::with_capacity(deltas.len());
-        let rejected_before = rejected.len();
         if isolate {
             // Ranges still to write, lowest VPS ids on top so locks stay in order.
             let mut todo = vec![(0, deltas.len())];
@@ -325,11 +323,12 @@ async fn write_batch(
                     .execute(&mut *tx)
                     .await?;
                 match upsert_deltas(&mut tx, part.period, &deltas[lo..hi]).await {
-                    Ok(ids) => {
+                    Ok(gone) => {
                         sqlx::query("RELEASE SAVEPOINT flush_part")
                             .execute(&mut *tx)
                             .await?;
-                        written.extend(ids);
+                        rows += hi - lo - gone.len();
+                        dropped.extend(gone);
                     }
                     Err(e) if is_row_error(&e) => {
                         sqlx::query("ROLLBACK TO SAVEPOINT flush_part")
@@ -357,22 +356,9 @@ async fn write_batch(
                 }
             }
         } else {
-            written = upsert_deltas(&mut tx, part.period, &deltas).await?;
-        }
-        rows += written.len();
-        let refused = &rejected[rejected_before..];
-        if written.len() + refused.len() != deltas.len() {
-            // The rest were skipped because their VPS no longer exists.
-            let done: HashSet<Uuid> = written
-                .into_iter()
-                .chain(refused.iter().map(|r| r.delta.vps_id))
-                .collect();
-            dropped.extend(
-                deltas
-                    .iter()
-                    .map(|d| d.vps_id)
-                    .filter(|id| !done.contains(id)),
-            );
+            let gone = upsert_deltas(&mut tx, part.period, &deltas).await?;
+            rows += deltas.len() - gone.len();
+            dropped.extend(gone);
         }
     }
     if let Some(settlement) = &batch.leases {
@@ -393,8 +379,16 @@ async fn write_batch(
     Ok((FlushOutcome::Applied { rows, dropped }, rejected))
 }
 
-/// Add `deltas` (sorted by VPS id) to their VPSes' rows for `period`; VPSes that
-/// no longer exist are skipped. Returns the VPS ids written.
+/// Add `deltas` (sorted by VPS id, at most one per VPS) to their VPSes' rows
+/// for `period`, in VPS id order; VPSes that no longer exist are skipped.
+/// Returns the ids of the skipped VPSes.
+///
+/// The usual batch is written by one statement that neither looks each VPS up
+/// nor returns the ids it wrote: the foreign key already refuses a row of a VPS
+/// that is gone, and without such a row every delta is written. Only when the
+/// foreign key refuses one (a VPS deleted while its bytes were pending) is the
+/// statement undone, back to a savepoint, and the batch written again by one
+/// that skips the missing VPSes and names the VPSes it wrote.
 async fn upsert_deltas(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     period: Period,
@@ -403,25 +397,77 @@ async fn upsert_deltas(
     let ids: Vec<Uuid> = deltas.iter().map(|d| d.vps_id).collect();
     let rx: Vec<i64> = deltas.iter().map(|d| to_i64(d.rx)).collect();
     let tx_bytes: Vec<i64> = deltas.iter().map(|d| to_i64(d.tx)).collect();
-    sqlx::query_scalar(
-        "INSERT INTO vps_usage_periods
-             (vps_id, period_start, bandwidth_bytes, bandwidth_rx_bytes, bandwidth_tx_bytes)
+    sqlx::query("SAVEPOINT flush_rows")
+        .execute(&mut **tx)
+        .await?;
+    let every = sqlx::query(&format!(
+        "INSERT INTO vps_usage_periods ({USAGE_COLUMNS})
+         SELECT d.vps_id, $4, d.rx + d.tx, d.rx, d.tx
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS d(vps_id, rx, tx)
+         ORDER BY d.vps_id
+         {ADD_TO_USAGE}"
+    ))
+    .bind(&ids)
+    .bind(&rx)
+    .bind(&tx_bytes)
+    .bind(period.start())
+    .execute(&mut **tx)
+    .await;
+    match every {
+        Ok(_) => {
+            sqlx::query("RELEASE SAVEPOINT flush_rows")
+                .execute(&mut **tx)
+                .await?;
+            return Ok(Vec::new());
+        }
+        Err(e) if is_missing_vps(&e) => {
+            for step in [
+                "ROLLBACK TO SAVEPOINT flush_rows",
+                "RELEASE SAVEPOINT flush_rows",
+            ] {
+                sqlx::query(step).execute(&mut **tx).await?;
+            }
+        }
+        // The caller undoes the statement (the whole transaction, or its own
+        // savepoint around this call, which holds this one).
+        Err(e) => return Err(e),
+    }
+    let written: Vec<Uuid> = sqlx::query_scalar(&format!(
+        "INSERT INTO vps_usage_periods ({USAGE_COLUMNS})
          SELECT d.vps_id, $4, d.rx + d.tx, d.rx, d.tx
          FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS d(vps_id, rx, tx)
          WHERE EXISTS (SELECT 1 FROM vpses v WHERE v.id = d.vps_id)
          ORDER BY d.vps_id
-         ON CONFLICT (vps_id, period_start) DO UPDATE SET
-             bandwidth_bytes    = vps_usage_periods.bandwidth_bytes + EXCLUDED.bandwidth_bytes,
-             bandwidth_rx_bytes = vps_usage_periods.bandwidth_rx_bytes + EXCLUDED.bandwidth_rx_bytes,
-             bandwidth_tx_bytes = vps_usage_periods.bandwidth_tx_bytes + EXCLUDED.bandwidth_tx_bytes
-         RETURNING vps_id",
-    )
+         {ADD_TO_USAGE}
+         RETURNING vps_id"
+    ))
     .bind(&ids)
     .bind(&rx)
     .bind(&tx_bytes)
     .bind(period.start())
     .fetch_all(&mut **tx)
-    .await
+    .await?;
+    let written: HashSet<Uuid> = written.into_iter().collect();
+    Ok(ids.into_iter().filter(|id| !written.contains(id)).collect())
+}
+
+/// The columns a flush writes in `vps_usage_periods`.
+const USAGE_COLUMNS: &str =
+    "vps_id, period_start, bandwidth_bytes, bandwidth_rx_bytes, bandwidth_tx_bytes";
+
+/// How a flushed row meets the period's row already there: the counts add up.
+const ADD_TO_USAGE: &str = "ON CONFLICT (vps_id, period_start) DO UPDATE SET
+             bandwidth_bytes    = vps_usage_periods.bandwidth_bytes + EXCLUDED.bandwidth_bytes,
+             bandwidth_rx_bytes = vps_usage_periods.bandwidth_rx_bytes + EXCLUDED.bandwidth_rx_bytes,
+             bandwidth_tx_bytes = vps_usage_periods.bandwidth_tx_bytes + EXCLUDED.bandwidth_tx_bytes";
+
+/// Whether `e` is the foreign key of `vps_usage_periods` refusing a row: its
+/// VPS no longer exists.
+fn is_missing_vps(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|db| {
+        db.code().as_deref() == Some("23503")
+            && db.constraint() == Some("vps_usage_periods_vps_id_fkey")
+    })
 }
 
 /// Delete ledger rows older than `keep_days`; returns how many went.
