@@ -25,6 +25,11 @@
 //!
 //! Each entry carries the resolved per-VPS counter and user gate, so the request
 //! path does one map lookup for auth, metering and enforcement together.
+//!
+//! Start-up reads nothing: a proxy in front of 100,000 agents serves its first
+//! request after one read of that agent. What the directory holds is reported
+//! as `tollgate_directory_entries` (by state) and an estimate of its memory,
+//! `tollgate_directory_bytes`, each time it changes size.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,6 +59,10 @@ const MAX_CONCURRENT_FILLS: usize = 4;
 const REFRESH_BATCH: usize = 5_000;
 /// Reads of one id a fill makes when invalidations keep landing during them.
 const FILL_ATTEMPTS: usize = 3;
+/// Heap bytes of a cached agent beyond the `Agent` itself: the gateway token (64
+/// hex characters), the VPS's address and provider names, and the revocation
+/// token's shared node.
+const ENTRY_HEAP_BYTES: usize = 64 + 32 + 128;
 /// First and longest wait before re-reading evicted entries again after the
 /// database failed to answer.
 const RECHECK_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
@@ -199,7 +208,7 @@ impl Directory {
         health: Arc<Health>,
         config: DirectoryConfig,
     ) -> Self {
-        Self {
+        let directory = Self {
             entries: DashMap::new(),
             suspended: DashMap::new(),
             reads: DashMap::new(),
@@ -211,7 +220,9 @@ impl Directory {
             enforcer,
             health,
             config,
-        }
+        };
+        directory.report_size();
+        directory
     }
 
     /// Find an agent: from memory when possible, else from the database.
@@ -252,6 +263,7 @@ impl Directory {
             Lookup::Unavailable => "unavailable",
         };
         metrics::counter!(telemetry::DIRECTORY_LOOKUPS, "result" => result).increment(1);
+        self.report_size();
         outcome
     }
 
@@ -445,6 +457,7 @@ impl Directory {
         if self.suspended.contains_key(&agent_id) {
             self.recheck.notify_one();
         }
+        self.report_size();
     }
 
     /// Re-read entries older than `older_than` in batches; drop deleted agents.
@@ -455,21 +468,30 @@ impl Directory {
             .filter(|e| e.fetched_at.elapsed() >= older_than)
             .map(|e| *e.key())
             .collect();
-        for chunk in due.chunks(REFRESH_BATCH) {
-            self.read(chunk).await?;
+        let refreshed = async {
+            for chunk in due.chunks(REFRESH_BATCH) {
+                self.read(chunk).await?;
+            }
+            Ok(due.len())
         }
-        metrics::gauge!(telemetry::DIRECTORY_ENTRIES).set(self.entries.len() as f64);
-        Ok(due.len())
+        .await;
+        self.report_size();
+        refreshed
     }
 
     /// Re-read the entries evicted by change notifications: reinstate those whose
     /// credential holds, revoke the others.
     async fn recheck_suspended(&self) -> Result<(), sqlx::Error> {
         let ids: Vec<Uuid> = self.suspended.iter().map(|e| *e.key()).collect();
-        for chunk in ids.chunks(REFRESH_BATCH) {
-            self.read(chunk).await?;
+        let rechecked = async {
+            for chunk in ids.chunks(REFRESH_BATCH) {
+                self.read(chunk).await?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        self.report_size();
+        rechecked
     }
 
     /// Background work: re-read evicted entries as soon as they are evicted
@@ -518,6 +540,34 @@ impl Directory {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Estimated bytes the directory holds: its three tables at their current
+    /// capacity, and per agent entry (cached or suspended) the shared `Agent`
+    /// allocation with its token, VPS names and revocation node. The per-VPS
+    /// counters and per-user gates belong to the meter and the enforcer.
+    pub fn estimated_bytes(&self) -> usize {
+        // A table slot: the key, the value and hashbrown's control byte.
+        let agent_slot = size_of::<(Uuid, Arc<Agent>)>() + 1;
+        let unknown_slot = size_of::<(Uuid, Instant)>() + 1;
+        // The `Arc` allocation: two reference counts, then the agent.
+        let agent = 2 * size_of::<usize>() + size_of::<Agent>() + ENTRY_HEAP_BYTES;
+        (self.entries.capacity() + self.suspended.capacity()) * agent_slot
+            + (self.entries.len() + self.suspended.len()) * agent
+            + self.unknown.capacity() * unknown_slot
+            + size_of::<Self>()
+    }
+
+    /// Publish how many agents the directory holds and its estimated memory.
+    fn report_size(&self) {
+        for (state, n) in [
+            ("cached", self.entries.len()),
+            ("suspended", self.suspended.len()),
+            ("unknown", self.unknown.len()),
+        ] {
+            metrics::gauge!(telemetry::DIRECTORY_ENTRIES, "state" => state).set(n as f64);
+        }
+        metrics::gauge!(telemetry::DIRECTORY_BYTES).set(self.estimated_bytes() as f64);
     }
 
     pub fn is_empty(&self) -> bool {

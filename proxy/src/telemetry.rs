@@ -49,6 +49,7 @@ pub const LEASE_FAILURES: &str = "tollgate_lease_failures_total";
 pub const OVERSHOOT: &str = "tollgate_overshoot_bytes";
 pub const DIRECTORY_LOOKUPS: &str = "tollgate_directory_lookups_total";
 pub const DIRECTORY_ENTRIES: &str = "tollgate_directory_entries";
+pub const DIRECTORY_BYTES: &str = "tollgate_directory_bytes";
 pub const DATABASE_UP: &str = "tollgate_database_up";
 pub const NOTIFY_RECONNECTS: &str = "tollgate_notify_reconnects_total";
 
@@ -156,7 +157,17 @@ pub fn describe() {
             "Bandwidth bytes past the last allowed byte when a block lands, by the listeners that carried the user's traffic here (egress, ingress, both)."
         );
         describe_counter!(DIRECTORY_LOOKUPS, "Agent directory lookups, by result.");
-        describe_gauge!(DIRECTORY_ENTRIES, "Agents cached in the directory.");
+        describe_gauge!(
+            DIRECTORY_ENTRIES,
+            "Agents held in the directory, by state: cached (serving), suspended (evicted by a \
+             change, awaiting a re-read), unknown (ids the database does not know)."
+        );
+        describe_gauge!(
+            DIRECTORY_BYTES,
+            Unit::Bytes,
+            "Estimated memory of the agent directory: its tables and entries, not the per-VPS \
+             counters and per-user gates the entries share with the meter and the enforcer."
+        );
         describe_gauge!(DATABASE_UP, "1 if the last database operation succeeded.");
         describe_counter!(
             NOTIFY_RECONNECTS,
