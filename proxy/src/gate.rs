@@ -106,6 +106,8 @@ pub struct UserGate {
     leases: Option<LeaseAsks>,
     /// Listeners that carried the user's traffic here, a bit each.
     listeners: AtomicU8,
+    /// Bytes were settled against the lease since the last idle check.
+    lease_used: AtomicBool,
 }
 
 impl UserGate {
@@ -125,6 +127,7 @@ impl UserGate {
             lease_news: Mutex::new(CancellationToken::new()),
             leases,
             listeners: AtomicU8::new(0),
+            lease_used: AtomicBool::new(false),
         }
     }
 
@@ -333,6 +336,7 @@ impl UserGate {
 
     /// Take `bytes` off the lease: they are written to usage now.
     pub(crate) fn settle_lease(&self, bytes: u64) {
+        self.lease_used.store(true, Ordering::Relaxed);
         let _ = self
             .lease
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
@@ -353,6 +357,15 @@ impl UserGate {
         {
             Ok(_) => lease,
             Err(_) => 0,
+        }
+    }
+
+    /// As [`UserGate::release_idle_lease`], only if no bytes were settled
+    /// against the lease since the last call.
+    pub(crate) fn release_lease_idle_since_last_call(&self) -> u64 {
+        match self.lease_used.swap(false, Ordering::Relaxed) {
+            true => 0,
+            false => self.release_idle_lease(),
         }
     }
 

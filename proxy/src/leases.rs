@@ -39,6 +39,8 @@ use crate::telemetry;
 const CONCURRENT_GRANTS: usize = 16;
 /// How long a user whose headroom was spent waits before asking again.
 const SPENT_RETRY: Duration = Duration::from_secs(1);
+/// Renewals between two clean-ups of spent and dead lease rows.
+const TIDY_EVERY: u64 = 30;
 /// A user with less than this many slices left unleased is near their limit:
 /// their idle leases go back at once rather than at the next renewal.
 const TIGHT_SLICES: u64 = 8;
@@ -157,7 +159,11 @@ impl Leases {
         let (tight_tx, mut tight_rx) = mpsc::unbounded_channel::<Uuid>();
         let mut period = self.clock.period();
         let renew_every = self.config.ttl / 3;
-        let mut valid_until = Instant::now() + self.config.ttl - renew_every;
+        let mut valid_until = Instant::now();
+        let mut renewals = 0u64;
+        // Register this proxy as a holder before the first grant.
+        self.renew(&enforcer, period, &[], true, &mut valid_until)
+            .await;
         let mut last_renewal = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -194,10 +200,13 @@ impl Leases {
                     let due = last_renewal.elapsed() >= renew_every;
                     let returned = self.idle(&enforcer, &mut tight, due);
                     if due || !returned.is_empty() {
+                        let mut tidy = false;
                         if due {
                             last_renewal = Instant::now();
+                            renewals += 1;
+                            tidy = renewals % TIDY_EVERY == 0;
                         }
-                        self.renew(&enforcer, period, &returned, &mut valid_until).await;
+                        self.renew(&enforcer, period, &returned, tidy, &mut valid_until).await;
                     }
                     if Instant::now() >= valid_until {
                         self.suspend(&enforcer, "leases could not be renewed before they lapse");
@@ -226,18 +235,16 @@ impl Leases {
             .health
             .observe(
                 "leasing headroom",
-                leases::grant(
-                    &self.pool,
-                    gate.user_id(),
-                    period,
-                    holder,
-                    self.config.ttl,
-                    slice,
-                ),
+                leases::grant(&self.pool, gate.user_id(), period, holder, slice),
             )
             .await;
         let retry = Instant::now() + SPENT_RETRY;
         match granted {
+            Ok(Some(grant)) if !grant.holder_live => {
+                self.suspend(enforcer, "this proxy's leases lapsed in the database");
+                gate.reset_lease(UNLEASED);
+                false
+            }
             Ok(Some(grant)) => {
                 if self.epoch.load(Ordering::Acquire) != holder.epoch {
                     // Leases started over meanwhile: this grant belongs to a
@@ -276,7 +283,7 @@ impl Leases {
         let mut returned = Vec::new();
         if due {
             enforcer.for_each_gate(|gate| {
-                let bytes = gate.release_idle_lease();
+                let bytes = gate.release_lease_idle_since_last_call();
                 if bytes > 0 {
                     returned.push((gate.user_id(), bytes));
                 }
@@ -302,12 +309,20 @@ impl Leases {
         enforcer: &Enforcer,
         period: Period,
         returned: &[(Uuid, u64)],
+        tidy: bool,
         valid_until: &mut Instant,
     ) {
         let started = Instant::now();
         let renewed = self.health.observe(
             "renewing leases",
-            leases::renew(&self.pool, self.holder(), period, returned, self.config.ttl),
+            leases::renew(
+                &self.pool,
+                self.holder(),
+                period,
+                returned,
+                self.config.ttl,
+                tidy,
+            ),
         );
         match renewed.await {
             Ok(()) => *valid_until = started + self.config.ttl - self.config.ttl / 3,
@@ -342,7 +357,7 @@ impl Leases {
         };
         let renewed = self.health.observe(
             "resuming leases",
-            leases::renew(&self.pool, next, period, &[], self.config.ttl),
+            leases::renew(&self.pool, next, period, &[], self.config.ttl, true),
         );
         if renewed.await.is_ok() {
             *valid_until = started + self.config.ttl - self.config.ttl / 3;

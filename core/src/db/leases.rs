@@ -9,7 +9,9 @@
 //!   snapshot of usage and leases leaves ([`grant`]);
 //! - a flush moves the bytes it writes from the instance's lease to usage in the
 //!   same transaction ([`settle`]), so no snapshot sees them twice or not at all;
-//! - every other change to a lease is a release (it shrinks).
+//! - every other change to a lease is a release (it shrinks), or its holder's
+//!   lapse (`lease_holders`: one row per proxy, renewed in one statement), after
+//!   which none of its leases count.
 //!
 //! A proxy lets a user's bytes through only up to its lease, so what all
 //! replicas let through together stays within the headroom, plus what each
@@ -46,6 +48,9 @@ pub struct Grant {
     pub reason: Option<BlockReason>,
     /// The figures the grant was computed from.
     pub billing: UserBilling,
+    /// Whether the holder was live; if not, nothing was granted and the
+    /// holder must start a new epoch.
+    pub holder_live: bool,
 }
 
 /// Bytes let through against leases, per user, taken off the instance's
@@ -71,6 +76,7 @@ struct GrantRow {
     others: i64,
     /// This holder's live lease.
     own: i64,
+    holder_live: bool,
 }
 
 fn to_i64(n: u64) -> i64 {
@@ -79,14 +85,13 @@ fn to_i64(n: u64) -> i64 {
 
 /// Grant `holder` a slice of `user`'s headroom in `period`: `slice(unleased)`
 /// bytes, at most what is unleased (headroom less every live lease, this
-/// holder's included). The lease's expiry moves to `ttl` from now. `None` if
-/// the user does not exist.
+/// holder's included). Nothing if the holder has lapsed. `None` if the user
+/// does not exist.
 pub async fn grant(
     pool: &PgPool,
     user: Uuid,
     period: Period,
     holder: Holder,
-    ttl: Duration,
     slice: impl FnOnce(u64) -> u64,
 ) -> Result<Option<Grant>, sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -98,16 +103,19 @@ pub async fn grant(
     // One statement, so usage and leases come from one snapshot: a flush moving
     // bytes from a lease to usage is seen whole or not at all.
     let sql = format!(
-        "WITH b AS ({USER_BILLING})
+        "WITH b AS ({USER_BILLING}),
+         live AS (
+             SELECT l.instance_id, l.epoch, l.bytes FROM bandwidth_leases l
+             JOIN lease_holders h ON h.instance_id = l.instance_id AND h.epoch = l.epoch
+             WHERE l.user_id = $1[1] AND l.period_start = $2 AND h.expires_at > now()
+         )
          SELECT b.*,
-                COALESCE((SELECT SUM(l.bytes) FROM bandwidth_leases l
-                          WHERE l.user_id = b.user_id AND l.period_start = $2
-                            AND l.expires_at > now()
-                            AND NOT (l.instance_id = $3 AND l.epoch = $4)), 0)::BIGINT AS others,
-                COALESCE((SELECT l.bytes FROM bandwidth_leases l
-                          WHERE l.user_id = b.user_id AND l.period_start = $2
-                            AND l.instance_id = $3 AND l.epoch = $4
-                            AND l.expires_at > now()), 0)::BIGINT AS own
+                COALESCE((SELECT SUM(bytes) FROM live
+                          WHERE NOT (instance_id = $3 AND epoch = $4)), 0)::BIGINT AS others,
+                COALESCE((SELECT SUM(bytes) FROM live
+                          WHERE instance_id = $3 AND epoch = $4), 0)::BIGINT AS own,
+                EXISTS (SELECT 1 FROM lease_holders
+                        WHERE instance_id = $3 AND epoch = $4 AND expires_at > now()) AS holder_live
          FROM b"
     );
     let row: Option<GrantRow> = sqlx::query_as(&sql)
@@ -120,7 +128,11 @@ pub async fn grant(
     let Some(row) = row else {
         return Ok(None);
     };
-    let (others, own) = (row.others.max(0) as u64, row.own.max(0) as u64);
+    let (others, own, holder_live) = (
+        row.others.max(0) as u64,
+        row.own.max(0) as u64,
+        row.holder_live,
+    );
     let billing = UserBilling::from(row.billing);
     let headroom = billing::bandwidth_headroom(
         billing.limits.as_ref(),
@@ -132,26 +144,26 @@ pub async fn grant(
         None => (0, None),
     };
     let before = room.saturating_sub(others).saturating_sub(own);
-    let granted = slice(before).min(before);
+    let granted = match holder_live {
+        true => slice(before).min(before),
+        false => 0,
+    };
     if granted > 0 {
         sqlx::query(
-            "INSERT INTO bandwidth_leases (user_id, period_start, instance_id, epoch, bytes, expires_at)
-             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+            "INSERT INTO bandwidth_leases (user_id, period_start, instance_id, epoch, bytes)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (user_id, period_start, instance_id) DO UPDATE SET
                  bytes = CASE WHEN bandwidth_leases.epoch = EXCLUDED.epoch
-                                   AND bandwidth_leases.expires_at > now()
                               THEN bandwidth_leases.bytes + EXCLUDED.bytes
                               ELSE EXCLUDED.bytes END,
                  epoch = EXCLUDED.epoch,
-                 granted_at = now(),
-                 expires_at = EXCLUDED.expires_at",
+                 granted_at = now()",
         )
         .bind(user)
         .bind(period.start())
         .bind(holder.instance)
         .bind(holder.epoch)
         .bind(to_i64(granted))
-        .bind(ttl.as_secs_f64())
         .execute(&mut *tx)
         .await?;
     }
@@ -161,6 +173,7 @@ pub async fn grant(
         unleased: before - granted,
         reason,
         billing,
+        holder_live,
     }))
 }
 
@@ -215,42 +228,55 @@ async fn release_in(
     Ok(())
 }
 
-/// Give back `returned` bytes of `holder`'s leases in `period`, extend the rest
-/// to `ttl` from now, and clear away leases that lapsed an hour ago (anyone's).
+/// Give back `returned` bytes of `holder`'s leases in `period` and keep the
+/// holder live for `ttl` from now (registering it, or starting its new epoch:
+/// leases of an older epoch are dead from then on). With `tidy`, also clear
+/// away the holder's spent and dead rows and holders that lapsed an hour ago
+/// (with their leases).
 pub async fn renew(
     pool: &PgPool,
     holder: Holder,
     period: Period,
     returned: &[(Uuid, u64)],
     ttl: Duration,
+    tidy: bool,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     if !returned.is_empty() {
         release_in(&mut tx, holder, period, returned).await?;
     }
     sqlx::query(
-        "UPDATE bandwidth_leases SET expires_at = now() + make_interval(secs => $3)
-         WHERE instance_id = $1 AND epoch = $2 AND bytes > 0",
+        "INSERT INTO lease_holders (instance_id, epoch, expires_at)
+         VALUES ($1, $2, now() + make_interval(secs => $3))
+         ON CONFLICT (instance_id) DO UPDATE SET
+             epoch = EXCLUDED.epoch, expires_at = EXCLUDED.expires_at",
     )
     .bind(holder.instance)
     .bind(holder.epoch)
     .bind(ttl.as_secs_f64())
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
-        "DELETE FROM bandwidth_leases
-         WHERE (instance_id = $1 AND bytes = 0) OR expires_at < now() - interval '1 hour'",
-    )
-    .bind(holder.instance)
-    .execute(&mut *tx)
-    .await?;
+    if tidy {
+        sqlx::query(
+            "DELETE FROM bandwidth_leases
+             WHERE instance_id = $1 AND (bytes = 0 OR epoch <> $2 OR period_start < $3)",
+        )
+        .bind(holder.instance)
+        .bind(holder.epoch)
+        .bind(period.start())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM lease_holders WHERE expires_at < now() - interval '1 hour'")
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await
 }
 
-/// Drop every lease of `instance` (at shutdown, after the final flush).
+/// Drop `instance` and every lease it holds (at shutdown, after the final flush).
 pub async fn release_all(pool: &PgPool, instance: Uuid) -> Result<u64, sqlx::Error> {
     Ok(
-        sqlx::query("DELETE FROM bandwidth_leases WHERE instance_id = $1")
+        sqlx::query("DELETE FROM lease_holders WHERE instance_id = $1")
             .bind(instance)
             .execute(pool)
             .await?
@@ -261,8 +287,9 @@ pub async fn release_all(pool: &PgPool, instance: Uuid) -> Result<u64, sqlx::Err
 /// Live leases of `user` in `period`, in bytes, all holders together.
 pub async fn leased(pool: &PgPool, user: Uuid, period: Period) -> Result<u64, sqlx::Error> {
     let total: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(SUM(bytes), 0)::BIGINT FROM bandwidth_leases
-         WHERE user_id = $1 AND period_start = $2 AND expires_at > now()",
+        "SELECT COALESCE(SUM(l.bytes), 0)::BIGINT FROM bandwidth_leases l
+         JOIN lease_holders h ON h.instance_id = l.instance_id AND h.epoch = l.epoch
+         WHERE l.user_id = $1 AND l.period_start = $2 AND h.expires_at > now()",
     )
     .bind(user)
     .bind(period.start())
