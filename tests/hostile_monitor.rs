@@ -19,7 +19,7 @@ use support::monitor::{monitor_config, TestMonitor};
 use support::TestDb;
 use tollgate_core::billing::{BlockReason, Period};
 use tollgate_core::db::{self, decisions, usage};
-use tollgate_monitor::cycle::{self, Sources};
+use tollgate_monitor::cycle::{self, Sources, Tracker};
 
 /// `count` running VPSes of `user` on `provider`.
 async fn fleet(db: &TestDb, user: Uuid, provider: &str, count: i32) {
@@ -117,6 +117,7 @@ async fn free_text_provider_names_share_one_label_and_the_kinds_logged_are_cappe
     let mut config = monitor_config(&db.url, Duration::from_secs(3600));
     config.monitor.concurrency = 8;
     let sources = Sources::from_config(&config.monitor);
+    let mut tracker = Tracker::new();
     let labels = [
         ("provider", "other"),
         ("source", "none"),
@@ -125,13 +126,25 @@ async fn free_text_provider_names_share_one_label_and_the_kinds_logged_are_cappe
     let before = counter(FAILURES, &labels);
     // The first cycle may also note each unknown provider name once (for the
     // life of the process); the second shows what every later cycle logs.
-    cycle::timed_cycle(&db.pool, &config.monitor, &sources, "monitor-test")
-        .await
-        .unwrap();
+    cycle::timed_cycle(
+        &db.pool,
+        &config.monitor,
+        &sources,
+        "monitor-test",
+        &mut tracker,
+    )
+    .await
+    .unwrap();
     logs.clear();
-    let report = cycle::timed_cycle(&db.pool, &config.monitor, &sources, "monitor-test")
-        .await
-        .unwrap();
+    let report = cycle::timed_cycle(
+        &db.pool,
+        &config.monitor,
+        &sources,
+        "monitor-test",
+        &mut tracker,
+    )
+    .await
+    .unwrap();
     assert_eq!(report.failed, 2 * NAMES as usize);
 
     let lines: Vec<String> = logs

@@ -23,6 +23,10 @@ use support::wait::{eventually, holds, PROMPTLY};
 use support::TestDb;
 use tollgate_core::billing::Period;
 use tollgate_core::config::SourceConfig;
+use tollgate_core::db::samples::{self, SampleTarget};
+use tollgate_monitor::accounting::{Cpu, Reading};
+use tollgate_monitor::cycle::{self, Sources, Tracker};
+use tollgate_monitor::sources::{FailureReason, SampleError, Source};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Recorded {
@@ -329,6 +333,8 @@ async fn prometheus_deltas_match_the_exporters_counter_deltas() {
             url: format!("http://127.0.0.1:{prom_port}"),
             cpu_query: cpu_query.into(),
             memory_query: "test_memory_bytes{vm=\"{vm_id}\"}".into(),
+            vps_label: None,
+            vps_label_value: "{vm_id}".into(),
         },
     );
     let monitor = TestMonitor::start(config).await;
@@ -716,4 +722,340 @@ async fn budget_and_plan_changes_are_decided_at_once() {
         "decided by notification, not by a cycle"
     );
     monitor.stop().await;
+}
+
+/// A user with a running `provider` VPS, with a chosen id (the sweep visits ids
+/// in order: ids near the top are swept last) on `plan`.
+async fn user_with_id(db: &TestDb, id: Uuid, plan: Uuid, provider: &str) -> Uuid {
+    sqlx::query("INSERT INTO users (id, email, plan_id) VALUES ($1, $2, $3)")
+        .bind(id)
+        .bind(format!("{id}@example.com"))
+        .bind(plan)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.vps(id, provider, "127.0.0.1", "running").await
+}
+
+/// When `user`'s stored decision was read, and its reason.
+async fn decided(db: &TestDb, user: Uuid) -> Option<(DateTime<Utc>, Option<String>)> {
+    sqlx::query_as("SELECT decided_at, reason FROM usage_decisions WHERE user_id = $1")
+        .bind(user)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_changed_users_are_decided_between_sweeps() {
+    let db = TestDb::new().await;
+    // A 1,000-byte bandwidth limit with no overage, and no CPU allowance at
+    // all: every user on it is "near a limit", so each decision the monitor
+    // makes is stored and shows in `decided_at`.
+    let plan = db.plan(&format!("p-{}", Uuid::new_v4()), 1000, 0).await;
+    db.update_plan(plan, "max_cpu_ms = 0").await;
+    // Ids in the last share of the sweep: visited last.
+    let top = |n: u128| Uuid::from_u128(u128::MAX - n);
+    let (flushed, budgeted, untouched) = (top(1), top(2), top(3));
+    let flushed_vps = user_with_id(&db, flushed, plan, "fly").await;
+    user_with_id(&db, budgeted, plan, "fly").await;
+    user_with_id(&db, untouched, plan, "fly").await;
+
+    // 200 ms cycles, a sweep every 6 s: 30 shares, these users' share is the
+    // 30th (cycle 29, counting the first as 0).
+    let mut config = monitor_config(&db.url, Duration::from_millis(200));
+    config.monitor.full_sweep_interval = Duration::from_secs(6);
+    let monitor = TestMonitor::start(config).await;
+    // A new leader decides everyone in its first cycle.
+    monitor.wait_cycles(1, Duration::from_secs(10)).await;
+    let first = |user| {
+        let db = &db;
+        async move { decided(db, user).await.expect("decided in the first cycle") }
+    };
+    let (untouched_at, _) = first(untouched).await;
+    let (budgeted_at, _) = first(budgeted).await;
+
+    // A proxy flushes bandwidth past the limit: decided promptly, by the monitor.
+    sqlx::query(
+        "INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_bytes, bandwidth_rx_bytes, bandwidth_tx_bytes)
+         VALUES ($1, $2, 5000, 5000, 0)",
+    )
+    .bind(flushed_vps)
+    .bind(Period::current().start())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    eventually(PROMPTLY, "the flushed user decided (blocked)", || async {
+        let d = decided(&db, flushed).await;
+        holds(
+            d.as_ref().and_then(|d| d.1.as_deref()) == Some("bandwidth"),
+            d,
+        )
+    })
+    .await;
+    let cycles = monitor.status.cycles();
+    assert!(
+        cycles < 29,
+        "decided by the change, not the sweep (cycle {cycles})"
+    );
+
+    // A budget change is decided at once.
+    db.set_budget(budgeted, 100).await;
+    eventually(PROMPTLY, "the budget change decided", || async {
+        let d = decided(&db, budgeted).await;
+        holds(d.as_ref().is_some_and(|d| d.0 > budgeted_at), d)
+    })
+    .await;
+
+    // Ten more cycles, none of them the sweep's turn for these users: the
+    // untouched user was not decided again.
+    monitor.wait_cycles(12, Duration::from_secs(20)).await;
+    let cycles = monitor.status.cycles();
+    assert!(
+        cycles < 29,
+        "still before the sweep's share (cycle {cycles})"
+    );
+    assert_eq!(
+        decided(&db, untouched).await.unwrap().0,
+        untouched_at,
+        "an unchanged user is not decided again between sweeps"
+    );
+    // The sweep reaches it in its share.
+    eventually(
+        Duration::from_secs(30),
+        "the sweep decides the untouched user",
+        || async {
+            let d = decided(&db, untouched).await;
+            holds(d.as_ref().is_some_and(|d| d.0 > untouched_at), d)
+        },
+    )
+    .await;
+    let cycles = monitor.status.cycles();
+    assert!(
+        cycles >= 29,
+        "swept in its share, not before (after {cycles} cycles)"
+    );
+    monitor.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_samples_are_written_in_their_turn_and_a_restart_loses_nothing() {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let files = CounterFiles::new();
+    files.set(f.vps, 1_000_000_000, 64 << 20);
+    let mut config = monitor_config(&db.url, Duration::from_millis(200));
+    // Far from every limit: written once per 2 s (one share in ten).
+    config.monitor.write_interval = Duration::from_secs(2);
+    config
+        .monitor
+        .providers
+        .insert("k8s".into(), files.source());
+
+    let first = TestMonitor::start(config.clone()).await;
+    // A new VPS's baseline is written at once.
+    let baseline = first_sample(&db, f.vps).await;
+    files.set(f.vps, 3_000_000_000, 64 << 20); // +2 s
+    wait_recorded(&db, f.vps, |r| r.cpu_ms == 2000, Duration::from_secs(10)).await;
+    let (written_at, _, _) = last_sample(&db, f.vps).await.unwrap();
+    assert!(written_at > baseline);
+    // Between turns the monitor holds what it sampled.
+    files.set(f.vps, 4_000_000_000, 64 << 20); // +1 s, held
+    first
+        .wait_cycles(first.status.cycles() + 2, Duration::from_secs(5))
+        .await;
+    // Killed while holding samples: the next monitor counts from the stored state.
+    first.kill().await;
+    files.set(f.vps, 4_500_000_000, 64 << 20); // +0.5 s
+    let second = TestMonitor::start(config).await;
+    wait_recorded(&db, f.vps, |r| r.cpu_ms == 3500, Duration::from_secs(15)).await;
+    second
+        .wait_cycles(second.status.cycles() + 12, Duration::from_secs(10))
+        .await;
+    second.stop().await;
+    let got = recorded(&db, f.vps).await;
+    assert_eq!(got.cpu_ms, 3500, "nothing lost or counted twice");
+    // 64 MiB throughout, from the baseline to the last written sample (each
+    // interval is integrated in whole milliseconds).
+    let (last_at, _, _) = last_sample(&db, f.vps).await.unwrap();
+    let expected = 64.0 * (last_at - baseline).num_milliseconds() as f64 / 1000.0;
+    assert!(
+        (got.memory_mb_seconds as f64 - expected).abs() <= expected * 0.01 + 1.0,
+        "{} MB-s vs {expected}",
+        got.memory_mb_seconds
+    );
+}
+
+/// A `/metrics` exporter serving fixed CPU and memory series for several VMs.
+async fn fleet_exporter(series: Vec<(String, f64, f64)>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut body = String::from("# TYPE test_cpu_seconds_total counter\n");
+    for (vm, cpu, _) in &series {
+        body += &format!("test_cpu_seconds_total{{vm=\"{vm}\",container=\"a\"}} {cpu}\n");
+        // A second container of the same VM: fleet and per-VPS queries sum both.
+        body += &format!("test_cpu_seconds_total{{vm=\"{vm}\",container=\"b\"}} 1\n");
+    }
+    body += "# TYPE test_memory_bytes gauge\n";
+    for (vm, _, memory) in &series {
+        body += &format!("test_memory_bytes{{vm=\"{vm}\",container=\"a\"}} {memory}\n");
+    }
+    let body = Bytes::from(body);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |_req| {
+                    let body = body.clone();
+                    async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_fleet_query_gives_the_per_vps_figures_and_a_missing_series_fails() {
+    let Some(prometheus) = require_tool("prometheus", "apt-get install prometheus") else {
+        return;
+    };
+    let db = TestDb::new().await;
+    let plan = db.plan("fleet", 1 << 40, 0).await;
+    let user = db.user("fleet@example.com", Some(plan)).await;
+    let mut vpses = Vec::new();
+    for _ in 0..3 {
+        vpses.push(db.vps(user, "k8s", "127.0.0.1", "running").await);
+    }
+    let targets: Vec<SampleTarget> = samples::running_targets(&db.pool).await.unwrap();
+    assert_eq!(targets.len(), 3);
+    let vm = |i: usize| targets[i].vm_id.clone().unwrap();
+    // The third VPS has no series; another VM that is no VPS of ours does.
+    let exporter = fleet_exporter(vec![
+        (vm(0), 12.5, 100.0 * (1 << 20) as f64),
+        (vm(1), 3.25, 7.0 * (1 << 20) as f64),
+        ("someone-else".into(), 99.0, 1.0),
+    ])
+    .await;
+    let dir = temp_dir("prometheus-fleet");
+    let prom_port = free_port();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: exporter\n    static_configs:\n      - targets: ['127.0.0.1:{exporter}']\n"
+        ),
+    )
+    .unwrap();
+    let mut prom = Service::start(
+        "prometheus",
+        prometheus.to_str().unwrap(),
+        &[
+            &format!("--config.file={}", dir.join("prometheus.yml").display()),
+            &format!("--storage.tsdb.path={}", dir.join("data").display()),
+            &format!("--web.listen-address=127.0.0.1:{prom_port}"),
+        ],
+        &[],
+        &dir,
+    );
+    eventually(
+        Duration::from_secs(30),
+        "Prometheus scrapes the exporter",
+        || {
+            prom.assert_running();
+            async move {
+                let n = prom_value(prom_port, "count(test_memory_bytes)").await;
+                holds(n == Some(3.0), n)
+            }
+        },
+    )
+    .await;
+
+    let url = format!("http://127.0.0.1:{prom_port}");
+    let fleet = SourceConfig::Prometheus {
+        url: url.clone(),
+        cpu_query: "sum by (vm) (test_cpu_seconds_total)".into(),
+        memory_query: "sum by (vm) (test_memory_bytes)".into(),
+        vps_label: Some("vm".into()),
+        vps_label_value: "{vm_id}".into(),
+    };
+    let per_vps = SourceConfig::Prometheus {
+        url,
+        cpu_query: "sum(test_cpu_seconds_total{vm=\"{vm_id}\"})".into(),
+        memory_query: "sum(test_memory_bytes{vm=\"{vm_id}\"})".into(),
+        vps_label: None,
+        vps_label_value: "{vm_id}".into(),
+    };
+    let timeout = Duration::from_secs(5);
+    let (batched, batched_queries) = Source::new(fleet.clone())
+        .sample_all(&targets, 4, timeout, None)
+        .await;
+    let per_vps = Source::new(per_vps);
+    assert!(
+        per_vps.prefetch(timeout).await.is_none(),
+        "templates need the VPS"
+    );
+    let (single, single_queries) = per_vps.sample_all(&targets, 4, timeout, None).await;
+    assert_eq!((batched_queries, single_queries), (2, 6));
+    let figures = |r: &Result<Reading, SampleError>| {
+        r.as_ref()
+            .map(|r| (r.cpu, r.memory_bytes))
+            .map_err(|e| (e.reason, e.retryable))
+    };
+    for i in 0..2 {
+        assert_eq!(figures(&batched[i]), figures(&single[i]), "VPS {i}");
+    }
+    assert_eq!(
+        figures(&batched[0]),
+        Ok((Some(Cpu::CumulativeUs(13_500_000)), Some(100 << 20)))
+    );
+    assert_eq!(
+        figures(&batched[1]),
+        Ok((Some(Cpu::CumulativeUs(4_250_000)), Some(7 << 20)))
+    );
+    // No series is a failed sample, never zero usage.
+    assert_eq!(figures(&batched[2]), Err((FailureReason::NotFound, true)));
+    assert!(single[2].is_err());
+
+    // In a cycle: two VPSes sampled, the third counted as a failure and never written.
+    tollgate_core::telemetry::metrics_handle();
+    let labels = [
+        ("provider", "k8s"),
+        ("source", "prometheus"),
+        ("reason", "not_found"),
+    ];
+    let before = support::counter("tollgate_monitor_sample_failures_total", &labels);
+    let mut config = monitor_config(&db.url, Duration::from_secs(15));
+    config.monitor.providers.insert("k8s".into(), fleet);
+    let sources = Sources::from_config(&config.monitor);
+    let report = cycle::run_cycle(
+        &db.pool,
+        &config.monitor,
+        &sources,
+        "monitor-test",
+        &mut Tracker::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            report.sampled,
+            report.failed,
+            report.queries,
+            report.written
+        ),
+        (2, 1, 2, 2)
+    );
+    assert!(support::counter("tollgate_monitor_sample_failures_total", &labels) > before);
+    let missing = targets[2].vps_id;
+    assert!(last_sample(&db, missing).await.is_none());
+    assert_eq!(
+        last_sample(&db, targets[0].vps_id)
+            .await
+            .map(|s| (s.1, s.2)),
+        Some((Some(13_500_000), Some(100 << 20)))
+    );
+    drop(vpses);
 }

@@ -451,6 +451,20 @@ pub struct MonitorConfig {
     pub sample_timeout: Duration,
     /// PostgreSQL advisory lock key that elects the active monitor. Default 7_405_112.
     pub leader_lock_key: i64,
+    /// Longest time a VPS's sampled CPU and memory usage is held in the monitor
+    /// before it is written, for users far from every limit; users at 80 % of a
+    /// limit or of their budget, or blocked, are written every cycle, as are new
+    /// VPSes and ones that stopped. Each cycle writes an equal share of the
+    /// fleet. At most `max_gap`; set it to `interval` to write every sample.
+    /// Default `1m`.
+    #[serde(with = "duration")]
+    pub write_interval: Duration,
+    /// Every active user is decided again at least this often, in equal shares
+    /// per cycle, whatever changed; between sweeps only users whose inputs
+    /// changed are decided (usage written, a plan or budget change, a new
+    /// month). Default `10m`.
+    #[serde(with = "duration")]
+    pub full_sweep_interval: Duration,
     pub admin: AdminConfig,
     /// Source per provider name (lower case). A metered provider with no entry
     /// uses `default_source`; with neither, its samples fail as not retryable.
@@ -467,6 +481,8 @@ impl Default for MonitorConfig {
             concurrency: 16,
             sample_timeout: Duration::from_secs(5),
             leader_lock_key: 7_405_112,
+            write_interval: Duration::from_secs(60),
+            full_sweep_interval: Duration::from_secs(600),
             admin: AdminConfig {
                 listen: ([0, 0, 0, 0], 9901).into(),
             },
@@ -495,15 +511,28 @@ pub enum SourceConfig {
         path: String,
     },
     /// Instant PromQL queries against a Prometheus HTTP API.
+    ///
+    /// With `vps_label` set, each query runs once per cycle for the whole fleet
+    /// and returns one series per VPS, e.g.
+    /// `sum by (pod) (container_cpu_usage_seconds_total{container!=""})` with
+    /// `vps_label = "pod"`. Without it, the queries are templates run once per
+    /// VPS (`{pod="{vm_id}"}`), which costs one query per VPS per cycle.
     Prometheus {
         /// Base URL, e.g. `http://prometheus:9090`.
         url: String,
         /// Query returning cumulative CPU seconds, e.g.
-        /// `sum(container_cpu_usage_seconds_total{pod="{vm_id}"})`.
+        /// `sum by (pod) (container_cpu_usage_seconds_total{container!=""})`.
         cpu_query: String,
         /// Query returning memory in use in bytes, e.g.
-        /// `sum(container_memory_working_set_bytes{pod="{vm_id}"})`.
+        /// `sum by (pod) (container_memory_working_set_bytes{container!=""})`.
         memory_query: String,
+        /// Label of the fleet queries' series that names the VPS, e.g. `pod`.
+        /// Default: none (per-VPS query templates).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vps_label: Option<String>,
+        /// What `vps_label` holds for a VPS, a template. Default `{vm_id}`.
+        #[serde(default = "default_vps_label_value")]
+        vps_label_value: String,
     },
     /// The in-VM agent's `/metrics` JSON. The VM's owner can tamper with these
     /// figures; prefer a host-side source where one exists.
@@ -534,6 +563,9 @@ fn default_cgroup_root() -> PathBuf {
 }
 fn default_cgroup_path() -> String {
     "tollgate/{vps_id}".into()
+}
+fn default_vps_label_value() -> String {
+    "{vm_id}".into()
 }
 fn default_agent_url() -> String {
     "http://{address}:7575/metrics".into()
@@ -743,6 +775,18 @@ impl Config {
         positive("monitor.interval", m.interval)?;
         positive("monitor.max_gap", m.max_gap)?;
         positive("monitor.sample_timeout", m.sample_timeout)?;
+        positive("monitor.write_interval", m.write_interval)?;
+        positive("monitor.full_sweep_interval", m.full_sweep_interval)?;
+        if m.write_interval > m.max_gap {
+            // A restart integrates memory from the last written sample, capped at max_gap.
+            return Err(field_error(
+                "monitor.write_interval",
+                format!(
+                    "must be at most monitor.max_gap ({})",
+                    duration::format(m.max_gap)
+                ),
+            ));
+        }
         if m.concurrency == 0 {
             return Err(field_error("monitor.concurrency", "must be at least 1"));
         }
@@ -798,11 +842,52 @@ impl SourceConfig {
                 url,
                 cpu_query,
                 memory_query,
+                vps_label,
+                vps_label_value,
             } => {
                 if !url.starts_with("http://") {
                     return Err(field_error(&format!("{key}.url"), "must be an http:// URL"));
                 }
-                vec![("cpu_query", cpu_query), ("memory_query", memory_query)]
+                let per_vps = |q: &str| TEMPLATE_PLACEHOLDERS.iter().any(|p| q.contains(p));
+                for (field, query) in [("cpu_query", cpu_query), ("memory_query", memory_query)] {
+                    match (vps_label, per_vps(query)) {
+                        (Some(_), true) => {
+                            return Err(field_error(
+                                &format!("{key}.{field}"),
+                                "with vps_label the query runs once for the whole fleet: \
+                                 drop the {vps_id}/{vm_id}/{address} placeholders and group \
+                                 by the label, e.g. `sum by (pod) (...)`",
+                            ))
+                        }
+                        (None, false) => {
+                            return Err(field_error(
+                                &format!("{key}.{field}"),
+                                "names no VPS: set vps_label and group by it (`sum by (pod) \
+                                 (...)`, one query per cycle), or use {vm_id} in the query \
+                                 (one query per VPS)",
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(label) = vps_label {
+                    let valid = label
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                    if !valid {
+                        return Err(field_error(
+                            &format!("{key}.vps_label"),
+                            "must be a Prometheus label name",
+                        ));
+                    }
+                }
+                vec![
+                    ("cpu_query", cpu_query),
+                    ("memory_query", memory_query),
+                    ("vps_label_value", vps_label_value),
+                ]
             }
             SourceConfig::Agent { url, .. } => {
                 if !url.starts_with("http://") {
@@ -1058,6 +1143,52 @@ mod tests {
             &[],
         )
         .unwrap();
+    }
+
+    #[test]
+    fn prometheus_queries_are_either_fleet_wide_or_per_vps() {
+        let source = |queries: &str| {
+            load(
+                &format!("[monitor.providers.k8s]\nsource = \"prometheus\"\nurl = \"http://p:9090\"\n{queries}"),
+                &[],
+            )
+        };
+        let fleet = source(
+            "cpu_query = 'sum by (pod) (c{container!=\"\"})'\nmemory_query = 'sum by (pod) (m)'\nvps_label = \"pod\"",
+        )
+        .unwrap();
+        assert!(matches!(
+            &fleet.monitor.providers["k8s"],
+            SourceConfig::Prometheus { vps_label: Some(l), vps_label_value: v, .. } if l == "pod" && v == "{vm_id}"
+        ));
+        // A template with a fleet label, or a fleet query with none, is refused by name.
+        let err = source("cpu_query = 'c{pod=\"{vm_id}\"}'\nmemory_query = 'sum by (pod) (m)'\nvps_label = \"pod\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("monitor.providers.k8s.cpu_query")
+                && err.contains("once for the whole fleet"),
+            "{err}"
+        );
+        let err = source("cpu_query = 'c{pod=\"{vm_id}\"}'\nmemory_query = 'sum by (pod) (m)'")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("monitor.providers.k8s.memory_query") && err.contains("vps_label"),
+            "{err}"
+        );
+        let err = source("cpu_query = 'sum by (pod) (c)'\nmemory_query = 'sum by (pod) (m)'\nvps_label = \"po d\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vps_label"), "{err}");
+        // Held samples may not wait longer than a gap is integrated.
+        let err = load("[monitor]\nwrite_interval = \"10m\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("monitor.write_interval") && err.contains("max_gap"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,17 +3,20 @@
 //! every active user's allow/block decision.
 //!
 //! Only one monitor is active: each instance tries a PostgreSQL advisory lock on
-//! a dedicated connection; the holder leads (samples every `interval`, and
-//! re-decides users at once when a plan or budget changes), the others stand by
+//! a dedicated connection; the holder leads (samples every `interval`, decides
+//! the users whose inputs changed plus a share of everyone, and re-decides users
+//! at once when a plan or budget changes), the others stand by
 //! and try again every half interval. If the leader dies its session ends, the
 //! lock is released, and a standby takes over within one interval.
 //!
 //! ```text
-//!  leader lock ─▶ every interval: running VPSes ─▶ source per provider ─▶ readings
-//!                   (bounded concurrency, per-sample timeout)               │
-//!                 accounting (counter deltas, trapezoid memory, month split)◀┘
+//!  leader lock ─▶ every interval: running VPSes ─▶ one request per source ─▶ readings
+//!                   (agent: per VPS, bounded concurrency; timeouts)            │
+//!                 accounting (counter deltas, trapezoid memory, month split)◀──┘
+//!                   ─▶ held until due (write_interval share; at once near a limit)
 //!                   ─▶ one transaction: sample state + usage + gauges
-//!                   ─▶ decisions for every active user ─▶ usage_decisions + NOTIFY
+//!                   ─▶ decisions for users whose inputs changed + a sweep share
+//!                   ─▶ usage_decisions (changed outcomes) + NOTIFY
 //!  NOTIFY tollgate_billing ─▶ decide the affected users now
 //! ```
 #![forbid(unsafe_code)]
@@ -21,6 +24,7 @@
 pub mod accounting;
 pub mod cycle;
 pub mod http;
+pub mod pending;
 pub mod sources;
 pub mod telemetry;
 
@@ -39,7 +43,7 @@ use tollgate_core::config::Config;
 use tollgate_core::db::changes::Change;
 use tollgate_core::db::{self, BILLING_CHANNEL};
 
-use crate::cycle::Sources;
+use crate::cycle::{Sources, Tracker};
 
 /// What a running monitor is doing, for callers that embed it (and tests).
 #[derive(Debug, Default)]
@@ -195,6 +199,8 @@ async fn lead(
     };
     let mut ticks = tokio::time::interval(m.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A new leader knows nothing of what changed before it: its first cycle decides everyone.
+    let mut tracker = Tracker::new();
     loop {
         tokio::select! {
             _ = ticks.tick() => {
@@ -205,7 +211,7 @@ async fn lead(
                     status.set_db(false);
                     return;
                 }
-                match cycle::timed_cycle(pool, m, sources, name).await {
+                match cycle::timed_cycle(pool, m, sources, name, &mut tracker).await {
                     Ok(report) => {
                         status.set_db(true);
                         status.cycles.fetch_add(1, Ordering::SeqCst);
@@ -227,7 +233,7 @@ async fn lead(
             } => match n {
                 Ok(Some(n)) => match Change::parse(n.channel(), n.payload()) {
                     Ok(Change::Billing(change)) => {
-                        if let Err(e) = cycle::on_billing_change(pool, change, name).await {
+                        if let Err(e) = cycle::on_billing_change(pool, change, name, &mut tracker).await {
                             tracing::warn!(error = %e, "re-deciding after a plan or budget change failed");
                         }
                     }
@@ -236,6 +242,7 @@ async fn lead(
                 },
                 Ok(None) => {
                     // Reconnected: changes may have been missed; the next cycle decides everyone.
+                    tracker.decide_everyone_next();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "lost the change-notification connection");

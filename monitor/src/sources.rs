@@ -2,7 +2,9 @@
 //!
 //! - `cgroup`: a cgroup on this host per VPS; v1 `cpuacct.usage` (ns) and
 //!   `memory.usage_in_bytes`, v2 `cpu.stat` `usage_usec` and `memory.current`.
-//! - `prometheus`: instant PromQL queries (cumulative CPU seconds, memory bytes).
+//! - `prometheus`: instant PromQL queries (cumulative CPU seconds, memory bytes):
+//!   with `vps_label`, two queries per cycle for the whole fleet, one series per
+//!   VPS; without, per-VPS templates.
 //! - `agent`: the in-VM agent's `/metrics` JSON (`cpu_usage_percent`,
 //!   `memory_used_bytes`, `disk_used_bytes`). The VM's owner controls these
 //!   numbers; values are clamped to sane ranges, and host-side sources are
@@ -11,10 +13,19 @@
 //! Templates may use `{vps_id}`, `{vm_id}` and `{address}`. Failures are
 //! [`SampleError`]s naming the VPS, the source and a [`FailureReason`], and
 //! saying whether retrying can help.
+//!
+//! A cycle hands each source all of its VPSes at once ([`Source::sample_all`]):
+//! a fleet Prometheus source asks two queries, a cgroup source lists each
+//! parent directory once and reads the counters in one blocking task, and only
+//! the in-VM agent (inherently one VM at a time) is asked per VPS, a bounded
+//! number at once.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use chrono::Utc;
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use tollgate_core::config::{CgroupVersion, SourceConfig};
@@ -131,6 +142,189 @@ impl Source {
         }
     }
 
+    /// Read the counters of every VPS in `targets` (this source's share of a
+    /// cycle), returning each target with its result. Requests to the source:
+    /// two for a fleet Prometheus source, one per VPS (at most `concurrency` at
+    /// once, each within `timeout`) for the agent and per-VPS Prometheus
+    /// templates; a cgroup source lists each parent directory once and reads
+    /// files in one blocking task. Also returns how many requests or directory
+    /// listings were made.
+    ///
+    /// A fleet source uses `prefetched` answers ([`Source::prefetch`]) when
+    /// given, so the queries can run while the cycle reads the fleet.
+    pub async fn sample_all(
+        &self,
+        targets: &[SampleTarget],
+        concurrency: usize,
+        timeout: Duration,
+        prefetched: Option<Prefetched>,
+    ) -> (Vec<Result<Reading, SampleError>>, usize) {
+        match &self.config {
+            SourceConfig::Prometheus {
+                url,
+                cpu_query,
+                memory_query,
+                vps_label: Some(label),
+                vps_label_value,
+            } => {
+                let fleet = PrometheusFleet {
+                    url,
+                    cpu_query,
+                    memory_query,
+                    label,
+                    label_value: vps_label_value,
+                };
+                let (answer, queries) = match prefetched {
+                    Some(Prefetched(answer)) => (answer, 0),
+                    None => (fetch_fleet(&fleet, timeout).await, 2),
+                };
+                (self.readings_from(targets, &fleet, answer), queries)
+            }
+            SourceConfig::Cgroup {
+                root,
+                version,
+                path,
+            } => {
+                let (this, owned) = (self.clone(), targets.to_vec());
+                let (root, version, path) = (root.clone(), *version, path.clone());
+                let work = tokio::task::spawn_blocking(move || {
+                    let mut listed = Listings::default();
+                    let results = owned
+                        .iter()
+                        .map(|t| this.cgroup(t, &root, version, &path, Some(&mut listed)))
+                        .collect::<Vec<_>>();
+                    (results, listed.walks())
+                });
+                match tokio::time::timeout(timeout, work).await {
+                    Ok(Ok(done)) => done,
+                    Ok(Err(e)) => {
+                        let reason = FailureReason::Unavailable;
+                        let message = format!("reading cgroups failed: {e}");
+                        (self.all_failed(targets, reason, true, &message), 0)
+                    }
+                    Err(_) => {
+                        let message =
+                            format!("cgroups not read within {timeout:?} (monitor.sample_timeout)");
+                        (
+                            self.all_failed(targets, FailureReason::Timeout, true, &message),
+                            0,
+                        )
+                    }
+                }
+            }
+            _ => {
+                let mut results: Vec<(usize, Result<Reading, SampleError>)> =
+                    futures_util::stream::iter(targets.iter().cloned().enumerate())
+                        .map(|(i, target)| async move {
+                            let result =
+                                match tokio::time::timeout(timeout, self.sample(&target)).await {
+                                    Ok(result) => result,
+                                    Err(_) => Err(self.error(
+                                        &target,
+                                        FailureReason::Timeout,
+                                        true,
+                                        format!(
+                                            "no answer within {timeout:?} (monitor.sample_timeout)"
+                                        ),
+                                    )),
+                                };
+                            (i, result)
+                        })
+                        .buffer_unordered(concurrency.max(1))
+                        .collect()
+                        .await;
+                results.sort_unstable_by_key(|(i, _)| *i);
+                let per_vps = match self.config {
+                    SourceConfig::Prometheus { .. } => 2,
+                    _ => 1,
+                };
+                (
+                    results.into_iter().map(|(_, r)| r).collect(),
+                    per_vps * targets.len(),
+                )
+            }
+        }
+    }
+
+    fn all_failed(
+        &self,
+        targets: &[SampleTarget],
+        reason: FailureReason,
+        retryable: bool,
+        message: &str,
+    ) -> Vec<Result<Reading, SampleError>> {
+        targets
+            .iter()
+            .map(|t| Err(self.error(t, reason, retryable, message)))
+            .collect()
+    }
+
+    /// The fleet queries' answers now, for [`Source::sample_all`]: `None` for
+    /// sources that are not fleet Prometheus sources.
+    pub async fn prefetch(&self, timeout: Duration) -> Option<Prefetched> {
+        match &self.config {
+            SourceConfig::Prometheus {
+                url,
+                cpu_query,
+                memory_query,
+                vps_label: Some(label),
+                vps_label_value,
+            } => {
+                let fleet = PrometheusFleet {
+                    url,
+                    cpu_query,
+                    memory_query,
+                    label,
+                    label_value: vps_label_value,
+                };
+                Some(Prefetched(fetch_fleet(&fleet, timeout).await))
+            }
+            _ => None,
+        }
+    }
+
+    /// Each VPS takes its series from the fleet answers. A VPS without a series
+    /// in either answer fails (`not_found`, retryable): a missing series is
+    /// never read as zero.
+    fn readings_from(
+        &self,
+        targets: &[SampleTarget],
+        fleet: &PrometheusFleet<'_>,
+        answer: FleetAnswer,
+    ) -> Vec<Result<Reading, SampleError>> {
+        let (at, cpu, memory) = match answer {
+            Ok(answers) => answers,
+            Err(e) => return self.all_failed(targets, e.reason, e.retryable, &e.message),
+        };
+        targets
+            .iter()
+            .map(|target| {
+                let key = render(fleet.label_value, target);
+                let value = |answer: &HashMap<String, f64>, query: &str| {
+                    answer.get(&key).copied().ok_or_else(|| {
+                        self.error(
+                            target,
+                            FailureReason::NotFound,
+                            true,
+                            format!(
+                                "no series with {}=\"{key}\" in the answer to `{query}` (not scraped yet?)",
+                                fleet.label
+                            ),
+                        )
+                    })
+                };
+                let cpu_seconds = value(&cpu, fleet.cpu_query)?;
+                let memory = value(&memory, fleet.memory_query)?;
+                Ok(Reading {
+                    at,
+                    cpu: Some(Cpu::CumulativeUs((cpu_seconds * 1e6).round() as u64)),
+                    memory_bytes: Some(memory.round() as u64),
+                    storage_bytes: None,
+                })
+            })
+            .collect()
+    }
+
     /// Read the VPS's counters now.
     pub async fn sample(&self, target: &SampleTarget) -> Result<Reading, SampleError> {
         match &self.config {
@@ -138,12 +332,35 @@ impl Source {
                 root,
                 version,
                 path,
-            } => self.cgroup(target, root, *version, path).await,
+            } => self.cgroup(target, root, *version, path, None),
             SourceConfig::Prometheus {
                 url,
                 cpu_query,
                 memory_query,
+                vps_label: None,
+                ..
             } => self.prometheus(target, url, cpu_query, memory_query).await,
+            SourceConfig::Prometheus {
+                url,
+                cpu_query,
+                memory_query,
+                vps_label: Some(label),
+                vps_label_value,
+            } => {
+                let fleet = PrometheusFleet {
+                    url,
+                    cpu_query,
+                    memory_query,
+                    label,
+                    label_value: vps_label_value,
+                };
+                // The caller bounds the time; this is only a backstop.
+                let backstop = Duration::from_secs(24 * 3600);
+                let answer = fetch_fleet(&fleet, backstop).await;
+                self.readings_from(std::slice::from_ref(target), &fleet, answer)
+                    .pop()
+                    .expect("one result per target")
+            }
             SourceConfig::Agent {
                 url,
                 token_header,
@@ -155,12 +372,16 @@ impl Source {
         }
     }
 
-    async fn cgroup(
+    /// Read one VPS's cgroup files (blocking: call from a blocking task, or for
+    /// one VPS). `listed` holds the directories listed this cycle: a VPS whose
+    /// directory is not in its parent's listing fails without opening files.
+    fn cgroup(
         &self,
         target: &SampleTarget,
         root: &Path,
         version: CgroupVersion,
         path: &str,
+        listed: Option<&mut Listings>,
     ) -> Result<Reading, SampleError> {
         let relative = render(path, target);
         let relative = relative.trim_start_matches('/');
@@ -190,8 +411,19 @@ impl Source {
                     .join("memory.usage_in_bytes"),
             )
         };
-        let read = |file: PathBuf| async move {
-            tokio::fs::read_to_string(&file).await.map_err(|e| {
+        if let Some(listed) = listed {
+            let dir = cpu_file.parent().unwrap_or(root);
+            if !listed.contains(dir) {
+                return Err(self.error(
+                    target,
+                    FailureReason::NotFound,
+                    false,
+                    format!("no cgroup {}", dir.display()),
+                ));
+            }
+        }
+        let read = |file: PathBuf| {
+            std::fs::read_to_string(&file).map_err(|e| {
                 // A missing cgroup is configuration (or a VPS not on this host), not a blip.
                 let missing = e.kind() == std::io::ErrorKind::NotFound;
                 let reason = if missing {
@@ -207,8 +439,8 @@ impl Source {
                 )
             })
         };
-        let cpu_text = read(cpu_file.clone()).await?;
-        let memory_text = read(memory_file.clone()).await?;
+        let cpu_text = read(cpu_file.clone())?;
+        let memory_text = read(memory_file.clone())?;
         let parse_error = |file: &Path| {
             self.error(
                 target,
@@ -250,57 +482,10 @@ impl Source {
         memory_query: &str,
     ) -> Result<Reading, SampleError> {
         let query = |q: String| async move {
-            let full = format!(
-                "{}/api/v1/query?query={}",
-                url.trim_end_matches('/'),
-                http::encode_query_value(&q)
-            );
-            let (status, body) = http::get(&full, &[])
+            prometheus_query(url, &q, None)
                 .await
-                .map_err(|e| self.error(target, FailureReason::Unavailable, true, e.to_string()))?;
-            let parsed: PromResponse = serde_json::from_slice(&body).map_err(|e| {
-                let reason = if status.is_success() {
-                    FailureReason::BadResponse
-                } else {
-                    FailureReason::HttpError
-                };
-                self.error(
-                    target,
-                    reason,
-                    status.is_server_error(),
-                    format!("HTTP {status}, unreadable answer: {e}"),
-                )
-            })?;
-            if parsed.status != "success" {
-                let why = parsed.error.unwrap_or_default();
-                return Err(self.error(
-                    target,
-                    FailureReason::BadResponse,
-                    status.is_server_error(),
-                    format!("query `{q}` failed: {why}"),
-                ));
-            }
-            let values: Vec<f64> = parsed
-                .data
-                .map(|d| {
-                    d.result
-                        .into_iter()
-                        .filter_map(|r| r.value.1.parse::<f64>().ok())
-                        .collect()
-                })
-                .unwrap_or_default();
-            if values.is_empty() {
-                return Err(self.error(
-                    target,
-                    FailureReason::NotFound,
-                    true,
-                    format!("query `{q}` returned no series (not scraped yet?)"),
-                ));
-            }
-            Ok(values
-                .into_iter()
-                .filter(|v| v.is_finite() && *v >= 0.0)
-                .sum::<f64>())
+                .map(|values| values.values().sum::<f64>())
+                .map_err(|e| self.error(target, e.reason, e.retryable, e.message))
         };
         let cpu_seconds = query(render(cpu_query, target)).await?;
         let memory = query(render(memory_query, target)).await?;
@@ -354,6 +539,155 @@ impl Source {
     }
 }
 
+/// A fleet Prometheus source's settings, borrowed from its config.
+struct PrometheusFleet<'a> {
+    url: &'a str,
+    cpu_query: &'a str,
+    memory_query: &'a str,
+    label: &'a str,
+    label_value: &'a str,
+}
+
+/// Directories of a cgroup hierarchy listed during one cycle, each at most once.
+#[derive(Default)]
+struct Listings {
+    /// Per parent directory, the names of its subdirectories (`None`: unreadable).
+    parents: HashMap<PathBuf, Option<HashSet<std::ffi::OsString>>>,
+}
+
+impl Listings {
+    /// Whether `dir` exists, listing its parent the first time it is asked about.
+    fn contains(&mut self, dir: &Path) -> bool {
+        let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+            return dir.is_dir();
+        };
+        let listing = self.parents.entry(parent.to_path_buf()).or_insert_with(|| {
+            std::fs::read_dir(parent).ok().map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name())
+                    .collect()
+            })
+        });
+        match listing {
+            Some(names) => names.contains(name),
+            // An unreadable parent: let the file reads report why.
+            None => true,
+        }
+    }
+
+    fn walks(&self) -> usize {
+        self.parents.len()
+    }
+}
+
+/// Both answers of a fleet source (CPU seconds and memory bytes by label
+/// value) and when they were asked for, or why they could not be had.
+type FleetAnswer = Result<
+    (
+        chrono::DateTime<Utc>,
+        HashMap<String, f64>,
+        HashMap<String, f64>,
+    ),
+    QueryError,
+>;
+
+/// A fleet source's answers fetched ahead of [`Source::sample_all`].
+pub struct Prefetched(FleetAnswer);
+
+/// Both fleet queries at once, within `timeout`.
+async fn fetch_fleet(fleet: &PrometheusFleet<'_>, timeout: Duration) -> FleetAnswer {
+    let at = Utc::now();
+    let both = futures_util::future::try_join(
+        prometheus_query(fleet.url, fleet.cpu_query, Some(fleet.label)),
+        prometheus_query(fleet.url, fleet.memory_query, Some(fleet.label)),
+    );
+    match tokio::time::timeout(timeout, both).await {
+        Ok(Ok((cpu, memory))) => Ok((at, cpu, memory)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(QueryError {
+            reason: FailureReason::Timeout,
+            retryable: true,
+            message: format!(
+                "Prometheus did not answer within {timeout:?} (monitor.sample_timeout)"
+            ),
+        }),
+    }
+}
+
+/// Why a query failed, before it is charged to each VPS.
+struct QueryError {
+    reason: FailureReason,
+    retryable: bool,
+    message: String,
+}
+
+/// Run one instant query. With `by_label`, returns each series' value keyed by
+/// that label's value (series without it are ignored; several with the same
+/// value are summed); without, the sum of all series under the empty key, or
+/// an error when there is none.
+async fn prometheus_query(
+    url: &str,
+    query: &str,
+    by_label: Option<&str>,
+) -> Result<HashMap<String, f64>, QueryError> {
+    let full = format!(
+        "{}/api/v1/query?query={}",
+        url.trim_end_matches('/'),
+        http::encode_query_value(query)
+    );
+    let (status, body) = http::get_large(&full, &[]).await.map_err(|e| QueryError {
+        reason: FailureReason::Unavailable,
+        retryable: true,
+        message: e.to_string(),
+    })?;
+    let parsed: PromResponse = serde_json::from_slice(&body).map_err(|e| QueryError {
+        reason: if status.is_success() {
+            FailureReason::BadResponse
+        } else {
+            FailureReason::HttpError
+        },
+        retryable: status.is_server_error(),
+        message: format!("HTTP {status}, unreadable answer: {e}"),
+    })?;
+    if parsed.status != "success" {
+        return Err(QueryError {
+            reason: FailureReason::BadResponse,
+            retryable: status.is_server_error(),
+            message: format!(
+                "query `{query}` failed: {}",
+                parsed.error.unwrap_or_default()
+            ),
+        });
+    }
+    let series = parsed.data.map(|d| d.result).unwrap_or_default();
+    let mut values: HashMap<String, f64> = HashMap::with_capacity(series.len());
+    for sample in series {
+        let Ok(value) = sample.value.1.parse::<f64>() else {
+            continue;
+        };
+        if !value.is_finite() || value < 0.0 {
+            continue;
+        }
+        let key = match by_label {
+            Some(label) => match sample.metric.get(label) {
+                Some(v) => v.clone(),
+                None => continue,
+            },
+            None => String::new(),
+        };
+        *values.entry(key).or_default() += value;
+    }
+    if by_label.is_none() && values.is_empty() {
+        return Err(QueryError {
+            reason: FailureReason::NotFound,
+            retryable: true,
+            message: format!("query `{query}` returned no series (not scraped yet?)"),
+        });
+    }
+    Ok(values)
+}
+
 #[derive(Deserialize)]
 struct PromResponse {
     status: String,
@@ -368,6 +702,8 @@ struct PromData {
 
 #[derive(Deserialize)]
 struct PromSample {
+    #[serde(default)]
+    metric: HashMap<String, String>,
     value: (f64, String),
 }
 

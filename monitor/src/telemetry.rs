@@ -13,6 +13,7 @@ pub const SAMPLES: &str = "tollgate_monitor_samples_total";
 pub const SAMPLE_FAILURES: &str = "tollgate_monitor_sample_failures_total";
 pub const DECISIONS: &str = "tollgate_monitor_decisions_total";
 pub const USERS_BLOCKED: &str = "tollgate_monitor_users_blocked";
+pub const HELD: &str = "tollgate_monitor_held_vpses";
 pub const DATABASE_UP: &str = "tollgate_database_up";
 
 pub fn describe() {
@@ -51,7 +52,11 @@ pub fn describe() {
             DECISIONS,
             "Decisions computed, by outcome (allowed, blocked)."
         );
-        describe_gauge!(USERS_BLOCKED, "Users blocked as of the last evaluation.");
+        describe_gauge!(USERS_BLOCKED, "Users blocked in the current period's decisions.");
+        describe_gauge!(
+            HELD,
+            "Running VPSes whose sampled usage the monitor holds between writes (monitor.write_interval)."
+        );
         describe_gauge!(DATABASE_UP, "1 if the last database operation succeeded.");
     });
 }

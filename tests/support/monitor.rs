@@ -15,13 +15,15 @@ use tollgate_monitor::{Options, Status};
 
 use super::wait::{eventually, holds};
 
-/// A monitor config for tests: fast cycles, loopback admin.
+/// A monitor config for tests: fast cycles, every sample written at once
+/// (`write_interval` = `interval`), loopback admin.
 pub fn monitor_config(database_url: &str, interval: Duration) -> Config {
     let mut c = Config::default();
     c.database.url = database_url.to_owned();
     c.database.max_connections = 4;
     c.log.filter = "warn".into();
     c.monitor.interval = interval;
+    c.monitor.write_interval = interval.min(c.monitor.max_gap);
     c.monitor.sample_timeout = Duration::from_secs(2);
     c.monitor.admin.listen = "127.0.0.1:0".parse().unwrap();
     c

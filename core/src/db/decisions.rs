@@ -164,3 +164,36 @@ pub async fn load(
     .await?;
     rows.into_iter().map(PublishedDecision::try_from).collect()
 }
+
+/// The stored outcome of each of `users` in `period` that has a decision:
+/// `(user, reason if blocked)`. Lets an evaluator publish only what changed.
+pub async fn outcomes(
+    pool: &PgPool,
+    period: Period,
+    users: &[Uuid],
+) -> Result<Vec<(Uuid, Option<BlockReason>)>, sqlx::Error> {
+    let rows: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+        "SELECT user_id, reason FROM usage_decisions WHERE period_start = $1 AND user_id = ANY($2)",
+    )
+    .bind(period.start())
+    .bind(users)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(user, reason)| {
+            let reason = reason
+                .map(|r| r.parse::<BlockReason>())
+                .transpose()
+                .map_err(|e| sqlx::Error::Decode(e.into()))?;
+            Ok((user, reason))
+        })
+        .collect()
+}
+
+/// Users blocked in `period`'s decisions (the partial index on blocked rows).
+pub async fn blocked_count(pool: &PgPool, period: Period) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM usage_decisions WHERE period_start = $1 AND blocked")
+        .bind(period.start())
+        .fetch_one(pool)
+        .await
+}
