@@ -49,7 +49,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4])]
     replicas: Vec<usize>,
     /// Active VPSes (one agent and one user each).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 5_000)]
     vpses: usize,
     /// Seconds of fleet traffic per replica count.
     #[arg(long, default_value_t = 10)]
@@ -80,6 +80,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let mut log = tollgate_core::config::LogConfig::default();
+    log.filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    tollgate_core::telemetry::init_tracing(&log);
     let target_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .parent()
         .context("CARGO_TARGET_TMPDIR is inside target/")?
@@ -305,29 +308,53 @@ async fn fleet_traffic(
     args: &Args,
 ) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
     let url = origin.url("/bytes/100");
-    let next = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
     let auths: Arc<Vec<String>> = Arc::new(fleet.iter().map(|(a, t)| basic(*a, t)).collect());
-    // Warm the directories so the window measures steady state.
-    let warm_until = Instant::now() + Duration::from_secs(2);
-    let deadline = warm_until + Duration::from_secs(args.duration);
+    let (n, m) = (replicas.egress.len(), auths.len());
+    // Request i goes as agent i % m to replica (i + i / m) % n: no affinity, so
+    // every replica sees every agent, as behind a load balancer.
+    let spread = move |i: usize| ((i + i / m) % n, i % m);
+    // Warm-up: every agent once on every replica (directories filled, leases
+    // granted), so the window measures the steady state.
+    eprintln!("   warming {} agent-replica pairs", n * m);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut warming = Vec::new();
+    for _ in 0..args.clients {
+        let (next, auths, url, egress) = (
+            next.clone(),
+            auths.clone(),
+            url.clone(),
+            replicas.egress.clone(),
+        );
+        warming.push(tokio::spawn(async move {
+            let limit = Instant::now() + Duration::from_secs(300);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n * m || Instant::now() > limit {
+                    return;
+                }
+                let (r, a) = spread(i);
+                request(egress[r], &url, &auths[a]).await;
+            }
+        }));
+    }
+    for w in warming {
+        let _ = w.await;
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
     let mut clients = Vec::new();
     for _ in 0..args.clients {
         let (next, done, auths, url) = (next.clone(), done.clone(), auths.clone(), url.clone());
         let egress = replicas.egress.clone();
         clients.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let proxy = egress[i % egress.len()];
-                if let Some((200, _)) = request(proxy, &url, &auths[i % auths.len()]).await {
-                    if Instant::now() >= warm_until {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
+                let (r, a) = spread(next.fetch_add(1, Ordering::Relaxed) as usize);
+                if let Some((200, _)) = request(egress[r], &url, &auths[a]).await {
+                    done.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }));
     }
-    tokio::time::sleep_until(warm_until.into()).await;
     let started_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&db.pool)
         .await?;

@@ -106,8 +106,11 @@ pub struct UserGate {
     leases: Option<LeaseAsks>,
     /// Listeners that carried the user's traffic here, a bit each.
     listeners: AtomicU8,
-    /// Bytes were settled against the lease since the last idle check.
-    lease_used: AtomicBool,
+    /// Idle checks in a row that found no bytes settled against the lease.
+    lease_idle: AtomicU8,
+    /// Leases fell back for this gate alone (a grant failed): the next grant
+    /// replaces what the database holds for it.
+    lease_lost: AtomicBool,
 }
 
 impl UserGate {
@@ -127,7 +130,8 @@ impl UserGate {
             lease_news: Mutex::new(CancellationToken::new()),
             leases,
             listeners: AtomicU8::new(0),
-            lease_used: AtomicBool::new(false),
+            lease_idle: AtomicU8::new(0),
+            lease_lost: AtomicBool::new(false),
         }
     }
 
@@ -334,9 +338,30 @@ impl UserGate {
         previous
     }
 
+    /// A grant for this gate failed: enforce the last decision alone until
+    /// [`UserGate::lease_again`].
+    pub(crate) fn lose_lease(&self) {
+        self.lease_lost.store(true, Ordering::Release);
+        self.reset_lease(UNLEASED);
+    }
+
+    /// Lease again after [`UserGate::lose_lease`] (the next grant replaces what
+    /// the database holds).
+    pub(crate) fn lease_again(&self) {
+        if self.lease() == UNLEASED && self.lease_lost.load(Ordering::Acquire) {
+            self.reset_lease(0);
+        }
+    }
+
+    /// Whether the next grant must replace what the database holds (and forget
+    /// that it must).
+    pub(crate) fn take_lease_lost(&self) -> bool {
+        self.lease_lost.swap(false, Ordering::AcqRel)
+    }
+
     /// Take `bytes` off the lease: they are written to usage now.
     pub(crate) fn settle_lease(&self, bytes: u64) {
-        self.lease_used.store(true, Ordering::Relaxed);
+        self.lease_idle.store(0, Ordering::Relaxed);
         let _ = self
             .lease
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
@@ -360,13 +385,18 @@ impl UserGate {
         }
     }
 
-    /// As [`UserGate::release_idle_lease`], only if no bytes were settled
-    /// against the lease since the last call.
-    pub(crate) fn release_lease_idle_since_last_call(&self) -> u64 {
-        match self.lease_used.swap(false, Ordering::Relaxed) {
-            true => 0,
-            false => self.release_idle_lease(),
+    /// As [`UserGate::release_idle_lease`], once `checks` calls in a row have
+    /// found no bytes settled against the lease.
+    pub(crate) fn release_lease_idle_for(&self, checks: u8) -> u64 {
+        let idle = self
+            .lease_idle
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if idle < checks {
+            return 0;
         }
+        self.lease_idle.store(0, Ordering::Relaxed);
+        self.release_idle_lease()
     }
 
     /// The listeners that carried this user's traffic here since the last call.

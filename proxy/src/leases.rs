@@ -39,6 +39,9 @@ use crate::telemetry;
 const CONCURRENT_GRANTS: usize = 16;
 /// How long a user whose headroom was spent waits before asking again.
 const SPENT_RETRY: Duration = Duration::from_secs(1);
+/// Renewals in a row without traffic after which a lease far from its user's
+/// limit goes back (about a minute with the default ttl).
+const IDLE_RENEWALS: u8 = 6;
 /// Renewals between two clean-ups of spent and dead lease rows.
 const TIDY_EVERY: u64 = 30;
 /// A user with less than this many slices left unleased is near their limit:
@@ -224,6 +227,7 @@ impl Leases {
             return false;
         }
         let holder = self.holder();
+        let fresh = gate.take_lease_lost();
         let deficit = gate.unflushed().saturating_sub(gate.lease());
         let (min, max) = (self.config.min_slice_bytes, self.config.max_slice_bytes);
         let slice = |unleased: u64| {
@@ -235,7 +239,7 @@ impl Leases {
             .health
             .observe(
                 "leasing headroom",
-                leases::grant(&self.pool, gate.user_id(), period, holder, slice),
+                leases::grant(&self.pool, gate.user_id(), period, holder, fresh, slice),
             )
             .await;
         let retry = Instant::now() + SPENT_RETRY;
@@ -268,10 +272,11 @@ impl Leases {
                 false
             }
             Err(e) => {
+                // This user alone falls back to the last decision until the
+                // next renewal, and the grant after it starts their lease over.
                 telemetry::lease_failed();
-                tracing::debug!(error = %e, "leasing headroom failed");
-                self.suspend(enforcer, "leasing headroom failed");
-                gate.reset_lease(UNLEASED);
+                tracing::debug!(error = %e, "leasing headroom failed; the last decision applies until the next renewal");
+                gate.lose_lease();
                 false
             }
         }
@@ -283,7 +288,7 @@ impl Leases {
         let mut returned = Vec::new();
         if due {
             enforcer.for_each_gate(|gate| {
-                let bytes = gate.release_lease_idle_since_last_call();
+                let bytes = gate.release_lease_idle_for(IDLE_RENEWALS);
                 if bytes > 0 {
                     returned.push((gate.user_id(), bytes));
                 }
@@ -325,7 +330,10 @@ impl Leases {
             ),
         );
         match renewed.await {
-            Ok(()) => *valid_until = started + self.config.ttl - self.config.ttl / 3,
+            Ok(()) => {
+                *valid_until = started + self.config.ttl - self.config.ttl / 3;
+                enforcer.for_each_gate(UserGate::lease_again);
+            }
             Err(e) => {
                 telemetry::lease_failed();
                 tracing::debug!(error = %e, "renewing leases failed; retrying");

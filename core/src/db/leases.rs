@@ -85,13 +85,15 @@ fn to_i64(n: u64) -> i64 {
 
 /// Grant `holder` a slice of `user`'s headroom in `period`: `slice(unleased)`
 /// bytes, at most what is unleased (headroom less every live lease, this
-/// holder's included). Nothing if the holder has lapsed. `None` if the user
-/// does not exist.
+/// holder's included). With `fresh`, the holder's lease becomes the slice
+/// instead of growing by it (the holder lost track of what it held). Nothing
+/// if the holder has lapsed. `None` if the user does not exist.
 pub async fn grant(
     pool: &PgPool,
     user: Uuid,
     period: Period,
     holder: Holder,
+    fresh: bool,
     slice: impl FnOnce(u64) -> u64,
 ) -> Result<Option<Grant>, sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -143,17 +145,18 @@ pub async fn grant(
         Some((bytes, reason)) => (bytes, Some(reason)),
         None => (0, None),
     };
+    let own = if fresh { 0 } else { own };
     let before = room.saturating_sub(others).saturating_sub(own);
     let granted = match holder_live {
         true => slice(before).min(before),
         false => 0,
     };
-    if granted > 0 {
+    if granted > 0 || fresh {
         sqlx::query(
             "INSERT INTO bandwidth_leases (user_id, period_start, instance_id, epoch, bytes)
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (user_id, period_start, instance_id) DO UPDATE SET
-                 bytes = CASE WHEN bandwidth_leases.epoch = EXCLUDED.epoch
+                 bytes = CASE WHEN bandwidth_leases.epoch = EXCLUDED.epoch AND NOT $6
                               THEN bandwidth_leases.bytes + EXCLUDED.bytes
                               ELSE EXCLUDED.bytes END,
                  epoch = EXCLUDED.epoch,
@@ -164,6 +167,7 @@ pub async fn grant(
         .bind(holder.instance)
         .bind(holder.epoch)
         .bind(to_i64(granted))
+        .bind(fresh)
         .execute(&mut *tx)
         .await?;
     }
