@@ -80,9 +80,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut log = tollgate_core::config::LogConfig::default();
-    log.filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-    tollgate_core::telemetry::init_tracing(&log);
+    tollgate_core::telemetry::init_tracing(&tollgate_core::config::LogConfig {
+        filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        ..Default::default()
+    });
     let target_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .parent()
         .context("CARGO_TARGET_TMPDIR is inside target/")?
