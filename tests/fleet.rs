@@ -18,7 +18,9 @@ use support::proxy::{test_config, TestProxy};
 use support::wait::eventually;
 use support::{Fixture, TestDb};
 use tollgate_core::billing::Period;
-use tollgate_core::db::leases;
+use tollgate_core::db::leases::{self, Holder, Settlement};
+use tollgate_core::db::usage::{self, BandwidthDelta, FlushBatch, PeriodDeltas};
+use uuid::Uuid;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -230,4 +232,108 @@ async fn three_replicas_hammering_one_user_overshoot_within_the_per_connection_b
     )
     .await;
     fresh.stop().await;
+}
+
+/// Usage written plus the live leases of every holder.
+async fn committed(db: &TestDb, f: &Fixture, period: Period) -> u64 {
+    db.usage(f.vps).await.2 as u64 + leases::leased(&db.pool, f.user, period).await.unwrap()
+}
+
+#[tokio::test]
+async fn usage_plus_live_leases_never_pass_the_headroom_through_grants_flushes_and_lapses() {
+    const LIMIT: u64 = 10 * MIB;
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    db.update_plan(f.plan, &format!("max_bandwidth_bytes = {LIMIT}"))
+        .await;
+    let period = Period::current();
+    let ttl = Duration::from_secs(30);
+    let (a, b) = (
+        Holder {
+            instance: Uuid::new_v4(),
+            epoch: 1,
+        },
+        Holder {
+            instance: Uuid::new_v4(),
+            epoch: 1,
+        },
+    );
+    for h in [a, b] {
+        leases::renew(&db.pool, h, period, &[], ttl, false)
+            .await
+            .unwrap();
+    }
+    let grant = |h: Holder, want: u64| {
+        let pool = db.pool.clone();
+        async move {
+            leases::grant(&pool, f.user, period, h, false, move |_| want)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+
+    // A takes 6 MiB, B asks for 6 and gets the 4 that are left, then nothing.
+    assert_eq!(grant(a, 6 * MIB).await.granted, 6 * MIB);
+    let second = grant(b, 6 * MIB).await;
+    assert_eq!((second.granted, second.unleased), (4 * MIB, 0));
+    assert_eq!(grant(b, 1).await.granted, 0, "nothing is unleased");
+    assert_eq!(committed(&db, &f, period).await, LIMIT);
+
+    // A flushes 5 MiB: they move from its lease to usage in one transaction.
+    let batch = FlushBatch {
+        instance_id: a.instance,
+        seq: 0,
+        periods: vec![PeriodDeltas {
+            period,
+            deltas: vec![BandwidthDelta {
+                vps_id: f.vps,
+                rx: 3 * MIB,
+                tx: 2 * MIB,
+            }],
+        }],
+        leases: Some(Settlement {
+            epoch: a.epoch,
+            period: Some(period),
+            users: vec![(f.user, 5 * MIB)],
+        }),
+    };
+    usage::apply_flush(&db.pool, &batch).await.unwrap();
+    usage::apply_flush(&db.pool, &batch).await.unwrap();
+    assert_eq!(db.usage(f.vps).await.2 as u64, 5 * MIB, "written once");
+    assert_eq!(committed(&db, &f, period).await, LIMIT);
+    assert_eq!(grant(b, 1).await.granted, 0, "still nothing unleased");
+
+    // A gives back what it does not use; B can take it.
+    leases::renew(&db.pool, a, period, &[(f.user, MIB / 2)], ttl, false)
+        .await
+        .unwrap();
+    assert_eq!(grant(b, MIB).await.granted, MIB / 2);
+    assert_eq!(committed(&db, &f, period).await, LIMIT);
+
+    // A stops renewing: once its holder lapses, its leases no longer count and
+    // its late writes against them change nothing.
+    leases::renew(&db.pool, a, period, &[], Duration::from_millis(1), false)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let lapsed = grant(a, MIB).await;
+    assert!(!lapsed.holder_live, "a lapsed holder is granted nothing");
+    assert_eq!(lapsed.granted, 0);
+    assert_eq!(
+        grant(b, 8 * MIB).await.granted,
+        MIB / 2,
+        "A's half MiB is B's now"
+    );
+    assert_eq!(committed(&db, &f, period).await, LIMIT);
+
+    // A new epoch of A starts from nothing, whatever its old row held.
+    let a2 = Holder { epoch: 2, ..a };
+    leases::renew(&db.pool, a2, period, &[], ttl, true)
+        .await
+        .unwrap();
+    assert_eq!(grant(a2, MIB).await.granted, 0);
+    leases::release_all(&db.pool, b.instance).await.unwrap();
+    assert_eq!(grant(a2, 8 * MIB).await.granted, LIMIT - 5 * MIB);
+    assert_eq!(committed(&db, &f, period).await, LIMIT);
 }
