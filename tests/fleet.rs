@@ -186,10 +186,28 @@ async fn three_replicas_hammering_one_user_overshoot_within_the_per_connection_b
         moved >= LIMIT,
         "the clients used the whole headroom before being refused ({moved} bytes moved)"
     );
-    // While the replicas are still up, their leases and written usage never
-    // exceed the headroom plus the bound.
     let period = Period::current();
     let leased = leases::leased(&db.pool, f.user, period).await.unwrap();
+    // The replicas flush what they counted and decide on it: a user past the
+    // limit is blocked (one exactly at it is not).
+    eventually(
+        Duration::from_secs(10),
+        "the block is published, or usage rests exactly at the limit",
+        || async {
+            let blocked: Option<bool> =
+                sqlx::query_scalar("SELECT blocked FROM usage_decisions WHERE user_id = $1")
+                    .bind(f.user)
+                    .fetch_optional(&db.pool)
+                    .await
+                    .unwrap();
+            let used = db.usage(f.vps).await.2 as u64;
+            match blocked == Some(true) || used == LIMIT {
+                true => Ok(()),
+                false => Err((blocked, used)),
+            }
+        },
+    )
+    .await;
 
     for p in proxies {
         p.stop().await;
@@ -208,6 +226,17 @@ async fn three_replicas_hammering_one_user_overshoot_within_the_per_connection_b
         used >= LIMIT - 4 * MIB,
         "the headroom was spent, not held back by leases ({used} of {LIMIT})"
     );
+    if overshoot > 0 {
+        // The proxies that published the block recorded how far past the limit
+        // it landed (as of the flush they decided on).
+        let (sum, count) = histogram("tollgate_overshoot_bytes");
+        assert!(count >= 1.0, "a block past the limit records its overshoot");
+        assert!(
+            sum / count <= bound as f64,
+            "recorded overshoot {} within the bound",
+            sum / count
+        );
+    }
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bandwidth_leases WHERE bytes > 0")
         .fetch_one(&db.pool)
         .await
@@ -232,6 +261,19 @@ async fn three_replicas_hammering_one_user_overshoot_within_the_per_connection_b
     )
     .await;
     fresh.stop().await;
+}
+
+/// Sum and count of a histogram over all its label sets, from this process's
+/// metrics.
+fn histogram(name: &str) -> (f64, f64) {
+    let text = tollgate_core::telemetry::render_metrics();
+    let total = |suffix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{suffix}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (total("_sum"), total("_count"))
 }
 
 /// Usage written plus the live leases of every holder.
