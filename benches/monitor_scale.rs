@@ -2,8 +2,9 @@
 //! under 2 s of work per cycle), against a real PostgreSQL and a real
 //! Prometheus.
 //!
-//! Run: `cargo bench --bench monitor_scale` (`-- --vpses 100000 --rounds 8
-//! --spacing 5` are the defaults).
+//! Run: `cargo bench --bench monitor_scale` (`-- --vpses 100000 --rounds 12
+//! --spacing 5` are the defaults; `--write-interval SECONDS` overrides
+//! `monitor.write_interval`).
 //!
 //! 1. A fresh database on the server `tollgate dev` and the tests use
 //!    (`tollgate_monitor_bench_<unix time>`), migrated, seeded with one user
@@ -56,13 +57,16 @@ struct Args {
     vpses: usize,
     rounds: usize,
     spacing: Duration,
+    /// `monitor.write_interval`, when not the default.
+    write_interval: Option<Duration>,
 }
 
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
         vpses: 100_000,
-        rounds: 8,
+        rounds: 12,
         spacing: Duration::from_secs(5),
+        write_interval: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -71,10 +75,13 @@ fn args() -> anyhow::Result<Args> {
             "--vpses" => a.vpses = value()?.parse()?,
             "--rounds" => a.rounds = value()?.parse()?,
             "--spacing" => a.spacing = Duration::from_secs(value()?.parse()?),
+            "--write-interval" => a.write_interval = Some(Duration::from_secs(value()?.parse()?)),
             // cargo bench passes --bench.
             "--bench" => {}
             "--help" | "-h" => {
-                println!("monitor_scale [--vpses N] [--rounds R] [--spacing SECONDS]");
+                println!(
+                    "monitor_scale [--vpses N] [--rounds R] [--spacing SECONDS] [--write-interval SECONDS]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown option {other}"),
@@ -161,6 +168,9 @@ async fn measure(
             vps_label_value: "{vm_id}".into(),
         },
     );
+    if let Some(w) = args.write_interval {
+        config.monitor.write_interval = w;
+    }
     let m = &config.monitor;
     println!(
         "monitor: interval {:?}, write_interval {:?}, full_sweep_interval {:?}, fleet Prometheus source",

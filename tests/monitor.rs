@@ -1059,3 +1059,57 @@ async fn one_fleet_query_gives_the_per_vps_figures_and_a_missing_series_fails() 
     );
     drop(vpses);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_to_a_vps_the_monitor_also_writes_is_decided_promptly() {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    // Far from the bandwidth limit until a proxy flushes past it.
+    db.update_plan(f.plan, "max_bandwidth_bytes = 1000000")
+        .await;
+    let files = CounterFiles::new();
+    files.set(f.vps, 1_000_000_000, 64 << 20);
+    let mut config = monitor_config(&db.url, Duration::from_millis(200));
+    config
+        .monitor
+        .providers
+        .insert("k8s".into(), files.source());
+    let monitor = TestMonitor::start(config).await;
+    // Memory use is written every cycle (64 MiB integrates to MB-seconds), and
+    // the user is decided from what the monitor knows of them.
+    wait_recorded(
+        &db,
+        f.vps,
+        |r| r.memory_mb_seconds > 64,
+        Duration::from_secs(10),
+    )
+    .await;
+    monitor
+        .wait_cycles(monitor.status.cycles() + 3, Duration::from_secs(10))
+        .await;
+    assert_eq!(decided(&db, f.user).await.and_then(|d| d.1), None);
+    // A proxy adds bandwidth to the same usage row the monitor keeps writing.
+    sqlx::query(
+        "UPDATE vps_usage_periods SET bandwidth_bytes = bandwidth_bytes + 2000000,
+             bandwidth_rx_bytes = bandwidth_rx_bytes + 2000000
+         WHERE vps_id = $1 AND period_start = $2",
+    )
+    .bind(f.vps)
+    .bind(Period::current().start())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    eventually(
+        PROMPTLY,
+        "the flush decided (blocked on bandwidth)",
+        || async {
+            let d = decided(&db, f.user).await;
+            holds(
+                d.as_ref().and_then(|d| d.1.as_deref()) == Some("bandwidth"),
+                d,
+            )
+        },
+    )
+    .await;
+    monitor.stop().await;
+}

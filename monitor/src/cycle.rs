@@ -32,7 +32,7 @@ use tollgate_core::db::samples::{self, SampleTarget};
 use tollgate_core::db::{decisions, usage};
 
 use crate::accounting::Policy;
-use crate::pending::Pending;
+use crate::pending::{Due, DueWrite, Pending};
 use crate::sources::{FailureReason, Prefetched, SampleError, Source, SourceKind};
 use crate::telemetry;
 
@@ -72,8 +72,9 @@ pub struct CycleReport {
     /// Whether every active user was decided (after taking the lead, at a new
     /// month, after missed notifications).
     pub decided_all: bool,
-    /// Time spent reading the fleet and sampling it, writing samples, and
-    /// finding and deciding users.
+    /// Time spent asking the sources (while the fleet is read and the VPSes
+    /// whose turn it is are written) and accounting the readings; writing the
+    /// samples due at once; finding and deciding users.
     pub sampling: Duration,
     pub writing: Duration,
     pub deciding: Duration,
@@ -228,18 +229,30 @@ pub async fn run_cycle(
         tracker.period = Some(period);
         tracker.decide_all = true;
     }
-    // Fleet sources' queries run while the fleet is read from the database.
+    // Fleet sources' queries run while the fleet is read from the database
+    // and the VPSes whose turn it is are written with what was held for them.
     let mut metered: HashMap<String, MeteredResources> = HashMap::new();
     let prefetches: Vec<_> = sources
         .sources
         .iter()
         .map(|s| s.prefetch(config.sample_timeout))
         .collect();
-    let (read, prefetched) = tokio::join!(
-        read_fleet(pool, &mut tracker.pending, &mut metered),
-        futures_util::future::join_all(prefetches)
-    );
-    let (targets, running) = read?;
+    let turn = Due::InTurn {
+        share: tracker.cycles % shares(config.write_interval, config.interval),
+        shares: shares(config.write_interval, config.interval),
+    };
+    let (pending, watched) = (&mut tracker.pending, &tracker.watched);
+    let early = async {
+        let (targets, running) = read_fleet(pool, pending, &mut metered).await?;
+        let due = pending.due(&running, watched, turn);
+        let written = write(pool, &due).await?;
+        Ok::<_, sqlx::Error>((targets, running, due, written))
+    };
+    let (early, prefetched) = tokio::join!(early, futures_util::future::join_all(prefetches));
+    let (targets, running, early_due, early_written) = early?;
+    tracker
+        .pending
+        .settle(&early_due, &early_written.vpses, &running);
     let mut prefetched: Vec<Option<Prefetched>> = prefetched;
     report.queries += 2 * prefetched.iter().filter(|p| p.is_some()).count();
 
@@ -306,36 +319,43 @@ pub async fn run_cycle(
     report.sampling = phase.elapsed();
     phase = Instant::now();
 
-    // Write what is due; its users' usage changed.
-    let slice = tracker.cycles % shares(config.write_interval, config.interval);
-    let due = tracker.pending.due(
-        &running,
-        &tracker.watched,
-        slice,
-        shares(config.write_interval, config.interval),
-    );
-    let mut writes: Vec<samples::SampleWrite> = due.iter().map(|d| d.write.clone()).collect();
-    writes.sort_unstable_by_key(|w| w.state.vps_id);
-    // Each VPS's rows commit together; parts commit on their own, so a part
-    // that fails leaves the others written (held usage is conditional on the
-    // stored state, so nothing is counted twice when it is tried again).
-    let part = writes.len().div_ceil(WRITE_PARTS).max(MIN_WRITE_PART);
-    let parts: Vec<_> = writes
-        .chunks(part)
-        .map(|chunk| samples::apply(pool, chunk))
-        .collect();
-    let written: HashSet<Uuid> = futures_util::future::try_join_all(parts)
-        .await?
-        .into_iter()
-        .flatten()
-        .collect();
-    report.written = written.len();
+    // New VPSes, stopped ones and those of watched users are written with
+    // this cycle's readings.
+    let late_due = tracker.pending.due(&running, &tracker.watched, Due::Now);
+    let late_written = write(pool, &late_due).await?;
+    tracker
+        .pending
+        .settle(&late_due, &late_written.vpses, &running);
+    report.written = early_written.vpses.len() + late_written.vpses.len();
     // Users whose written usage leaves them far from every limit are decided
-    // from what is known of them; the others are read again below.
+    // from what is known of them; the others, and those whose VPS's bandwidth
+    // moved since the last write (a proxy flushed), are read again below.
+    let written: Vec<&DueWrite> = early_due
+        .iter()
+        .filter(|d| early_written.vpses.contains(&d.write.state.vps_id))
+        .chain(
+            late_due
+                .iter()
+                .filter(|d| late_written.vpses.contains(&d.write.state.vps_id)),
+        )
+        .collect();
+    let user_of: HashMap<Uuid, Uuid> = written
+        .iter()
+        .map(|d| (d.write.state.vps_id, d.user_id))
+        .collect();
     let mut to_decide: HashSet<Uuid> = HashSet::new();
+    for (vps, p, bandwidth) in early_written
+        .bandwidth
+        .iter()
+        .chain(&late_written.bandwidth)
+    {
+        if !tracker.pending.bandwidth_unchanged(*vps, *p, *bandwidth) {
+            to_decide.extend(user_of.get(vps));
+        }
+    }
     let mut far: HashSet<Uuid> = HashSet::new();
-    for d in &due {
-        if !written.contains(&d.write.state.vps_id) || d.write.increments.is_empty() {
+    for d in written {
+        if d.write.increments.is_empty() || to_decide.contains(&d.user_id) {
             continue;
         }
         if tracker.still_far(d.user_id, &d.write, period) {
@@ -344,14 +364,19 @@ pub async fn run_cycle(
             to_decide.insert(d.user_id);
         }
     }
-    tracker.pending.settle(&due, &written, &running);
-    drop(writes);
+    far.retain(|u| !to_decide.contains(u));
+    let own_xids: Vec<i64> = early_written
+        .xids
+        .iter()
+        .chain(&late_written.xids)
+        .copied()
+        .collect();
     report.writing = phase.elapsed();
     phase = Instant::now();
 
     // Everyone else whose usage changed (proxies' flushes), and the sweep's share.
     let (flushed, watermark) =
-        changes::users_with_new_usage(pool, period, tracker.watermark).await?;
+        changes::users_with_new_usage(pool, period, tracker.watermark, &own_xids).await?;
     tracker.watermark = Some(watermark);
     to_decide.extend(flushed);
     let sweep_shares = shares(config.full_sweep_interval, config.interval);
@@ -397,6 +422,35 @@ pub async fn run_cycle(
     tracker.cycles += 1;
     report.deciding = phase.elapsed();
     Ok(report)
+}
+
+/// Write `due`: each VPS's rows commit together; the writes are split over
+/// [`WRITE_PARTS`] transactions on their own connections, each committing on
+/// its own (held usage is conditional on the stored state, so a part that
+/// failed is neither lost nor counted twice when tried again).
+async fn write(pool: &PgPool, due: &[DueWrite]) -> Result<Written, sqlx::Error> {
+    let mut writes: Vec<samples::SampleWrite> = due.iter().map(|d| d.write.clone()).collect();
+    writes.sort_unstable_by_key(|w| w.state.vps_id);
+    let part = writes.len().div_ceil(WRITE_PARTS).max(MIN_WRITE_PART);
+    let parts: Vec<_> = writes
+        .chunks(part)
+        .map(|chunk| samples::apply_detailed(pool, chunk))
+        .collect();
+    let mut out = Written::default();
+    for applied in futures_util::future::try_join_all(parts).await? {
+        out.vpses.extend(applied.written);
+        out.bandwidth.extend(applied.bandwidth);
+        out.xids.extend(applied.xid);
+    }
+    Ok(out)
+}
+
+/// What [`write`] wrote.
+#[derive(Default)]
+struct Written {
+    vpses: HashSet<Uuid>,
+    bandwidth: Vec<(Uuid, Period, i64)>,
+    xids: Vec<i64>,
 }
 
 /// The running VPSes to sample (and their ids); VPSes not held yet (all of

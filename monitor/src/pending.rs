@@ -5,7 +5,8 @@
 //! more than the cycle. So each VPS's readings are accounted here, in memory,
 //! and written when due: at once for a VPS seen for the first time or no longer
 //! running, every cycle for users near a limit (the watch list), and otherwise
-//! once per `monitor.write_interval`, an equal share of the fleet each cycle.
+//! once per `monitor.write_interval`, an equal share of the fleet each cycle
+//! (written while the sources are asked, with what was held until then).
 //!
 //! Nothing is lost or counted twice by holding: the database keeps the last
 //! written state, and a write is conditional on it being unchanged. A monitor
@@ -36,12 +37,26 @@ struct Held {
     /// Usage accounted since the stored state, per period: (CPU-ms, MB-s).
     usage: BTreeMap<Period, (i64, i64)>,
     storage_bytes: Option<i64>,
+    /// The VPS's bandwidth in a period as the last write returned it.
+    bandwidth_seen: Option<(Period, i64)>,
 }
 
 /// Every running sampled VPS's held usage.
 #[derive(Debug, Default)]
 pub struct Pending {
     held: HashMap<Uuid, Held>,
+}
+
+/// Which held samples [`Pending::due`] picks.
+#[derive(Debug, Clone, Copy)]
+pub enum Due {
+    /// VPSes whose turn it is (`share` of `shares`), of users far from their
+    /// limits: written with what was held before this cycle's readings, while
+    /// the sources are being asked.
+    InTurn { share: u64, shares: u64 },
+    /// VPSes never written, no longer running, or of watched users: written
+    /// with this cycle's readings.
+    Now,
 }
 
 /// A write [`Pending::due`] chose, and whose user it changes.
@@ -76,6 +91,7 @@ impl Pending {
                 state,
                 usage: BTreeMap::new(),
                 storage_bytes: None,
+                bandwidth_seen: None,
             },
         );
     }
@@ -99,24 +115,25 @@ impl Pending {
         }
     }
 
-    /// The writes due this cycle: VPSes never written, VPSes no longer
-    /// `running`, VPSes of `watched` users, and those in `slice` of `slices`.
-    /// VPSes with nothing new since their stored state are skipped.
+    /// The writes due this cycle of the kind `which` selects. VPSes with
+    /// nothing new since their stored state are skipped.
     pub fn due(
         &self,
         running: &HashSet<Uuid>,
         watched: &HashSet<Uuid>,
-        slice: u64,
-        slices: u64,
+        which: Due,
     ) -> Vec<DueWrite> {
         self.held
             .iter()
             .filter(|(_, h)| h.stored_at != Some(h.state.sampled_at) && !h.state.source.is_empty())
             .filter(|(vps_id, h)| {
-                h.stored_at.is_none()
+                let now = h.stored_at.is_none()
                     || !running.contains(vps_id)
-                    || watched.contains(&h.user_id)
-                    || share_of(vps_id, slices) == slice
+                    || watched.contains(&h.user_id);
+                match which {
+                    Due::Now => now,
+                    Due::InTurn { share, shares } => !now && share_of(vps_id, shares) == share,
+                }
             })
             .map(|(_, h)| DueWrite {
                 user_id: h.user_id,
@@ -159,6 +176,18 @@ impl Pending {
         self.held.retain(|vps_id, h| {
             running.contains(vps_id) || h.stored_at != Some(h.state.sampled_at)
         });
+    }
+
+    /// A write returned `bandwidth` for `vps_id` in `period`: whether it is
+    /// what the previous write returned (no proxy flushed for this VPS in
+    /// between). Unknown counts as changed.
+    pub fn bandwidth_unchanged(&mut self, vps_id: Uuid, period: Period, bandwidth: i64) -> bool {
+        let Some(h) = self.held.get_mut(&vps_id) else {
+            return false;
+        };
+        let unchanged = h.bandwidth_seen == Some((period, bandwidth));
+        h.bandwidth_seen = Some((period, bandwidth));
+        unchanged
     }
 
     /// Users with a held VPS.
@@ -217,7 +246,9 @@ mod tests {
         let none = HashSet::new();
         p.record(vps, "cgroup", &reading(0, 1_000_000), &policy());
         // A new VPS is due at once, whatever its share: its baseline is written.
-        let due = p.due(&running, &none, u64::MAX, 4);
+        let turn = |share| Due::InTurn { share, shares: 4 };
+        assert!(p.due(&running, &none, turn(share_of(&vps, 4))).is_empty());
+        let due = p.due(&running, &none, Due::Now);
         assert_eq!(due.len(), 1);
         assert!(due[0].write.increments.is_empty());
         p.settle(&due, &[vps].into(), &running);
@@ -225,9 +256,13 @@ mod tests {
         for (i, cpu) in [(1, 1_500_000), (2, 2_000_000), (3, 2_500_000)] {
             p.record(vps, "cgroup", &reading(10 * i, cpu), &policy());
             let other = (share_of(&vps, 4) + 1) % 4;
-            assert!(p.due(&running, &none, other, 4).is_empty(), "not its turn");
+            assert!(
+                p.due(&running, &none, turn(other)).is_empty(),
+                "not its turn"
+            );
+            assert!(p.due(&running, &none, Due::Now).is_empty(), "not watched");
         }
-        let due = p.due(&running, &none, share_of(&vps, 4), 4);
+        let due = p.due(&running, &none, turn(share_of(&vps, 4)));
         assert_eq!(due.len(), 1);
         let inc: (i64, i64) = due[0]
             .write
@@ -243,10 +278,11 @@ mod tests {
         // Watched users are due every cycle.
         p.settle(&due, &[vps].into(), &running);
         p.record(vps, "cgroup", &reading(40, 3_000_000), &policy());
-        let other = (share_of(&vps, 4) + 1) % 4;
-        assert_eq!(p.due(&running, &[user].into(), other, 4).len(), 1);
+        assert_eq!(p.due(&running, &[user].into(), Due::Now).len(), 1);
+        let mine = share_of(&vps, 4);
+        assert!(p.due(&running, &[user].into(), turn(mine)).is_empty());
         // A write the database refused (another writer) drops the VPS: it is read again.
-        let due = p.due(&running, &[user].into(), other, 4);
+        let due = p.due(&running, &[user].into(), Due::Now);
         p.settle(&due, &HashSet::new(), &running);
         assert!(!p.knows(&vps));
     }
@@ -258,11 +294,11 @@ mod tests {
         p.load(vps, user, None);
         let running: HashSet<Uuid> = [vps].into();
         p.record(vps, "cgroup", &reading(0, 0), &policy());
-        let due = p.due(&running, &HashSet::new(), 0, 1);
+        let due = p.due(&running, &HashSet::new(), Due::Now);
         p.settle(&due, &[vps].into(), &running);
         p.record(vps, "cgroup", &reading(10, 1_000_000), &policy());
         let stopped = HashSet::new();
-        let due = p.due(&stopped, &HashSet::new(), u64::MAX, 1_000);
+        let due = p.due(&stopped, &HashSet::new(), Due::Now);
         assert_eq!(due.len(), 1, "its last usage is written at once");
         p.settle(&due, &[vps].into(), &stopped);
         assert!(p.is_empty());

@@ -20,6 +20,7 @@
 //! the in-VM agent (inherently one VM at a time) is asked per VPS, a bounded
 //! number at once.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -299,9 +300,12 @@ impl Source {
         targets
             .iter()
             .map(|target| {
-                let key = render(fleet.label_value, target);
+                let key = match (fleet.label_value, &target.vm_id) {
+                    ("{vm_id}", Some(vm)) => Cow::Borrowed(vm.as_str()),
+                    _ => Cow::Owned(render(fleet.label_value, target)),
+                };
                 let value = |answer: &HashMap<String, f64>, query: &str| {
-                    answer.get(&key).copied().ok_or_else(|| {
+                    answer.get(key.as_ref()).copied().ok_or_else(|| {
                         self.error(
                             target,
                             FailureReason::NotFound,
@@ -671,7 +675,7 @@ async fn prometheus_query(
         }
         let key = match by_label {
             Some(label) => match sample.metric.get(label) {
-                Some(v) => v.clone(),
+                Some(v) => v.to_string(),
                 None => continue,
             },
             None => String::new(),
@@ -688,23 +692,29 @@ async fn prometheus_query(
     Ok(values)
 }
 
+/// An instant query's answer, borrowing from the body where it can (a fleet
+/// answer has a series per VPS).
 #[derive(Deserialize)]
-struct PromResponse {
-    status: String,
-    data: Option<PromData>,
+struct PromResponse<'a> {
+    #[serde(borrow)]
+    status: Cow<'a, str>,
+    #[serde(borrow)]
+    data: Option<PromData<'a>>,
     error: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct PromData {
-    result: Vec<PromSample>,
+struct PromData<'a> {
+    #[serde(borrow)]
+    result: Vec<PromSample<'a>>,
 }
 
 #[derive(Deserialize)]
-struct PromSample {
-    #[serde(default)]
-    metric: HashMap<String, String>,
-    value: (f64, String),
+struct PromSample<'a> {
+    #[serde(default, borrow)]
+    metric: HashMap<Cow<'a, str>, Cow<'a, str>>,
+    #[serde(borrow)]
+    value: (f64, Cow<'a, str>),
 }
 
 /// The in-VM agent's `/metrics` (fields Tollgate uses; others are ignored).

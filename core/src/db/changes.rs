@@ -92,15 +92,20 @@ pub struct Watermark(i64);
 
 /// Users with usage rows in `period`, or VPS rows, written by transactions at
 /// or after `since` (all such users, plus a few already seen when transactions
-/// overlap), and the watermark to poll from next time. `None` only reads the
-/// watermark. One statement; it scans the period's usage rows and the VPSes
+/// overlap), other than the transactions `own` (full ids: the caller's own
+/// writes, whose users it knows), and the watermark to poll from next time.
+/// `None` only reads the watermark. A row's last writer hides earlier ones: a
+/// caller excluding its own writes checks what it overwrote itself (as the
+/// monitor does with the bandwidth its usage writes return). One statement; it scans the period's usage rows and the VPSes
 /// (no index: the row versions' `xmin` is what is compared), a few tens of
 /// milliseconds at 100,000 VPSes.
 pub async fn users_with_new_usage(
     pool: &PgPool,
     period: Period,
     since: Option<Watermark>,
+    own: &[i64],
 ) -> Result<(Vec<Uuid>, Watermark), sqlx::Error> {
+    let own: Vec<i64> = own.iter().map(|x| x.rem_euclid(1 << 32)).collect();
     // Transaction ids in rows are 32 bits: compare modulo 2^32, as PostgreSQL
     // does. A row version frozen long ago can look new after 2^31 transactions;
     // that costs one extra decision, never a missed one.
@@ -112,15 +117,18 @@ pub async fn users_with_new_usage(
              SELECT v.user_id FROM vps_usage_periods p JOIN vpses v ON v.id = p.vps_id, mark
              WHERE $2 IS NOT NULL AND p.period_start = $1
                AND (p.xmin::text::bigint - mark.since + 4294967296) % 4294967296 < 2147483648
+               AND p.xmin::text::bigint <> ALL($3)
              UNION
              SELECT v.user_id FROM vpses v, mark
              WHERE $2 IS NOT NULL
                AND (v.xmin::text::bigint - mark.since + 4294967296) % 4294967296 < 2147483648
+               AND v.xmin::text::bigint <> ALL($3)
          )
          SELECT changed.user_id, mark.now FROM mark LEFT JOIN changed ON true",
     )
     .bind(period.start())
     .bind(since.map(|w| w.0))
+    .bind(&own)
     .fetch_all(pool)
     .await?;
     let mark = Watermark(rows.first().map_or(0, |r| r.1));

@@ -87,13 +87,35 @@ pub struct SampleWrite {
     pub storage_bytes: Option<i64>,
 }
 
+/// What [`apply`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// VPSes whose samples were written.
+    pub written: Vec<Uuid>,
+    /// Each usage row written, with its bandwidth after the write (which only
+    /// proxies change): `(vps, period, bandwidth_bytes)`.
+    pub bandwidth: Vec<(Uuid, Period, i64)>,
+    /// The transaction's id (full 64 bits), to tell its rows from others'
+    /// ([`changes::users_with_new_usage`](crate::db::changes::users_with_new_usage)).
+    pub xid: Option<i64>,
+}
+
 /// Write a cycle's samples in one transaction; returns the VPS ids written.
 /// Samples whose previous state changed meanwhile are skipped (not counted).
 pub async fn apply(pool: &PgPool, writes: &[SampleWrite]) -> Result<Vec<Uuid>, sqlx::Error> {
+    apply_detailed(pool, writes).await.map(|a| a.written)
+}
+
+/// [`apply`], also returning the usage rows' bandwidth and the transaction id.
+pub async fn apply_detailed(pool: &PgPool, writes: &[SampleWrite]) -> Result<Applied, sqlx::Error> {
     if writes.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Applied::default());
     }
     let mut tx = pool.begin().await?;
+    let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+        .fetch_one(&mut *tx)
+        .await?;
+    let mut bandwidth = Vec::new();
     let mut sorted: Vec<&SampleWrite> = writes.iter().collect();
     sorted.sort_unstable_by_key(|w| w.state.vps_id);
     let col =
@@ -178,20 +200,22 @@ pub async fn apply(pool: &PgPool, writes: &[SampleWrite]) -> Result<Vec<Uuid>, s
         let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
         let cpu: Vec<i64> = rows.iter().map(|r| r.1).collect();
         let mem: Vec<i64> = rows.iter().map(|r| r.2).collect();
-        sqlx::query(
+        let rows: Vec<(Uuid, i64)> = sqlx::query_as(
             "INSERT INTO vps_usage_periods (vps_id, period_start, cpu_used_ms, memory_used_mb_seconds)
              SELECT d.vps_id, $4, d.cpu, d.mem FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS d(vps_id, cpu, mem)
              ORDER BY d.vps_id
              ON CONFLICT (vps_id, period_start) DO UPDATE SET
                  cpu_used_ms = vps_usage_periods.cpu_used_ms + EXCLUDED.cpu_used_ms,
-                 memory_used_mb_seconds = vps_usage_periods.memory_used_mb_seconds + EXCLUDED.memory_used_mb_seconds",
+                 memory_used_mb_seconds = vps_usage_periods.memory_used_mb_seconds + EXCLUDED.memory_used_mb_seconds
+             RETURNING vps_id, bandwidth_bytes",
         )
         .bind(&ids)
         .bind(&cpu)
         .bind(&mem)
         .bind(period.start())
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        bandwidth.extend(rows.into_iter().map(|(vps, b)| (vps, period, b)));
     }
 
     // The VPS's own gauges: cumulative CPU and memory, current storage.
@@ -220,5 +244,9 @@ pub async fn apply(pool: &PgPool, writes: &[SampleWrite]) -> Result<Vec<Uuid>, s
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(ids)
+    Ok(Applied {
+        written: ids,
+        bandwidth,
+        xid: Some(xid),
+    })
 }
