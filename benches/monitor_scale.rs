@@ -32,24 +32,27 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
 use tollgate_core::billing::Period;
 use tollgate_core::config::{Config, SourceConfig};
-use tollgate_core::local_postgres::{self, Origin};
 use tollgate_monitor::cycle::{self, CycleReport, Sources, Tracker};
 
-const PREFIX: &str = "tollgate_monitor_bench_";
+use crate::database::BenchDb;
+
+#[allow(dead_code)]
+#[path = "load/database.rs"]
+mod database;
+
 /// The whole run, Prometheus' start and the seeding included.
 const DEADLINE: Duration = Duration::from_secs(900);
 
@@ -110,7 +113,11 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let prometheus = which("prometheus")
         .context("the `prometheus` binary is not on PATH (Debian: apt-get install prometheus)")?;
-    let db = BenchDb::create().await?;
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .context("CARGO_TARGET_TMPDIR is inside target/")?
+        .to_path_buf();
+    let db = BenchDb::create(&target).await?;
     let result = async {
         let started = Instant::now();
         let vm_ids = seed(&db.pool, args.vpses).await?;
@@ -506,70 +513,4 @@ fn which(name: &str) -> Option<PathBuf> {
             .map(|p| p.join(name))
             .find(|p| p.is_file())
     })
-}
-
-/// The bench's own database, dropped at the end (and, if a killed run left one,
-/// at the next run once it is an hour old).
-struct BenchDb {
-    pool: PgPool,
-    name: String,
-    admin: PgConnectOptions,
-}
-
-impl BenchDb {
-    async fn create() -> anyhow::Result<BenchDb> {
-        let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .parent()
-            .context("CARGO_TARGET_TMPDIR is inside target/")?
-            .to_path_buf();
-        let server = local_postgres::find_or_start(&target).await?;
-        let admin = match server.origin {
-            Origin::DatabaseUrl => server.options.clone().database("postgres"),
-            _ => server.options.clone(),
-        };
-        let mut conn = admin.connect().await.context("connecting to PostgreSQL")?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        let stale: Vec<String> =
-            sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
-                .bind(format!("{PREFIX}%"))
-                .fetch_all(&mut conn)
-                .await?;
-        for old in stale {
-            if old[PREFIX.len()..]
-                .parse::<u64>()
-                .is_ok_and(|t| t + 3600 < now)
-            {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{old}\" WITH (FORCE)"))
-                    .execute(&mut conn)
-                    .await;
-            }
-        }
-        let name = format!("{PREFIX}{now}");
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut conn)
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        conn.close().await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with(admin.clone().database(&name))
-            .await?;
-        tollgate_core::db::migrate(&pool)
-            .await
-            .context("applying migrations")?;
-        Ok(BenchDb { pool, name, admin })
-    }
-
-    async fn drop_database(self) -> anyhow::Result<()> {
-        self.pool.close().await;
-        let mut conn = self.admin.connect().await?;
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
-        .await?;
-        conn.close().await?;
-        Ok(())
-    }
 }

@@ -359,13 +359,15 @@ async fn fleet_traffic(
     let started_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&db.pool)
         .await?;
-    let (sum0, count0) = histogram("tollgate_flush_duration_seconds");
+    let (sum0, count0) =
+        tollgate_core::telemetry::histogram_totals("tollgate_flush_duration_seconds");
     let grants0 = counter_total("tollgate_lease_grants_total");
     for c in clients {
         let _ = c.await;
     }
     let secs = args.duration as f64;
-    let (sum1, count1) = histogram("tollgate_flush_duration_seconds");
+    let (sum1, count1) =
+        tollgate_core::telemetry::histogram_totals("tollgate_flush_duration_seconds");
     let grants1 = counter_total("tollgate_lease_grants_total");
     let (statements, rows): (i64, i64) = sqlx::query_as(
         "SELECT COUNT(*), COALESCE(SUM(vps_count), 0)::BIGINT FROM flush_ledger
@@ -410,19 +412,6 @@ async fn hammer(replicas: &Replicas, user: &SeededAgent, origin: &DemoGateway, c
     for c in clients {
         let _ = c.await;
     }
-}
-
-/// Sum and count of a histogram, all label sets together, from this process's
-/// metrics.
-fn histogram(name: &str) -> (f64, f64) {
-    let text = tollgate_core::telemetry::render_metrics();
-    let total = |suffix: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(&format!("{name}{suffix}")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    (total("_sum"), total("_count"))
 }
 
 /// A counter's value, all label sets together.

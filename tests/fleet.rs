@@ -229,7 +229,7 @@ async fn three_replicas_hammering_one_user_overshoot_within_the_per_connection_b
     if overshoot > 0 {
         // The proxies that published the block recorded how far past the limit
         // it landed (as of the flush they decided on).
-        let (sum, count) = histogram("tollgate_overshoot_bytes");
+        let (sum, count) = tollgate_core::telemetry::histogram_totals("tollgate_overshoot_bytes");
         assert!(count >= 1.0, "a block past the limit records its overshoot");
         assert!(
             sum / count <= bound as f64,
@@ -261,19 +261,6 @@ async fn three_replicas_hammering_one_user_overshoot_within_the_per_connection_b
     )
     .await;
     fresh.stop().await;
-}
-
-/// Sum and count of a histogram over all its label sets, from this process's
-/// metrics.
-fn histogram(name: &str) -> (f64, f64) {
-    let text = tollgate_core::telemetry::render_metrics();
-    let total = |suffix: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(&format!("{name}{suffix}")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    (total("_sum"), total("_count"))
 }
 
 /// Usage written plus the live leases of every holder.

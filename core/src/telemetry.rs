@@ -72,3 +72,18 @@ pub fn render_metrics() -> String {
     handle.run_upkeep();
     handle.render()
 }
+
+/// Sum and count of histogram `name` over all its label sets, as this
+/// process's recorder holds them (for benches and tests that run the proxy in
+/// process).
+pub fn histogram_totals(name: &str) -> (f64, f64) {
+    let text = render_metrics();
+    let total = |suffix: &str| -> f64 {
+        let series = format!("{name}{suffix}");
+        text.lines()
+            .filter(|l| l.starts_with(&series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (total("_sum"), total("_count"))
+}

@@ -160,27 +160,14 @@ impl Source {
         timeout: Duration,
         prefetched: Option<Prefetched>,
     ) -> (Vec<Result<Reading, SampleError>>, usize) {
+        if let Some(fleet) = self.fleet() {
+            let (answer, queries) = match prefetched {
+                Some(Prefetched(answer)) => (answer, 0),
+                None => (fetch_fleet(&fleet, timeout).await, 2),
+            };
+            return (self.readings_from(targets, &fleet, answer), queries);
+        }
         match &self.config {
-            SourceConfig::Prometheus {
-                url,
-                cpu_query,
-                memory_query,
-                vps_label: Some(label),
-                vps_label_value,
-            } => {
-                let fleet = PrometheusFleet {
-                    url,
-                    cpu_query,
-                    memory_query,
-                    label,
-                    label_value: vps_label_value,
-                };
-                let (answer, queries) = match prefetched {
-                    Some(Prefetched(answer)) => (answer, 0),
-                    None => (fetch_fleet(&fleet, timeout).await, 2),
-                };
-                (self.readings_from(targets, &fleet, answer), queries)
-            }
             SourceConfig::Cgroup {
                 root,
                 version,
@@ -263,6 +250,12 @@ impl Source {
     /// The fleet queries' answers now, for [`Source::sample_all`]: `None` for
     /// sources that are not fleet Prometheus sources.
     pub async fn prefetch(&self, timeout: Duration) -> Option<Prefetched> {
+        let fleet = self.fleet()?;
+        Some(Prefetched(fetch_fleet(&fleet, timeout).await))
+    }
+
+    /// The fleet queries of a Prometheus source with a `vps_label`.
+    fn fleet(&self) -> Option<PrometheusFleet<'_>> {
         match &self.config {
             SourceConfig::Prometheus {
                 url,
@@ -270,16 +263,13 @@ impl Source {
                 memory_query,
                 vps_label: Some(label),
                 vps_label_value,
-            } => {
-                let fleet = PrometheusFleet {
-                    url,
-                    cpu_query,
-                    memory_query,
-                    label,
-                    label_value: vps_label_value,
-                };
-                Some(Prefetched(fetch_fleet(&fleet, timeout).await))
-            }
+            } => Some(PrometheusFleet {
+                url,
+                cpu_query,
+                memory_query,
+                label,
+                label_value: vps_label_value,
+            }),
             _ => None,
         }
     }
