@@ -286,7 +286,9 @@ pub struct LeaseConfig {
     /// Largest slice asked for, in bytes. A slice is an eighth of what the user
     /// has left, between these two bounds. Default 1073741824 (1 GiB).
     pub max_slice_bytes: u64,
-    /// How long a request waits for a lease before it is refused. Default `2s`.
+    /// How long a request waits for a grant; if none comes by then (a slow or
+    /// unreachable database), its user falls back to the last decision until
+    /// the next renewal. Default `2s`.
     #[serde(with = "duration")]
     pub wait: Duration,
 }

@@ -270,7 +270,10 @@ impl UserGate {
     }
 
     /// Admit a new request from `listener`: `Err` if the user's traffic must
-    /// stop; waits (up to the configured lease wait) while a grant is on its way.
+    /// stop. Waits while a grant is on its way; one that does not come within
+    /// the configured lease wait (a slow or unreachable database) leaves this
+    /// user to the last decision until the next renewal (SPEC §4.5), rather
+    /// than refusing them for usage they may not have.
     pub async fn admit(&self, listener: Listener) -> Result<(), Blocked> {
         self.listeners
             .fetch_or(listener_bit(listener), Ordering::Relaxed);
@@ -286,7 +289,7 @@ impl UserGate {
                         .await
                         .is_err()
                     {
-                        return Err(self.spent_blocked());
+                        self.lose_lease();
                     }
                 }
             }
@@ -593,6 +596,29 @@ mod tests {
         meter.drain();
         gate.set_headroom(Some((5, BlockReason::Bandwidth)));
         assert!(gate.check().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_that_does_not_come_leaves_the_user_to_the_last_decision() {
+        let (asks, mut asked) = mpsc::unbounded_channel();
+        let wait = Duration::from_millis(500);
+        let gate = UserGate::new(Uuid::new_v4(), Some(LeaseAsks { asks, wait }));
+        let meter = crate::meter::Meter::new();
+        let counter = meter.counter(Uuid::new_v4(), gate.user_id);
+        gate.track(&counter);
+        counter.add_tx(1_000);
+        let started = Instant::now();
+        assert_eq!(gate.admit(Listener::Egress).await, Ok(()));
+        assert_eq!(started.elapsed(), wait, "it waited for the grant first");
+        assert_eq!(asked.try_recv().ok(), Some(gate.user_id), "a grant was asked for");
+        assert_eq!(gate.lease(), UNLEASED, "the last decision applies alone");
+        // The last decision's headroom still holds meanwhile.
+        gate.set_headroom(Some((500, BlockReason::Bandwidth)));
+        assert!(gate.admit(Listener::Egress).await.is_err());
+        // The next renewal leases again, from nothing.
+        gate.lease_again();
+        assert_eq!(gate.lease(), 0);
+        assert!(gate.take_lease_lost(), "the next grant replaces the old row");
     }
 
     #[test]
