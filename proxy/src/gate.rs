@@ -610,7 +610,11 @@ mod tests {
         let started = Instant::now();
         assert_eq!(gate.admit(Listener::Egress).await, Ok(()));
         assert_eq!(started.elapsed(), wait, "it waited for the grant first");
-        assert_eq!(asked.try_recv().ok(), Some(gate.user_id), "a grant was asked for");
+        assert_eq!(
+            asked.try_recv().ok(),
+            Some(gate.user_id),
+            "a grant was asked for"
+        );
         assert_eq!(gate.lease(), UNLEASED, "the last decision applies alone");
         // The last decision's headroom still holds meanwhile.
         gate.set_headroom(Some((500, BlockReason::Bandwidth)));
@@ -618,7 +622,10 @@ mod tests {
         // The next renewal leases again, from nothing.
         gate.lease_again();
         assert_eq!(gate.lease(), 0);
-        assert!(gate.take_lease_lost(), "the next grant replaces the old row");
+        assert!(
+            gate.take_lease_lost(),
+            "the next grant replaces the old row"
+        );
     }
 
     #[test]
