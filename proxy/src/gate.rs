@@ -522,12 +522,6 @@ impl StreamGuard {
         self.revoked.as_ref().is_some_and(|r| r.is_cancelled())
     }
 
-    /// Whether the stream must stop now.
-    #[inline]
-    pub fn tripped_now(&self) -> bool {
-        self.cut.is_cancelled() || self.revoked() || self.check().is_err()
-    }
-
     /// Resolves when the stream must stop: at once on a block decision or a
     /// revocation; within `every` when unflushed bytes pass the headroom.
     pub async fn tripped(&self, every: Duration) {
