@@ -70,6 +70,8 @@ impl Stages for Egress {
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let target = Target::of(&req)?;
+        let (host, port) = target.host_port();
+        exchange.set_destination(host, port);
         let agent = match self.authenticate(&req, conn).await {
             Ok(agent) => agent,
             Err(e) => {
@@ -146,10 +148,11 @@ impl Egress {
         let held = self
             .agent_limits
             .tunnel(admitted.agent.agent_id, Listener::Egress)?;
-        let (upstream, _) = self
+        let (upstream, addr) = self
             .connector
             .open(&host, port, Some(&self.policy), self.config.connect_timeout)
             .await?;
+        exchange.set_address(addr);
         let relay = Relay {
             kind: TunnelKind::Connect,
             idle: self.config.tunnel_idle_timeout,
@@ -189,10 +192,11 @@ impl Egress {
             // Boxed, like the tunnel: rare, and large.
             return Box::pin(async {
                 let held = self.agent_limits.tunnel(agent.agent_id, Listener::Egress)?;
-                let (io, _) = self
+                let (io, addr) = self
                     .connector
                     .open(&host, port, Some(&self.policy), self.config.connect_timeout)
                     .await?;
+                exchange.set_address(addr);
                 let relay = Relay {
                     kind: TunnelKind::WebSocket,
                     idle: self.config.tunnel_idle_timeout,
@@ -234,6 +238,12 @@ enum Target {
 }
 
 impl Target {
+    fn host_port(&self) -> (&Host, u16) {
+        match self {
+            Target::Tunnel { host, port } | Target::Http { host, port, .. } => (host, *port),
+        }
+    }
+
     fn of(req: &Request<Incoming>) -> Result<Target, ProxyError> {
         let uri = req.uri();
         if req.method() == Method::CONNECT {

@@ -10,6 +10,7 @@
 //! agent, method, outcome, status, how it ended, bytes each way and duration.
 //! Neither the event nor the metric carries a token, a query string or a header.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use uuid::Uuid;
 
 use crate::agent_limits::Held;
 use crate::body::{BoxError, ProxyBody};
+use crate::egress_policy::Host;
 use crate::rescue::{rescue, ProxyError};
 use crate::telemetry::{self, Listener};
 
@@ -53,6 +55,16 @@ impl Ended {
     }
 }
 
+/// Where an egress exchange goes: the host as the request named it (IP
+/// literals in their canonical form, names lowercase), its port, and the
+/// address the proxy connected to, once it has.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub host: Box<str>,
+    pub port: u16,
+    pub addr: Option<SocketAddr>,
+}
+
 /// One request (or tunnel) from arrival to its end.
 #[derive(Debug)]
 pub struct Exchange {
@@ -60,6 +72,7 @@ pub struct Exchange {
     method: Method,
     started: Instant,
     agent: Option<Uuid>,
+    destination: Option<Destination>,
     outcome: &'static str,
     status: u16,
     /// Request body bytes passed on, when the request has a body.
@@ -79,6 +92,7 @@ impl Exchange {
             method: method.clone(),
             started: Instant::now(),
             agent: None,
+            destination: None,
             outcome: "ok",
             status: 0,
             upload: None,
@@ -95,6 +109,26 @@ impl Exchange {
     /// The authenticated agent, for the event.
     pub fn set_agent(&mut self, agent_id: Uuid) {
         self.agent = Some(agent_id);
+    }
+
+    /// The destination the request names (egress), once its target is parsed.
+    pub fn set_destination(&mut self, host: &Host, port: u16) {
+        self.destination = Some(Destination {
+            host: host.to_string().into(),
+            port,
+            addr: None,
+        });
+    }
+
+    /// The address the proxy connected to for this exchange.
+    pub fn set_address(&mut self, addr: SocketAddr) {
+        if let Some(destination) = &mut self.destination {
+            destination.addr = Some(addr);
+        }
+    }
+
+    pub fn destination(&self) -> Option<&Destination> {
+        self.destination.as_ref()
     }
 
     /// Close the client connection once the response is sent.
@@ -119,6 +153,7 @@ impl Exchange {
             method: self.method.clone(),
             started: self.started,
             agent: self.agent,
+            destination: self.destination.clone(),
             outcome,
             status: status.as_u16(),
             upload: self.upload.take(),
