@@ -130,6 +130,7 @@ pub struct ProxyConfig {
     pub directory: DirectoryConfig,
     pub agent_limits: AgentLimitsConfig,
     pub leases: LeaseConfig,
+    pub decision_log: DecisionLogConfig,
 }
 
 impl Default for ProxyConfig {
@@ -145,6 +146,7 @@ impl Default for ProxyConfig {
             directory: DirectoryConfig::default(),
             agent_limits: AgentLimitsConfig::default(),
             leases: LeaseConfig::default(),
+            decision_log: DecisionLogConfig::default(),
         }
     }
 }
@@ -304,6 +306,56 @@ impl Default for LeaseConfig {
         }
     }
 }
+
+/// `[proxy.decision_log]`: one JSON line per request and per tunnel, written
+/// where each exchange ends (`docs/operations.md`, "Decision log"). Events are
+/// queued without blocking the request path and written by one task; when the
+/// queue is full (a flood of requests, a slow disk), new events are dropped and
+/// counted in `tollgate_decision_log_dropped_total`, so no tenant can make the
+/// proxy log without bound or wait for the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecisionLogConfig {
+    /// `off`, `stdout` or `file`. Default `off`.
+    pub sink: DecisionLogSink,
+    /// The file the `file` sink appends to: created if missing (mode 0640), its
+    /// directory must exist; reopened on SIGHUP, for log rotation. Required
+    /// with `sink = "file"`. Default: none.
+    pub path: Option<PathBuf>,
+    /// Keep the query string in the `path` field. Query strings often carry
+    /// secrets (signed URLs, API keys). Default false.
+    pub include_query: bool,
+    /// Events waiting for the writer, at most (1 to 16777216); beyond it new
+    /// events are dropped and counted. Each takes about 1 KiB at most while it
+    /// waits. Default 65536.
+    pub queue_events: usize,
+}
+
+impl Default for DecisionLogConfig {
+    fn default() -> Self {
+        Self {
+            sink: DecisionLogSink::Off,
+            path: None,
+            include_query: false,
+            queue_events: 65_536,
+        }
+    }
+}
+
+/// Where decision events go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionLogSink {
+    /// Not recorded.
+    Off,
+    /// Standard output (tracing logs go to standard error).
+    Stdout,
+    /// The file at `path`.
+    File,
+}
+
+/// Most events a decision log queue may hold.
+pub const DECISION_LOG_MAX_QUEUE: usize = 1 << 24;
 
 /// `[proxy.ingress]`: the reverse proxy users reach agents' gateways through.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -743,6 +795,32 @@ impl Config {
                 "must be at least 1 and at most proxy.leases.max_slice_bytes",
             ));
         }
+        let log = &p.decision_log;
+        if log.queue_events == 0 || log.queue_events > DECISION_LOG_MAX_QUEUE {
+            return Err(field_error(
+                "proxy.decision_log.queue_events",
+                format!("must be from 1 to {DECISION_LOG_MAX_QUEUE}"),
+            ));
+        }
+        if log.sink == DecisionLogSink::File {
+            let path = log
+                .path
+                .as_deref()
+                .filter(|p| !p.as_os_str().is_empty())
+                .ok_or_else(|| {
+                    field_error("proxy.decision_log.path", "required with sink = \"file\"")
+                })?;
+            let dir = match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir,
+                _ => Path::new("."),
+            };
+            if path.is_dir() || !dir.is_dir() {
+                return Err(field_error(
+                    "proxy.decision_log.path",
+                    format!("{} is not a file in an existing directory", path.display()),
+                ));
+            }
+        }
         if p.ingress.gateway_port == 0 {
             return Err(field_error(
                 "proxy.ingress.gateway_port",
@@ -1145,6 +1223,65 @@ mod tests {
             &[],
         )
         .unwrap();
+    }
+
+    #[test]
+    fn decision_log_is_off_by_default_and_a_file_sink_needs_a_path() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.proxy.decision_log.sink, DecisionLogSink::Off);
+        assert_eq!(c.proxy.decision_log.queue_events, 65_536);
+        assert!(!c.proxy.decision_log.include_query);
+
+        let dir = std::env::temp_dir();
+        let file = dir.join("tollgate-decisions.jsonl");
+        let c = load(
+            "",
+            &[
+                ("TOLLGATE_PROXY__DECISION_LOG__SINK", "file"),
+                ("TOLLGATE_PROXY__DECISION_LOG__PATH", file.to_str().unwrap()),
+                ("TOLLGATE_PROXY__DECISION_LOG__INCLUDE_QUERY", "true"),
+                ("TOLLGATE_PROXY__DECISION_LOG__QUEUE_EVENTS", "16"),
+            ],
+        )
+        .unwrap();
+        let log = &c.proxy.decision_log;
+        assert_eq!(log.sink, DecisionLogSink::File);
+        assert_eq!(log.path.as_deref(), Some(file.as_path()));
+        assert!(log.include_query);
+        assert_eq!(log.queue_events, 16);
+
+        let err = load("[proxy.decision_log]\nsink = \"file\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy.decision_log.path") && err.contains("required"),
+            "{err}"
+        );
+        let err = load(
+            "[proxy.decision_log]\nsink = \"file\"\npath = \"/nonexistent-dir/d.jsonl\"",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("proxy.decision_log.path") && err.contains("existing directory"),
+            "{err}"
+        );
+        let err = load(
+            &format!("[proxy.decision_log]\nsink = \"file\"\npath = {:?}", dir),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("proxy.decision_log.path"), "{err}");
+        let err = load("[proxy.decision_log]\nqueue_events = 0", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("proxy.decision_log.queue_events"), "{err}");
+        let err = load("[proxy.decision_log]\nsink = \"syslog\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("proxy.decision_log.sink"), "{err}");
     }
 
     #[test]

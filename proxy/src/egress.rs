@@ -22,6 +22,7 @@ use tollgate_core::config::EgressConfig;
 use crate::agent_limits::AgentLimits;
 use crate::auth;
 use crate::body::ProxyBody;
+use crate::decision_log::DecisionLog;
 use crate::directory::{Agent, Directory};
 use crate::egress_policy::{parse_host, EgressPolicy, Host};
 use crate::exchange::Exchange;
@@ -46,6 +47,7 @@ pub struct Egress {
     pub relays: Relays,
     pub agent_limits: Arc<AgentLimits>,
     pub config: EgressConfig,
+    pub decision_log: DecisionLog,
 }
 
 /// A request that passed authentication and enforcement: whose it is, what its
@@ -62,6 +64,10 @@ impl Stages for Egress {
         http2: false,
         meter_client: true,
     };
+
+    fn decision_log(&self) -> &DecisionLog {
+        &self.decision_log
+    }
 
     async fn proxy(
         &self,
@@ -83,7 +89,7 @@ impl Stages for Egress {
                 return Err(e);
             }
         };
-        exchange.set_agent(agent.agent_id);
+        exchange.set_agent(&agent);
         let guard = auth::guard(&agent);
         guard.admit(Listener::Egress).await?;
         let admitted = Admitted { agent, guard, conn };
@@ -216,11 +222,15 @@ impl Egress {
             let opened = self
                 .connector
                 .open(&host, port, Some(&self.policy), connect_timeout);
-            Ok(opened.await?.0)
+            opened.await
         };
-        self.pool
+        let (response, addr) = self
+            .pool
             .exchange(key, agent.agent_id, outbound.request, timeout, guard, open)
-            .await
+            .await?;
+        // A pooled connection was opened by an earlier exchange.
+        exchange.set_address(addr);
+        Ok(response)
     }
 }
 

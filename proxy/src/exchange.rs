@@ -5,10 +5,12 @@
 //! response body of a plain exchange (ending when the body has been handed to the
 //! client, was cut, or the client went away), or into the relay task of a tunnel
 //! or upgrade (ending when the relay ends). It ends exactly once, and its end is
-//! recorded there and only there: `tollgate_requests_total{listener,outcome}` and
+//! recorded there and only there: `tollgate_requests_total{listener,outcome}`,
 //! one structured event (target `tollgate::request`, level DEBUG) with the
-//! agent, method, outcome, status, how it ended, bytes each way and duration.
-//! Neither the event nor the metric carries a token, a query string or a header.
+//! agent, method, outcome, status, how it ended, bytes each way and duration,
+//! and, when the decision log is on, one [`Decision`] with who, where and why
+//! (`decision_log`). None of them carries a token, a header value or (unless
+//! the decision log is configured to) a query string.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,13 +19,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Method, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
-use uuid::Uuid;
 
 use crate::agent_limits::Held;
 use crate::body::{BoxError, ProxyBody};
+use crate::decision_log::{AgentIds, Decision, DecisionLog, Denial};
+use crate::directory::Agent;
 use crate::egress_policy::Host;
 use crate::rescue::{rescue, ProxyError};
 use crate::telemetry::{self, Listener};
@@ -71,8 +74,13 @@ pub struct Exchange {
     listener: Listener,
     method: Method,
     started: Instant,
-    agent: Option<Uuid>,
+    agent: Option<AgentIds>,
     destination: Option<Destination>,
+    /// The path the decision log records (only taken when it is on).
+    path: Option<Box<str>>,
+    /// Why the destination was refused, or would have been (report mode).
+    denial: Option<Box<Denial>>,
+    log: DecisionLog,
     outcome: &'static str,
     status: u16,
     /// Request body bytes passed on, when the request has a body.
@@ -86,13 +94,17 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    pub fn begin(listener: Listener, method: &Method) -> Self {
+    /// Open the record of `req`, arrived on `listener`, whose end goes to `log`.
+    pub fn begin<B>(listener: Listener, req: &Request<B>, log: &DecisionLog) -> Self {
         Self {
             listener,
-            method: method.clone(),
+            method: req.method().clone(),
             started: Instant::now(),
             agent: None,
             destination: None,
+            path: log.path_of(req),
+            denial: None,
+            log: log.clone(),
             outcome: "ok",
             status: 0,
             upload: None,
@@ -106,12 +118,17 @@ impl Exchange {
         self.listener
     }
 
-    /// The authenticated agent, for the event.
-    pub fn set_agent(&mut self, agent_id: Uuid) {
-        self.agent = Some(agent_id);
+    /// The authenticated agent, its user and its VPS, for the events.
+    pub fn set_agent(&mut self, agent: &Agent) {
+        self.agent = Some(AgentIds {
+            agent_id: agent.agent_id,
+            user_id: agent.user_id,
+            vps_id: agent.vps.as_ref().map(|vps| vps.id),
+        });
     }
 
-    /// The destination the request names (egress), once its target is parsed.
+    /// The destination the request names (egress), once its target is parsed;
+    /// the VPS gateway it goes to (ingress).
     pub fn set_destination(&mut self, host: &Host, port: u16) {
         self.destination = Some(Destination {
             host: host.to_string().into(),
@@ -129,6 +146,18 @@ impl Exchange {
 
     pub fn destination(&self) -> Option<&Destination> {
         self.destination.as_ref()
+    }
+
+    /// Why the egress policy refused the destination (`mode` `"enforce"`), or
+    /// would have refused it (`"report"`: the request went on), and the rule
+    /// that decided, if one did. For the decision log.
+    pub fn set_denial(
+        &mut self,
+        reason: &'static str,
+        rule: Option<std::sync::Arc<str>>,
+        mode: &'static str,
+    ) {
+        self.denial = Some(Box::new(Denial { reason, rule, mode }));
     }
 
     /// Close the client connection once the response is sent.
@@ -154,6 +183,9 @@ impl Exchange {
             started: self.started,
             agent: self.agent,
             destination: self.destination.clone(),
+            path: self.path.take(),
+            denial: self.denial.take(),
+            log: std::mem::take(&mut self.log),
             outcome,
             status: status.as_u16(),
             upload: self.upload.take(),
@@ -176,6 +208,9 @@ impl Exchange {
             Ok(response) => response,
             Err(error) => {
                 self.outcome = error.outcome();
+                if let ProxyError::Denied { reason, .. } = &error {
+                    self.set_denial(reason.as_str(), None, "enforce");
+                }
                 rescue(error, self.listener)
             }
         };
@@ -219,19 +254,37 @@ impl Exchange {
         if ended == Ended::Cut {
             telemetry::cut_stream(self.listener);
         }
+        let duration = self.started.elapsed();
         tracing::debug!(
             target: "tollgate::request",
             listener = self.listener.as_str(),
-            agent_id = self.agent.map(tracing::field::display),
+            agent_id = self.agent.map(|a| tracing::field::display(a.agent_id)),
             method = self.method.as_str(),
             outcome = self.outcome,
             status = self.status,
             ended = ended.as_str(),
             bytes_up = up,
             bytes_down = down,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            duration_ms = duration.as_secs_f64() * 1e3,
             "request ended"
         );
+        if self.log.is_on() {
+            self.log.emit(Decision {
+                ts: chrono::Utc::now(),
+                listener: self.listener,
+                agent: self.agent,
+                method: self.method.clone(),
+                destination: self.destination.take(),
+                path: self.path.take(),
+                status: self.status,
+                outcome: self.outcome,
+                ended,
+                bytes_up: up,
+                bytes_down: down,
+                duration,
+                denial: self.denial.take(),
+            });
+        }
     }
 }
 

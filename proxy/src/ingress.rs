@@ -26,6 +26,7 @@ use tollgate_core::db::agents::{VpsRecord, VpsState};
 use crate::agent_limits::AgentLimits;
 use crate::auth;
 use crate::body::ProxyBody;
+use crate::decision_log::DecisionLog;
 use crate::directory::Directory;
 use crate::egress_policy::{parse_host, Host};
 use crate::exchange::Exchange;
@@ -52,6 +53,7 @@ pub struct Ingress {
     pub relays: Relays,
     pub agent_limits: Arc<AgentLimits>,
     pub config: IngressConfig,
+    pub decision_log: DecisionLog,
 }
 
 /// Where a request goes.
@@ -87,6 +89,10 @@ impl Stages for Ingress {
         meter_client: false,
     };
 
+    fn decision_log(&self) -> &DecisionLog {
+        &self.decision_log
+    }
+
     async fn proxy(
         &self,
         req: Request<Incoming>,
@@ -97,7 +103,7 @@ impl Stages for Ingress {
         let token =
             auth::bearer(req.headers().get(header::AUTHORIZATION)).map_err(ProxyError::Auth)?;
         let agent = auth::authenticate(&self.directory, route.agent_id, token).await?;
-        exchange.set_agent(agent.agent_id);
+        exchange.set_agent(&agent);
         let guard = auth::guard(&agent);
         guard.admit(Listener::Ingress).await?;
         exchange.hold(
@@ -106,6 +112,7 @@ impl Stages for Ingress {
         );
         let vps = agent.vps.as_ref().ok_or(ProxyError::NoVps)?;
         let gateway = Gateway::of(vps, self.config.gateway_port)?;
+        exchange.set_destination(&gateway.host, gateway.port);
         let counter = agent.counter.clone().ok_or(ProxyError::NoVps)?;
 
         let target =
@@ -116,7 +123,7 @@ impl Stages for Ingress {
 
         // The socket to the VPS is the one that counts.
         let open = || async {
-            let (io, _) = self
+            let (io, addr) = self
                 .connector
                 .open(
                     &gateway.host,
@@ -131,11 +138,12 @@ impl Stages for Ingress {
                     | ProxyError::UpstreamTimeout => e,
                     _ => ProxyError::VpsUnavailable("vps_address_invalid"),
                 })?;
-            Ok::<_, ProxyError>(MeteredIo::new(
+            let io = MeteredIo::new(
                 io,
                 Arc::new(ConnTally::bound_to(counter.clone())),
                 Listener::Ingress,
-            ))
+            );
+            Ok::<_, ProxyError>((io, addr))
         };
         let timeout = self.config.response_timeout;
         if let Some(client) = outbound.client_upgrade {
@@ -145,6 +153,8 @@ impl Stages for Ingress {
                 let held = self
                     .agent_limits
                     .tunnel(agent.agent_id, Listener::Ingress)?;
+                let (io, addr) = open().await?;
+                exchange.set_address(addr);
                 let relay = Relay {
                     kind: TunnelKind::WebSocket,
                     idle: self.config.websocket_idle_timeout,
@@ -153,22 +163,18 @@ impl Stages for Ingress {
                     held,
                 };
                 self.relays
-                    .upgrade(
-                        open().await?,
-                        outbound.request,
-                        client,
-                        timeout,
-                        relay,
-                        exchange,
-                    )
+                    .upgrade(io, outbound.request, client, timeout, relay, exchange)
                     .await
             })
             .await;
         }
         let key: GatewayKey = (vps.id, gateway.host.to_string().into(), gateway.port);
-        self.pool
+        let (response, addr) = self
+            .pool
             .exchange(key, agent.agent_id, outbound.request, timeout, guard, open)
-            .await
+            .await?;
+        exchange.set_address(addr);
+        Ok(response)
     }
 }
 

@@ -9,7 +9,8 @@
 //!  Stages::proxy:  target/route ─▶ auth (directory) ─▶ agent caps ─▶ enforcement (gate)
 //!                  ─▶ destination (egress policy / the VPS) ─▶ relay (pooled HTTP,
 //!                  CONNECT tunnel, upgrade) ─▶ upstream (ingress: MeteredIo counts here)
-//!  every request ends once, in exchange (metric + event); errors become responses in rescue
+//!  every request ends once, in exchange (metric + event + decision log line); errors
+//!  become responses in rescue
 //!  meter ──every flush_interval──▶ flusher ──(ledger, exactly once)──▶ PostgreSQL
 //!                                     └──▶ enforcer re-evaluates flushed users ──▶ gates
 //!  PostgreSQL NOTIFY ──▶ notifications ──▶ directory (evict, revoke) / enforcer (apply)
@@ -22,6 +23,7 @@
 pub mod agent_limits;
 pub mod auth;
 pub mod body;
+pub mod decision_log;
 pub mod directory;
 pub mod egress;
 pub mod egress_policy;
@@ -57,6 +59,7 @@ use tollgate_core::config::{Config, TlsConfig};
 use tollgate_core::{admin, db};
 
 use crate::agent_limits::AgentLimits;
+use crate::decision_log::DecisionLog;
 use crate::directory::Directory;
 use crate::egress::Egress;
 use crate::egress_policy::{Dial, EgressPolicy, Resolve, SystemResolver, TcpDialer};
@@ -255,6 +258,12 @@ pub async fn run(
     let flusher_stop = CancellationToken::new();
     let flusher_task = tokio::spawn(flusher.run(flusher_stop.clone()));
 
+    // Started before any listener, stopped after the drain: every exchange's
+    // line is written.
+    let (decision_log, decision_writer) = DecisionLog::start(&config.proxy.decision_log)
+        .await
+        .context("starting the decision log")?;
+
     let connections = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let relays = Relays {
@@ -287,6 +296,7 @@ pub async fn run(
             relays: relays.clone(),
             agent_limits: agent_limits.clone(),
             config: e.clone(),
+            decision_log: decision_log.clone(),
         });
         background_tasks.spawn(egress.pool.clone().run_reaper(background.clone()));
         let limits = Limits {
@@ -311,6 +321,7 @@ pub async fn run(
             relays: relays.clone(),
             agent_limits: agent_limits.clone(),
             config: i.clone(),
+            decision_log: decision_log.clone(),
         });
         background_tasks.spawn(ingress.pool.clone().run_reaper(background.clone()));
         let limits = Limits {
@@ -338,6 +349,11 @@ pub async fn run(
         tracing::warn!(deadline = ?drain, open = connections.len(), "drain deadline passed: closing what is left");
         hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
+    }
+    // Every exchange has ended: write the last decisions.
+    drop(decision_log);
+    if let Some(writer) = decision_writer {
+        writer.finish().await;
     }
     // Everything is counted now: final flush (or spill).
     flusher_stop.cancel();

@@ -36,6 +36,7 @@ use tollgate_core::config::TlsConfig;
 
 use crate::agent_limits::Held;
 use crate::body::ProxyBody;
+use crate::decision_log::DecisionLog;
 use crate::exchange::{Busy, Exchange, ExchangeBody};
 use crate::framing::{Framing, FramingGuard, Verdicts};
 use crate::meter::{ConnTally, MeteredIo};
@@ -68,6 +69,9 @@ pub struct Shape {
 /// connection machinery has read it.
 pub trait Stages: Send + Sync + Sized + 'static {
     const SHAPE: Shape;
+
+    /// Where this listener's exchanges record their decisions.
+    fn decision_log(&self) -> &DecisionLog;
 
     /// Run the stages for `req`, arrived on `conn`.
     fn proxy(
@@ -362,7 +366,7 @@ async fn handle<S: Stages>(
     req: Request<Incoming>,
     conn: &Arc<ClientConn>,
 ) -> Response<ExchangeBody> {
-    let mut exchange = Exchange::begin(S::SHAPE.listener, req.method());
+    let mut exchange = Exchange::begin(S::SHAPE.listener, &req, stages.decision_log());
     // Under way until its response body has been sent (for the HTTP/2 idle watch).
     let busy = Busy::enter(&conn.in_flight);
     conn.started.fetch_add(1, Ordering::AcqRel);

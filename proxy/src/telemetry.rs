@@ -52,6 +52,8 @@ pub const DIRECTORY_ENTRIES: &str = "tollgate_directory_entries";
 pub const DIRECTORY_BYTES: &str = "tollgate_directory_bytes";
 pub const DATABASE_UP: &str = "tollgate_database_up";
 pub const NOTIFY_RECONNECTS: &str = "tollgate_notify_reconnects_total";
+pub const DECISION_LOG_DROPPED: &str = "tollgate_decision_log_dropped_total";
+pub const DECISION_LOG_WRITE_FAILURES: &str = "tollgate_decision_log_write_failures_total";
 
 /// Register help texts once per process.
 pub fn describe() {
@@ -173,6 +175,15 @@ pub fn describe() {
             NOTIFY_RECONNECTS,
             "Times the LISTEN connection was re-established."
         );
+        describe_counter!(
+            DECISION_LOG_DROPPED,
+            "Decision events not written, by reason: queue_full (the writer fell behind: a flood \
+             of requests or a slow sink), stopped (the log had already stopped)."
+        );
+        describe_counter!(
+            DECISION_LOG_WRITE_FAILURES,
+            "Writes to the decision log sink that failed (the lines in them are lost)."
+        );
     });
 }
 
@@ -222,6 +233,15 @@ pub fn cut_stream(listener: Listener) {
 
 pub fn agent_limit_refused(listener: Listener, limit: &'static str) {
     counter!(AGENT_LIMIT_REFUSALS, "listener" => listener.as_str(), "limit" => limit).increment(1);
+}
+
+/// A decision event was dropped instead of queued (`queue_full` or `stopped`).
+pub fn decision_log_dropped(reason: &'static str) {
+    counter!(DECISION_LOG_DROPPED, "reason" => reason).increment(1);
+}
+
+pub fn decision_log_write_failed() {
+    counter!(DECISION_LOG_WRITE_FAILURES).increment(1);
 }
 
 pub fn rejected_connection(listener: Listener) {

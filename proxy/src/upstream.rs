@@ -143,6 +143,9 @@ where
 /// take a new request once hyper reports it ready.
 struct Pooled {
     sender: Sender,
+    /// The address it is connected to (for the decision log of the exchanges
+    /// it serves).
+    addr: SocketAddr,
     /// When it was returned (an upper bound on how long it has been idle).
     since: Instant,
     /// The agent whose exchange put it here.
@@ -181,9 +184,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
     }
 
     /// The most recently returned connection to `key` that can take a request
-    /// now, if any. Connections still finishing their previous exchange stay for
-    /// later; closed and expired ones are dropped.
-    pub fn checkout(&self, key: &K) -> Option<Sender> {
+    /// now, if any, and the address it is connected to. Connections still
+    /// finishing their previous exchange stay for later; closed and expired
+    /// ones are dropped.
+    pub fn checkout(&self, key: &K) -> Option<(Sender, SocketAddr)> {
         let mut list = self.idle.get_mut(key)?;
         let mut i = list.len();
         while i > 0 {
@@ -194,17 +198,18 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
             } else if pooled.sender.is_ready() {
                 let pooled = list.remove(i);
                 self.forget(&pooled);
-                return Some(pooled.sender);
+                return Some((pooled.sender, pooled.addr));
             }
         }
         None
     }
 
-    /// Return `sender`, used by `owner`'s exchange, to the pool; it is reused
-    /// once its current exchange is over. Beyond the key's or the agent's limit
-    /// it is dropped instead (hyper closes it when the exchange ends); at the
-    /// total limit, the connection returned longest ago makes room.
-    pub fn release(&self, key: K, owner: Uuid, sender: Sender) {
+    /// Return `sender` (connected to `addr`), used by `owner`'s exchange, to
+    /// the pool; it is reused once its current exchange is over. Beyond the
+    /// key's or the agent's limit it is dropped instead (hyper closes it when
+    /// the exchange ends); at the total limit, the connection returned longest
+    /// ago makes room.
+    pub fn release(&self, key: K, owner: Uuid, sender: Sender, addr: SocketAddr) {
         let limits = self.limits;
         if limits.per_key == 0 {
             return;
@@ -238,6 +243,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
             if room {
                 list.push(Pooled {
                     sender,
+                    addr,
                     since: Instant::now(),
                     owner,
                 });
@@ -305,23 +311,24 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
     /// Send `req` on an idle connection to `key`, or on a new one from `connect`,
     /// and give the connection back to the pool (as `owner`'s) once the exchange
     /// is over. A pooled connection the peer closed meanwhile hands the request
-    /// back unsent; it is then sent once on a fresh connection.
+    /// back unsent; it is then sent once on a fresh connection. Returns the
+    /// response and the address of the connection that carried it.
     pub async fn send<F, Fut>(
         &self,
         key: K,
         owner: Uuid,
         req: Request<ProxyBody>,
         connect: F,
-    ) -> Result<Response<Incoming>, ProxyError>
+    ) -> Result<(Response<Incoming>, SocketAddr), ProxyError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Sender, ProxyError>>,
+        Fut: Future<Output = Result<(Sender, SocketAddr), ProxyError>>,
     {
         let req = match self.checkout(&key) {
-            Some(mut sender) => match sender.try_send_request(req).await {
+            Some((mut sender, addr)) => match sender.try_send_request(req).await {
                 Ok(response) => {
-                    self.release(key, owner, sender);
-                    return Ok(response);
+                    self.release(key, owner, sender, addr);
+                    return Ok((response, addr));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => unsent,
@@ -330,20 +337,21 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
             },
             None => req,
         };
-        let mut sender = connect().await?;
+        let (mut sender, addr) = connect().await?;
         let response = sender
             .send_request(req)
             .await
             .map_err(ProxyError::Upstream)?;
-        self.release(key, owner, sender);
-        Ok(response)
+        self.release(key, owner, sender, addr);
+        Ok((response, addr))
     }
 
     /// One plain exchange, as both listeners make it: `req` over a pooled
-    /// connection to `key` (or one `open` makes, boxed: a new connection is the
-    /// exception, and the pooled path's future stays small), its response head
-    /// within `timeout`, passed on under `guard`; a failure is attributed to
-    /// whoever caused it.
+    /// connection to `key` (or one `open` makes, with the address it reached;
+    /// boxed: a new connection is the exception, and the pooled path's future
+    /// stays small), its response head within `timeout`, passed on under
+    /// `guard`; a failure is attributed to whoever caused it. Returns the
+    /// response and the address of the connection that carried it.
     pub async fn exchange<F, Fut, I>(
         &self,
         key: K,
@@ -352,24 +360,24 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
         timeout: Duration,
         guard: StreamGuard,
         open: F,
-    ) -> Result<Response<ProxyBody>, ProxyError>
+    ) -> Result<(Response<ProxyBody>, SocketAddr), ProxyError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<I, ProxyError>>,
+        Fut: Future<Output = Result<(I, SocketAddr), ProxyError>>,
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let connect = || {
             Box::pin(async {
-                handshake(open().await?, false)
-                    .await
-                    .map_err(ProxyError::Upstream)
+                let (io, addr) = open().await?;
+                let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
+                Ok((sender, addr))
             })
         };
-        let response = tokio::time::timeout(timeout, self.send(key, owner, req, connect))
+        let (response, addr) = tokio::time::timeout(timeout, self.send(key, owner, req, connect))
             .await
             .map_err(|_| ProxyError::UpstreamTimeout)?
             .map_err(|e| e.attributed(&guard))?;
-        Ok(passed_on(response, guard))
+        Ok((passed_on(response, guard), addr))
     }
 
     /// Drop expired and closed connections, until `shutdown`.
