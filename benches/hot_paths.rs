@@ -8,7 +8,10 @@
 //!   decision check, alone (as before every streamed frame) and with taking the
 //!   stream guard (as at the start of every request). These run against a real
 //!   PostgreSQL database (found or started as `tollgate dev` does, created
-//!   fresh and dropped after), which fills the directory once.
+//!   fresh and dropped after), which fills the directory once;
+//! - an agent's egress policy of 1,000 rules (exact hosts, wildcards, CIDRs of
+//!   many prefix lengths, port lists) judging one request: the snapshot in
+//!   force, the name before resolving, and the name at two addresses.
 //!
 //! Run: `cargo bench --bench hot_paths`.
 
@@ -26,6 +29,8 @@ use uuid::Uuid;
 
 use tollgate_core::clock::SystemClock;
 use tollgate_core::config::{Config, LeaseConfig};
+use tollgate_core::db::policies::{PolicyRow, RuleRow, Stored};
+use tollgate_proxy::agent_policy::{compile, Policies, Snapshot};
 use tollgate_proxy::directory::{Directory, Lookup};
 use tollgate_proxy::enforcement::Enforcer;
 use tollgate_proxy::flusher::build_batch;
@@ -235,5 +240,110 @@ fn lookups(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, count_chunk, flush_batch, framing, lookups);
+/// `n` rules of every kind, drawn from a fixed seed: 40 % exact hosts, 30 %
+/// `*.suffix` wildcards, 25 % CIDRs (IPv4 /8 to /32 and some IPv6), 5 %
+/// port-only; a quarter deny, a third carry port lists.
+fn policy_rules(n: usize) -> Vec<RuleRow> {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    (0..n)
+        .map(|i| {
+            let r = next();
+            let (host, cidr) = match i % 20 {
+                0..=7 => (
+                    Some(format!("svc{}.tenant{}.example.com", r % 997, i)),
+                    None,
+                ),
+                8..=13 => (Some(format!("*.zone{}.example.net", i)), None),
+                14..=18 => {
+                    let len = 8 + (r % 25) as u8;
+                    let addr = std::net::Ipv4Addr::from((r >> 16) as u32);
+                    let net = ipnet::Ipv4Net::new(addr, len).unwrap().trunc();
+                    (None, Some(net.to_string()))
+                }
+                _ => (None, None),
+            };
+            let cidr = match (i % 40, cidr) {
+                (18, _) => Some(format!("2001:db8:{:x}::/48", r % 65536)),
+                (_, cidr) => cidr,
+            };
+            let ports = match (host.is_none() && cidr.is_none()) || r % 3 == 0 {
+                true => Some(vec![443, 8443, 1000 + (r % 1000) as i32]),
+                false => None,
+            };
+            RuleRow {
+                id: i as i64 + 1,
+                policy_id: 1,
+                action: if r % 4 == 0 { "deny" } else { "allow" }.into(),
+                host,
+                cidr,
+                ports,
+            }
+        })
+        .collect()
+}
+
+fn egress_policy(c: &mut Criterion) {
+    let row = PolicyRow {
+        id: 1,
+        name: "bench".into(),
+        mode: "enforce".into(),
+        default_action: "deny".into(),
+    };
+    let rules = policy_rules(1_000);
+    let stored = Stored {
+        policies: vec![row.clone()],
+        rules: rules.clone(),
+        agents: vec![(Uuid::new_v4(), 1)],
+    };
+    let policies = Policies::new();
+    policies.install(Snapshot::compile(&stored, tokio::time::Instant::now()));
+    let policy = compile(&row, &rules.iter().collect::<Vec<_>>());
+    let addrs: Vec<std::net::SocketAddr> = vec![
+        "93.184.216.34:443".parse().unwrap(),
+        "[2606:2800:220:1:248:1893:25c8:1946]:443".parse().unwrap(),
+    ];
+    let mut group = c.benchmark_group("egress_policy");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("1000_rules/name_then_two_addresses", |b| {
+        b.iter(|| {
+            let snapshot = policies.current();
+            let name = black_box("api.zone42.example.net");
+            let named = policy.judge_name(name, 443);
+            let resolved = policy.judge_addresses(Some(name), black_box(&addrs), 443);
+            black_box((snapshot, named, resolved))
+        })
+    });
+    let refused = rules
+        .iter()
+        .find(|r| {
+            r.action == "deny"
+                && r.ports.is_none()
+                && r.host.as_deref().is_some_and(|h| !h.starts_with('*'))
+        })
+        .and_then(|r| r.host.clone())
+        .expect("a deny rule for an exact host");
+    assert!(policy.judge_name(&refused, 443).is_err());
+    group.bench_function("1000_rules/refused_name", |b| {
+        b.iter(|| black_box(policy.judge_name(black_box(&refused), 443)))
+    });
+    group.bench_function("1000_rules/bare_address", |b| {
+        b.iter(|| black_box(policy.judge_addresses(None, black_box(&addrs[..1]), 443)))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    count_chunk,
+    flush_batch,
+    framing,
+    lookups,
+    egress_policy
+);
 criterion_main!(benches);

@@ -127,6 +127,49 @@ impl BenchDb {
         })
     }
 
+    /// Give `agent` an egress policy of `rules` rules that lets it reach the
+    /// loopback origin: `rules - 1` that do not match it (exact hosts,
+    /// wildcards, CIDRs of several lengths, port lists, a quarter of them
+    /// deny rules) and the allow rule for 127.0.0.0/8 that does, under a
+    /// default of deny.
+    pub async fn egress_policy(&self, agent: Uuid, rules: usize) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let policy: i64 = sqlx::query_scalar(
+            "INSERT INTO egress_policies (name, default_action) VALUES ($1, 'deny') RETURNING id",
+        )
+        .bind(format!("bench-{agent}"))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO egress_policy_rules (policy_id, action, host, cidr, ports)
+             SELECT $1,
+                    CASE WHEN g % 4 = 0 THEN 'deny' ELSE 'allow' END,
+                    CASE WHEN g % 3 = 0 THEN 'svc' || g || '.tenant.example.com'
+                         WHEN g % 3 = 1 THEN '*.zone' || g || '.example.net' END,
+                    CASE WHEN g % 3 = 2
+                         THEN network((((g * 7) % 200 + 11) || '.' || g % 256 || '.0.0/' || (8 + g % 17))::inet) END,
+                    CASE WHEN g % 5 = 0 THEN ARRAY[443, 8443] END
+             FROM generate_series(1, $2) AS g",
+        )
+        .bind(policy)
+        .bind(i32::try_from(rules.saturating_sub(1))?)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO egress_policy_rules (policy_id, action, cidr) VALUES ($1, 'allow', '127.0.0.0/8')",
+        )
+        .bind(policy)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE agents SET egress_policy_id = $2 WHERE id = $1")
+            .bind(agent)
+            .bind(policy)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// `n` running VPSes of one user (a fleet to flush); returns (user, VPS ids).
     pub async fn fleet(&self, n: usize) -> anyhow::Result<(Uuid, Vec<Uuid>)> {
         let mut tx = self.pool.begin().await?;

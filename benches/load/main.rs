@@ -18,7 +18,9 @@
 //!    nginx, haproxy, squid and tinyproxy;
 //! 4. ingress (reverse proxies): `wrk` with a 100-byte and a 1 MiB response,
 //!    `h2load` over h2c; egress (forward proxies): `wrk` with absolute-form
-//!    requests and `Proxy-Authorization`; each beside a direct run to the origin;
+//!    requests and `Proxy-Authorization` (and, for the small response, once
+//!    more as an agent with a 100-rule egress policy); each beside a direct run
+//!    to the origin;
 //!    small-response runs are interleaved over several rounds and the median
 //!    round is reported;
 //! 5. CONNECT bulk throughput through each forward proxy and directly;
@@ -189,6 +191,9 @@ pub const DIRECT_ACROSS_CORES: &str = "direct, source on the server core";
 /// The CONNECT reference that relays without any proxy logic.
 pub const BARE_RELAY: &str = "bare relay (tokio copy, 256 KiB)";
 
+/// The egress row whose agent has an egress policy of 100 rules.
+pub const TOLLGATE_POLICY: &str = "Tollgate, 100-rule policy";
+
 /// Plan limit of the agent under load: never reached.
 const UNLIMITED: i64 = 1 << 50;
 /// Plan limit of the enforcement agents.
@@ -353,6 +358,8 @@ async fn measure(
     results: &mut Results,
 ) -> anyhow::Result<()> {
     let agent = db.agent("load", UNLIMITED).await?;
+    let judged = db.agent("load-policy", UNLIMITED).await?;
+    db.egress_policy(judged.agent_id, 100).await?;
     let creds = Credentials {
         agent_id: agent.agent_id,
         token: agent.token.clone(),
@@ -437,14 +444,16 @@ async fn measure(
         headers: vec![("Host".into(), addr.to_string())],
     };
     let proxy_auth = basic_auth(agent.agent_id, &agent.token);
-    let forward_target = |addr: SocketAddr, path: &str| Target {
+    let forward_target_as = |addr: SocketAddr, path: &str, auth: &str| Target {
         connect: addr,
         path: format!("http://{origin_host}{path}"),
         headers: vec![
             ("Host".into(), origin_host.clone()),
-            ("Proxy-Authorization".into(), proxy_auth.clone()),
+            ("Proxy-Authorization".into(), auth.to_owned()),
         ],
     };
+    let forward_target = |addr: SocketAddr, path: &str| forward_target_as(addr, path, &proxy_auth);
+    let judged_auth = basic_auth(judged.agent_id, &judged.token);
 
     if args.hold > 0 {
         let i = ingress("/small");
@@ -526,6 +535,12 @@ async fn measure(
                 ("direct".to_owned(), direct(path)),
                 ("Tollgate".to_owned(), forward_target(tollgate.egress, path)),
             ];
+            if path == "/small" {
+                targets.push((
+                    TOLLGATE_POLICY.to_owned(),
+                    forward_target_as(tollgate.egress, path, &judged_auth),
+                ));
+            }
             for (name, p) in &forward {
                 targets.push(((*name).to_owned(), forward_target(p.addr, path)));
             }

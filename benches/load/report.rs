@@ -23,6 +23,8 @@ const COUNTERS_MIB: f64 = 32.0;
 const ENFORCEMENT_SECS: f64 = 2.0;
 const CONNECT_RATIO: f64 = 0.9;
 const EGRESS_FACTOR: f64 = 2.0;
+/// Largest share of egress requests/s an agent's 100-rule policy may cost.
+const POLICY_COST: f64 = 0.05;
 
 #[derive(Debug, Default)]
 pub struct Results {
@@ -104,7 +106,7 @@ fn tollgate_and_references(runs: &[(String, Run)]) -> Option<(&Run, Vec<&(String
     let t = find(runs, "Tollgate")?;
     let others: Vec<&(String, Run)> = runs
         .iter()
-        .filter(|(n, _)| n != "Tollgate" && n != "direct")
+        .filter(|(n, _)| !n.starts_with("Tollgate") && n != "direct")
         .collect();
     (!others.is_empty()).then_some((t, others))
 }
@@ -139,6 +141,14 @@ fn egress_verdict(runs: &[(String, Run)]) -> Option<(bool, String)> {
         parts.push(format!("{factor:.2}× {name}"));
     }
     Some((ok, parts.join(", ")))
+}
+
+/// Egress with an agent's 100-rule policy against the same egress without one.
+fn policy_verdict(runs: &[(String, Run)]) -> Option<(bool, String)> {
+    let (plain, judged) = (find(runs, "Tollgate")?, find(runs, crate::TOLLGATE_POLICY)?);
+    let ratio = judged.requests_per_sec / plain.requests_per_sec;
+    let ok = judged.errors == 0 && ratio >= 1.0 - POLICY_COST;
+    Some((ok, format!("{:.1} % of no policy", ratio * 100.0)))
 }
 
 /// Tollgate's CONNECT throughput against the direct connection on the load core
@@ -239,14 +249,21 @@ fn http_rows(rows: &mut Vec<Row>, measurement: &str, runs: &[(String, Run)], h2:
 
 fn rows(results: &Results) -> Vec<Row> {
     let mut rows = Vec::new();
-    let mark = |rows: &mut Vec<Row>, from: usize, target: &str, verdict: Option<(bool, String)>| {
-        if let Some(row) = rows[from..].iter_mut().find(|r| r.server == "Tollgate") {
+    let mark_row = |rows: &mut Vec<Row>,
+                    from: usize,
+                    server: &str,
+                    target: &str,
+                    verdict: Option<(bool, String)>| {
+        if let Some(row) = rows[from..].iter_mut().find(|r| r.server == server) {
             row.target = target.into();
             row.holds = match verdict {
                 Some((ok, detail)) => format!("{} ({detail})", yes_no(ok)),
                 None => "no reference measured".into(),
             };
         }
+    };
+    let mark = |rows: &mut Vec<Row>, from: usize, target: &str, verdict: Option<(bool, String)>| {
+        mark_row(rows, from, "Tollgate", target, verdict)
     };
 
     let from = rows.len();
@@ -286,6 +303,13 @@ fn rows(results: &Results) -> Vec<Row> {
         from,
         "req/s ≥ 2× squid and tinyproxy",
         egress_verdict(&results.egress_small),
+    );
+    mark_row(
+        &mut rows,
+        from,
+        crate::TOLLGATE_POLICY,
+        "req/s within 5 % of no policy",
+        policy_verdict(&results.egress_small),
     );
     http_rows(
         &mut rows,
@@ -521,6 +545,13 @@ pub fn verdicts(results: &Results) -> Vec<String> {
             ok,
             "egress plain HTTP ≥ 2× squid and tinyproxy",
             format!("Tollgate {}: {detail}", rps(t.requests_per_sec)),
+        ));
+    }
+    if let Some((ok, detail)) = policy_verdict(&results.egress_small) {
+        out.push(line(
+            ok,
+            "egress plain HTTP with a 100-rule policy within 5 % of none",
+            detail,
         ));
     }
     if let Some((ok, _, detail)) = connect_verdict(&results.connect) {

@@ -6,6 +6,7 @@ pub mod agents;
 pub mod changes;
 pub mod decisions;
 pub mod leases;
+pub mod policies;
 pub mod samples;
 pub mod usage;
 

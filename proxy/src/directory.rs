@@ -73,6 +73,8 @@ pub struct Agent {
     pub user_id: Uuid,
     token: Box<[u8]>,
     pub vps: Option<VpsRecord>,
+    /// The egress policy that applied when the entry was read.
+    pub egress_policy_id: Option<i64>,
     /// The counter of the agent's VPS (none without a VPS).
     pub counter: Option<Arc<VpsCounter>>,
     pub gate: Arc<UserGate>,
@@ -101,6 +103,11 @@ impl Agent {
     /// (token rotated, agent deleted, moved to another VPS or user). Shared with
     /// the entries that succeed this one while the credential holds, so a relay
     /// that watches it is cut by whichever later change revokes it.
+    /// When the entry was read from the database.
+    pub fn fetched_at(&self) -> Instant {
+        self.fetched_at
+    }
+
     pub fn revoked(&self) -> &CancellationToken {
         &self.revoked
     }
@@ -407,6 +414,7 @@ impl Directory {
             user_id: record.user_id,
             token: record.gateway_token.into_bytes().into_boxed_slice(),
             vps: record.vps,
+            egress_policy_id: record.egress_policy_id,
             counter,
             gate,
             fetched_at: Instant::now(),

@@ -7,7 +7,9 @@
 //! 2. authentication (`Proxy-Authorization: Basic`), binding the connection to
 //!    its first agent -> 407 / 503;
 //! 3. enforcement (the user's decision, in memory) -> 403 `usage_blocked`;
-//! 4. egress policy (ports; resolve once, check every address) -> 403 `egress_denied`;
+//! 4. egress policy: the configured ports; the agent's policy on the name;
+//!    resolve once; every address against the built-in and configured lists,
+//!    then the agent's policy -> 403 `egress_denied` (see `agent_policy`);
 //! 5. relay: CONNECT tunnels byte for byte; plain HTTP over pooled origin
 //!    connections with hop-by-hop headers dropped; `ws://` upgrades relayed.
 
@@ -20,28 +22,34 @@ use hyper::body::Incoming;
 use tollgate_core::config::EgressConfig;
 
 use crate::agent_limits::AgentLimits;
+use crate::agent_policy::{self, Applied, Denial, Mode, Policy};
 use crate::auth;
 use crate::body::ProxyBody;
 use crate::decision_log::DecisionLog;
 use crate::directory::{Agent, Directory};
-use crate::egress_policy::{parse_host, EgressPolicy, Host};
+use crate::egress_policy::{parse_host, DenyReason, EgressPolicy, Host};
 use crate::exchange::Exchange;
 use crate::gate::StreamGuard;
 use crate::headers::Outbound;
 use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
 use crate::server::{ClientConn, Shape, Stages};
-use crate::telemetry::{Listener, TunnelKind};
+use crate::telemetry::{self, Listener, TunnelKind};
 use crate::upstream::{Connector, Pool};
 
 /// Pool key: an origin's host, as parsed from whatever spelling the request
-/// used (`0x7f.1` and `127.0.0.1` are one origin; names lowercase), and port.
-type OriginKey = (Box<str>, u16);
+/// used (`0x7f.1` and `127.0.0.1` are one origin; names lowercase), its port,
+/// and the compiled policy that judged its address ([`Policy::generation`];
+/// 0 when no address rule applies), so a reused connection's address has
+/// been judged by the policy now in force.
+type OriginKey = (Box<str>, u16, u64);
 
 /// Shared state of the egress listener.
 pub struct Egress {
     pub directory: Arc<Directory>,
     pub policy: EgressPolicy,
+    /// The agents' own policies, live.
+    pub policies: Arc<agent_policy::Policies>,
     pub connector: Connector,
     pub pool: Arc<Pool<OriginKey>>,
     pub relays: Relays,
@@ -126,17 +134,67 @@ impl Egress {
         Ok(agent)
     }
 
-    fn denied(
-        &self,
-        reason: crate::egress_policy::DenyReason,
-        host: &Host,
-        port: u16,
-    ) -> ProxyError {
+    fn denied(&self, reason: DenyReason, host: &Host, port: u16) -> ProxyError {
         ProxyError::Denied {
             reason,
             host: host.to_string(),
             port,
+            policy: None,
         }
+    }
+
+    /// Stage 4a: the agent's policy, and its verdict on the name alone when no
+    /// address could change it (a refused name is never resolved).
+    async fn screen(
+        &self,
+        agent: &Agent,
+        host: &Host,
+        port: u16,
+        exchange: &mut Exchange,
+    ) -> Result<Option<Arc<Policy>>, ProxyError> {
+        let mut applied = self.policies.current().for_agent(agent);
+        if let Applied::Unavailable = applied {
+            // Just started: the first read of the policies is under way.
+            // Boxed: rare, and kept out of every request's future.
+            let read = Box::pin(self.policies.first_read(self.config.connect_timeout));
+            if read.await {
+                applied = self.policies.current().for_agent(agent);
+            }
+        }
+        let policy = match applied {
+            Applied::None => return Ok(None),
+            Applied::Unavailable => {
+                return Err(self.denied(DenyReason::PolicyUnavailable, host, port))
+            }
+            Applied::Policy(policy) => policy,
+        };
+        if let Host::Name(name) = host {
+            judged(policy.judge_name(name, port), host, port, exchange)?;
+        }
+        Ok(Some(policy))
+    }
+
+    /// Stage 4b: resolve once, check every address against the built-in and
+    /// configured lists and then the agent's policy, and connect.
+    async fn connect(
+        &self,
+        host: &Host,
+        port: u16,
+        policy: Option<&Policy>,
+        exchange: &mut Exchange,
+    ) -> Result<(tokio::net::TcpStream, std::net::SocketAddr), ProxyError> {
+        let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
+        let addrs = self
+            .connector
+            .resolve(host, port, Some(&self.policy), deadline)
+            .await?;
+        if let Some(policy) = policy {
+            let verdict = policy.judge_addresses(host.name(), &addrs, port);
+            judged(verdict, host, port, exchange)?;
+        }
+        let (stream, addr) = self.connector.dial(host, port, addrs, deadline).await?;
+        exchange.set_address(addr);
+        Ok((stream, addr))
     }
 
     /// CONNECT: open the tunnel, answer 200, relay both ways.
@@ -151,20 +209,20 @@ impl Egress {
         self.policy
             .check_connect_port(port)
             .map_err(|reason| self.denied(reason, &host, port))?;
+        let policy = self.screen(&admitted.agent, &host, port, exchange).await?;
         let held = self
             .agent_limits
             .tunnel(admitted.agent.agent_id, Listener::Egress)?;
         let (upstream, addr) = self
-            .connector
-            .open(&host, port, Some(&self.policy), self.config.connect_timeout)
+            .connect(&host, port, policy.as_deref(), exchange)
             .await?;
-        exchange.set_address(addr);
         let relay = Relay {
             kind: TunnelKind::Connect,
             idle: self.config.tunnel_idle_timeout,
             guard: admitted.guard,
             conn: admitted.conn.clone(),
             held,
+            watch: Some(self.policies.watch(admitted.agent, &host, addr)),
         };
         let exchange = exchange.hand_off("tunnel", StatusCode::OK);
         self.relays.spawn(relay, exchange, async move {
@@ -186,6 +244,7 @@ impl Egress {
         self.policy
             .check_http_port(port)
             .map_err(|reason| self.denied(reason, &host, port))?;
+        let policy = self.screen(&agent, &host, port, exchange).await?;
         let target = match req.uri().path_and_query() {
             Some(path) => Uri::from(path.clone()),
             None => Uri::from_static("/"),
@@ -199,16 +258,15 @@ impl Egress {
             return Box::pin(async {
                 let held = self.agent_limits.tunnel(agent.agent_id, Listener::Egress)?;
                 let (io, addr) = self
-                    .connector
-                    .open(&host, port, Some(&self.policy), self.config.connect_timeout)
+                    .connect(&host, port, policy.as_deref(), exchange)
                     .await?;
-                exchange.set_address(addr);
                 let relay = Relay {
                     kind: TunnelKind::WebSocket,
                     idle: self.config.tunnel_idle_timeout,
                     guard,
                     conn: conn.clone(),
                     held,
+                    watch: Some(self.policies.watch(agent.clone(), &host, addr)),
                 };
                 self.relays
                     .upgrade(io, outbound.request, client, timeout, relay, exchange)
@@ -216,14 +274,14 @@ impl Egress {
             })
             .await;
         }
-        let key: OriginKey = (host.to_string().into(), port);
-        let open = || async {
-            let connect_timeout = self.config.connect_timeout;
-            let opened = self
-                .connector
-                .open(&host, port, Some(&self.policy), connect_timeout);
-            opened.await
-        };
+        let judged_by = policy
+            .as_ref()
+            .filter(|p| p.judges_addresses)
+            .map_or(0, |p| p.generation);
+        let key: OriginKey = (host.to_string().into(), port, judged_by);
+        let record = &mut *exchange;
+        let open =
+            move || async move { self.connect(&host, port, policy.as_deref(), record).await };
         let (response, addr) = self
             .pool
             .exchange(key, agent.agent_id, outbound.request, timeout, guard, open)
@@ -231,6 +289,35 @@ impl Egress {
         // A pooled connection was opened by an earlier exchange.
         exchange.set_address(addr);
         Ok(response)
+    }
+}
+
+/// Enforce a policy's verdict; in report mode, record the would-be refusal and
+/// pass.
+fn judged(
+    verdict: Result<(), Denial>,
+    host: &Host,
+    port: u16,
+    exchange: &mut Exchange,
+) -> Result<(), ProxyError> {
+    let Err(denial) = verdict else {
+        return Ok(());
+    };
+    match denial.mode {
+        Mode::Report => {
+            telemetry::policy_reported(denial.reason());
+            exchange.set_denial(denial.reason(), Some(denial.rule_text()), "report");
+            Ok(())
+        }
+        Mode::Enforce => Err(ProxyError::Denied {
+            reason: match denial.rule {
+                Some(_) => DenyReason::PolicyRule,
+                None => DenyReason::PolicyDefault,
+            },
+            host: host.to_string(),
+            port,
+            policy: Some(Box::new(denial)),
+        }),
     }
 }
 

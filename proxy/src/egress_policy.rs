@@ -41,6 +41,12 @@ pub enum DenyReason {
     UniqueLocal,
     DeniedCidr,
     PortNotAllowed,
+    /// A deny rule of the agent's egress policy ([`crate::agent_policy`]).
+    PolicyRule,
+    /// The agent's egress policy denies what no rule allows.
+    PolicyDefault,
+    /// The agent has an egress policy this proxy has not been able to read yet.
+    PolicyUnavailable,
 }
 
 impl DenyReason {
@@ -58,6 +64,9 @@ impl DenyReason {
             DenyReason::UniqueLocal => "unique_local",
             DenyReason::DeniedCidr => "denied_cidr",
             DenyReason::PortNotAllowed => "port_not_allowed",
+            DenyReason::PolicyRule => "policy_rule",
+            DenyReason::PolicyDefault => "policy_default",
+            DenyReason::PolicyUnavailable => "policy_unavailable",
         }
     }
 }
@@ -67,6 +76,16 @@ impl DenyReason {
 pub enum Host {
     Ip(IpAddr),
     Name(String),
+}
+
+impl Host {
+    /// The name, when the host is one (not an IP literal).
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Host::Name(name) => Some(name),
+            Host::Ip(_) => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Host {
@@ -185,7 +204,7 @@ fn builtin_v4(ip: Ipv4Addr) -> Option<DenyReason> {
 /// The IPv4 address an IPv6 address carries, for the forms that lead to it:
 /// IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64
 /// (`64:ff9b::/96`) and 6to4 (`2002:aabb:ccdd::/48`).
-fn carried_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+pub(crate) fn carried_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let (hi, lo) = match ip.segments() {
         [0, 0, 0, 0, 0, 0xffff, hi, lo] => (hi, lo),
         // `::` and `::1` are IPv6's own unspecified and loopback addresses, not

@@ -44,6 +44,9 @@ pub enum Ended {
     Aborted,
     /// The drain deadline of a shutdown passed.
     Shutdown,
+    /// The agent's egress policy forbids the destination: it changed while
+    /// the tunnel was open, or the TLS SNI named a host it refuses.
+    Forbidden,
 }
 
 impl Ended {
@@ -54,6 +57,7 @@ impl Ended {
             Ended::Idle => "idle",
             Ended::Aborted => "aborted",
             Ended::Shutdown => "shutdown",
+            Ended::Forbidden => "forbidden",
         }
     }
 }
@@ -208,8 +212,9 @@ impl Exchange {
             Ok(response) => response,
             Err(error) => {
                 self.outcome = error.outcome();
-                if let ProxyError::Denied { reason, .. } = &error {
-                    self.set_denial(reason.as_str(), None, "enforce");
+                if let ProxyError::Denied { reason, policy, .. } = &error {
+                    let rule = policy.as_ref().map(|denial| denial.rule_text());
+                    self.set_denial(reason.as_str(), rule, "enforce");
                 }
                 rescue(error, self.listener)
             }

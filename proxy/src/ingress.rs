@@ -161,6 +161,7 @@ impl Stages for Ingress {
                     guard,
                     conn: conn.clone(),
                     held,
+                    watch: None,
                 };
                 self.relays
                     .upgrade(io, outbound.request, client, timeout, relay, exchange)

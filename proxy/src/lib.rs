@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_limits;
+pub mod agent_policy;
 pub mod auth;
 pub mod body;
 pub mod decision_log;
@@ -41,6 +42,7 @@ pub mod notifications;
 pub mod relay;
 pub mod rescue;
 pub mod server;
+pub mod sni;
 pub mod telemetry;
 pub mod upstream;
 
@@ -59,6 +61,7 @@ use tollgate_core::config::{Config, TlsConfig};
 use tollgate_core::{admin, db};
 
 use crate::agent_limits::AgentLimits;
+use crate::agent_policy::Policies as AgentPolicies;
 use crate::decision_log::DecisionLog;
 use crate::directory::Directory;
 use crate::egress::Egress;
@@ -248,10 +251,13 @@ pub async fn run(
             .run(enforcer.clone(), asks, background.clone()),
     );
     background_tasks.spawn(directory.clone().run_refresher(background.clone()));
+    let policies = AgentPolicies::new();
+    background_tasks.spawn(policies.clone().run(pool.clone(), background.clone()));
     background_tasks.spawn(notifications::run(
         pool.clone(),
         directory.clone(),
         enforcer.clone(),
+        policies.clone(),
         health.clone(),
         background.clone(),
     ));
@@ -286,6 +292,7 @@ pub async fn run(
         let egress = Arc::new(Egress {
             directory: directory.clone(),
             policy: EgressPolicy::from_config(e),
+            policies: policies.clone(),
             connector: connector.clone(),
             pool: Pool::new(PoolLimits {
                 per_key: e.upstream_max_idle_per_host,

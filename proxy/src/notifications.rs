@@ -1,6 +1,6 @@
 //! LISTEN for changes that must take effect within a second: rotated tokens and
 //! changed VPSes (directory), plan and budget changes and published decisions
-//! (enforcement). If the LISTEN connection drops, notifications may have been
+//! (enforcement), and egress policy changes (`agent_policy`). If the LISTEN connection drops, notifications may have been
 //! missed, so on reconnecting every cached agent and decision is re-read.
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use tollgate_core::db::changes::Change;
 
+use crate::agent_policy::Policies;
 use crate::directory::Directory;
 use crate::enforcement::{Enforcer, Event};
 use crate::health::Health;
@@ -23,6 +24,7 @@ pub async fn run(
     pool: PgPool,
     directory: Arc<Directory>,
     enforcer: Arc<Enforcer>,
+    policies: Arc<Policies>,
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
@@ -48,7 +50,7 @@ pub async fn run(
         backoff = Duration::from_millis(100);
         if !std::mem::take(&mut first) {
             metrics::counter!(telemetry::NOTIFY_RECONNECTS).increment(1);
-            catch_up(&directory, &enforcer).await;
+            catch_up(&directory, &enforcer, &policies).await;
         }
         loop {
             let next = tokio::select! {
@@ -56,11 +58,11 @@ pub async fn run(
                 _ = shutdown.cancelled() => return,
             };
             match next {
-                Ok(Some(n)) => dispatch(&n, &directory, &enforcer),
+                Ok(Some(n)) => dispatch(&n, &directory, &enforcer, &policies),
                 // The connection dropped and was re-established: we may have missed some.
                 Ok(None) => {
                     metrics::counter!(telemetry::NOTIFY_RECONNECTS).increment(1);
-                    catch_up(&directory, &enforcer).await;
+                    catch_up(&directory, &enforcer, &policies).await;
                 }
                 Err(_) => break,
             }
@@ -68,7 +70,8 @@ pub async fn run(
     }
 }
 
-async fn catch_up(directory: &Directory, enforcer: &Enforcer) {
+async fn catch_up(directory: &Directory, enforcer: &Enforcer, policies: &Policies) {
+    policies.reload();
     tracing::info!(
         "change notifications may have been missed: re-reading cached agents and decisions"
     );
@@ -78,11 +81,17 @@ async fn catch_up(directory: &Directory, enforcer: &Enforcer) {
     enforcer.send(Event::CatchUp);
 }
 
-fn dispatch(n: &PgNotification, directory: &Arc<Directory>, enforcer: &Arc<Enforcer>) {
+fn dispatch(
+    n: &PgNotification,
+    directory: &Arc<Directory>,
+    enforcer: &Arc<Enforcer>,
+    policies: &Policies,
+) {
     match Change::parse(n.channel(), n.payload()) {
         Ok(Change::Agent(agent)) => directory.invalidate(agent),
         Ok(Change::Billing(change)) => enforcer.send(Event::BillingChanged(change)),
         Ok(Change::Decision { user, period }) => enforcer.send(Event::Published { user, period }),
+        Ok(Change::EgressPolicy) => policies.reload(),
         Err(e) => tracing::warn!(error = %e, "ignoring a malformed change notification"),
     }
 }

@@ -24,11 +24,13 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use crate::agent_limits::Held;
+use crate::agent_policy::{self, Denial, Mode};
 use crate::body::ProxyBody;
 use crate::exchange::{Ended, Exchange};
 use crate::gate::{Pass, StreamGuard};
 use crate::rescue::ProxyError;
 use crate::server::ClientConn;
+use crate::sni::{self, FirstFlight};
 use crate::telemetry::{GaugeGuard, TunnelKind};
 use crate::upstream::{handshake, passed_on};
 
@@ -60,6 +62,9 @@ pub struct Relay {
     pub conn: Arc<ClientConn>,
     /// Its place under the agent's tunnel cap.
     pub held: Held,
+    /// Its destination under the agent's egress policy (egress): judged again
+    /// on every policy change, and for CONNECT, on the ClientHello's SNI.
+    pub watch: Option<agent_policy::Watch>,
 }
 
 impl Relays {
@@ -80,7 +85,9 @@ impl Relays {
                 guard,
                 conn,
                 held,
+                mut watch,
             } = started;
+            let mut exchange = exchange;
             // An upgrade that never completes holds nothing past the idle
             // limit, a cut or the drain.
             let sides = tokio::select! {
@@ -97,11 +104,52 @@ impl Relays {
                 }
             };
             let _open = GaugeGuard::tunnel(exchange.listener(), kind);
-            let relayed = relay(TokioIo::new(client), upstream, idle, &guard, &hard_stop).await;
-            if let RelayEnd::Error(e) = &relayed.end {
-                tracing::debug!(error = %e, "relay ended with an I/O error");
+            let (mut client, mut upstream) = (TokioIo::new(client), upstream);
+            let mut first = (0, 0);
+            if let (Some(watch), TunnelKind::Connect) = (&mut watch, kind) {
+                let screened = tokio::select! {
+                    screened = screen_first_flight(&mut client, &mut upstream, idle, watch) => screened,
+                    _ = guard.stopped() => return exchange.finish_relay(Ended::Cut, 0, 0),
+                    _ = hard_stop.cancelled() => return exchange.finish_relay(Ended::Shutdown, 0, 0),
+                };
+                match screened {
+                    Ok((up, down, reported)) => {
+                        first = (up, down);
+                        if let Some(denial) = reported {
+                            crate::telemetry::policy_reported(denial.reason());
+                            exchange.set_denial("sni_denied", Some(denial.rule_text()), Mode::Report.as_str());
+                        }
+                    }
+                    Err(Screened::Silent) => return exchange.finish_relay(Ended::Idle, 0, 0),
+                    Err(Screened::Forbidden(denial)) => {
+                        forbid(&mut exchange, &denial, "sni");
+                        return exchange.finish_relay(Ended::Forbidden, 0, 0);
+                    }
+                    Err(Screened::Io(e)) => {
+                        tracing::debug!(error = %e, "tunnel ended before its first bytes were passed on");
+                        return exchange.finish_relay(Ended::Aborted, 0, 0);
+                    }
+                }
             }
-            exchange.finish_relay(relayed.end.ended(), relayed.up, relayed.down);
+            let forbidden = async {
+                match &mut watch {
+                    Some(watch) => watch.forbidden().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let relayed = relay(client, upstream, idle, &guard, &hard_stop, forbidden).await;
+            let ended = match &relayed.end {
+                RelayEnd::Error(e) => {
+                    tracing::debug!(error = %e, "relay ended with an I/O error");
+                    Ended::Aborted
+                }
+                RelayEnd::Forbidden(denial) => {
+                    forbid(&mut exchange, denial, "policy_changed");
+                    Ended::Forbidden
+                }
+                end => end.ended(),
+            };
+            exchange.finish_relay(ended, first.0 + relayed.up, first.1 + relayed.down);
             drop((conn, held));
         });
     }
@@ -140,6 +188,63 @@ impl Relays {
     }
 }
 
+/// Why a tunnel's first flight stopped it.
+enum Screened {
+    /// Neither side spoke for the idle limit.
+    Silent,
+    Forbidden(Denial),
+    Io(io::Error),
+}
+
+/// A CONNECT tunnel's first bytes: whoever speaks first is passed on; if the
+/// client opens TLS, the host its ClientHello names must pass the agent's
+/// policy. Returns the bytes passed each way, and the refusal a report-mode
+/// policy would have made.
+async fn screen_first_flight<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    wait: Duration,
+    watch: &mut agent_policy::Watch,
+) -> Result<(u64, u64, Option<Denial>), Screened>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let first = sni::first_flight(client, upstream, wait)
+        .await
+        .map_err(Screened::Io)?;
+    match first {
+        FirstFlight::Client { bytes, hello } => {
+            let reported = match watch.judge_hello(&hello) {
+                Ok(()) => None,
+                Err(denial) if denial.mode == Mode::Enforce => {
+                    return Err(Screened::Forbidden(denial))
+                }
+                Err(denial) => Some(denial),
+            };
+            upstream.write_all(&bytes).await.map_err(Screened::Io)?;
+            Ok((bytes.len() as u64, 0, reported))
+        }
+        FirstFlight::Upstream(bytes) => {
+            client.write_all(&bytes).await.map_err(Screened::Io)?;
+            Ok((0, bytes.len() as u64, None))
+        }
+        FirstFlight::Nothing => Ok((0, 0, None)),
+        FirstFlight::Silent => Err(Screened::Silent),
+    }
+}
+
+/// Record a tunnel closed by the agent's policy: `why` is `sni` or `policy_changed`.
+fn forbid(exchange: &mut Exchange, denial: &Denial, why: &'static str) {
+    crate::telemetry::policy_cut(why);
+    let reason = match why {
+        "sni" => "sni_denied",
+        _ => denial.reason(),
+    };
+    exchange.set_denial(reason, Some(denial.rule_text()), Mode::Enforce.as_str());
+}
+
 /// How a relay ended.
 #[derive(Debug)]
 pub enum RelayEnd {
@@ -151,6 +256,8 @@ pub enum RelayEnd {
     Cut,
     /// The proxy is shutting down and the drain deadline passed.
     Shutdown,
+    /// The agent's egress policy came to forbid the destination.
+    Forbidden(Denial),
 }
 
 impl RelayEnd {
@@ -161,6 +268,7 @@ impl RelayEnd {
             RelayEnd::Idle => Ended::Idle,
             RelayEnd::Cut => Ended::Cut,
             RelayEnd::Shutdown => Ended::Shutdown,
+            RelayEnd::Forbidden(_) => Ended::Forbidden,
         }
     }
 }
@@ -174,17 +282,20 @@ pub struct Relayed {
     pub down: u64,
 }
 
-/// Relay between `client` and `upstream` until one of the ends in [`RelayEnd`].
-pub async fn relay<C, U>(
+/// Relay between `client` and `upstream` until one of the ends in
+/// [`RelayEnd`]; `forbidden` resolves if the egress policy comes to refuse it.
+pub async fn relay<C, U, F>(
     client: C,
     upstream: U,
     idle: Duration,
     guard: &StreamGuard,
     hard_stop: &CancellationToken,
+    forbidden: F,
 ) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
+    F: Future<Output = Denial>,
 {
     let progress = Arc::new(AtomicU64::new(0));
     let mut client = Watched {
@@ -205,6 +316,7 @@ where
         _ = idle_watch(&progress, idle) => RelayEnd::Idle,
         _ = guard.tripped(HEADROOM_CHECK) => RelayEnd::Cut,
         _ = hard_stop.cancelled() => RelayEnd::Shutdown,
+        denial = forbidden => RelayEnd::Forbidden(denial),
     };
     Relayed {
         end,
@@ -443,7 +555,15 @@ mod tests {
             CancellationToken::new(),
         );
         let task = tokio::spawn(async move {
-            relay(client, upstream, Duration::from_secs(5), &cut, &stop).await
+            relay(
+                client,
+                upstream,
+                Duration::from_secs(5),
+                &cut,
+                &stop,
+                std::future::pending(),
+            )
+            .await
         });
         client_peer.write_all(b"ping").await.unwrap();
         client_peer.shutdown().await.unwrap(); // client done sending
@@ -470,7 +590,15 @@ mod tests {
             CancellationToken::new(),
         );
         let task = tokio::spawn(async move {
-            relay(client, upstream, Duration::from_secs(5), &cut, &stop).await
+            relay(
+                client,
+                upstream,
+                Duration::from_secs(5),
+                &cut,
+                &stop,
+                std::future::pending(),
+            )
+            .await
         });
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = data.clone();
@@ -503,7 +631,15 @@ mod tests {
             StreamGuard::from_token(CancellationToken::new()),
             CancellationToken::new(),
         );
-        let relayed = relay(client, upstream, Duration::from_secs(60), &cut, &stop).await;
+        let relayed = relay(
+            client,
+            upstream,
+            Duration::from_secs(60),
+            &cut,
+            &stop,
+            std::future::pending(),
+        )
+        .await;
         assert!(matches!(relayed.end, RelayEnd::Idle));
     }
 
@@ -515,9 +651,16 @@ mod tests {
         cut.cancel();
         let guard = StreamGuard::from_token(cut);
         assert!(matches!(
-            relay(client, upstream, Duration::from_secs(60), &guard, &stop)
-                .await
-                .end,
+            relay(
+                client,
+                upstream,
+                Duration::from_secs(60),
+                &guard,
+                &stop,
+                std::future::pending()
+            )
+            .await
+            .end,
             RelayEnd::Cut
         ));
     }

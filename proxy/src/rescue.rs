@@ -9,6 +9,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use crate::agent_limits::Limit;
+use crate::agent_policy::Denial;
 use crate::body::{ProxyBody, StreamCut};
 use crate::egress_policy::DenyReason;
 use crate::gate::{Blocked, StreamGuard};
@@ -74,6 +75,8 @@ pub enum ProxyError {
         reason: DenyReason,
         host: String,
         port: u16,
+        /// The agent's policy and rule, when it is what refused.
+        policy: Option<Box<Denial>>,
     },
     /// Client: malformed or unacceptable request.
     #[error("bad request: {0}")]
@@ -235,12 +238,22 @@ pub fn rescue(error: ProxyError, listener: Listener) -> Response<ProxyBody> {
                 json!({"error": "usage_blocked", "reason": reason.as_str(), "period": period.start().to_string()}),
             )
         }
-        ProxyError::Denied { reason, host, port } => {
+        ProxyError::Denied {
+            reason,
+            host,
+            port,
+            policy,
+        } => {
             telemetry::egress_denied(reason.as_str());
-            let mut r = json_response(
-                StatusCode::FORBIDDEN,
-                json!({"error": "egress_denied", "reason": reason.as_str(), "host": host, "port": port}),
-            );
+            let mut body = json!({"error": "egress_denied", "reason": reason.as_str(), "host": host, "port": port});
+            if let Some(denial) = policy {
+                body["policy"] = json!(&*denial.policy);
+                body["rule"] = match &denial.rule {
+                    Some(rule) => json!({"id": rule.id, "rule": &*rule.text}),
+                    None => json!({"id": null, "rule": "default deny"}),
+                };
+            }
+            let mut r = json_response(StatusCode::FORBIDDEN, body);
             r.headers_mut().insert(
                 DENY_REASON_HEADER,
                 HeaderValue::from_static(reason.as_str()),

@@ -33,6 +33,10 @@ pub const AUTH_FAILURES: &str = "tollgate_auth_failures_total";
 pub const BLOCKED_REQUESTS: &str = "tollgate_blocked_requests_total";
 pub const EGRESS_DENIALS: &str = "tollgate_egress_denials_total";
 pub const CUT_STREAMS: &str = "tollgate_cut_streams_total";
+pub const EGRESS_POLICY_REPORTED: &str = "tollgate_egress_policy_reported_total";
+pub const EGRESS_POLICY_CUTS: &str = "tollgate_egress_policy_cuts_total";
+pub const EGRESS_POLICY_LOADS: &str = "tollgate_egress_policy_loads_total";
+pub const EGRESS_POLICIES: &str = "tollgate_egress_policies";
 pub const FLUSH_DURATION: &str = "tollgate_flush_duration_seconds";
 pub const FLUSH_ROWS: &str = "tollgate_flush_rows_total";
 pub const FLUSH_FAILURES: &str = "tollgate_flush_failures_total";
@@ -93,6 +97,20 @@ pub fn describe() {
             EGRESS_DENIALS,
             "Egress destinations refused by policy, by reason."
         );
+        describe_counter!(
+            EGRESS_POLICY_REPORTED,
+            "Destinations a policy in report mode would have refused (passed on), by reason."
+        );
+        describe_counter!(
+            EGRESS_POLICY_CUTS,
+            "Tunnels and WebSockets closed because a policy came to forbid their destination, \
+             or their TLS SNI named a host it forbids, by reason (policy_changed, sni)."
+        );
+        describe_counter!(
+            EGRESS_POLICY_LOADS,
+            "Reads of the egress policies from PostgreSQL, by outcome (ok, error)."
+        );
+        describe_gauge!(EGRESS_POLICIES, "Egress policies in force on this proxy.");
         describe_counter!(
             CUT_STREAMS,
             "Tunnels, WebSockets and streams closed because their user became blocked."
@@ -206,6 +224,16 @@ pub fn auth_failure(listener: Listener, reason: &'static str) {
 
 pub fn blocked_request(listener: Listener, reason: &'static str) {
     counter!(BLOCKED_REQUESTS, "listener" => listener.as_str(), "reason" => reason).increment(1);
+}
+
+/// A destination a report-mode policy would have refused.
+pub fn policy_reported(reason: &'static str) {
+    counter!(EGRESS_POLICY_REPORTED, "reason" => reason).increment(1);
+}
+
+/// A tunnel or WebSocket closed by an egress policy.
+pub fn policy_cut(reason: &'static str) {
+    counter!(EGRESS_POLICY_CUTS, "reason" => reason).increment(1);
 }
 
 pub fn egress_denied(reason: &'static str) {

@@ -63,6 +63,19 @@ impl Connector {
         timeout: Duration,
     ) -> Result<(TcpStream, SocketAddr), ProxyError> {
         let deadline = Instant::now() + timeout;
+        let addrs = self.resolve(host, port, policy, deadline).await?;
+        self.dial(host, port, addrs, deadline).await
+    }
+
+    /// Resolve `host` once and check every address against `policy` (when
+    /// given): one denied address refuses the destination.
+    pub async fn resolve(
+        &self,
+        host: &Host,
+        port: u16,
+        policy: Option<&EgressPolicy>,
+        deadline: Instant,
+    ) -> Result<Vec<SocketAddr>, ProxyError> {
         let addrs: Vec<SocketAddr> = match host {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, port)],
             Host::Name(name) => {
@@ -90,9 +103,21 @@ impl Connector {
                         reason,
                         host: host.to_string(),
                         port,
+                        policy: None,
                     })?;
             }
         }
+        Ok(addrs)
+    }
+
+    /// Connect to the first of `addrs` (checked already) that answers.
+    pub async fn dial(
+        &self,
+        host: &Host,
+        port: u16,
+        addrs: Vec<SocketAddr>,
+        deadline: Instant,
+    ) -> Result<(TcpStream, SocketAddr), ProxyError> {
         let mut last_error = None;
         for addr in addrs {
             match tokio::time::timeout_at(deadline, self.dialer.dial(addr)).await {

@@ -41,6 +41,8 @@ pub struct AgentRecord {
     pub user_id: Uuid,
     pub gateway_token: String,
     pub vps: Option<VpsRecord>,
+    /// The egress policy that applies: the agent's own, else its plan's.
+    pub egress_policy_id: Option<i64>,
 }
 
 impl std::fmt::Debug for AgentRecord {
@@ -51,6 +53,7 @@ impl std::fmt::Debug for AgentRecord {
             .field("user_id", &self.user_id)
             .field("gateway_token", &"<redacted>")
             .field("vps", &self.vps)
+            .field("egress_policy_id", &self.egress_policy_id)
             .finish()
     }
 }
@@ -64,6 +67,7 @@ struct AgentRow {
     address: Option<String>,
     provider: Option<String>,
     state: Option<VpsState>,
+    egress_policy_id: Option<i64>,
 }
 
 impl From<AgentRow> for AgentRecord {
@@ -82,6 +86,7 @@ impl From<AgentRow> for AgentRecord {
             user_id: r.user_id,
             gateway_token: r.gateway_token,
             vps,
+            egress_policy_id: r.egress_policy_id,
         }
     }
 }
@@ -90,9 +95,12 @@ impl From<AgentRow> for AgentRecord {
 pub async fn agents_by_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<AgentRecord>, sqlx::Error> {
     let rows: Vec<AgentRow> = sqlx::query_as(
         "SELECT a.id AS agent_id, a.user_id, a.gateway_token,
-                v.id AS vps_id, v.address, v.provider, v.state
+                v.id AS vps_id, v.address, v.provider, v.state,
+                COALESCE(a.egress_policy_id, p.egress_policy_id) AS egress_policy_id
          FROM agents a
          LEFT JOIN vpses v ON v.id = a.vps_id
+         JOIN users u ON u.id = a.user_id
+         LEFT JOIN plans p ON p.id = u.plan_id
          WHERE a.id = ANY($1)",
     )
     .bind(ids)

@@ -6,6 +6,7 @@
 //! | `tollgate_agent` | agent id | [`Change::Agent`]: token rotated, VPS re-assigned or changed, agent deleted |
 //! | `tollgate_billing` | `user:<id>` or `plan:<id>` | [`Change::Billing`]: limits, rates or budget changed |
 //! | `tollgate_decision` | `<user id>:<period start>` | [`Change::Decision`]: a decision was published |
+//! | `tollgate_egress_policy` | table name | [`Change::EgressPolicy`]: a policy, rule or assignment changed |
 //!
 //! Usage has no notification (proxies write it every second): the monitor
 //! polls for it with [`users_with_new_usage`], from a [`Watermark`].
@@ -25,6 +26,8 @@ pub enum Change {
     Billing(BillingChange),
     /// A decision was published for `user` in `period`.
     Decision { user: Uuid, period: Period },
+    /// An egress policy, one of its rules, or which policy applies to whom.
+    EgressPolicy,
 }
 
 /// Whose limits, rates or budget changed.
@@ -55,7 +58,12 @@ pub struct Malformed {
 
 impl Change {
     /// Every channel that carries changes.
-    pub const CHANNELS: [&'static str; 3] = [AGENT_CHANNEL, BILLING_CHANNEL, DECISION_CHANNEL];
+    pub const CHANNELS: [&'static str; 4] = [
+        AGENT_CHANNEL,
+        BILLING_CHANNEL,
+        DECISION_CHANNEL,
+        super::policies::CHANNEL,
+    ];
 
     /// Parse one notification.
     pub fn parse(channel: &str, payload: &str) -> Result<Change, Malformed> {
@@ -73,6 +81,7 @@ impl Change {
                     period: period.parse().ok()?,
                 })
             }),
+            super::policies::CHANNEL => Some(Change::EgressPolicy),
             _ => None,
         };
         parsed.ok_or_else(|| Malformed {
