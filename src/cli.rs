@@ -58,6 +58,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Egress bytes per VPS per destination host in a month, largest first.
+    Destinations {
+        /// Only the VPS of this agent (its id).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Month, YYYY-MM (UTC). Default: the current month.
+        #[arg(long)]
+        period: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a config file and print the effective config with secrets masked.
     CheckConfig {
         /// Config file; overrides --config.

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod demo_gateway;
+pub mod destination_report;
 pub mod dev;
 pub mod usage_report;
 
@@ -78,6 +79,26 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     )
                 })?;
             usage_report::print(&rows, json, &mut std::io::stdout().lock())
+        }
+        Command::Destinations {
+            agent,
+            period,
+            json,
+        } => {
+            let period = match period {
+                Some(p) => p.parse::<Period>().map_err(anyhow::Error::msg)?,
+                None => Period::current(),
+            };
+            let pool = db::lazy_pool(&config.database, "tollgate-destinations")?;
+            let rows = destination_report::rows(&pool, period, agent.as_deref())
+                .await
+                .with_context(|| {
+                    format!(
+                        "reading bytes per destination from {}",
+                        tollgate_core::config::mask_url_password(&config.database.url)
+                    )
+                })?;
+            destination_report::print(&rows, json, &mut std::io::stdout().lock())
         }
         Command::CheckConfig { .. } => unreachable!("handled in main before the runtime starts"),
     }

@@ -142,7 +142,17 @@ pub fn print(rows: &[UsageRow], json: bool, out: &mut impl Write) -> anyhow::Res
             decision,
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
+    write_table(&table, out)?;
+    if rows.is_empty() {
+        writeln!(out, "(no users)")?;
+    }
+    Ok(())
+}
+
+/// Write `table` (a header row, then rows) with its columns aligned.
+pub(crate) fn write_table(table: &[Vec<String>], out: &mut impl Write) -> anyhow::Result<()> {
+    let columns = table.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
         .map(|c| {
             table
                 .iter()
@@ -151,7 +161,7 @@ pub fn print(rows: &[UsageRow], json: bool, out: &mut impl Write) -> anyhow::Res
                 .unwrap_or(0)
         })
         .collect();
-    for row in &table {
+    for row in table {
         let line: Vec<String> = row
             .iter()
             .zip(&widths)
@@ -159,13 +169,11 @@ pub fn print(rows: &[UsageRow], json: bool, out: &mut impl Write) -> anyhow::Res
             .collect();
         writeln!(out, "{}", line.join("  ").trim_end())?;
     }
-    if rows.is_empty() {
-        writeln!(out, "(no users)")?;
-    }
     Ok(())
 }
 
-fn bytes(n: i64) -> String {
+/// `n` bytes in binary units (`512 B`, `1.5 KiB`, `100.0 GiB`).
+pub(crate) fn bytes(n: i64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = n as f64;
     let mut unit = 0;

@@ -67,6 +67,21 @@ async fn usage_row(db: &TestDb, vps: Uuid, bandwidth: i64, cpu_ms: i64, mem: i64
     .unwrap();
 }
 
+/// The VPS's `bandwidth` split between two hosts and `other`, as its egress bytes.
+async fn destination_rows(db: &TestDb, vps: Uuid, bandwidth: i64) {
+    sqlx::query(
+        "INSERT INTO vps_destination_usage (vps_id, period_start, host, rx_bytes, tx_bytes)
+         SELECT $1, tollgate_current_period(), h.host, h.share / 4, h.share - h.share / 4
+         FROM (VALUES ('api.example.com', $2 / 2), ('cdn.example.net', $2 / 4),
+                      ('other', $2 - $2 / 2 - $2 / 4)) AS h(host, share)",
+    )
+    .bind(vps)
+    .bind(bandwidth)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
 async fn decision(db: &TestDb, user: Uuid, reason: Option<&str>) {
     sqlx::query(
         "INSERT INTO usage_decisions (user_id, period_start, blocked, reason, figures, decided_by)
@@ -116,6 +131,7 @@ async fn dashboard_sql_returns_the_columns_each_panel_shows_as_the_grafana_role(
     ] {
         let vps = db.vps(user, "sprites", "127.0.0.1", "running").await;
         usage_row(&db, vps, bandwidth, 3_600_000, 7_372_800).await;
+        destination_rows(&db, vps, bandwidth).await;
         sqlx::query("INSERT INTO overage_budgets (user_id, period_start, budget_cents) VALUES ($1, tollgate_current_period(), $2)")
             .bind(user)
             .bind(budget)
@@ -264,6 +280,42 @@ async fn dashboard_sql_returns_the_columns_each_panel_shows_as_the_grafana_role(
     // 2 GiB over at 100 cents/GiB; 20 GiB over at 100 cents/GiB.
     assert_eq!(costs["over@example.com"], (200, 1000));
     assert_eq!(costs["exhausted@example.com"], (2000, 500));
+    let destinations_panel = queries
+        .iter()
+        .find(|(p, _)| p["title"] == "Top destinations this month")
+        .expect("a destinations table");
+    let rows = sqlx::query(&destinations_panel.1)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    let top: Vec<(String, String, i64)> = rows
+        .iter()
+        .take(3)
+        .map(|r| {
+            (
+                r.get::<String, _>("email"),
+                r.get::<String, _>("host"),
+                r.get::<i64, _>("total_bytes"),
+            )
+        })
+        .collect();
+    // Largest first: half of the 30 GiB VPS's bytes, then a quarter, then half of 12 GiB.
+    assert_eq!(
+        top,
+        [
+            (
+                "exhausted@example.com".into(),
+                "api.example.com".into(),
+                15 * GIB
+            ),
+            (
+                "exhausted@example.com".into(),
+                "cdn.example.net".into(),
+                30 * GIB / 4
+            ),
+            ("exhausted@example.com".into(), "other".into(), 30 * GIB / 4),
+        ]
+    );
     tx.rollback().await.unwrap();
 }
 

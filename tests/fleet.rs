@@ -326,6 +326,7 @@ async fn usage_plus_live_leases_never_pass_the_headroom_through_grants_flushes_a
             period: Some(period),
             users: vec![(f.user, 5 * MIB)],
         }),
+        destinations: Default::default(),
     };
     usage::apply_flush(&db.pool, &batch).await.unwrap();
     usage::apply_flush(&db.pool, &batch).await.unwrap();

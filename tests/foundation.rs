@@ -569,6 +569,7 @@ fn batch(instance_id: Uuid, seq: i64, period: Period, deltas: &[(Uuid, u64, u64)
         instance_id,
         seq,
         leases: None,
+        destinations: Default::default(),
         periods: vec![PeriodDeltas {
             period,
             deltas: deltas

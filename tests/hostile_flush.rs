@@ -172,6 +172,7 @@ fn batch(instance: Uuid, seq: i64, deltas: &[(Uuid, u64, u64)]) -> FlushBatch {
         instance_id: instance,
         seq,
         leases: None,
+        destinations: Default::default(),
         periods: vec![PeriodDeltas {
             period: Period::current(),
             deltas: deltas
@@ -302,6 +303,7 @@ async fn several_refused_rows_across_two_months_are_each_isolated() {
         instance_id: Uuid::new_v4(),
         seq: 0,
         leases: None,
+        destinations: Default::default(),
         periods: vec![
             PeriodDeltas {
                 period: last,

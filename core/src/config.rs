@@ -443,7 +443,15 @@ pub struct MeterConfig {
     /// traffic, so dashboards see fresh figures. Default `30s`.
     #[serde(with = "duration")]
     pub decision_refresh: Duration,
+    /// Destination hosts kept apart per VPS in `vps_destination_usage`, each
+    /// month and, in memory, between two flushes; the bytes of the others go to
+    /// the host `other` (`docs/operations.md`, "Bytes per destination"). Hosts,
+    /// 1 to 10000. Default 50.
+    pub destination_top_n: u32,
 }
+
+/// Most destination hosts `proxy.meter.destination_top_n` may keep apart.
+pub const MAX_DESTINATION_TOP_N: u32 = 10_000;
 
 impl Default for MeterConfig {
     fn default() -> Self {
@@ -452,6 +460,7 @@ impl Default for MeterConfig {
             max_retry_backoff: Duration::from_secs(30),
             spill_dir: PathBuf::from("/var/lib/tollgate"),
             decision_refresh: Duration::from_secs(30),
+            destination_top_n: 50,
         }
     }
 }
@@ -722,6 +731,12 @@ impl Config {
         let p = &self.proxy;
         positive("proxy.meter.flush_interval", p.meter.flush_interval)?;
         positive("proxy.meter.max_retry_backoff", p.meter.max_retry_backoff)?;
+        if !(1..=MAX_DESTINATION_TOP_N).contains(&p.meter.destination_top_n) {
+            return Err(field_error(
+                "proxy.meter.destination_top_n",
+                format!("must be from 1 to {MAX_DESTINATION_TOP_N}"),
+            ));
+        }
         positive("proxy.directory.max_stale", p.directory.max_stale)?;
         for (section, max_header, max_conns, tls) in [
             (
@@ -1096,6 +1111,20 @@ mod tests {
         assert_eq!(c.proxy.ingress.gateway_port, 18789);
         assert_eq!(c.monitor.interval, Duration::from_secs(15));
         assert_eq!(c.monitor.max_gap, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn destination_top_n_defaults_to_50_and_is_at_least_1() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.proxy.meter.destination_top_n, 50);
+        let c = load("", &[("TOLLGATE_PROXY__METER__DESTINATION_TOP_N", "3")]).unwrap();
+        assert_eq!(c.proxy.meter.destination_top_n, 3);
+        for bad in ["0", "10001"] {
+            let err = load(&format!("[proxy.meter]\ndestination_top_n = {bad}"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("proxy.meter.destination_top_n"), "{err}");
+        }
     }
 
     #[test]

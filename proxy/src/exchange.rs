@@ -28,6 +28,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::decision_log::{AgentIds, Decision, DecisionLog, Denial};
 use crate::directory::Agent;
 use crate::egress_policy::Host;
+use crate::meter::{ConnTally, OTHER_HOST};
 use crate::rescue::{rescue, ProxyError};
 use crate::telemetry::{self, Listener};
 
@@ -93,6 +94,9 @@ pub struct Exchange {
     close: bool,
     /// Its place under its agent's cap, released when it ends.
     held: Option<Held>,
+    /// The client connection's tally when the client is the VPS (egress): the
+    /// exchange's bytes are attributed to the destination it names (`meter`).
+    tally: Option<Arc<ConnTally>>,
     /// False once recorded, or handed to a relay.
     open: bool,
 }
@@ -114,12 +118,27 @@ impl Exchange {
             upload: None,
             close: false,
             held: None,
+            tally: None,
             open: true,
         }
     }
 
     pub fn listener(&self) -> Listener {
         self.listener
+    }
+
+    /// Attribute the bytes of the client connection `tally` counts, the VPS's
+    /// own socket, to the destination this exchange names.
+    pub fn attribute_bytes_of(&mut self, tally: Arc<ConnTally>) {
+        self.tally = Some(tally);
+    }
+
+    /// Attribute the connection's bytes so far to this exchange's destination
+    /// (a long response under way).
+    fn attribute_now(&self) {
+        if let Some(tally) = &self.tally {
+            tally.attribute();
+        }
     }
 
     /// The authenticated agent, its user and its VPS, for the events.
@@ -139,6 +158,9 @@ impl Exchange {
             port,
             addr: None,
         });
+        if let (Some(tally), Some(destination)) = (&self.tally, &self.destination) {
+            tally.destination(&destination.host);
+        }
     }
 
     /// The address the proxy connected to for this exchange.
@@ -195,6 +217,7 @@ impl Exchange {
             upload: self.upload.take(),
             close: self.close,
             held: self.held.take(),
+            tally: self.tally.take(),
             open: true,
         };
         self.open = false;
@@ -208,6 +231,13 @@ impl Exchange {
         result: Result<Response<ProxyBody>, ProxyError>,
         busy: Busy,
     ) -> Response<ExchangeBody> {
+        if self.destination.is_none() {
+            // No destination named (an unparseable target, refused framing):
+            // the request's bytes are attributed to `other`.
+            if let Some(tally) = &self.tally {
+                tally.destination(OTHER_HOST);
+            }
+        }
         let mut response = match result {
             Ok(response) => response,
             Err(error) => {
@@ -250,6 +280,7 @@ impl Exchange {
         if !std::mem::replace(&mut self.open, false) {
             return;
         }
+        self.attribute_now();
         let up = up.unwrap_or_else(|| {
             self.upload
                 .as_ref()
@@ -352,7 +383,14 @@ impl Body for ExchangeBody {
         match &poll {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
+                    let before = this.sent;
                     this.sent += data.len() as u64;
+                    // A long response is attributed as it goes, every MiB.
+                    if before >> 20 != this.sent >> 20 {
+                        if let Some(end) = &this.end {
+                            end.attribute_now();
+                        }
+                    }
                 }
                 if this.body.is_end_stream() {
                     this.end(Ended::Complete);

@@ -35,13 +35,14 @@ use tollgate_core::billing::{split_at_month_boundaries, Period};
 use tollgate_core::clock::Clock;
 use tollgate_core::config::MeterConfig;
 use tollgate_core::db::usage::{
-    self, BandwidthDelta, FlushBatch, FlushOutcome, PeriodDeltas, RejectedDelta,
+    self, BandwidthDelta, DestinationDelta, DestinationDeltas, FlushBatch, FlushOutcome,
+    PeriodDeltas, PeriodDestinations, RejectedDelta,
 };
 
 use crate::enforcement::{Enforcer, Event};
 use crate::health::Health;
 use crate::leases::Settled;
-use crate::meter::{Drained, InTransit, Meter};
+use crate::meter::{Drained, DrainedHosts, InTransit, Meter};
 use crate::telemetry;
 
 /// Time the final flush at shutdown may take before the rest is spilled.
@@ -197,11 +198,15 @@ impl Flusher {
     fn enqueue_drained(&mut self) {
         let now = self.clock.now();
         let (drained, in_transit) = self.meter.drain_in_transit();
+        // Bytes per destination go in the same batch, and so under the same
+        // ledger row: written once with the counters, or not at all.
+        let hosts = self.meter.drain_destinations();
         let from = std::mem::replace(&mut self.counted_since, now);
-        if drained.is_empty() {
+        if drained.is_empty() && hosts.is_empty() {
             return;
         }
         let mut batch = build_batch(self.instance_id, self.next_seq, &drained, from, now);
+        batch.destinations = destination_deltas(&hosts, from, now, self.meter.destination_top_n());
         let (settlement, leases) = self
             .enforcer
             .leases()
@@ -405,23 +410,12 @@ pub fn build_batch(
 ) -> FlushBatch {
     let mut periods: BTreeMap<Period, Vec<BandwidthDelta>> = BTreeMap::new();
     for d in drained {
-        let rx = split_at_month_boundaries(from, to, d.rx);
-        let tx = split_at_month_boundaries(from, to, d.tx);
-        let mut per_period: BTreeMap<Period, (u64, u64)> = BTreeMap::new();
-        for (p, n) in rx {
-            per_period.entry(p).or_default().0 += n;
-        }
-        for (p, n) in tx {
-            per_period.entry(p).or_default().1 += n;
-        }
-        for (period, (rx, tx)) in per_period {
-            if rx != 0 || tx != 0 {
-                periods.entry(period).or_default().push(BandwidthDelta {
-                    vps_id: d.vps_id,
-                    rx,
-                    tx,
-                });
-            }
+        for (period, (rx, tx)) in split_both_ways(from, to, d.rx, d.tx) {
+            periods.entry(period).or_default().push(BandwidthDelta {
+                vps_id: d.vps_id,
+                rx,
+                tx,
+            });
         }
     }
     FlushBatch {
@@ -432,7 +426,57 @@ pub fn build_batch(
             .map(|(period, deltas)| PeriodDeltas { period, deltas })
             .collect(),
         leases: None,
+        destinations: DestinationDeltas::default(),
     }
+}
+
+/// Turn drained bytes per destination host into batch rows, split between the
+/// months the span `[from, to)` covers as [`build_batch`] splits the counters;
+/// each VPS keeps `top_n` hosts apart per month in the database.
+pub fn destination_deltas(
+    drained: &[DrainedHosts],
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    top_n: u32,
+) -> DestinationDeltas {
+    let mut periods: BTreeMap<Period, Vec<DestinationDelta>> = BTreeMap::new();
+    for d in drained {
+        for h in &d.hosts {
+            for (period, (rx, tx)) in split_both_ways(from, to, h.rx, h.tx) {
+                periods.entry(period).or_default().push(DestinationDelta {
+                    vps_id: d.vps_id,
+                    host: h.host.to_string(),
+                    rx,
+                    tx,
+                });
+            }
+        }
+    }
+    DestinationDeltas {
+        top_n,
+        periods: periods
+            .into_iter()
+            .map(|(period, rows)| PeriodDestinations { period, rows })
+            .collect(),
+    }
+}
+
+/// `rx` and `tx` counted over `[from, to)`, per month, months with neither left out.
+fn split_both_ways(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    rx: u64,
+    tx: u64,
+) -> BTreeMap<Period, (u64, u64)> {
+    let mut per_period: BTreeMap<Period, (u64, u64)> = BTreeMap::new();
+    for (p, n) in split_at_month_boundaries(from, to, rx) {
+        per_period.entry(p).or_default().0 += n;
+    }
+    for (p, n) in split_at_month_boundaries(from, to, tx) {
+        per_period.entry(p).or_default().1 += n;
+    }
+    per_period.retain(|_, (rx, tx)| *rx != 0 || *tx != 0);
+    per_period
 }
 
 /// Write `batch` to `<dir>/<instance>-<seq>.spill` atomically (temp file, fsync, rename).
@@ -525,6 +569,65 @@ mod tests {
     }
 
     #[test]
+    fn destinations_split_at_a_month_like_their_counters() {
+        let vps = Uuid::new_v4();
+        let hosts = [DrainedHosts {
+            vps_id: vps,
+            hosts: vec![
+                crate::meter::HostBytes {
+                    host: "a.test".into(),
+                    rx: 1000,
+                    tx: 0,
+                },
+                crate::meter::HostBytes {
+                    host: "other".into(),
+                    rx: 3,
+                    tx: 9,
+                },
+            ],
+        }];
+        let d = destination_deltas(
+            &hosts,
+            at("2026-05-31T23:59:59.5Z"),
+            at("2026-06-01T00:00:00.5Z"),
+            7,
+        );
+        assert_eq!(d.top_n, 7);
+        assert_eq!(d.periods.len(), 2);
+        let sum = |host: &str| {
+            d.periods
+                .iter()
+                .flat_map(|p| &p.rows)
+                .filter(|r| r.host == host && r.vps_id == vps)
+                .fold((0, 0), |s, r| (s.0 + r.rx, s.1 + r.tx))
+        };
+        assert_eq!(sum("a.test"), (1000, 0));
+        assert_eq!(sum("other"), (3, 9));
+        assert_eq!(d.periods[0].rows[0].rx, 500);
+    }
+
+    #[test]
+    fn spill_files_written_before_destinations_still_parse() {
+        let batch = build_batch(
+            Uuid::new_v4(),
+            4,
+            &[Drained {
+                vps_id: Uuid::new_v4(),
+                user_id: Uuid::nil(),
+                rx: 1,
+                tx: 2,
+            }],
+            Utc::now(),
+            Utc::now(),
+        );
+        let mut old = serde_json::to_value(&batch).unwrap();
+        old.as_object_mut().unwrap().remove("destinations").unwrap();
+        let batch: FlushBatch = serde_json::from_value(old).unwrap();
+        assert_eq!((batch.seq, batch.total_rx(), batch.total_tx()), (4, 1, 2));
+        assert!(batch.destinations.is_empty());
+    }
+
+    #[test]
     fn spill_files_round_trip() {
         let dir = std::env::temp_dir().join(format!("tollgate-spill-{}", Uuid::new_v4()));
         let batch = build_batch(
@@ -538,6 +641,20 @@ mod tests {
             }],
             Utc::now(),
             Utc::now(),
+        );
+        let mut batch = batch;
+        batch.destinations = destination_deltas(
+            &[DrainedHosts {
+                vps_id: Uuid::new_v4(),
+                hosts: vec![crate::meter::HostBytes {
+                    host: "[::1]".into(),
+                    rx: 5,
+                    tx: 6,
+                }],
+            }],
+            Utc::now(),
+            Utc::now(),
+            50,
         );
         let path = write_spill(&dir, &batch).unwrap();
         let back: FlushBatch = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

@@ -205,7 +205,9 @@ pub async fn run(
         health.db_ok();
     }
 
-    let meter = Arc::new(Meter::new());
+    let meter = Arc::new(Meter::with_destination_top_n(
+        config.proxy.meter.destination_top_n,
+    ));
     let (leases, asks) = Leases::new(
         pool.clone(),
         health.clone(),

@@ -28,6 +28,7 @@ use crate::agent_policy::{self, Denial, Mode};
 use crate::body::ProxyBody;
 use crate::exchange::{Ended, Exchange};
 use crate::gate::{Pass, StreamGuard};
+use crate::meter;
 use crate::rescue::ProxyError;
 use crate::server::ClientConn;
 use crate::sni::{self, FirstFlight};
@@ -137,7 +138,12 @@ impl Relays {
                     None => std::future::pending().await,
                 }
             };
-            let relayed = relay(client, upstream, idle, &guard, &hard_stop, forbidden).await;
+            // A tunnel's bytes go to its destination as they move, not only at its end.
+            let relayed = meter::attributing(
+                conn.tally.as_deref(),
+                relay(client, upstream, idle, &guard, &hard_stop, forbidden),
+            )
+            .await;
             let ended = match &relayed.end {
                 RelayEnd::Error(e) => {
                     tracing::debug!(error = %e, "relay ended with an I/O error");

@@ -367,6 +367,10 @@ async fn handle<S: Stages>(
     conn: &Arc<ClientConn>,
 ) -> Response<ExchangeBody> {
     let mut exchange = Exchange::begin(S::SHAPE.listener, &req, stages.decision_log());
+    if let Some(tally) = &conn.tally {
+        // The client is the VPS (egress): its bytes go to the hosts it names.
+        exchange.attribute_bytes_of(tally.clone());
+    }
     // Under way until its response body has been sent (for the HTTP/2 idle watch).
     let busy = Busy::enter(&conn.in_flight);
     conn.started.fetch_add(1, Ordering::AcqRel);

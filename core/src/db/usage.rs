@@ -183,6 +183,11 @@ pub struct FlushBatch {
     /// until it lapses.
     #[serde(skip)]
     pub leases: Option<crate::db::leases::Settlement>,
+    /// Egress bytes per VPS per destination host, added to
+    /// `vps_destination_usage` in the same transaction. Absent from spill files
+    /// written before destinations were counted.
+    #[serde(default)]
+    pub destinations: DestinationDeltas,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +195,45 @@ pub struct PeriodDeltas {
     pub period: Period,
     pub deltas: Vec<BandwidthDelta>,
 }
+
+/// Bytes one VPS exchanged with one destination host, as seen from the VPS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationDelta {
+    pub vps_id: Uuid,
+    /// The host as the requests named it (names lowercase, IP literals
+    /// canonical, IPv6 in brackets), or [`OTHER_HOST`].
+    pub host: String,
+    /// Bytes the VPS received from it.
+    pub rx: u64,
+    /// Bytes the VPS sent to it.
+    pub tx: u64,
+}
+
+/// The destination rows of one period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeriodDestinations {
+    pub period: Period,
+    pub rows: Vec<DestinationDelta>,
+}
+
+/// The destination rows of a flush batch, and how many hosts each VPS keeps
+/// apart per period: after adding the rows, the smallest hosts beyond `top_n`
+/// are folded into [`OTHER_HOST`] (0: no folding).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationDeltas {
+    pub top_n: u32,
+    pub periods: Vec<PeriodDestinations>,
+}
+
+impl DestinationDeltas {
+    pub fn is_empty(&self) -> bool {
+        self.periods.iter().all(|p| p.rows.is_empty())
+    }
+}
+
+/// The row of `vps_destination_usage` that holds the bytes of every host
+/// beyond a VPS's top N, and of requests that named no host.
+pub const OTHER_HOST: &str = "other";
 
 impl FlushBatch {
     pub fn total_rx(&self) -> u64 {
@@ -216,7 +260,7 @@ impl FlushBatch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.periods.iter().all(|p| p.deltas.is_empty())
+        self.periods.iter().all(|p| p.deltas.is_empty()) && self.destinations.is_empty()
     }
 }
 
@@ -361,6 +405,50 @@ async fn write_batch(
             dropped.extend(gone);
         }
     }
+    // Destination rows of VPSes whose counts were left out are left out too:
+    // the hosts of a VPS add up to its egress bytes.
+    let left_out: HashSet<(Period, Uuid)> = rejected
+        .iter()
+        .map(|r| (r.period, r.delta.vps_id))
+        .collect();
+    let gone: HashSet<Uuid> = dropped.iter().copied().collect();
+    for part in &batch.destinations.periods {
+        let rows: Vec<&DestinationDelta> = part
+            .rows
+            .iter()
+            .filter(|d| !gone.contains(&d.vps_id) && !left_out.contains(&(part.period, d.vps_id)))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let top_n = batch.destinations.top_n;
+        if !isolate {
+            add_destinations(&mut tx, part.period, &rows, top_n).await?;
+            continue;
+        }
+        // Nothing in these rows can be refused for what it holds (sums
+        // saturate, hosts are parsed); if the database still does, the
+        // period's destination rows are left out rather than wedging the batch.
+        sqlx::query("SAVEPOINT flush_destinations")
+            .execute(&mut *tx)
+            .await?;
+        match add_destinations(&mut tx, part.period, &rows, top_n).await {
+            Ok(()) => {}
+            Err(e) if is_row_error(&e) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT flush_destinations")
+                    .execute(&mut *tx)
+                    .await?;
+                tracing::warn!(
+                    seq = batch.seq, period = %part.period, rows = rows.len(), error = %e,
+                    "the database refused a batch's bytes per destination; they were discarded"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        sqlx::query("RELEASE SAVEPOINT flush_destinations")
+            .execute(&mut *tx)
+            .await?;
+    }
     if let Some(settlement) = &batch.leases {
         crate::db::leases::settle(&mut tx, batch.instance_id, settlement).await?;
     }
@@ -451,6 +539,124 @@ async fn upsert_deltas(
     Ok(ids.into_iter().filter(|id| !written.contains(id)).collect())
 }
 
+/// Add destination `rows` (at most one per VPS and host) to their VPSes' rows
+/// for `period`, in (VPS, host) order; rows of VPSes that no longer exist are
+/// skipped. Then, for each VPS that gained a host row, fold its smallest hosts
+/// beyond `top_n` into [`OTHER_HOST`], keeping the sum.
+///
+/// Like [`upsert_deltas`], the usual batch is one statement without a lookup
+/// per VPS; only if the foreign key refuses a row is it undone and written
+/// again skipping the missing VPSes.
+async fn add_destinations(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    period: Period,
+    rows: &[&DestinationDelta],
+    top_n: u32,
+) -> Result<(), sqlx::Error> {
+    let mut rows = rows.to_vec();
+    rows.sort_unstable_by(|a, b| (a.vps_id, &a.host).cmp(&(b.vps_id, &b.host)));
+    let ids: Vec<Uuid> = rows.iter().map(|d| d.vps_id).collect();
+    let hosts: Vec<&str> = rows.iter().map(|d| d.host.as_str()).collect();
+    let rx: Vec<i64> = rows.iter().map(|d| to_i64(d.rx)).collect();
+    let tx_bytes: Vec<i64> = rows.iter().map(|d| to_i64(d.tx)).collect();
+    let statement = |filter: &str| {
+        format!(
+            "WITH added AS (
+                 INSERT INTO vps_destination_usage (vps_id, period_start, host, rx_bytes, tx_bytes)
+                 SELECT d.vps_id, $5, d.host, d.rx, d.tx
+                 FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::bigint[]) AS d(vps_id, host, rx, tx)
+                 {filter}
+                 ORDER BY d.vps_id, d.host
+                 {ADD_TO_DESTINATION}
+                 RETURNING vps_id, host, xmax = 0 AS inserted
+             )
+             SELECT DISTINCT vps_id FROM added WHERE inserted AND host <> '{OTHER_HOST}'"
+        )
+    };
+    sqlx::query("SAVEPOINT flush_destination_rows")
+        .execute(&mut **tx)
+        .await?;
+    let plain = sqlx::query_scalar(&statement(""))
+        .bind(&ids)
+        .bind(&hosts)
+        .bind(&rx)
+        .bind(&tx_bytes)
+        .bind(period.start())
+        .fetch_all(&mut **tx)
+        .await;
+    let grown: Vec<Uuid> = match plain {
+        Ok(grown) => grown,
+        Err(e) if is_missing_vps_of(&e, "vps_destination_usage_vps_id_fkey") => {
+            sqlx::query("ROLLBACK TO SAVEPOINT flush_destination_rows")
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query_scalar(&statement(
+                "WHERE EXISTS (SELECT 1 FROM vpses v WHERE v.id = d.vps_id)",
+            ))
+            .bind(&ids)
+            .bind(&hosts)
+            .bind(&rx)
+            .bind(&tx_bytes)
+            .bind(period.start())
+            .fetch_all(&mut **tx)
+            .await?
+        }
+        Err(e) => return Err(e),
+    };
+    sqlx::query("RELEASE SAVEPOINT flush_destination_rows")
+        .execute(&mut **tx)
+        .await?;
+    if top_n > 0 && !grown.is_empty() {
+        fold_destinations(tx, period, &grown, top_n).await?;
+    }
+    Ok(())
+}
+
+/// For each of `vps_ids`, fold its hosts in `period` beyond the `top_n` largest
+/// (by bytes both ways; ties by name) into its [`OTHER_HOST`] row: at most
+/// `top_n + 1` rows remain, and their sum is unchanged.
+async fn fold_destinations(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    period: Period,
+    vps_ids: &[Uuid],
+    top_n: u32,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "WITH ranked AS (
+             SELECT vps_id, host,
+                    row_number() OVER (PARTITION BY vps_id
+                                       ORDER BY rx_bytes::numeric + tx_bytes DESC, host) AS place
+             FROM vps_destination_usage
+             WHERE vps_id = ANY($1) AND period_start = $2 AND host <> '{OTHER_HOST}'
+         ), folded AS (
+             DELETE FROM vps_destination_usage u
+             USING ranked r
+             WHERE r.place > $3 AND u.vps_id = r.vps_id AND u.period_start = $2 AND u.host = r.host
+             RETURNING u.vps_id, u.rx_bytes, u.tx_bytes
+         )
+         INSERT INTO vps_destination_usage (vps_id, period_start, host, rx_bytes, tx_bytes)
+         SELECT vps_id, $2, '{OTHER_HOST}',
+                LEAST(SUM(rx_bytes), 9223372036854775807)::bigint,
+                LEAST(SUM(tx_bytes), 9223372036854775807)::bigint
+         FROM folded
+         GROUP BY vps_id
+         ORDER BY vps_id
+         {ADD_TO_DESTINATION}"
+    ))
+    .bind(vps_ids)
+    .bind(period.start())
+    .bind(i64::from(top_n))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// How destination bytes meet the row already there: they add up, saturating
+/// (a sum past `BIGINT` is not a reason to refuse a batch).
+const ADD_TO_DESTINATION: &str = "ON CONFLICT (vps_id, period_start, host) DO UPDATE SET
+             rx_bytes = LEAST(vps_destination_usage.rx_bytes::numeric + EXCLUDED.rx_bytes, 9223372036854775807)::bigint,
+             tx_bytes = LEAST(vps_destination_usage.tx_bytes::numeric + EXCLUDED.tx_bytes, 9223372036854775807)::bigint";
+
 /// The columns a flush writes in `vps_usage_periods`.
 const USAGE_COLUMNS: &str =
     "vps_id, period_start, bandwidth_bytes, bandwidth_rx_bytes, bandwidth_tx_bytes";
@@ -464,9 +670,13 @@ const ADD_TO_USAGE: &str = "ON CONFLICT (vps_id, period_start) DO UPDATE SET
 /// Whether `e` is the foreign key of `vps_usage_periods` refusing a row: its
 /// VPS no longer exists.
 fn is_missing_vps(e: &sqlx::Error) -> bool {
+    is_missing_vps_of(e, "vps_usage_periods_vps_id_fkey")
+}
+
+/// Whether `e` is the foreign key `constraint` to `vpses` refusing a row.
+fn is_missing_vps_of(e: &sqlx::Error, constraint: &str) -> bool {
     e.as_database_error().is_some_and(|db| {
-        db.code().as_deref() == Some("23503")
-            && db.constraint() == Some("vps_usage_periods_vps_id_fkey")
+        db.code().as_deref() == Some("23503") && db.constraint() == Some(constraint)
     })
 }
 
