@@ -108,7 +108,7 @@ pub struct VpsCounter {
     user_id: Uuid,
     /// Egress bytes per destination host since the last drain, attributed per
     /// exchange (never per chunk). Allocated on first use: a VPS without
-    /// egress traffic pays one pointer.
+    /// egress traffic pays a lock and a pointer.
     hosts: Mutex<Option<Box<HostTable>>>,
     /// Most hosts `hosts` keeps apart (`destination_top_n`).
     host_limit: u32,
