@@ -16,7 +16,8 @@ use tollgate_core::db::usage::{BandwidthDelta, FlushBatch, FlushOutcome, PeriodD
 use tollgate_core::db::{self, decisions, usage};
 
 /// Every column of the seed's tables: type, nullability, default. Tollgate adds
-/// only the rx/tx split to `vps_usage_periods`.
+/// only the rx/tx split to `vps_usage_periods` and the egress policy of a plan
+/// and of an agent (migration 021).
 const EXPECTED_COLUMNS: &str = "
 accounts.id uuid NOT NULL DEFAULT gen_random_uuid()
 accounts.user_id uuid NOT NULL
@@ -47,6 +48,7 @@ agents.name text NOT NULL
 agents.gateway_token text NOT NULL DEFAULT (replace((gen_random_uuid())::text, '-'::text, ''::text) || replace((gen_random_uuid())::text, '-'::text, ''::text))
 agents.created_at timestamp with time zone NOT NULL DEFAULT now()
 agents.updated_at timestamp with time zone NOT NULL DEFAULT now()
+agents.egress_policy_id bigint
 overage_budgets.user_id uuid NOT NULL
 overage_budgets.period_start date NOT NULL
 overage_budgets.budget_cents bigint NOT NULL DEFAULT 0
@@ -67,6 +69,7 @@ plans.updated_at timestamp with time zone NOT NULL DEFAULT now()
 plans.overage_bandwidth_cost_per_gb_cents bigint NOT NULL DEFAULT 0
 plans.overage_cpu_cost_per_hour_cents bigint NOT NULL DEFAULT 0
 plans.overage_memory_cost_per_gb_hour_cents bigint NOT NULL DEFAULT 0
+plans.egress_policy_id bigint
 sessions.id uuid NOT NULL DEFAULT gen_random_uuid()
 sessions.session_token text NOT NULL
 sessions.user_id uuid NOT NULL
@@ -214,11 +217,13 @@ async fn migrations_reproduce_the_seed_schema_in_the_catalogue() {
         lines(
             "accounts.user_id -> users.id ON DELETE CASCADE
              agent_channels.agent_id -> agents.id ON DELETE CASCADE
+             agents.egress_policy_id -> egress_policies.id ON DELETE SET NULL
              agents.user_id -> users.id ON DELETE CASCADE
              agents.vps_id -> vpses.id ON DELETE SET NULL
              overage_budgets.user_id -> users.id ON DELETE CASCADE
              plan_vps_configs.plan_id -> plans.id ON DELETE CASCADE
              plan_vps_configs.vps_config_id -> vps_configs.id ON DELETE CASCADE
+             plans.egress_policy_id -> egress_policies.id ON DELETE SET NULL
              sessions.user_id -> users.id ON DELETE CASCADE
              users.plan_id -> plans.id ON DELETE SET NULL
              vps_usage_periods.vps_id -> vpses.id ON DELETE CASCADE

@@ -109,7 +109,7 @@ impl Relays {
             let mut first = (0, 0);
             if let (Some(watch), TunnelKind::Connect) = (&mut watch, kind) {
                 let screened = tokio::select! {
-                    screened = screen_first_flight(&mut client, &mut upstream, idle, watch) => screened,
+                    screened = screen_first_flight(&mut client, &mut upstream, idle, watch, &guard) => screened,
                     _ = guard.stopped() => return exchange.finish_relay(Ended::Cut, 0, 0),
                     _ = hard_stop.cancelled() => return exchange.finish_relay(Ended::Shutdown, 0, 0),
                 };
@@ -122,6 +122,7 @@ impl Relays {
                         }
                     }
                     Err(Screened::Silent) => return exchange.finish_relay(Ended::Idle, 0, 0),
+                    Err(Screened::Cut) => return exchange.finish_relay(Ended::Cut, 0, 0),
                     Err(Screened::Forbidden(denial)) => {
                         forbid(&mut exchange, &denial, "sni");
                         return exchange.finish_relay(Ended::Forbidden, 0, 0);
@@ -198,6 +199,8 @@ impl Relays {
 enum Screened {
     /// Neither side spoke for the idle limit.
     Silent,
+    /// The user's headroom is spent: the first bytes are not passed on.
+    Cut,
     Forbidden(Denial),
     Io(io::Error),
 }
@@ -211,6 +214,7 @@ async fn screen_first_flight<C, U>(
     upstream: &mut U,
     wait: Duration,
     watch: &mut agent_policy::Watch,
+    guard: &StreamGuard,
 ) -> Result<(u64, u64, Option<Denial>), Screened>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -220,6 +224,15 @@ where
     let first = sni::first_flight(client, upstream, wait)
         .await
         .map_err(Screened::Io)?;
+    // Like every chunk a relay passes on, the first one waits for the user's
+    // headroom.
+    loop {
+        match guard.pass() {
+            Pass::Go => break,
+            Pass::Wait(news) => news.cancelled().await,
+            Pass::Stop => return Err(Screened::Cut),
+        }
+    }
     match first {
         FirstFlight::Client { bytes, hello } => {
             let reported = match watch.judge_hello(&hello) {
