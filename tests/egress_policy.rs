@@ -471,6 +471,7 @@ async fn a_tightening_closes_open_tunnels_to_what_it_forbids_within_a_second() {
         "the forbidden tunnel is still open: {closed:?}"
     );
     assert!(took < Duration::from_secs(1), "closed after {took:?}");
+    eprintln!("the forbidden tunnel closed {took:?} after the change was committed");
     let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
     let took = changed.elapsed();
     assert!(
