@@ -534,6 +534,7 @@ pub struct MonitorConfig {
     pub providers: BTreeMap<String, SourceConfig>,
     /// Source for metered providers not listed in `providers`. Default: none.
     pub default_source: Option<SourceConfig>,
+    pub webhooks: WebhooksConfig,
 }
 
 impl Default for MonitorConfig {
@@ -551,6 +552,56 @@ impl Default for MonitorConfig {
             },
             providers: BTreeMap::new(),
             default_source: None,
+            webhooks: WebhooksConfig::default(),
+        }
+    }
+}
+
+/// `[monitor.webhooks]`: delivery of quota notifications (threshold crossings,
+/// blocks, unblocks) from the `quota_events` outbox as signed webhooks. Every
+/// monitor delivers, leader or standby.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Endpoint the events are POSTed to, an `http://` URL. Default: none
+    /// (delivery off; events wait in the outbox).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// HMAC-SHA256 key of the `X-Tollgate-Signature` header, at least 32
+    /// characters; required with `url`. Secret: masked by `check-config`.
+    /// Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Time one delivery (connect, request, response) may take before it counts
+    /// as failed. Default `10s`.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Longest wait between two attempts at one event; the wait doubles from
+    /// 1 s after each failure up to this. Default `10m`.
+    #[serde(with = "duration")]
+    pub max_backoff: Duration,
+    /// Longest time between two looks at the outbox when no notification
+    /// arrives (the fallback to `NOTIFY tollgate_quota_event`). Default `5s`.
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+    /// Events claimed and delivered at once, in parallel. Default 32.
+    pub batch_size: usize,
+}
+
+/// Largest `monitor.webhooks.batch_size`.
+pub const WEBHOOKS_MAX_BATCH: usize = 1000;
+/// Shortest `monitor.webhooks.secret`.
+pub const WEBHOOKS_MIN_SECRET: usize = 32;
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            secret: None,
+            timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(600),
+            poll_interval: Duration::from_secs(5),
+            batch_size: 32,
         }
     }
 }
@@ -897,6 +948,38 @@ impl Config {
         for (key, source) in sources {
             source.validate(&key)?;
         }
+        let w = &m.webhooks;
+        positive("monitor.webhooks.timeout", w.timeout)?;
+        positive("monitor.webhooks.max_backoff", w.max_backoff)?;
+        positive("monitor.webhooks.poll_interval", w.poll_interval)?;
+        if !(1..=WEBHOOKS_MAX_BATCH).contains(&w.batch_size) {
+            return Err(field_error(
+                "monitor.webhooks.batch_size",
+                format!("must be from 1 to {WEBHOOKS_MAX_BATCH}"),
+            ));
+        }
+        if let Some(url) = &w.url {
+            if url.starts_with("https://") {
+                return Err(field_error(
+                    "monitor.webhooks.url",
+                    "https:// is not supported: use an http:// URL (a receiver on a private \
+                     network, or a local TLS-terminating relay)",
+                ));
+            }
+            let host = url.strip_prefix("http://").unwrap_or_default();
+            if host.is_empty() || host.starts_with('/') {
+                return Err(field_error(
+                    "monitor.webhooks.url",
+                    "must be an http://host[:port]/path URL",
+                ));
+            }
+            if w.secret.as_deref().map_or(0, |s| s.chars().count()) < WEBHOOKS_MIN_SECRET {
+                return Err(field_error(
+                    "monitor.webhooks.secret",
+                    format!("required with monitor.webhooks.url, at least {WEBHOOKS_MIN_SECRET} characters"),
+                ));
+            }
+        }
         for name in m.providers.keys() {
             if name.to_ascii_lowercase() != *name {
                 return Err(field_error(
@@ -912,6 +995,9 @@ impl Config {
     pub fn to_masked_toml(&self) -> String {
         let mut masked = self.clone();
         masked.database.url = mask_url_password(&masked.database.url);
+        if let Some(secret) = masked.monitor.webhooks.secret.as_mut() {
+            *secret = "********".into();
+        }
         let sources = masked
             .monitor
             .providers
@@ -1385,6 +1471,46 @@ mod tests {
             mask_url_password("postgres:///x?host=/run"),
             "postgres:///x?host=/run"
         );
+    }
+
+    #[test]
+    fn webhooks_are_off_by_default_and_need_an_http_url_and_a_long_secret() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.monitor.webhooks.url, None);
+        assert_eq!(c.monitor.webhooks.timeout, Duration::from_secs(10));
+        let url = (
+            "TOLLGATE_MONITOR__WEBHOOKS__URL",
+            "http://hooks.internal:8000/tollgate",
+        );
+        let err = load("", &[url]).unwrap_err().to_string();
+        assert!(err.contains("monitor.webhooks.secret"), "{err}");
+        let short = ("TOLLGATE_MONITOR__WEBHOOKS__SECRET", "too-short");
+        let err = load("", &[url, short]).unwrap_err().to_string();
+        assert!(err.contains("at least 32"), "{err}");
+        let secret = "k".repeat(32);
+        let secret = ("TOLLGATE_MONITOR__WEBHOOKS__SECRET", secret.as_str());
+        let c = load(
+            "",
+            &[
+                url,
+                secret,
+                ("TOLLGATE_MONITOR__WEBHOOKS__MAX_BACKOFF", "30s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.monitor.webhooks.url.as_deref(), Some(url.1));
+        assert_eq!(c.monitor.webhooks.max_backoff, Duration::from_secs(30));
+        let masked = c.to_masked_toml();
+        assert!(!masked.contains(secret.1), "{masked}");
+        let tls = (
+            "TOLLGATE_MONITOR__WEBHOOKS__URL",
+            "https://hooks.example.com/",
+        );
+        let err = load("", &[tls, secret]).unwrap_err().to_string();
+        assert!(err.contains("https:// is not supported"), "{err}");
+        let batch = ("TOLLGATE_MONITOR__WEBHOOKS__BATCH_SIZE", "0");
+        let err = load("", &[batch]).unwrap_err().to_string();
+        assert!(err.contains("monitor.webhooks.batch_size"), "{err}");
     }
 }
 

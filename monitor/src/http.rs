@@ -1,10 +1,10 @@
-//! A minimal HTTP/1.1 GET for the monitor's sources (Prometheus API, in-VM
-//! agent): one connection per request, bounded response size. Timeouts are the
-//! caller's (the per-sample timeout).
+//! A minimal HTTP/1.1 client for the monitor's sources (Prometheus API, in-VM
+//! agent: GET) and quota webhooks (POST): one connection per request, bounded
+//! response size. Timeouts are the caller's (the per-sample or delivery timeout).
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -47,6 +47,27 @@ async fn get_limited(
     headers: &[(&str, &str)],
     max_body: usize,
 ) -> Result<(StatusCode, Bytes), HttpError> {
+    exchange(http::Method::GET, url, headers, Bytes::new(), max_body).await
+}
+
+/// POST `body` to `url` with extra `headers`; returns the status and body (at
+/// most `max_body` bytes). For the quota webhooks.
+pub async fn post(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    max_body: usize,
+) -> Result<(StatusCode, Bytes), HttpError> {
+    exchange(http::Method::POST, url, headers, body, max_body).await
+}
+
+async fn exchange(
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    max_body: usize,
+) -> Result<(StatusCode, Bytes), HttpError> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| HttpError::Url(url.to_owned()))?;
@@ -75,12 +96,15 @@ async fn get_limited(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut request = Request::get(path).header(http::header::HOST, authority);
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, authority);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
     let request = request
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(body))
         .map_err(|_| HttpError::Url(url.to_owned()))?;
     let response = sender.send_request(request).await?;
     let status = response.status();

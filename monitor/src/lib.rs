@@ -19,6 +19,9 @@
 //!                   ─▶ usage_decisions (changed outcomes) + NOTIFY
 //!  NOTIFY tollgate_billing ─▶ decide the affected users now
 //! ```
+//!
+//! Every monitor, leader or standby, also delivers quota notifications from
+//! the outbox as signed webhooks ([`webhooks`]).
 #![forbid(unsafe_code)]
 
 pub mod accounting;
@@ -27,6 +30,7 @@ pub mod http;
 pub mod pending;
 pub mod sources;
 pub mod telemetry;
+pub mod webhooks;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -131,6 +135,13 @@ pub async fn run(
         status.set_db(true);
     }
     tracing::info!(%name, interval = ?config.monitor.interval, "monitor started");
+    // Quota notifications are delivered by every monitor, leader or standby.
+    let webhooks_stop = CancellationToken::new();
+    let webhooks_task = tokio::spawn(webhooks::run(
+        config.monitor.webhooks.clone(),
+        pool.clone(),
+        webhooks_stop.clone(),
+    ));
     let sources = Sources::from_config(&config.monitor);
     let standby_wait = (config.monitor.interval / 2).max(Duration::from_millis(200));
     while !shutdown.is_cancelled() {
@@ -153,6 +164,8 @@ pub async fn run(
             _ = shutdown.cancelled() => {}
         }
     }
+    webhooks_stop.cancel();
+    let _ = webhooks_task.await;
     admin_stop.cancel();
     let _ = admin_task.await;
     pool.close().await;

@@ -15,6 +15,8 @@ pub const DECISIONS: &str = "tollgate_monitor_decisions_total";
 pub const USERS_BLOCKED: &str = "tollgate_monitor_users_blocked";
 pub const HELD: &str = "tollgate_monitor_held_vpses";
 pub const DATABASE_UP: &str = "tollgate_database_up";
+pub const WEBHOOKS: &str = "tollgate_monitor_quota_webhooks_total";
+pub const WEBHOOK_LAG: &str = "tollgate_monitor_quota_webhook_lag_seconds";
 
 pub fn describe() {
     static ONCE: Once = Once::new();
@@ -58,6 +60,15 @@ pub fn describe() {
             "Running VPSes whose sampled usage the monitor holds between writes (monitor.write_interval)."
         );
         describe_gauge!(DATABASE_UP, "1 if the last database operation succeeded.");
+        describe_counter!(
+            WEBHOOKS,
+            "Quota notification delivery attempts, by outcome (delivered, failed)."
+        );
+        describe_histogram!(
+            WEBHOOK_LAG,
+            Unit::Seconds,
+            "Time from a quota event's creation (its decision's commit) to its delivery."
+        );
     });
 }
 
