@@ -239,6 +239,7 @@ impl Replicas {
                 egress: Some(listener),
                 ingress: None,
                 admin: TcpListener::bind("127.0.0.1:0").await?,
+                usage_api: None,
             };
             tasks.push(tokio::spawn(tollgate_proxy::run(
                 config,

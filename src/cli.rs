@@ -55,8 +55,12 @@ pub enum Command {
         #[arg(long)]
         period: Option<String>,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "csv")]
         json: bool,
+        /// Print CSV (a header line, then one line per user), as the usage API's
+        /// `/v1/usage.csv` export does.
+        #[arg(long)]
+        csv: bool,
     },
     /// Egress bytes per VPS per destination host in a month, largest first.
     Destinations {

@@ -64,20 +64,32 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             search.port = postgres_port;
             dev::run(config, search).await
         }
-        Command::Usage { user, period, json } => {
+        Command::Usage {
+            user,
+            period,
+            json,
+            csv,
+        } => {
             let period = match period {
                 Some(p) => p.parse::<Period>().map_err(anyhow::Error::msg)?,
                 None => Period::current(),
             };
             let pool = db::lazy_pool(&config.database, "tollgate-usage")?;
+            let from = || {
+                format!(
+                    "reading usage from {}",
+                    tollgate_core::config::mask_url_password(&config.database.url)
+                )
+            };
+            if csv {
+                let mut out = std::io::stdout().lock();
+                return usage_report::write_csv(&pool, period, user.as_deref(), &mut out)
+                    .await
+                    .with_context(from);
+            }
             let rows = usage_report::rows(&pool, period, user.as_deref())
                 .await
-                .with_context(|| {
-                    format!(
-                        "reading usage from {}",
-                        tollgate_core::config::mask_url_password(&config.database.url)
-                    )
-                })?;
+                .with_context(from)?;
             usage_report::print(&rows, json, &mut std::io::stdout().lock())
         }
         Command::Destinations {

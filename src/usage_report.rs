@@ -1,31 +1,30 @@
 //! `tollgate usage`: each user's usage in a period against their plan, the overage
 //! cost, the budget, and the decision the billing rules give for those figures
-//! (next to the decision last published, when there is one).
+//! (next to the decision last published, when there is one). The rows and the
+//! CSV come from [`tollgate_core::usage_report`], which the usage API serves too;
+//! this module finds the user and prints.
 
-use std::collections::HashMap;
 use std::io::Write;
 
 use anyhow::{bail, Context};
-use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use tollgate_core::billing::{Decision, Period};
-use tollgate_core::db::{decisions, usage};
+use tollgate_core::billing::Period;
+pub use tollgate_core::usage_report::UsageRow;
+use tollgate_core::usage_report::{self, CsvExport};
 
-/// One row of the report.
-#[derive(Debug, Serialize)]
-pub struct UsageRow {
-    pub user_id: Uuid,
-    pub email: String,
-    pub plan: Option<String>,
-    pub period: Period,
-    #[serde(flatten)]
-    pub decision: Decision,
-    /// `allowed`, or the block reason, as the rules give it now.
-    pub status: String,
-    /// The decision last published for this period (`allowed` or a reason), if any.
-    pub published_status: Option<String>,
+/// The user with this email or id.
+async fn find_user(pool: &PgPool, user: &str) -> anyhow::Result<Uuid> {
+    let id: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM users WHERE email = $1 OR id::text = $1")
+            .bind(user)
+            .fetch_optional(pool)
+            .await?;
+    match id {
+        Some(id) => Ok(id),
+        None => bail!("no user with email or id `{user}`"),
+    }
 }
 
 /// Rows for `period`, for one user (email or id) or all of them.
@@ -34,48 +33,33 @@ pub async fn rows(
     period: Period,
     user: Option<&str>,
 ) -> anyhow::Result<Vec<UsageRow>> {
-    let ids: Vec<Uuid> = match user {
-        Some(u) => {
-            let id: Option<Uuid> =
-                sqlx::query_scalar("SELECT id FROM users WHERE email = $1 OR id::text = $1")
-                    .bind(u)
-                    .fetch_optional(pool)
-                    .await?;
-            match id {
-                Some(id) => vec![id],
-                None => bail!("no user with email or id `{u}`"),
-            }
-        }
-        None => usage::all_users(pool).await?,
+    let ids = match user {
+        Some(u) => Some(vec![find_user(pool, u).await?]),
+        None => None,
     };
-    let billing = usage::user_billing(pool, &ids, period)
+    usage_report::rows(pool, period, ids.as_deref())
         .await
-        .context("reading usage")?;
-    let published: HashMap<Uuid, String> = decisions::load(pool, period, Some(&ids))
-        .await
-        .context("reading published decisions")?
-        .into_iter()
-        .map(|d| (d.user_id, status_of(d.blocked)))
-        .collect();
-    Ok(billing
-        .into_iter()
-        .map(|b| {
-            let decision = b.decide();
-            UsageRow {
-                status: status_of(decision.blocked),
-                published_status: published.get(&b.user_id).cloned(),
-                user_id: b.user_id,
-                email: b.email,
-                plan: b.plan_name,
-                period,
-                decision,
-            }
-        })
-        .collect())
+        .context("reading usage")
 }
 
-fn status_of(blocked: Option<tollgate_core::billing::BlockReason>) -> String {
-    blocked.map_or_else(|| "allowed".to_owned(), |r| format!("blocked:{r}"))
+/// Write the CSV of `period` (one user, or all of them) to `out` as it is read,
+/// a page of users at a time: the same bytes as the usage API's export.
+pub async fn write_csv(
+    pool: &PgPool,
+    period: Period,
+    user: Option<&str>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let only = match user {
+        Some(u) => Some(vec![find_user(pool, u).await?]),
+        None => None,
+    };
+    let mut export = CsvExport::new(pool.clone(), period, only);
+    while let Some(chunk) = export.next_chunk().await.context("reading usage")? {
+        out.write_all(chunk.as_bytes())?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Print `rows` as JSON (an array) or as an aligned table.

@@ -131,6 +131,7 @@ pub struct ProxyConfig {
     pub agent_limits: AgentLimitsConfig,
     pub leases: LeaseConfig,
     pub decision_log: DecisionLogConfig,
+    pub usage_api: UsageApiConfig,
 }
 
 impl Default for ProxyConfig {
@@ -147,6 +148,7 @@ impl Default for ProxyConfig {
             agent_limits: AgentLimitsConfig::default(),
             leases: LeaseConfig::default(),
             decision_log: DecisionLogConfig::default(),
+            usage_api: UsageApiConfig::default(),
         }
     }
 }
@@ -352,6 +354,88 @@ pub enum DecisionLogSink {
     Stdout,
     /// The file at `path`.
     File,
+}
+
+/// `[proxy.usage_api]`: the usage API (`docs/operations.md`, "Usage API"), on
+/// its own listener behind one bearer token: usage per user and per VPS, the
+/// published decision, and a CSV export of a period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsageApiConfig {
+    /// Serve the usage API. Default false.
+    pub enabled: bool,
+    /// Listen address. Default `127.0.0.1:9902`: loopback, next to the admin
+    /// listeners (`:9900` proxy, `:9901` monitor).
+    pub listen: SocketAddr,
+    /// The bearer token clients send (`Authorization: Bearer <token>`), at
+    /// least 32 characters. Set this or `token_file` when enabled. Default: none.
+    pub token: Option<String>,
+    /// A file holding the bearer token (surrounding whitespace ignored), read
+    /// at start; keeps the token out of the config file and the environment.
+    /// Default: none.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for UsageApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: ([127, 0, 0, 1], 9902).into(),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+/// Fewest characters a usage API bearer token may have.
+pub const USAGE_API_MIN_TOKEN_CHARS: usize = 32;
+
+impl UsageApiConfig {
+    /// The bearer token: `token`, or the contents of `token_file` trimmed, at
+    /// least [`USAGE_API_MIN_TOKEN_CHARS`] characters.
+    pub fn bearer_token(&self) -> Result<String, ConfigError> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(field_error(
+                    "proxy.usage_api.token_file",
+                    "set token or token_file, not both",
+                ))
+            }
+            (Some(token), None) => token.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    field_error(
+                        "proxy.usage_api.token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?
+                .trim()
+                .to_owned(),
+            (None, None) => {
+                return Err(field_error(
+                    "proxy.usage_api.token",
+                    "required when the usage API is enabled (or token_file)",
+                ))
+            }
+        };
+        let key = match self.token_file {
+            Some(_) => "proxy.usage_api.token_file",
+            None => "proxy.usage_api.token",
+        };
+        if token.chars().count() < USAGE_API_MIN_TOKEN_CHARS {
+            return Err(field_error(
+                key,
+                format!("the token must be at least {USAGE_API_MIN_TOKEN_CHARS} characters"),
+            ));
+        }
+        if token.chars().any(|c| !c.is_ascii_graphic()) {
+            return Err(field_error(
+                key,
+                "the token must be printable ASCII without spaces",
+            ));
+        }
+        Ok(token)
+    }
 }
 
 /// Most events a decision log queue may hold.
@@ -906,6 +990,10 @@ impl Config {
         if p.ingress.enabled {
             bound.push(("proxy.ingress.listen", p.ingress.listen));
         }
+        if p.usage_api.enabled {
+            p.usage_api.bearer_token()?;
+            bound.push(("proxy.usage_api.listen", p.usage_api.listen));
+        }
         for (i, (a_key, a)) in bound.iter().enumerate() {
             for (b_key, b) in &bound[i + 1..] {
                 if a.port() != 0
@@ -997,6 +1085,9 @@ impl Config {
         masked.database.url = mask_url_password(&masked.database.url);
         if let Some(secret) = masked.monitor.webhooks.secret.as_mut() {
             *secret = "********".into();
+        }
+        if let Some(token) = masked.proxy.usage_api.token.as_mut() {
+            *token = "********".into();
         }
         let sources = masked
             .monitor
@@ -1459,6 +1550,63 @@ mod tests {
         );
         let again = load(&out, &[]).unwrap();
         assert_eq!(again.proxy, c.proxy);
+    }
+
+    #[test]
+    fn usage_api_is_off_by_default_and_needs_a_long_token() {
+        let c = load("", &[]).unwrap();
+        assert!(!c.proxy.usage_api.enabled);
+        assert_eq!(c.proxy.usage_api.listen, "127.0.0.1:9902".parse().unwrap());
+        let on = ("TOLLGATE_PROXY__USAGE_API__ENABLED", "true");
+        let err = load("", &[on]).unwrap_err().to_string();
+        assert!(
+            err.contains("proxy.usage_api.token") && err.contains("required"),
+            "{err}"
+        );
+        let short = (
+            "TOLLGATE_PROXY__USAGE_API__TOKEN",
+            "x-too-short-to-guess-safely",
+        );
+        let err = load("", &[on, short]).unwrap_err().to_string();
+        assert!(err.contains("at least 32 characters"), "{err}");
+        assert!(
+            !err.contains("x-too-short"),
+            "the token is never echoed: {err}"
+        );
+        let token = "u".repeat(32);
+        let c = load("", &[on, ("TOLLGATE_PROXY__USAGE_API__TOKEN", &token)]).unwrap();
+        assert_eq!(c.proxy.usage_api.bearer_token().unwrap(), token);
+        let masked = c.to_masked_toml();
+        assert!(!masked.contains(&token), "{masked}");
+
+        let file =
+            std::env::temp_dir().join(format!("tollgate-usage-token-{}", std::process::id()));
+        std::fs::write(&file, format!("{}\n", "f".repeat(40))).unwrap();
+        let path = (
+            "TOLLGATE_PROXY__USAGE_API__TOKEN_FILE",
+            file.to_str().unwrap(),
+        );
+        let c = load("", &[on, path]).unwrap();
+        assert_eq!(c.proxy.usage_api.bearer_token().unwrap(), "f".repeat(40));
+        let err = load(
+            "",
+            &[on, path, ("TOLLGATE_PROXY__USAGE_API__TOKEN", &token)],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not both"), "{err}");
+        std::fs::remove_file(&file).unwrap();
+        let err = load("", &[on, path]).unwrap_err().to_string();
+        assert!(err.contains("cannot read"), "{err}");
+
+        let clash = ("TOLLGATE_PROXY__USAGE_API__LISTEN", "0.0.0.0:9900");
+        let err = load(
+            "",
+            &[on, ("TOLLGATE_PROXY__USAGE_API__TOKEN", &token), clash],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("proxy.usage_api.listen"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`telemetry`]: tracing and the Prometheus recorder.
 //! - [`shutdown`]: the signal-driven cancellation token.
 //! - [`admin`]: the `/metrics`, `/healthz`, `/readyz` listener.
+//! - [`usage_report`]: usage, limits, overage, budget and decision per user in a
+//!   period, and its CSV: what `tollgate usage` and the usage API return.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -19,3 +21,4 @@ pub mod db;
 pub mod local_postgres;
 pub mod shutdown;
 pub mod telemetry;
+pub mod usage_report;

@@ -16,6 +16,9 @@
 //!  PostgreSQL NOTIFY ──▶ notifications ──▶ directory (evict, revoke) / enforcer (apply)
 //! ```
 //!
+//! The usage API ([`usage_api`], `[proxy.usage_api]`) answers on a listener of
+//! its own, from the same billing rules.
+//!
 //! `docs/request-path.md` walks through the stages. [`run`] takes its listeners
 //! and shutdown token from the caller, so tests bind port 0 and stop it at will.
 #![forbid(unsafe_code)]
@@ -45,6 +48,7 @@ pub mod server;
 pub mod sni;
 pub mod telemetry;
 pub mod upstream;
+pub mod usage_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -81,6 +85,8 @@ pub struct Listeners {
     pub egress: Option<TcpListener>,
     pub ingress: Option<TcpListener>,
     pub admin: TcpListener,
+    /// The usage API, when `proxy.usage_api.enabled`.
+    pub usage_api: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -102,6 +108,10 @@ impl Listeners {
                 false => None,
             },
             admin: bind(p.admin.listen, "proxy.admin.listen").await?,
+            usage_api: match p.usage_api.enabled {
+                true => Some(bind(p.usage_api.listen, "proxy.usage_api.listen").await?),
+                false => None,
+            },
         })
     }
 }
@@ -341,6 +351,29 @@ pub async fn run(
         accept_loops.push(serving.start(ingress, listener, limits, &i.tls)?);
     }
 
+    let usage_api_task = match listeners.usage_api {
+        Some(listener) => {
+            let token = config
+                .proxy
+                .usage_api
+                .bearer_token()
+                .context("the usage API's token")?;
+            let api = Arc::new(usage_api::UsageApi::new(
+                pool.clone(),
+                token,
+                options.seams.clock.clone(),
+            ));
+            tracing::info!(listener = "usage_api", listen = %listener.local_addr()?, "listening");
+            Some(tokio::spawn(usage_api::serve(
+                api,
+                listener,
+                shutdown.clone(),
+                config.proxy.drain_timeout,
+            )))
+        }
+        None => None,
+    };
+
     health.mark_started();
     tracing::info!(%instance_id, "proxy started");
     shutdown.cancelled().await;
@@ -371,6 +404,9 @@ pub async fn run(
     background.cancel();
     background_tasks.close();
     background_tasks.wait().await;
+    if let Some(task) = usage_api_task {
+        let _ = task.await;
+    }
     admin_stop.cancel();
     let _ = admin_task.await;
     pool.close().await;

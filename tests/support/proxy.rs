@@ -28,6 +28,7 @@ pub fn test_config(database_url: &str) -> Config {
     p.egress.listen = "127.0.0.1:0".parse().unwrap();
     p.ingress.listen = "127.0.0.1:0".parse().unwrap();
     p.admin.listen = "127.0.0.1:0".parse().unwrap();
+    p.usage_api.listen = "127.0.0.1:0".parse().unwrap();
     p.egress.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
     p.meter.flush_interval = Duration::from_millis(100);
     p.meter.max_retry_backoff = Duration::from_millis(500);
@@ -48,6 +49,8 @@ pub struct TestProxy {
     pub egress: SocketAddr,
     pub ingress: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// The usage API, when `proxy.usage_api.enabled`.
+    pub usage_api: Option<SocketAddr>,
     pub config: Config,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -67,6 +70,12 @@ impl TestProxy {
             None
         };
         let admin = TcpListener::bind(p.admin.listen).await.unwrap();
+        let usage_api = if p.usage_api.enabled {
+            Some(TcpListener::bind(p.usage_api.listen).await.unwrap())
+        } else {
+            None
+        };
+        let usage_api_addr = usage_api.as_ref().map(|l| l.local_addr().unwrap());
         let (egress_addr, ingress_addr, admin_addr) = (
             egress.local_addr().unwrap(),
             ingress.as_ref().map(|l| l.local_addr().unwrap()),
@@ -76,6 +85,7 @@ impl TestProxy {
             egress: Some(egress),
             ingress,
             admin,
+            usage_api,
         };
         let shutdown = CancellationToken::new();
         let options = Options {
@@ -92,6 +102,7 @@ impl TestProxy {
             egress: egress_addr,
             ingress: ingress_addr,
             admin: admin_addr,
+            usage_api: usage_api_addr,
             config,
             shutdown,
             task: Some(task),

@@ -696,3 +696,94 @@ pub async fn prune_flush_ledger(pool: &PgPool, keep_days: i32) -> Result<u64, sq
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
+
+/// One VPS's counters in one period, as `vps_usage_periods` holds them (zeros
+/// when the VPS has no row for the period), with the VPS's owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VpsUsage {
+    pub vps_id: Uuid,
+    pub user_id: Uuid,
+    pub provider: String,
+    /// `provisioning`, `running`, `stopped` or `destroyed`.
+    pub state: String,
+    pub period: Period,
+    /// Bytes both ways: what plans limit (`bandwidth_rx_bytes + bandwidth_tx_bytes`
+    /// for every byte Tollgate counted).
+    pub bandwidth_bytes: i64,
+    /// Bytes the VPS received.
+    pub bandwidth_rx_bytes: i64,
+    /// Bytes the VPS sent.
+    pub bandwidth_tx_bytes: i64,
+    pub cpu_used_ms: i64,
+    pub memory_used_mb_seconds: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct VpsUsageRow {
+    vps_id: Uuid,
+    user_id: Uuid,
+    provider: String,
+    state: String,
+    bandwidth_bytes: i64,
+    bandwidth_rx_bytes: i64,
+    bandwidth_tx_bytes: i64,
+    cpu_used_ms: i64,
+    memory_used_mb_seconds: i64,
+}
+
+/// `vps_id`'s counters in `period`; `None` when there is no such VPS.
+pub async fn vps_usage(
+    pool: &PgPool,
+    vps_id: Uuid,
+    period: Period,
+) -> Result<Option<VpsUsage>, sqlx::Error> {
+    let row: Option<VpsUsageRow> = sqlx::query_as(
+        "SELECT v.id AS vps_id, v.user_id, v.provider, v.state::text AS state,
+                COALESCE(p.bandwidth_bytes, 0) AS bandwidth_bytes,
+                COALESCE(p.bandwidth_rx_bytes, 0) AS bandwidth_rx_bytes,
+                COALESCE(p.bandwidth_tx_bytes, 0) AS bandwidth_tx_bytes,
+                COALESCE(p.cpu_used_ms, 0) AS cpu_used_ms,
+                COALESCE(p.memory_used_mb_seconds, 0) AS memory_used_mb_seconds
+         FROM vpses v
+         LEFT JOIN vps_usage_periods p ON p.vps_id = v.id AND p.period_start = $2
+         WHERE v.id = $1",
+    )
+    .bind(vps_id)
+    .bind(period.start())
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| VpsUsage {
+        vps_id: r.vps_id,
+        user_id: r.user_id,
+        provider: r.provider,
+        state: r.state,
+        period,
+        bandwidth_bytes: r.bandwidth_bytes,
+        bandwidth_rx_bytes: r.bandwidth_rx_bytes,
+        bandwidth_tx_bytes: r.bandwidth_tx_bytes,
+        cpu_used_ms: r.cpu_used_ms,
+        memory_used_mb_seconds: r.memory_used_mb_seconds,
+    }))
+}
+
+/// Up to `limit` user ids in email order, after the user whose email is
+/// `after` (from the start when `None`), only among `only` when given: one
+/// page of a report that never holds every user at once.
+pub async fn user_page(
+    pool: &PgPool,
+    after: Option<&str>,
+    only: Option<&[Uuid]>,
+    limit: i64,
+) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, email FROM users
+         WHERE ($1::text IS NULL OR email > $1) AND ($2::uuid[] IS NULL OR id = ANY($2))
+         ORDER BY email
+         LIMIT $3",
+    )
+    .bind(after)
+    .bind(only)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
