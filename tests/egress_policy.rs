@@ -383,8 +383,8 @@ async fn decisions(path: &std::path::Path, select: Value, n: usize) -> Vec<Value
     .await
 }
 
-/// Open a CONNECT tunnel and check it echoes.
-async fn open_tunnel(proxy: SocketAddr, auth: &str, target: &str) -> TcpStream {
+/// CONNECT `target` and expect `200`: the tunnel's client side.
+async fn connected(proxy: SocketAddr, auth: &str, target: &str) -> TcpStream {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     let head = format!(
         "CONNECT {target} HTTP/1.1\r\nhost: {target}\r\nproxy-authorization: {auth}\r\n\r\n"
@@ -396,6 +396,12 @@ async fn open_tunnel(proxy: SocketAddr, auth: &str, target: &str) -> TcpStream {
         "{}",
         String::from_utf8_lossy(&head)
     );
+    s
+}
+
+/// Open a CONNECT tunnel and check it echoes.
+async fn open_tunnel(proxy: SocketAddr, auth: &str, target: &str) -> TcpStream {
+    let mut s = connected(proxy, auth, target).await;
     echoes(&mut s).await.expect("the tunnel echoes");
     s
 }
@@ -523,17 +529,7 @@ async fn hello_through(
     sni: &str,
     origin: &Recorder,
 ) -> bool {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    let head = format!(
-        "CONNECT {target} HTTP/1.1\r\nhost: {target}\r\nproxy-authorization: {auth}\r\n\r\n"
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let head = read_head(&mut s).await;
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let s = connected(proxy, auth, target).await;
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -16,23 +16,34 @@ use tokio_util::sync::CancellationToken;
 
 use crate::telemetry;
 
+/// The next connection on `listener` (`what` names it in the log when an
+/// accept fails: out of file descriptors, say, which passes), or `None` once
+/// `shutdown` is cancelled.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<tokio::net::TcpStream> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => return Some(stream),
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.cancelled() => return None,
+        }
+    }
+}
+
 /// Whether the process should receive traffic; `Err` says why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Serve the admin endpoints on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
+    while let Some(stream) = accept(&listener, &shutdown, "admin").await {
         let ready = ready.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

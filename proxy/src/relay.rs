@@ -565,25 +565,35 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[tokio::test]
-    async fn relays_both_ways_with_half_close() {
-        let (client, mut client_peer) = tokio::io::duplex(1024);
-        let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
+    /// A relay that nothing cuts, stops or forbids, with a 5 s idle limit.
+    fn spawn_relay<C, U>(client: C, upstream: U) -> tokio::task::JoinHandle<Relayed>
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (cut, stop) = (
             StreamGuard::from_token(CancellationToken::new()),
             CancellationToken::new(),
         );
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
+            let forbidden = std::future::pending();
             relay(
                 client,
                 upstream,
                 Duration::from_secs(5),
                 &cut,
                 &stop,
-                std::future::pending(),
+                forbidden,
             )
             .await
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close() {
+        let (client, mut client_peer) = tokio::io::duplex(1024);
+        let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
+        let task = spawn_relay(client, upstream);
         client_peer.write_all(b"ping").await.unwrap();
         client_peer.shutdown().await.unwrap(); // client done sending
         let mut got = Vec::new();
@@ -604,21 +614,7 @@ mod tests {
     async fn bulk_and_small_transfers_arrive_intact_in_order() {
         let (client, mut client_peer) = tokio::io::duplex(300 * 1024);
         let (upstream, mut upstream_peer) = tokio::io::duplex(300 * 1024);
-        let (cut, stop) = (
-            StreamGuard::from_token(CancellationToken::new()),
-            CancellationToken::new(),
-        );
-        let task = tokio::spawn(async move {
-            relay(
-                client,
-                upstream,
-                Duration::from_secs(5),
-                &cut,
-                &stop,
-                std::future::pending(),
-            )
-            .await
-        });
+        let task = spawn_relay(client, upstream);
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = data.clone();
         let writer = tokio::spawn(async move {

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use tollgate_core::admin;
 use tollgate_core::billing::Period;
 use tollgate_core::clock::Clock;
 use tollgate_core::db::{self, decisions, usage};
@@ -98,18 +99,7 @@ pub async fn serve(
 ) {
     let connections = TaskTracker::new();
     let hard_stop = CancellationToken::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "usage API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
+    while let Some(stream) = admin::accept(&listener, &shutdown, "usage API").await {
         let (api, shutdown, hard_stop) = (api.clone(), shutdown.clone(), hard_stop.clone());
         connections.spawn(async move {
             let service = service_fn(move |req| {
