@@ -38,6 +38,37 @@ pub async fn accept(
     }
 }
 
+/// Serve one HTTP/1.1 connection (10 s to send a request head) until it
+/// ends; once `shutdown` is cancelled, finish the request in flight and close,
+/// or close at once when `hard_stop` is cancelled too.
+pub async fn serve_http1<S, B>(
+    stream: tokio::net::TcpStream,
+    service: S,
+    shutdown: &CancellationToken,
+    hard_stop: &CancellationToken,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = hard_stop.cancelled() => {}
+            }
+        }
+    }
+}
+
 /// Whether the process should receive traffic; `Err` says why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
@@ -46,24 +77,12 @@ pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: Cancellati
     while let Some(stream) = accept(&listener, &shutdown, "admin").await {
         let ready = ready.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let ready = ready.clone();
-                async move { Ok::<_, Infallible>(route(&req, &ready)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
+        let service = service_fn(move |req| {
+            let ready = ready.clone();
+            async move { Ok::<_, Infallible>(route(&req, &ready)) }
         });
+        let never = CancellationToken::new();
+        tokio::spawn(async move { serve_http1(stream, service, &shutdown, &never).await });
     }
 }
 

@@ -25,7 +25,6 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{Either, Full};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
@@ -101,27 +100,12 @@ pub async fn serve(
     let hard_stop = CancellationToken::new();
     while let Some(stream) = admin::accept(&listener, &shutdown, "usage API").await {
         let (api, shutdown, hard_stop) = (api.clone(), shutdown.clone(), hard_stop.clone());
-        connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let api = api.clone();
-                async move { Ok::<_, Infallible>(handle(&api, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = hard_stop.cancelled() => {}
-                    }
-                }
-            }
+        let service = service_fn(move |req| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(handle(&api, req).await) }
         });
+        connections
+            .spawn(async move { admin::serve_http1(stream, service, &shutdown, &hard_stop).await });
     }
     connections.close();
     if tokio::time::timeout(grace, connections.wait())
