@@ -300,6 +300,7 @@ fn egress_policy(c: &mut Criterion) {
         policies: vec![row.clone()],
         rules: rules.clone(),
         agents: vec![(Uuid::new_v4(), 1)],
+        open: Vec::new(),
     };
     let policies = Policies::new();
     policies.install(Snapshot::compile(&stored, tokio::time::Instant::now()));

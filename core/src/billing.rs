@@ -343,17 +343,76 @@ pub struct Figures {
     pub budget_cents: i64,
 }
 
+/// What a plan does once its user is exhausted (`plans.on_exhausted`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum OnExhausted {
+    /// Refuse new requests (403) and cut streams.
+    #[default]
+    Block,
+    /// Let traffic go on at this many bytes per second, the user's connections
+    /// on every proxy together, both ways together.
+    Throttle { bytes_per_second: u64 },
+}
+
+impl OnExhausted {
+    /// From `plans.on_exhausted` and `plans.throttle_bytes_per_second` (the
+    /// schema makes a throttling plan carry a rate above 0).
+    pub fn of_plan(on_exhausted: Option<&str>, bytes_per_second: Option<i64>) -> Self {
+        match (on_exhausted, bytes_per_second) {
+            (Some("throttle"), Some(rate)) if rate > 0 => OnExhausted::Throttle {
+                bytes_per_second: rate as u64,
+            },
+            _ => OnExhausted::Block,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnExhausted::Block => "block",
+            OnExhausted::Throttle { .. } => "throttle",
+        }
+    }
+
+    /// The throttle rate, if the plan throttles.
+    pub fn rate(self) -> Option<u64> {
+        match self {
+            OnExhausted::Block => None,
+            OnExhausted::Throttle { bytes_per_second } => Some(bytes_per_second),
+        }
+    }
+}
+
 /// Allow or block a user, with the figures behind it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     /// `None` when allowed.
     pub blocked: Option<BlockReason>,
     pub figures: Figures,
+    /// What a block means for this user's traffic (the plan's choice; a user
+    /// with no plan is always blocked).
+    #[serde(default)]
+    pub on_exhausted: OnExhausted,
 }
 
 impl Decision {
     pub fn is_blocked(&self) -> bool {
         self.blocked.is_some()
+    }
+
+    /// What is done to the user's traffic: `None` when allowed, else `block`
+    /// or `throttle`.
+    pub fn action(&self) -> Option<OnExhausted> {
+        self.blocked.map(|_| self.on_exhausted)
+    }
+
+    /// This decision, for a plan that does `on_exhausted` once its user is
+    /// exhausted.
+    pub fn with(mut self, on_exhausted: OnExhausted) -> Self {
+        if self.blocked != Some(BlockReason::NoPlan) {
+            self.on_exhausted = on_exhausted;
+        }
+        self
     }
 }
 
@@ -376,6 +435,7 @@ pub fn decide(plan: Option<&PlanLimits>, usage: &Usage, budget_cents: i64) -> De
                 overage_cost_cents: 0,
                 budget_cents,
             },
+            on_exhausted: OnExhausted::Block,
         };
     };
     let overage = Overage::of(usage, limits);
@@ -403,6 +463,7 @@ pub fn decide(plan: Option<&PlanLimits>, usage: &Usage, budget_cents: i64) -> De
             overage_cost_cents: cost,
             budget_cents,
         },
+        on_exhausted: OnExhausted::Block,
     }
 }
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::billing::{BlockReason, Decision, Period};
+use crate::billing::{BlockReason, Decision, OnExhausted, Period};
 use crate::db::{decisions, usage};
 
 /// One user's line of the report.
@@ -55,14 +55,14 @@ pub async fn rows(
     let published: HashMap<Uuid, String> = decisions::load(pool, period, Some(ids))
         .await?
         .into_iter()
-        .map(|d| (d.user_id, status_of(d.blocked)))
+        .map(|d| (d.user_id, status_of(d.blocked, d.on_exhausted)))
         .collect();
     Ok(billing
         .into_iter()
         .map(|b| {
             let decision = b.decide();
             UsageRow {
-                status: status_of(decision.blocked),
+                status: status_of(decision.blocked, decision.on_exhausted),
                 published_status: published.get(&b.user_id).cloned(),
                 user_id: b.user_id,
                 email: b.email,
@@ -74,9 +74,14 @@ pub async fn rows(
         .collect())
 }
 
-/// `allowed` or `blocked:<reason>`.
-pub fn status_of(blocked: Option<BlockReason>) -> String {
-    blocked.map_or_else(|| "allowed".to_owned(), |r| format!("blocked:{r}"))
+/// `allowed`, `blocked:<reason>`, or `throttled:<reason>` for a plan that
+/// throttles its exhausted users.
+pub fn status_of(blocked: Option<BlockReason>, on_exhausted: OnExhausted) -> String {
+    match (blocked, on_exhausted) {
+        (None, _) => "allowed".to_owned(),
+        (Some(r), OnExhausted::Block) => format!("blocked:{r}"),
+        (Some(r), OnExhausted::Throttle { .. }) => format!("throttled:{r}"),
+    }
 }
 
 /// The CSV header line. Quantities are in the units the tables hold: bytes,
@@ -228,7 +233,7 @@ mod tests {
             email: email.into(),
             plan: plan.map(|_| "pro, \"annual\"".into()),
             period: "2025-03".parse().unwrap(),
-            status: status_of(decision.blocked),
+            status: status_of(decision.blocked, decision.on_exhausted),
             decision,
             published_status: None,
         }

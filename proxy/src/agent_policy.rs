@@ -480,6 +480,8 @@ pub fn compile(row: &policies::PolicyRow, rules: &[&policies::RuleRow]) -> Polic
 pub struct Snapshot {
     policies: HashMap<i64, Arc<Policy>>,
     agents: HashMap<Uuid, i64>,
+    /// Each plan's open destinations, as a policy that allows only them.
+    open: HashMap<Uuid, Policy>,
     /// When the read started; `None` until the first read succeeds.
     loaded_at: Option<Instant>,
 }
@@ -508,11 +510,47 @@ impl Snapshot {
                 (row.id, Arc::new(compile(row, rules)))
             })
             .collect();
+        let mut open_rules: HashMap<Uuid, Vec<policies::RuleRow>> = HashMap::new();
+        for row in &stored.open {
+            open_rules
+                .entry(row.plan_id)
+                .or_default()
+                .push(policies::RuleRow {
+                    id: row.id,
+                    policy_id: 0,
+                    action: "allow".into(),
+                    host: Some(row.host.clone()),
+                    cidr: None,
+                    ports: row.ports.clone(),
+                });
+        }
+        let open_list = policies::PolicyRow {
+            id: 0,
+            name: "open destinations".into(),
+            mode: "enforce".into(),
+            default_action: "deny".into(),
+        };
+        let open = open_rules
+            .into_iter()
+            .map(|(plan, rules)| {
+                let rules: Vec<&policies::RuleRow> = rules.iter().collect();
+                (plan, compile(&open_list, &rules))
+            })
+            .collect();
         Snapshot {
             policies,
             agents: stored.agents.iter().copied().collect(),
+            open,
             loaded_at: Some(loaded_at),
         }
+    }
+
+    /// Whether `agent`'s plan keeps `name:port` open while its user is blocked.
+    pub fn is_open(&self, agent: &Agent, name: &str, port: u16) -> bool {
+        agent
+            .plan_id
+            .and_then(|plan| self.open.get(&plan))
+            .is_some_and(|open| open.judge_name(name, port).is_ok())
     }
 
     /// The policy for `agent`: from this snapshot if it was read after the

@@ -37,11 +37,12 @@ pub async fn authenticate(
     }
 }
 
-/// What the agent's requests, streams and tunnels watch: its user's gate and
-/// its credential. Taken before the decision is checked, so a block landing in
-/// between still reaches the stream.
-pub fn guard(agent: &Agent) -> StreamGuard {
+/// What the agent's requests, streams and tunnels on `listener` watch: its
+/// user's gate, its credential and its bandwidth limit. Taken before the
+/// decision is checked, so a block landing in between still reaches the stream.
+pub fn guard(agent: &Agent, listener: Listener) -> StreamGuard {
     StreamGuard::new(&agent.gate, Some(agent.revoked().clone()))
+        .with_bandwidth(agent.bandwidth.clone(), listener)
 }
 
 /// Refuse credentials of another agent than the one `conn` is bound to, before

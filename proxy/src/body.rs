@@ -15,9 +15,11 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::gate::{Pass, StreamGuard};
+use crate::pacing::Way;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -26,20 +28,33 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("stream closed: the user's traffic is blocked or the credential was revoked")]
 pub struct StreamCut;
 
+/// Which way a guarded body goes.
+#[derive(Debug)]
+pub enum Flow {
+    /// A request body, its data bytes added to the counter.
+    FromClient(Arc<AtomicU64>),
+    /// A response body.
+    ToClient,
+}
+
 pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
     /// A stream that ends with an error (aborting the exchange) when its user is
     /// cut off: a block decision or revocation, or unflushed bytes past the
-    /// headroom (checked before each frame).
+    /// headroom (checked before each frame). A throttled user's frames, and
+    /// those of an agent with a bandwidth limit, are held until paid for.
     Guarded {
         inner: Incoming,
         stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
         guard: StreamGuard,
+        way: Way,
         /// Bytes passed on, when someone counts them.
         counted: Option<Arc<AtomicU64>>,
         /// Set while the user's lease is spent and a grant is on its way.
         waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        /// A frame in hand, until its bytes are paid for.
+        paced: Option<(Frame<Bytes>, Pin<Box<Sleep>>)>,
     },
 }
 
@@ -48,14 +63,20 @@ impl ProxyBody {
         ProxyBody::Full(Some(bytes.into()))
     }
 
-    /// `inner`, stopped when `guard` trips; its data bytes added to `counted`.
-    pub fn guarded(inner: Incoming, guard: StreamGuard, counted: Option<Arc<AtomicU64>>) -> Self {
+    /// `inner`, going `flow`, stopped when `guard` trips.
+    pub fn guarded(inner: Incoming, guard: StreamGuard, flow: Flow) -> Self {
+        let (way, counted) = match flow {
+            Flow::FromClient(counted) => (guard.way(true), Some(counted)),
+            Flow::ToClient => (guard.way(false), None),
+        };
         ProxyBody::Guarded {
             inner,
             stopped: Box::pin(guard.stopped()),
             guard,
+            way,
             counted,
             waiting: None,
+            paced: None,
         }
     }
 }
@@ -86,31 +107,50 @@ impl Body for ProxyBody {
                 inner,
                 stopped,
                 guard,
+                way,
                 counted,
                 waiting,
+                paced,
             } => {
                 // Checked first: once stopped, `stopped` is not polled again.
                 if stopped.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(StreamCut.into())));
                 }
-                loop {
+                if let Some((_, until)) = paced {
+                    std::task::ready!(until.as_mut().poll(cx));
+                    let (frame, _) = paced.take().expect("in hand");
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                let slow = loop {
                     if let Some(wait) = waiting {
                         std::task::ready!(wait.as_mut().poll(cx));
                         *waiting = None;
                     }
                     match guard.pass() {
-                        Pass::Go => break,
+                        Pass::Go => break false,
+                        Pass::Slow => break true,
                         Pass::Wait(news) => *waiting = Some(Box::pin(news.cancelled_owned())),
                         Pass::Stop => return Poll::Ready(Some(Err(StreamCut.into()))),
                     }
-                }
+                };
                 let poll = Pin::new(inner).poll_frame(cx).map_err(Into::into);
-                if let (Some(counted), Poll::Ready(Some(Ok(frame)))) = (counted, &poll) {
-                    if let Some(data) = frame.data_ref() {
-                        counted.fetch_add(data.len() as u64, Ordering::Relaxed);
+                let Poll::Ready(Some(Ok(frame))) = poll else {
+                    return poll;
+                };
+                let Some(data) = frame.data_ref() else {
+                    return Poll::Ready(Some(Ok(frame)));
+                };
+                if let Some(counted) = counted {
+                    counted.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if let Some(at) = guard.pace(*way, data.len(), slow) {
+                    let mut until = Box::pin(tokio::time::sleep_until(at));
+                    if until.as_mut().poll(cx).is_pending() {
+                        *paced = Some((frame, until));
+                        return Poll::Pending;
                     }
                 }
-                poll
+                Poll::Ready(Some(Ok(frame)))
             }
         }
     }
@@ -119,7 +159,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Guarded { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Guarded { inner, paced, .. } => paced.is_none() && inner.is_end_stream(),
         }
     }
 

@@ -51,6 +51,7 @@ use crate::enforcement::Enforcer;
 use crate::gate::UserGate;
 use crate::health::Health;
 use crate::meter::{Meter, VpsCounter};
+use crate::pacing::AgentBandwidth;
 use crate::telemetry;
 
 /// Database reads for unknown ids at once.
@@ -75,6 +76,10 @@ pub struct Agent {
     pub vps: Option<VpsRecord>,
     /// The egress policy that applied when the entry was read.
     pub egress_policy_id: Option<i64>,
+    /// The user's plan when the entry was read.
+    pub plan_id: Option<Uuid>,
+    /// The agent's own bandwidth limit, shared by its streams on this proxy.
+    pub bandwidth: Option<Arc<AgentBandwidth>>,
     /// The counter of the agent's VPS (none without a VPS).
     pub counter: Option<Arc<VpsCounter>>,
     pub gate: Arc<UserGate>,
@@ -401,6 +406,15 @@ impl Directory {
             Entry::Vacant(_) => None,
         };
         let suspended = self.suspended.remove(&id).map(|(_, a)| a);
+        // The same limit carries on with what the agent's streams have spent.
+        let bandwidth = record.bandwidth_bytes_per_second.map(|rate| {
+            cached
+                .iter()
+                .chain(suspended.iter())
+                .filter_map(|old| old.bandwidth.clone())
+                .find(|b| b.bytes_per_second == rate as u64)
+                .unwrap_or_else(|| Arc::new(AgentBandwidth::new(rate as u64)))
+        });
         let mut revoked = None;
         for old in cached.iter().chain(suspended.iter()) {
             if revoked.is_none() && old.same_credential(&record) {
@@ -415,6 +429,8 @@ impl Directory {
             token: record.gateway_token.into_bytes().into_boxed_slice(),
             vps: record.vps,
             egress_policy_id: record.egress_policy_id,
+            plan_id: record.plan_id,
+            bandwidth,
             counter,
             gate,
             fetched_at: Instant::now(),

@@ -98,8 +98,15 @@ impl Stages for Egress {
             }
         };
         exchange.set_agent(&agent);
-        let guard = auth::guard(&agent);
-        guard.admit(Listener::Egress).await?;
+        let mut guard = auth::guard(&agent, Listener::Egress);
+        match host.name() {
+            // A destination the plan keeps open: reachable whatever the user's
+            // decision, its bytes counted as any others.
+            Some(name) if self.policies.current().is_open(&agent, name, port) => {
+                guard = guard.open();
+            }
+            _ => guard.admit(Listener::Egress).await?,
+        }
         let admitted = Admitted { agent, guard, conn };
         match target {
             // Boxed (once per tunnel): the request future, which hyper keeps per

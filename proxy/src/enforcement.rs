@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use tollgate_core::billing::{self, BlockReason, Decision, Figures, Period};
+use tollgate_core::billing::{self, BlockReason, Decision, Figures, OnExhausted, Period};
 use tollgate_core::clock::Clock;
 use tollgate_core::db::changes::BillingChange;
 use tollgate_core::db::{decisions, usage};
@@ -62,7 +62,7 @@ pub type Events = mpsc::UnboundedReceiver<Event>;
 pub struct Enforcer {
     gates: DashMap<Uuid, Arc<UserGate>>,
     /// What this proxy last published per user, and when.
-    published: DashMap<Uuid, (Option<BlockReason>, Instant)>,
+    published: DashMap<Uuid, (Option<BlockReason>, OnExhausted, Instant)>,
     events: mpsc::UnboundedSender<Event>,
     pool: PgPool,
     health: Arc<Health>,
@@ -168,23 +168,38 @@ impl Enforcer {
 
     /// Apply a decision someone published, with the headroom its figures leave.
     fn apply_published(&self, gate: &UserGate, d: &decisions::PublishedDecision) {
-        self.apply(gate, d.blocked, d.period);
+        self.apply(gate, d.blocked, d.on_exhausted, d.period);
         let headroom = serde_json::from_value::<Figures>(d.figures.clone())
             .ok()
             .and_then(|f| billing::bandwidth_headroom(f.limits.as_ref(), &f.usage, f.budget_cents));
         gate.set_headroom(headroom);
         // A published decision counts as ours for refresh purposes.
         self.published
-            .insert(gate.user_id(), (d.blocked, Instant::now()));
+            .insert(gate.user_id(), (d.blocked, d.on_exhausted, Instant::now()));
     }
 
-    /// Set a decision on a gate, cutting streams if it newly blocks; `true` if
-    /// it did.
-    fn apply(&self, gate: &UserGate, reason: Option<BlockReason>, period: Period) -> bool {
+    /// Set a decision on a gate, cutting streams if it newly blocks (a plan
+    /// that throttles slows them instead); `true` if the user was newly
+    /// blocked or throttled.
+    fn apply(
+        &self,
+        gate: &UserGate,
+        reason: Option<BlockReason>,
+        on_exhausted: OnExhausted,
+        period: Period,
+    ) -> bool {
+        gate.set_on_exhausted(on_exhausted);
         let previous = gate.set(reason, period);
         match (previous, reason) {
             (None, Some(r)) => {
-                tracing::info!(user_id = %gate.user_id(), reason = %r, %period, "user blocked");
+                match on_exhausted {
+                    OnExhausted::Block => {
+                        tracing::info!(user_id = %gate.user_id(), reason = %r, %period, "user blocked")
+                    }
+                    OnExhausted::Throttle { bytes_per_second } => {
+                        tracing::info!(user_id = %gate.user_id(), reason = %r, %period, bytes_per_second, "user throttled")
+                    }
+                }
                 true
             }
             (Some(_), None) => {
@@ -264,7 +279,7 @@ impl Enforcer {
                 continue;
             };
             let listeners = gate.take_listeners();
-            let blocks_now = self.apply(gate, decision.blocked, period);
+            let blocks_now = self.apply(gate, decision.blocked, decision.on_exhausted, period);
             if let (true, Some(listeners)) = (blocks_now, listeners) {
                 if let Some(over) =
                     billing::bandwidth_overshoot(b.limits.as_ref(), &b.usage, b.budget_cents)
@@ -278,14 +293,18 @@ impl Enforcer {
                 b.budget_cents,
             ));
             let due = match self.published.get(&b.user_id).map(|p| *p) {
-                Some((reason, at)) => {
-                    reason != decision.blocked || at.elapsed() >= self.decision_refresh
+                Some((reason, on_exhausted, at)) => {
+                    reason != decision.blocked
+                        || on_exhausted != decision.on_exhausted
+                        || at.elapsed() >= self.decision_refresh
                 }
                 None => true,
             };
             if due {
-                self.published
-                    .insert(b.user_id, (decision.blocked, Instant::now()));
+                self.published.insert(
+                    b.user_id,
+                    (decision.blocked, decision.on_exhausted, Instant::now()),
+                );
                 to_publish.push((b.user_id, decision));
             }
         }

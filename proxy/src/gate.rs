@@ -16,9 +16,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use tollgate_core::billing::{BlockReason, Period};
+use tollgate_core::billing::{BlockReason, OnExhausted, Period};
 
 use crate::meter::VpsCounter;
+use crate::pacing::{AgentBandwidth, Pacer, Way};
 use crate::telemetry::Listener;
 
 /// A user is blocked: why, and for which month.
@@ -57,6 +58,8 @@ pub(crate) const UNLEASED: u64 = u64::MAX;
 pub struct LeaseAsks {
     pub(crate) asks: mpsc::UnboundedSender<Uuid>,
     pub(crate) wait: Duration,
+    /// Live proxies: a throttled user's rate is divided among them.
+    pub(crate) replicas: Arc<AtomicU64>,
 }
 
 /// Where a user's traffic stands, as the hot path sees it.
@@ -69,6 +72,9 @@ pub enum Verdict {
         news: CancellationToken,
     },
     Stop(Blocked),
+    /// The user is exhausted and their plan throttles: pass the bytes at the
+    /// throttle rate ([`UserGate::pace`]).
+    Slow(Blocked),
 }
 
 /// The decision in force for one user, and the token their long-lived streams
@@ -111,6 +117,11 @@ pub struct UserGate {
     /// Leases fell back for this gate alone (a grant failed): the next grant
     /// replaces what the database holds for it.
     lease_lost: AtomicBool,
+    /// The user's plan throttles at this rate once exhausted (bytes per second,
+    /// all proxies together); 0: it blocks.
+    throttle: AtomicU64,
+    /// This proxy's share of the throttle rate, for every stream of the user.
+    throttled: Pacer,
 }
 
 impl UserGate {
@@ -132,6 +143,8 @@ impl UserGate {
             listeners: AtomicU8::new(0),
             lease_idle: AtomicU8::new(0),
             lease_lost: AtomicBool::new(false),
+            throttle: AtomicU64::new(0),
+            throttled: Pacer::new(),
         }
     }
 
@@ -189,14 +202,27 @@ impl UserGate {
     pub fn check(&self) -> Result<(), Blocked> {
         match self.verdict() {
             Verdict::Stop(blocked) => Err(blocked),
-            Verdict::Go | Verdict::Wait { .. } => Ok(()),
+            Verdict::Go | Verdict::Wait { .. } | Verdict::Slow(_) => Ok(()),
         }
     }
 
-    /// Where the user's traffic stands. Asks for a grant once the lease is half
-    /// spent, so traffic far from the limit never waits for one.
+    /// Where the user's traffic stands: where it would stop, a plan that
+    /// throttles slows it instead.
     #[inline]
     pub fn verdict(&self) -> Verdict {
+        match self.limits() {
+            Verdict::Stop(blocked) if self.throttle.load(Ordering::Acquire) != 0 => {
+                Verdict::Slow(blocked)
+            }
+            verdict => verdict,
+        }
+    }
+
+    /// Where the user's traffic stands against their limits. Asks for a grant
+    /// once the lease is half spent, so traffic far from the limit never waits
+    /// for one.
+    #[inline]
+    fn limits(&self) -> Verdict {
         if let Some(reason) = reason_of(self.reason.load(Ordering::SeqCst)) {
             return Verdict::Stop(Blocked {
                 reason,
@@ -280,7 +306,7 @@ impl UserGate {
         let mut deadline = None;
         loop {
             match self.verdict() {
-                Verdict::Go => return Ok(()),
+                Verdict::Go | Verdict::Slow(_) => return Ok(()),
                 Verdict::Stop(blocked) => return Err(blocked),
                 Verdict::Wait { news } => {
                     let wait = self.leases.as_ref().map_or(Duration::ZERO, |l| l.wait);
@@ -432,12 +458,43 @@ impl UserGate {
             Ordering::Release,
         );
         let previous = reason_of(self.reason.swap(reason_code(reason), Ordering::SeqCst));
-        if reason.is_some() && previous.is_none() {
-            let mut token = self.cut.lock().unwrap_or_else(|p| p.into_inner());
-            token.cancel();
-            *token = CancellationToken::new();
+        if reason.is_some() && previous.is_none() && !self.throttles() {
+            self.cut_streams();
         }
         previous
+    }
+
+    fn cut_streams(&self) {
+        let mut token = self.cut.lock().unwrap_or_else(|p| p.into_inner());
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+
+    /// Whether the user's plan throttles rather than blocks.
+    pub fn throttles(&self) -> bool {
+        self.throttle.load(Ordering::Acquire) != 0
+    }
+
+    /// What the user's plan does once exhausted. Set before the decision it
+    /// came with, so a throttled user's streams are never cut; a plan that
+    /// turns to blocking cuts the streams of a user already exhausted.
+    pub(crate) fn set_on_exhausted(&self, on_exhausted: OnExhausted) {
+        let rate = on_exhausted.rate().unwrap_or(0);
+        let previous = self.throttle.swap(rate, Ordering::AcqRel);
+        if previous != 0 && rate == 0 && self.reason.load(Ordering::SeqCst) != 0 {
+            self.cut_streams();
+        }
+    }
+
+    /// When `bytes` of a throttled user may be written: this proxy's share of
+    /// the plan's rate, shared by all the user's streams here.
+    pub fn pace(&self, bytes: usize) -> Option<Instant> {
+        let rate = self.throttle.load(Ordering::Acquire);
+        let replicas = self
+            .leases
+            .as_ref()
+            .map_or(1, |l| l.replicas.load(Ordering::Acquire).max(1));
+        self.throttled.pass(bytes, (rate / replicas).max(1))
     }
 }
 
@@ -452,6 +509,8 @@ fn listener_bit(listener: Listener) -> u8 {
 #[derive(Debug)]
 pub enum Pass {
     Go,
+    /// Pass them at the throttle rate ([`StreamGuard::pace`] with `slow`).
+    Slow,
     /// Hold them until the token is cancelled (the lease changed), then ask again.
     Wait(CancellationToken),
     Stop,
@@ -466,6 +525,10 @@ pub struct StreamGuard {
     cut: CancellationToken,
     revoked: Option<CancellationToken>,
     gate: Option<Arc<UserGate>>,
+    /// The agent's own bandwidth limit, if it has one.
+    bandwidth: Option<Arc<AgentBandwidth>>,
+    /// Which way the client's bytes go, from the agent's side.
+    from_client: Way,
 }
 
 impl StreamGuard {
@@ -476,6 +539,46 @@ impl StreamGuard {
             cut: gate.cut_token(),
             revoked,
             gate: Some(gate.clone()),
+            bandwidth: None,
+            from_client: Way::FromAgent,
+        }
+    }
+
+    /// Also hold the bytes to the agent's own bandwidth limit, for streams of
+    /// `listener` (egress clients are agents; ingress clients reach one).
+    pub fn with_bandwidth(
+        mut self,
+        bandwidth: Option<Arc<AgentBandwidth>>,
+        listener: Listener,
+    ) -> Self {
+        self.bandwidth = bandwidth;
+        self.from_client = match listener {
+            Listener::Egress => Way::FromAgent,
+            Listener::Ingress => Way::ToAgent,
+        };
+        self
+    }
+
+    /// The way bytes go, from the agent's side, when they come `from_client`
+    /// or go to it.
+    pub fn way(&self, from_client: bool) -> Way {
+        match (from_client, self.from_client) {
+            (true, way) => way,
+            (false, Way::FromAgent) => Way::ToAgent,
+            (false, Way::ToAgent) => Way::FromAgent,
+        }
+    }
+
+    /// A guard for a destination the user's plan keeps open whatever the
+    /// decision: it watches the credential and the agent's bandwidth limit, not
+    /// the user's limits.
+    pub fn open(&self) -> Self {
+        Self {
+            cut: CancellationToken::new(),
+            revoked: self.revoked.clone(),
+            gate: None,
+            bandwidth: self.bandwidth.clone(),
+            from_client: self.from_client,
         }
     }
 
@@ -485,6 +588,8 @@ impl StreamGuard {
             cut,
             revoked: None,
             gate: None,
+            bandwidth: None,
+            from_client: Way::FromAgent,
         }
     }
 
@@ -503,9 +608,23 @@ impl StreamGuard {
         }
         match self.gate.as_ref().map(|g| g.verdict()) {
             None | Some(Verdict::Go) => Pass::Go,
+            Some(Verdict::Slow(_)) => Pass::Slow,
             Some(Verdict::Wait { news }) => Pass::Wait(news),
             Some(Verdict::Stop(_)) => Pass::Stop,
         }
+    }
+
+    /// When `bytes` going `way` may be written: once paid for at the agent's
+    /// bandwidth limit and, when `slow` (the pass said so), at the user's
+    /// throttle rate. `None`: now.
+    #[inline]
+    pub fn pace(&self, way: Way, bytes: usize, slow: bool) -> Option<Instant> {
+        let agent = self.bandwidth.as_ref().and_then(|b| b.pass(way, bytes));
+        let user = match (slow, &self.gate) {
+            (true, Some(gate)) => gate.pace(bytes),
+            _ => None,
+        };
+        agent.max(user)
     }
 
     /// Admit a new request (see [`UserGate::admit`]).
@@ -596,7 +715,15 @@ mod tests {
     async fn a_grant_that_does_not_come_leaves_the_user_to_the_last_decision() {
         let (asks, mut asked) = mpsc::unbounded_channel();
         let wait = Duration::from_millis(500);
-        let gate = UserGate::new(Uuid::new_v4(), Some(LeaseAsks { asks, wait }));
+        let replicas = Arc::new(AtomicU64::new(1));
+        let gate = UserGate::new(
+            Uuid::new_v4(),
+            Some(LeaseAsks {
+                asks,
+                wait,
+                replicas,
+            }),
+        );
         let meter = crate::meter::Meter::new();
         let counter = meter.counter(Uuid::new_v4(), gate.user_id);
         gate.track(&counter);
@@ -620,6 +747,54 @@ mod tests {
             gate.take_lease_lost(),
             "the next grant replaces the old row"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttling_plan_slows_an_exhausted_user_instead_of_cutting_them() {
+        let (asks, _asked) = mpsc::unbounded_channel();
+        let replicas = Arc::new(AtomicU64::new(2));
+        let gate = Arc::new(UserGate::new(
+            Uuid::new_v4(),
+            Some(LeaseAsks {
+                asks,
+                wait: Duration::from_millis(10),
+                replicas: replicas.clone(),
+            }),
+        ));
+        gate.reset_lease(UNLEASED);
+        let period = Period::current();
+        let guard = StreamGuard::new(&gate, None);
+        gate.set_on_exhausted(OnExhausted::Throttle {
+            bytes_per_second: 2000,
+        });
+        gate.set(Some(BlockReason::BudgetExhausted), period);
+        assert!(!guard.cut.is_cancelled(), "a throttled user's streams go on");
+        assert_eq!(gate.admit(Listener::Ingress).await, Ok(()));
+        assert!(matches!(guard.pass(), Pass::Slow));
+        // Two live proxies: this one passes 1000 B/s of the user's 2000.
+        let now = Instant::now();
+        assert_eq!(
+            guard.pace(Way::ToAgent, 500, true),
+            Some(now + Duration::from_millis(500))
+        );
+        assert_eq!(guard.pace(Way::ToAgent, 500, false), None, "not slow, not paced");
+        // The plan turns to blocking: the exhausted user's streams are cut.
+        gate.set_on_exhausted(OnExhausted::Block);
+        assert!(guard.cut.is_cancelled());
+        assert!(matches!(guard.pass(), Pass::Stop));
+        assert!(gate.admit(Listener::Ingress).await.is_err());
+        // Past the headroom on a throttling plan is slow too, not stopped.
+        gate.set(None, period);
+        gate.set_on_exhausted(OnExhausted::Throttle {
+            bytes_per_second: 2000,
+        });
+        let meter = crate::meter::Meter::new();
+        let counter = meter.counter(Uuid::new_v4(), gate.user_id);
+        gate.track(&counter);
+        gate.set_headroom(Some((10, BlockReason::Bandwidth)));
+        counter.add_rx(11);
+        assert!(matches!(gate.verdict(), Verdict::Slow(_)));
+        assert!(gate.check().is_ok());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
-use crate::body::ProxyBody;
+use crate::body::{Flow, ProxyBody};
 use crate::exchange::Exchange;
 use crate::gate::StreamGuard;
 
@@ -40,7 +40,11 @@ impl Outbound {
         parts.headers.insert(header::HOST, host);
         let body = match body.is_end_stream() {
             true => ProxyBody::Empty,
-            false => ProxyBody::guarded(body, guard.clone(), Some(exchange.upload_counter())),
+            false => ProxyBody::guarded(
+                body,
+                guard.clone(),
+                Flow::FromClient(exchange.upload_counter()),
+            ),
         };
         let mut request = Request::new(body);
         *request.method_mut() = parts.method;

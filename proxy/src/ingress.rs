@@ -104,7 +104,7 @@ impl Stages for Ingress {
             auth::bearer(req.headers().get(header::AUTHORIZATION)).map_err(ProxyError::Auth)?;
         let agent = auth::authenticate(&self.directory, route.agent_id, token).await?;
         exchange.set_agent(&agent);
-        let guard = auth::guard(&agent);
+        let guard = auth::guard(&agent, Listener::Ingress);
         guard.admit(Listener::Ingress).await?;
         exchange.hold(
             self.agent_limits

@@ -14,7 +14,7 @@
 //! database answers again.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +59,9 @@ pub struct Leases {
     epoch: Arc<AtomicI64>,
     suspended: AtomicBool,
     asks: mpsc::UnboundedSender<Uuid>,
+    /// Live proxies, as of the last renewal: a throttled user's rate is
+    /// divided among them.
+    replicas: Arc<AtomicU64>,
     clock: Arc<dyn Clock>,
 }
 
@@ -81,6 +84,7 @@ impl Leases {
             epoch: Arc::new(AtomicI64::new(0)),
             suspended: AtomicBool::new(false),
             asks,
+            replicas: Arc::new(AtomicU64::new(1)),
             clock,
         };
         (Arc::new(leases), receiver)
@@ -91,6 +95,7 @@ impl Leases {
         self.config.enabled.then(|| LeaseAsks {
             asks: self.asks.clone(),
             wait: self.config.wait,
+            replicas: self.replicas.clone(),
         })
     }
 
@@ -330,7 +335,8 @@ impl Leases {
             ),
         );
         match renewed.await {
-            Ok(()) => {
+            Ok(live) => {
+                self.replicas.store(live, Ordering::Release);
                 *valid_until = started + self.config.ttl - self.config.ttl / 3;
                 enforcer.for_each_gate(UserGate::lease_again);
             }
@@ -367,7 +373,8 @@ impl Leases {
             "resuming leases",
             leases::renew(&self.pool, next, period, &[], self.config.ttl, true),
         );
-        if renewed.await.is_ok() {
+        if let Ok(live) = renewed.await {
+            self.replicas.store(live, Ordering::Release);
             *valid_until = started + self.config.ttl - self.config.ttl / 3;
             self.suspended.store(false, Ordering::Release);
             self.start_over(enforcer, 0);

@@ -42,6 +42,7 @@ pub mod ingress;
 pub mod leases;
 pub mod meter;
 pub mod notifications;
+pub mod pacing;
 pub mod relay;
 pub mod rescue;
 pub mod server;

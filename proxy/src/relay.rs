@@ -20,6 +20,7 @@ use http::{Request, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
@@ -29,6 +30,7 @@ use crate::body::ProxyBody;
 use crate::exchange::{Ended, Exchange};
 use crate::gate::{Pass, StreamGuard};
 use crate::meter;
+use crate::pacing::Way;
 use crate::rescue::ProxyError;
 use crate::server::ClientConn;
 use crate::sni::{self, FirstFlight};
@@ -41,6 +43,9 @@ use crate::upstream::{handshake, passed_on};
 /// tunnel holds little memory.
 const MIN_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 256 * 1024;
+/// Largest read while bytes are paced: one slice's wait stays short at any rate
+/// a plan would set.
+const PACED_READ: usize = 16 * 1024;
 /// How often a relay compares its user's unflushed bytes with the headroom.
 pub const HEADROOM_CHECK: Duration = Duration::from_millis(100);
 
@@ -225,13 +230,22 @@ where
         .await
         .map_err(Screened::Io)?;
     // Like every chunk a relay passes on, the first one waits for the user's
-    // headroom.
-    loop {
+    // headroom, and to be paid for.
+    let slow = loop {
         match guard.pass() {
-            Pass::Go => break,
+            Pass::Go => break false,
+            Pass::Slow => break true,
             Pass::Wait(news) => news.cancelled().await,
             Pass::Stop => return Err(Screened::Cut),
         }
+    };
+    let paced = match &first {
+        FirstFlight::Client { bytes, .. } => guard.pace(guard.way(true), bytes.len(), slow),
+        FirstFlight::Upstream(bytes) => guard.pace(guard.way(false), bytes.len(), slow),
+        FirstFlight::Nothing | FirstFlight::Silent => None,
+    };
+    if let Some(at) = paced {
+        tokio::time::sleep_until(at).await;
     }
     match first {
         FirstFlight::Client { bytes, hello } => {
@@ -325,7 +339,7 @@ where
         inner: upstream,
         progress: progress.clone(),
     };
-    let (mut up, mut down) = (Pump::new(), Pump::new());
+    let (mut up, mut down) = (Pump::new(guard.way(true)), Pump::new(guard.way(false)));
     let end = tokio::select! {
         r = copy_both_ways(&mut client, &mut upstream, &mut up, &mut down, guard) => match r {
             Ok(()) => RelayEnd::Done,
@@ -399,11 +413,19 @@ struct Pump {
     unchecked: bool,
     /// Set while the user's lease is spent and a grant is on its way.
     waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Which way this direction goes, from the agent's side.
+    way: Way,
+    /// Set while the bytes in hand wait to be paid for (a throttled user, an
+    /// agent's bandwidth limit).
+    paced: Option<Pin<Box<Sleep>>>,
+    /// The last chunk had to wait to be paid for: read in slices of
+    /// [`PACED_READ`], so no single wait outlasts the idle limit.
+    pacing: bool,
     total: u64,
 }
 
 impl Pump {
-    fn new() -> Self {
+    fn new(way: Way) -> Self {
         Self {
             buf: vec![0; MIN_BUF].into_boxed_slice(),
             pos: 0,
@@ -414,6 +436,9 @@ impl Pump {
             need_flush: false,
             unchecked: false,
             waiting: None,
+            way,
+            paced: None,
+            pacing: false,
             total: 0,
         }
     }
@@ -433,7 +458,11 @@ impl Pump {
     {
         loop {
             if self.pos == self.filled && !self.read_done {
-                let mut rb = ReadBuf::new(&mut self.buf);
+                let room = match self.pacing {
+                    true => PACED_READ.min(self.buf.len()),
+                    false => self.buf.len(),
+                };
+                let mut rb = ReadBuf::new(&mut self.buf[..room]);
                 match reader.as_mut().poll_read(cx, &mut rb) {
                     Poll::Pending => {
                         // Waiting for the source: light traffic gives the large buffer back.
@@ -469,11 +498,26 @@ impl Pump {
                     std::task::ready!(wait.as_mut().poll(cx));
                     self.waiting = None;
                 }
-                match guard.pass() {
-                    Pass::Go => self.unchecked = false,
-                    Pass::Wait(news) => self.waiting = Some(Box::pin(news.cancelled_owned())),
+                let slow = match guard.pass() {
+                    Pass::Go => false,
+                    Pass::Slow => true,
+                    Pass::Wait(news) => {
+                        self.waiting = Some(Box::pin(news.cancelled_owned()));
+                        continue;
+                    }
                     Pass::Stop => return Poll::Ready(Err(Stop::Cut)),
+                };
+                self.unchecked = false;
+                let in_hand = self.filled - self.pos;
+                let paced = guard.pace(self.way, in_hand, slow);
+                self.pacing = paced.is_some();
+                if let Some(at) = paced {
+                    self.paced = Some(Box::pin(tokio::time::sleep_until(at)));
                 }
+            }
+            if let Some(until) = &mut self.paced {
+                std::task::ready!(until.as_mut().poll(cx));
+                self.paced = None;
             }
             while self.pos < self.filled {
                 let n = std::task::ready!(writer

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::body::ProxyBody;
+use crate::body::{Flow, ProxyBody};
 use crate::egress_policy::{Dial, EgressPolicy, Host, Resolve};
 use crate::gate::StreamGuard;
 use crate::headers::strip_hop_by_hop;
@@ -39,7 +39,7 @@ use crate::rescue::ProxyError;
 pub fn passed_on(response: Response<Incoming>, guard: StreamGuard) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(parts, ProxyBody::guarded(body, guard, None))
+    Response::from_parts(parts, ProxyBody::guarded(body, guard, Flow::ToClient))
 }
 
 /// How upstream connections are opened: the resolver and dialer (tests put in

@@ -285,6 +285,7 @@ impl TestDb {
         let decision = tollgate_core::billing::Decision {
             blocked: Some(reason),
             figures: tollgate_core::billing::decide(None, &Default::default(), 0).figures,
+            on_exhausted: Default::default(),
         };
         let period = tollgate_core::billing::Period::current();
         tollgate_core::db::decisions::publish(&self.pool, period, &[(user, decision)], "monitor")

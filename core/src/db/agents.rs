@@ -43,6 +43,11 @@ pub struct AgentRecord {
     pub vps: Option<VpsRecord>,
     /// The egress policy that applies: the agent's own, else its plan's.
     pub egress_policy_id: Option<i64>,
+    /// The user's plan (whose open destinations the agent may reach while
+    /// its user is blocked).
+    pub plan_id: Option<Uuid>,
+    /// The agent's own bandwidth limit, bytes per second each way.
+    pub bandwidth_bytes_per_second: Option<i64>,
 }
 
 impl std::fmt::Debug for AgentRecord {
@@ -54,6 +59,11 @@ impl std::fmt::Debug for AgentRecord {
             .field("gateway_token", &"<redacted>")
             .field("vps", &self.vps)
             .field("egress_policy_id", &self.egress_policy_id)
+            .field("plan_id", &self.plan_id)
+            .field(
+                "bandwidth_bytes_per_second",
+                &self.bandwidth_bytes_per_second,
+            )
             .finish()
     }
 }
@@ -68,6 +78,8 @@ struct AgentRow {
     provider: Option<String>,
     state: Option<VpsState>,
     egress_policy_id: Option<i64>,
+    plan_id: Option<Uuid>,
+    bandwidth_bytes_per_second: Option<i64>,
 }
 
 impl From<AgentRow> for AgentRecord {
@@ -87,6 +99,8 @@ impl From<AgentRow> for AgentRecord {
             gateway_token: r.gateway_token,
             vps,
             egress_policy_id: r.egress_policy_id,
+            plan_id: r.plan_id,
+            bandwidth_bytes_per_second: r.bandwidth_bytes_per_second,
         }
     }
 }
@@ -96,7 +110,8 @@ pub async fn agents_by_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<AgentRecor
     let rows: Vec<AgentRow> = sqlx::query_as(
         "SELECT a.id AS agent_id, a.user_id, a.gateway_token,
                 v.id AS vps_id, v.address, v.provider, v.state,
-                COALESCE(a.egress_policy_id, p.egress_policy_id) AS egress_policy_id
+                COALESCE(a.egress_policy_id, p.egress_policy_id) AS egress_policy_id,
+                u.plan_id, a.bandwidth_bytes_per_second
          FROM agents a
          LEFT JOIN vpses v ON v.id = a.vps_id
          JOIN users u ON u.id = a.user_id

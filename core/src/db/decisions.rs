@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::billing::{BlockReason, Decision, Period};
+use crate::billing::{BlockReason, Decision, OnExhausted, Period};
 
 /// A decision as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +13,9 @@ pub struct PublishedDecision {
     pub user_id: Uuid,
     pub period: Period,
     pub blocked: Option<BlockReason>,
+    /// What the user's plan does once exhausted: with `blocked`, whether the
+    /// user is blocked or throttled.
+    pub on_exhausted: OnExhausted,
     pub figures: serde_json::Value,
     pub decided_by: String,
     /// When the inputs of this decision were read (database clock); a stored
@@ -26,6 +29,7 @@ struct DecisionRow {
     user_id: Uuid,
     period_start: chrono::NaiveDate,
     reason: Option<String>,
+    throttle_bytes_per_second: Option<i64>,
     figures: serde_json::Value,
     decided_by: String,
     decided_at: DateTime<Utc>,
@@ -50,6 +54,10 @@ impl TryFrom<DecisionRow> for PublishedDecision {
                 .map(|s| s.parse::<BlockReason>())
                 .transpose()
                 .map_err(decode)?,
+            on_exhausted: OnExhausted::of_plan(
+                r.throttle_bytes_per_second.map(|_| "throttle"),
+                r.throttle_bytes_per_second,
+            ),
             figures: r.figures,
             decided_by: r.decided_by,
             decided_at: r.decided_at,
@@ -112,6 +120,18 @@ async fn upsert(
         .iter()
         .map(|(_, d)| d.blocked.map(BlockReason::as_str))
         .collect();
+    let actions: Vec<Option<&str>> = sorted
+        .iter()
+        .map(|(_, d)| d.action().map(OnExhausted::as_str))
+        .collect();
+    let rates: Vec<Option<i64>> = sorted
+        .iter()
+        .map(|(_, d)| {
+            d.on_exhausted
+                .rate()
+                .map(|r| i64::try_from(r).unwrap_or(i64::MAX))
+        })
+        .collect();
     let figures: Vec<serde_json::Value> = sorted
         .iter()
         .map(|(_, d)| serde_json::to_value(&d.figures).expect("figures serialize"))
@@ -119,19 +139,25 @@ async fn upsert(
     // `decided_at` is the instant the inputs were read, on the database's clock,
     // so it is comparable across writers.
     let stored = sqlx::query(
-        "INSERT INTO usage_decisions (user_id, period_start, blocked, reason, figures, decided_by, decided_at)
-         SELECT d.user_id, $4, d.reason IS NOT NULL, d.reason, d.figures, $5,
+        "INSERT INTO usage_decisions (user_id, period_start, blocked, reason, action,
+                                      throttle_bytes_per_second, figures, decided_by, decided_at)
+         SELECT d.user_id, $4, d.reason IS NOT NULL, d.reason, d.action, d.rate, d.figures, $5,
                 COALESCE($6, statement_timestamp())
-         FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) AS d(user_id, reason, figures)
+         FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $7::text[], $8::bigint[])
+              AS d(user_id, reason, figures, action, rate)
          WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = d.user_id)
          ORDER BY d.user_id
          ON CONFLICT (user_id, period_start) DO UPDATE SET
              blocked    = EXCLUDED.blocked,
              reason     = EXCLUDED.reason,
+             action     = EXCLUDED.action,
+             throttle_bytes_per_second = EXCLUDED.throttle_bytes_per_second,
              figures    = EXCLUDED.figures,
              decided_by = EXCLUDED.decided_by,
              decided_at = EXCLUDED.decided_at,
              changed_at = CASE WHEN usage_decisions.reason IS DISTINCT FROM EXCLUDED.reason
+                                    OR COALESCE(usage_decisions.action, 'block')
+                                       IS DISTINCT FROM COALESCE(EXCLUDED.action, 'block')
                                THEN now() ELSE usage_decisions.changed_at END
          WHERE EXCLUDED.decided_at > usage_decisions.decided_at",
     )
@@ -141,6 +167,8 @@ async fn upsert(
     .bind(period.start())
     .bind(decided_by)
     .bind(inputs_read_at)
+    .bind(&actions)
+    .bind(&rates)
     .execute(pool)
     .await?
     .rows_affected();
@@ -154,7 +182,8 @@ pub async fn load(
     users: Option<&[Uuid]>,
 ) -> Result<Vec<PublishedDecision>, sqlx::Error> {
     let rows: Vec<DecisionRow> = sqlx::query_as(
-        "SELECT user_id, period_start, reason, figures, decided_by, decided_at, changed_at
+        "SELECT user_id, period_start, reason, throttle_bytes_per_second, figures, decided_by,
+                decided_at, changed_at
          FROM usage_decisions
          WHERE period_start = $1 AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
     )

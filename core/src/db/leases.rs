@@ -236,7 +236,8 @@ async fn release_in(
 /// holder live for `ttl` from now (registering it, or starting its new epoch:
 /// leases of an older epoch are dead from then on). With `tidy`, also clear
 /// away the holder's spent and dead rows and holders that lapsed an hour ago
-/// (with their leases).
+/// (with their leases). Returns how many holders are live (at least 1): the
+/// proxies a throttled user's rate is shared out among.
 pub async fn renew(
     pool: &PgPool,
     holder: Holder,
@@ -244,7 +245,7 @@ pub async fn renew(
     returned: &[(Uuid, u64)],
     ttl: Duration,
     tidy: bool,
-) -> Result<(), sqlx::Error> {
+) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     if !returned.is_empty() {
         release_in(&mut tx, holder, period, returned).await?;
@@ -274,7 +275,12 @@ pub async fn renew(
             .execute(&mut *tx)
             .await?;
     }
-    tx.commit().await
+    let live: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM lease_holders WHERE expires_at > now()")
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    Ok(live.max(1) as u64)
 }
 
 /// Drop `instance` and every lease it holds (at shutdown, after the final flush).

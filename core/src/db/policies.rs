@@ -1,5 +1,6 @@
-//! Egress policies as stored (migration 021): every policy with its rules, and
-//! which policy applies to which agent, read in one snapshot.
+//! Egress policies as stored (migration 021): every policy with its rules,
+//! which policy applies to which agent, and the destinations each plan keeps
+//! open while its users are blocked (migration 024), read in one snapshot.
 
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -31,6 +32,16 @@ pub struct RuleRow {
     pub ports: Option<Vec<i32>>,
 }
 
+/// A destination a plan keeps open while its users are blocked (migration
+/// 024): `host` exact or `*.suffix`, on `ports` (all when `None`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OpenRow {
+    pub id: i64,
+    pub plan_id: Uuid,
+    pub host: String,
+    pub ports: Option<Vec<i32>>,
+}
+
 /// Everything a proxy needs to judge destinations, as of one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Stored {
@@ -38,6 +49,8 @@ pub struct Stored {
     pub rules: Vec<RuleRow>,
     /// Agents with a policy: the agent's own, else its plan's.
     pub agents: Vec<(Uuid, i64)>,
+    /// Every plan's open destinations.
+    pub open: Vec<OpenRow>,
 }
 
 /// Read every policy, rule and agent assignment in one snapshot.
@@ -66,10 +79,16 @@ pub async fn load(pool: &PgPool) -> Result<Stored, sqlx::Error> {
     )
     .fetch_all(&mut *tx)
     .await?;
+    let open = sqlx::query_as::<_, OpenRow>(
+        "SELECT id, plan_id, host, ports FROM plan_open_destinations ORDER BY id",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(Stored {
         policies,
         rules,
         agents,
+        open,
     })
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::billing::{self, Period, PlanLimits, Usage};
+use crate::billing::{self, OnExhausted, Period, PlanLimits, Usage};
 
 /// What a decision about one user is made from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,8 @@ pub struct UserBilling {
     pub limits: Option<PlanLimits>,
     pub usage: Usage,
     pub budget_cents: i64,
+    /// What the plan does once the user is exhausted.
+    pub on_exhausted: OnExhausted,
     /// When these figures were read (database clock): what a decision made from
     /// them is published as of ([`decisions::publish_as_of`](crate::db::decisions::publish_as_of)).
     pub read_at: DateTime<Utc>,
@@ -27,6 +29,7 @@ pub struct UserBilling {
 impl UserBilling {
     pub fn decide(&self) -> billing::Decision {
         billing::decide(self.limits.as_ref(), &self.usage, self.budget_cents)
+            .with(self.on_exhausted)
     }
 }
 
@@ -42,6 +45,8 @@ pub(crate) struct UserBillingRow {
     bandwidth_rate: Option<i64>,
     cpu_rate: Option<i64>,
     memory_rate: Option<i64>,
+    on_exhausted: Option<String>,
+    throttle_bytes_per_second: Option<i64>,
     budget_cents: i64,
     bandwidth_bytes: i64,
     cpu_ms: i64,
@@ -73,6 +78,10 @@ impl From<UserBillingRow> for UserBilling {
                 max_vps_storage_bytes: r.max_vps_storage_bytes,
             },
             budget_cents: r.budget_cents,
+            on_exhausted: OnExhausted::of_plan(
+                r.on_exhausted.as_deref(),
+                r.throttle_bytes_per_second,
+            ),
             read_at: r.read_at,
         }
     }
@@ -86,6 +95,7 @@ pub(crate) const USER_BILLING: &str = "SELECT u.id AS user_id, u.email, pl.name 
                 pl.overage_bandwidth_cost_per_gb_cents AS bandwidth_rate,
                 pl.overage_cpu_cost_per_hour_cents AS cpu_rate,
                 pl.overage_memory_cost_per_gb_hour_cents AS memory_rate,
+                pl.on_exhausted, pl.throttle_bytes_per_second,
                 COALESCE(b.budget_cents, 0) AS budget_cents,
                 COALESCE(us.bandwidth_bytes, 0) AS bandwidth_bytes,
                 COALESCE(us.cpu_ms, 0) AS cpu_ms,
