@@ -626,3 +626,37 @@ async fn a_client_hello_naming_a_refused_host_is_refused() {
     );
     proxy.stop().await;
 }
+
+/// A destination a plan keeps open while its user is blocked cannot carry
+/// another host: the tunnel's ClientHello must name an open destination too.
+#[tokio::test]
+async fn a_tunnel_to_an_open_destination_cannot_front_another_host() {
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Recorder::start("127.0.0.1").await;
+    let port = origin.addr.port();
+    sqlx::query(
+        "INSERT INTO plan_open_destinations (plan_id, host) VALUES ($1, 'topup.platform.test')",
+    )
+    .bind(f.plan)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut config = test_config(&db.url);
+    config.proxy.egress.connect_ports = vec![port];
+    let (seams, _) = seams(&[("topup.platform.test", "127.0.0.1")]);
+    let proxy = TestProxy::start_with(config, seams).await;
+    let auth = f.basic();
+    db.publish_block(f.user, tollgate_core::billing::BlockReason::BudgetExhausted)
+        .await;
+    let by_ip = format!("127.0.0.1:{port}");
+    eventually(Duration::from_secs(10), "the block in force", || async {
+        let (status, _, _) = connect(proxy.egress, &auth, &by_ip).await;
+        holds(status == 403, status)
+    })
+    .await;
+    let open = format!("topup.platform.test:{port}");
+    assert!(hello_through(proxy.egress, &auth, &open, "topup.platform.test", &origin).await);
+    assert!(!hello_through(proxy.egress, &auth, &open, "fronted.example", &origin).await);
+    proxy.stop().await;
+}

@@ -21,9 +21,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use support::client::{exchange, get_request};
 use support::monitor::{monitor_config, TestMonitor};
+use support::origin::Origin;
+use support::proxy::{test_config, TestProxy};
 use support::wait::{eventually, holds, PROMPTLY};
-use support::TestDb;
+use support::{Fixture, TestDb};
 use tollgate_core::billing::Period;
 use tollgate_core::config::Config;
 use tollgate_monitor::cycle;
@@ -54,6 +57,8 @@ struct Receiver {
     hits: Arc<Mutex<Vec<Hit>>>,
     failing: Arc<AtomicBool>,
     task: JoinHandle<()>,
+    /// Its connections, closed with it: a receiver dropped is down.
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Receiver {
@@ -63,13 +68,15 @@ impl Receiver {
         let hits: Arc<Mutex<Vec<Hit>>> = Arc::default();
         let failing = Arc::new(AtomicBool::new(false));
         let (h, f) = (hits.clone(), failing.clone());
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let open = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let (h, f) = (h.clone(), f.clone());
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let (h, f) = (h.clone(), f.clone());
                         async move {
@@ -110,6 +117,7 @@ impl Receiver {
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
+                open.lock().unwrap().push(connection.abort_handle());
             }
         });
         Receiver {
@@ -117,6 +125,7 @@ impl Receiver {
             hits,
             failing,
             task,
+            connections,
         }
     }
 
@@ -136,6 +145,9 @@ impl Receiver {
 impl Drop for Receiver {
     fn drop(&mut self) {
         self.task.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
     }
 }
 
@@ -464,4 +476,91 @@ async fn the_signature_verifies_with_the_secret_and_fails_with_another() {
         tollgate_monitor::webhooks::signature(SECRET.as_bytes(), &hit.body)
     );
     monitor.stop().await;
+}
+
+/// Download `bytes` through `proxy` for `f`'s agent.
+async fn download(proxy: SocketAddr, origin: &Origin, f: &Fixture, bytes: u64) -> u16 {
+    let ex = exchange(
+        proxy,
+        &get_request(&origin.url(&format!("/bytes/{bytes}")), &f.basic()),
+    )
+    .await;
+    ex.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crossings_metered_by_two_proxies_arrive_once_after_a_ten_second_outage() {
+    const MIB: i64 = 1 << 20;
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    db.update_plan(
+        f.plan,
+        &format!("max_bandwidth_bytes = {MIB}, overage_bandwidth_cost_per_gb_cents = 0"),
+    )
+    .await;
+    let origin = Origin::start().await;
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap()).await;
+    let addr = receiver.addr;
+    let config = webhook_config(&db, format!("http://{addr}/"), Duration::from_secs(1));
+    let first = TestMonitor::start(config.clone()).await;
+    let second = TestMonitor::start(config).await;
+    // Two proxies meter the user's traffic, flush it and publish decisions.
+    // Without headroom leases, so that neither holds the user's last headroom
+    // while the other carries them past it (leases are tested in `fleet`).
+    let proxy_config = || {
+        let mut c = test_config(&db.url);
+        c.proxy.leases.enabled = false;
+        c
+    };
+    let a = TestProxy::start(proxy_config()).await;
+    let b = TestProxy::start(proxy_config()).await;
+
+    assert_eq!(download(a.egress, &origin, &f, 600 * 1024).await, 200);
+    wait_delivered(&receiver, 1, "the 50 % crossing").await;
+
+    // The receiver goes down for 10 s; meanwhile both proxies carry the user
+    // over 80 %, 100 % and the limit.
+    drop(receiver);
+    let down_at = std::time::Instant::now();
+    assert_eq!(download(b.egress, &origin, &f, 300 * 1024).await, 200);
+    // Past the limit: cut short, or refused if the other proxy's bytes are
+    // already known here.
+    download(a.egress, &origin, &f, 200 * 1024).await;
+    eventually(PROMPTLY, "three events waiting, refused", || async {
+        let rows: Vec<(String, i32, bool, String)> = sqlx::query_as(
+            "SELECT kind, attempts, delivered_at IS NOT NULL,
+                    (SELECT string_agg(decided_by || ' ' || (figures #>> '{usage,bandwidth_bytes}'), ', ') FROM usage_decisions)
+             FROM quota_events ORDER BY created_at",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let waiting = rows
+            .iter()
+            .filter(|(_, attempts, delivered, _)| !delivered && *attempts >= 1);
+        holds(waiting.count() == 3, rows)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
+    let receiver = Receiver::start(addr).await;
+
+    let delivered = wait_delivered(&receiver, 3, "the events held during the outage").await;
+    wait_outbox_drained(&db, 4).await;
+    // Nothing more comes: each crossing arrived once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = receiver.delivered();
+    assert_eq!(after.len(), delivered.len());
+    let mut got: Vec<_> = after.iter().map(describe).collect();
+    got.sort();
+    let mut want = vec![
+        kind("threshold", Some("bandwidth"), Some(80)),
+        kind("threshold", Some("bandwidth"), Some(100)),
+        kind("blocked", None, None),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    a.stop().await;
+    b.stop().await;
+    first.stop().await;
+    second.stop().await;
 }

@@ -481,7 +481,7 @@ pub struct Snapshot {
     policies: HashMap<i64, Arc<Policy>>,
     agents: HashMap<Uuid, i64>,
     /// Each plan's open destinations, as a policy that allows only them.
-    open: HashMap<Uuid, Policy>,
+    open: HashMap<Uuid, Arc<Policy>>,
     /// When the read started; `None` until the first read succeeds.
     loaded_at: Option<Instant>,
 }
@@ -534,7 +534,7 @@ impl Snapshot {
             .into_iter()
             .map(|(plan, rules)| {
                 let rules: Vec<&policies::RuleRow> = rules.iter().collect();
-                (plan, compile(&open_list, &rules))
+                (plan, Arc::new(compile(&open_list, &rules)))
             })
             .collect();
         Snapshot {
@@ -547,10 +547,14 @@ impl Snapshot {
 
     /// Whether `agent`'s plan keeps `name:port` open while its user is blocked.
     pub fn is_open(&self, agent: &Agent, name: &str, port: u16) -> bool {
-        agent
-            .plan_id
-            .and_then(|plan| self.open.get(&plan))
+        self.open_list(agent)
             .is_some_and(|open| open.judge_name(name, port).is_ok())
+    }
+
+    /// The destinations `agent`'s plan keeps open, as a policy that allows
+    /// only them.
+    fn open_list(&self, agent: &Agent) -> Option<Arc<Policy>> {
+        agent.plan_id.and_then(|plan| self.open.get(&plan).cloned())
     }
 
     /// The policy for `agent`: from this snapshot if it was read after the
@@ -678,6 +682,7 @@ impl Policies {
             sni: None,
             addr: addr.ip(),
             port: addr.port(),
+            open: false,
         }
     }
 }
@@ -693,6 +698,9 @@ pub struct Watch {
     sni: Option<Box<str>>,
     addr: IpAddr,
     port: u16,
+    /// The tunnel goes to a destination the agent's plan keeps open while its
+    /// user is blocked: a ClientHello must name an open destination too.
+    open: bool,
 }
 
 /// The refusal of a ClientHello that cannot be read: a tunnel whose SNI cannot
@@ -727,11 +735,24 @@ impl Watch {
         }
     }
 
+    /// This tunnel was let through as a destination the plan keeps open.
+    pub fn keep_open(mut self) -> Self {
+        self.open = true;
+        self
+    }
+
     /// The client's first bytes: the host its ClientHello names must pass the
-    /// agent's policy too (and will on every later change).
+    /// agent's policy too (and will on every later change), and for a tunnel
+    /// to an open destination, be open itself (no fronting another host
+    /// through it).
     pub fn judge_hello(&mut self, hello: &Hello) -> Result<(), Denial> {
         let snapshot = self.snapshots.borrow().clone();
-        let policy = self.policy(&snapshot);
+        let open = match self.open {
+            true => snapshot.open_list(&self.agent),
+            false => None,
+        };
+        // An open tunnel's ClientHello is checked against the open list too.
+        let policy = self.policy(&snapshot).or_else(|| open.clone());
         match hello {
             Hello::Complete(Some(sni)) => match parse_host(sni) {
                 Some(Host::Name(sni)) if Some(sni.as_str()) != self.name.as_deref() => {
@@ -745,9 +766,15 @@ impl Watch {
         }
         // The CONNECT host was judged when the tunnel opened: only a new name
         // is judged here.
-        match (policy, &self.sni) {
-            (Some(policy), Some(sni)) => policy.judge(Some(sni), Some(self.addr), self.port),
-            _ => Ok(()),
+        let Some(sni) = &self.sni else {
+            return Ok(());
+        };
+        if let Some(open) = open {
+            open.judge_name(sni, self.port)?;
+        }
+        match policy {
+            Some(policy) => policy.judge(Some(sni), Some(self.addr), self.port),
+            None => Ok(()),
         }
     }
 

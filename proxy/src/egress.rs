@@ -64,6 +64,8 @@ struct Admitted<'a> {
     agent: Arc<Agent>,
     guard: StreamGuard,
     conn: &'a Arc<ClientConn>,
+    /// To a destination the agent's plan keeps open whatever the decision.
+    open: bool,
 }
 
 impl Stages for Egress {
@@ -99,15 +101,21 @@ impl Stages for Egress {
         };
         exchange.set_agent(&agent);
         let mut guard = auth::guard(&agent, Listener::Egress);
-        match host.name() {
-            // A destination the plan keeps open: reachable whatever the user's
-            // decision, its bytes counted as any others.
-            Some(name) if self.policies.current().is_open(&agent, name, port) => {
-                guard = guard.open();
-            }
-            _ => guard.admit(Listener::Egress).await?,
+        // A destination the plan keeps open: reachable whatever the user's
+        // decision, its bytes counted as any others.
+        let open = host
+            .name()
+            .is_some_and(|name| self.policies.current().is_open(&agent, name, port));
+        match open {
+            true => guard = guard.open(),
+            false => guard.admit(Listener::Egress).await?,
         }
-        let admitted = Admitted { agent, guard, conn };
+        let admitted = Admitted {
+            agent,
+            guard,
+            conn,
+            open,
+        };
         match target {
             // Boxed (once per tunnel): the request future, which hyper keeps per
             // connection, stays the size the plain HTTP path needs.
@@ -229,7 +237,10 @@ impl Egress {
             guard: admitted.guard,
             conn: admitted.conn.clone(),
             held,
-            watch: Some(self.policies.watch(admitted.agent, &host, addr)),
+            watch: Some(match admitted.open {
+                true => self.policies.watch(admitted.agent, &host, addr).keep_open(),
+                false => self.policies.watch(admitted.agent, &host, addr),
+            }),
         };
         let exchange = exchange.hand_off("tunnel", StatusCode::OK);
         self.relays.spawn(relay, exchange, async move {
@@ -247,7 +258,9 @@ impl Egress {
         admitted: Admitted<'_>,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let Admitted { agent, guard, conn } = admitted;
+        let Admitted {
+            agent, guard, conn, ..
+        } = admitted;
         self.policy
             .check_http_port(port)
             .map_err(|reason| self.denied(reason, &host, port))?;

@@ -57,12 +57,56 @@ pub enum Event {
 
 pub type Events = mpsc::UnboundedReceiver<Event>;
 
+/// What this proxy last published for a user.
+#[derive(Debug, Clone, Copy)]
+struct Published {
+    blocked: Option<BlockReason>,
+    on_exhausted: OnExhausted,
+    at: Instant,
+    /// How far into their bandwidth limit or budget the figures were.
+    percent: u64,
+}
+
+impl Published {
+    fn of(decision: &Decision) -> Self {
+        Published {
+            blocked: decision.blocked,
+            on_exhausted: decision.on_exhausted,
+            at: Instant::now(),
+            percent: percent_used(&decision.figures),
+        }
+    }
+
+    /// Whether `decision` is worth publishing over this one: its outcome
+    /// differs, it went a percentage point further into a limit (threshold
+    /// notifications are fired by what is published), or this one is stale.
+    fn superseded_by(&self, decision: &Decision, refresh: Duration) -> bool {
+        self.blocked != decision.blocked
+            || self.on_exhausted != decision.on_exhausted
+            || percent_used(&decision.figures) > self.percent
+            || self.at.elapsed() >= refresh
+    }
+}
+
+/// The larger of the bandwidth used and the overage budget spent, in whole
+/// percent: the axes a proxy's flushes move.
+fn percent_used(figures: &Figures) -> u64 {
+    let percent = |used: i64, limit: i64| match limit {
+        l if l > 0 => (used.max(0) as u128 * 100 / l as u128).min(u64::MAX as u128) as u64,
+        _ => 0,
+    };
+    let bandwidth = figures.limits.as_ref().map_or(0, |l| {
+        percent(figures.usage.bandwidth_bytes, l.max_bandwidth_bytes)
+    });
+    bandwidth.max(percent(figures.overage_cost_cents, figures.budget_cents))
+}
+
 /// Every user gate of this proxy.
 #[derive(Debug)]
 pub struct Enforcer {
     gates: DashMap<Uuid, Arc<UserGate>>,
     /// What this proxy last published per user, and when.
-    published: DashMap<Uuid, (Option<BlockReason>, OnExhausted, Instant)>,
+    published: DashMap<Uuid, Published>,
     events: mpsc::UnboundedSender<Event>,
     pool: PgPool,
     health: Arc<Health>,
@@ -169,13 +213,21 @@ impl Enforcer {
     /// Apply a decision someone published, with the headroom its figures leave.
     fn apply_published(&self, gate: &UserGate, d: &decisions::PublishedDecision) {
         self.apply(gate, d.blocked, d.on_exhausted, d.period);
-        let headroom = serde_json::from_value::<Figures>(d.figures.clone())
-            .ok()
+        let figures = serde_json::from_value::<Figures>(d.figures.clone()).ok();
+        let headroom = figures
+            .as_ref()
             .and_then(|f| billing::bandwidth_headroom(f.limits.as_ref(), &f.usage, f.budget_cents));
         gate.set_headroom(headroom);
         // A published decision counts as ours for refresh purposes.
-        self.published
-            .insert(gate.user_id(), (d.blocked, d.on_exhausted, Instant::now()));
+        self.published.insert(
+            gate.user_id(),
+            Published {
+                blocked: d.blocked,
+                on_exhausted: d.on_exhausted,
+                at: Instant::now(),
+                percent: figures.as_ref().map_or(0, percent_used),
+            },
+        );
     }
 
     /// Set a decision on a gate, cutting streams if it newly blocks (a plan
@@ -293,18 +345,11 @@ impl Enforcer {
                 b.budget_cents,
             ));
             let due = match self.published.get(&b.user_id).map(|p| *p) {
-                Some((reason, on_exhausted, at)) => {
-                    reason != decision.blocked
-                        || on_exhausted != decision.on_exhausted
-                        || at.elapsed() >= self.decision_refresh
-                }
+                Some(published) => published.superseded_by(&decision, self.decision_refresh),
                 None => true,
             };
             if due {
-                self.published.insert(
-                    b.user_id,
-                    (decision.blocked, decision.on_exhausted, Instant::now()),
-                );
+                self.published.insert(b.user_id, Published::of(&decision));
                 to_publish.push((b.user_id, decision));
             }
         }
