@@ -768,7 +768,10 @@ mod tests {
             bytes_per_second: 2000,
         });
         gate.set(Some(BlockReason::BudgetExhausted), period);
-        assert!(!guard.cut.is_cancelled(), "a throttled user's streams go on");
+        assert!(
+            !guard.cut.is_cancelled(),
+            "a throttled user's streams go on"
+        );
         assert_eq!(gate.admit(Listener::Ingress).await, Ok(()));
         assert!(matches!(guard.pass(), Pass::Slow));
         // Two live proxies: this one passes 1000 B/s of the user's 2000.
@@ -777,7 +780,11 @@ mod tests {
             guard.pace(Way::ToAgent, 500, true),
             Some(now + Duration::from_millis(500))
         );
-        assert_eq!(guard.pace(Way::ToAgent, 500, false), None, "not slow, not paced");
+        assert_eq!(
+            guard.pace(Way::ToAgent, 500, false),
+            None,
+            "not slow, not paced"
+        );
         // The plan turns to blocking: the exhausted user's streams are cut.
         gate.set_on_exhausted(OnExhausted::Block);
         assert!(guard.cut.is_cancelled());
