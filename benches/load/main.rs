@@ -21,11 +21,19 @@
 //!    requests and `Proxy-Authorization` (and, for the small response, once
 //!    more as an agent with a 100-rule egress policy); each beside a direct run
 //!    to the origin;
-//!    small-response runs are interleaved over several rounds and the median
-//!    round is reported;
-//! 5. CONNECT bulk throughput through each forward proxy and directly;
+//! 5. CONNECT bulk throughput and the relay's CPU time per GiB through each
+//!    forward proxy, through reference relays with no proxy logic (tokio copy,
+//!    a blocking read/write loop, `splice(2)`; see `relay`) and directly;
 //! 6. RSS per idle keep-alive connection (10,000 connections);
 //! 7. enforcement latency and overshoot through Tollgate's egress with defaults.
+//!
+//! Every load measurement (4 and 5) runs in interleaved rounds (`rounds`): each
+//! round runs every server once, each row is the median over the rounds, shown
+//! with its spread and the CPU steal during its runs; a row whose rounds are
+//! more than 10 % apart is marked unstable, and so is any verdict built on it.
+//! `--rounds` (or `TOLLGATE_BENCH_ROUNDS`) sets the count, 5 by default;
+//! `--rounds 1 --only ingress,connect --duration 2` is a quick look while
+//! developing.
 //!
 //! Every child process is stopped and the database dropped at the end, also
 //! when a step fails.
@@ -38,12 +46,13 @@ mod flush;
 mod idle;
 mod origin;
 mod profiling;
+mod relay;
 mod report;
+mod rounds;
 mod servers;
 mod traffic;
 mod tunnel;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -57,8 +66,10 @@ use futures_util::FutureExt;
 use uuid::Uuid;
 
 use crate::database::BenchDb;
+use crate::relay::{Relay, RelayKind};
 use crate::report::Results;
-use crate::servers::{installed, Credentials, ForwardProxy, ReverseProxy, Tollgate};
+use crate::rounds::{Rounds, StealMeter};
+use crate::servers::{installed, Credentials, ForwardProxy, Process, ReverseProxy, Tollgate};
 use crate::traffic::{Run, Target};
 
 /// Tollgate's side-by-side load harness (SPEC §7).
@@ -73,8 +84,9 @@ pub struct Args {
     /// Seconds of unrecorded warm-up before each load run.
     #[arg(long, default_value_t = 1)]
     warmup: u64,
-    /// Interleaved rounds of the small-response runs (the median round is reported).
-    #[arg(long, default_value_t = 3)]
+    /// Interleaved rounds of every load run (HTTP and CONNECT); each row is the
+    /// median over them, shown with its spread.
+    #[arg(long, env = "TOLLGATE_BENCH_ROUNDS", default_value_t = 5)]
     rounds: usize,
     /// Concurrent connections per load run.
     #[arg(long, default_value_t = 64)]
@@ -138,6 +150,8 @@ enum Internal {
     Relay {
         #[arg(long)]
         upstream: u16,
+        #[arg(long, value_enum)]
+        kind: RelayKind,
     },
 }
 
@@ -188,8 +202,14 @@ impl Args {
 /// The CONNECT baseline whose source runs on the server core.
 pub const DIRECT_ACROSS_CORES: &str = "direct, source on the server core";
 
-/// The CONNECT reference that relays without any proxy logic.
+/// The CONNECT reference that relays with tokio's two-way copy and nothing else.
 pub const BARE_RELAY: &str = "bare relay (tokio copy, 256 KiB)";
+
+/// The CONNECT ceiling for a relay here: a blocking read/write loop.
+pub const MINIMAL_RELAY: &str = "minimal relay (blocking read/write, 256 KiB)";
+
+/// The CONNECT reference that never copies to user space.
+pub const SPLICE_RELAY: &str = "splice relay (splice(2), 256 KiB pipe)";
 
 /// The egress row whose agent has an egress policy of 100 rules.
 pub const TOLLGATE_POLICY: &str = "Tollgate, 100-rule policy";
@@ -205,7 +225,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let internal = match args.command {
         Some(Internal::Origin) => Some(origin::serve()),
-        Some(Internal::Relay { upstream }) => Some(tunnel::serve_bare_relay(upstream)),
+        Some(Internal::Relay { upstream, kind }) => Some(relay::serve(kind, upstream)),
         None => None,
     };
     if let Some(result) = internal {
@@ -487,10 +507,20 @@ async fn measure(
         tokio::time::sleep(Duration::from_secs(args.hold)).await;
     }
 
+    let wrk = |target: &Target| {
+        traffic::wrk(
+            load,
+            target,
+            args.connections,
+            args.duration(),
+            args.warmup(),
+            work,
+        )
+    };
     if args.runs(Section::Ingress) {
-        for (path, rounds, out) in [
-            ("/small", args.rounds, &mut results.ingress_small),
-            ("/large", 1, &mut results.ingress_large),
+        for (path, out) in [
+            ("/small", &mut results.ingress_small),
+            ("/large", &mut results.ingress_large),
         ] {
             eprintln!("== ingress HTTP/1.1 {path}");
             let mut targets = vec![
@@ -504,15 +534,15 @@ async fn measure(
             let profile = args
                 .profile
                 .then_some((tollgate.process.pid(), label.as_str()));
-            *out = interleaved(args, rounds, &targets, work, profile)?;
+            *out = interleaved(args, &targets, profile, wrk)?;
         }
         eprintln!("== ingress HTTP/2 (h2c) /small");
         let mut targets = vec![("Tollgate".to_owned(), ingress("/small"))];
         for (name, p) in &reverse {
             targets.push(((*name).to_owned(), reverse_target(p.h2c, "/small")));
         }
-        for (name, target) in &targets {
-            let run = traffic::h2load(
+        results.ingress_h2 = interleaved(args, &targets, None, |target| {
+            traffic::h2load(
                 load,
                 target,
                 args.h2_connections,
@@ -520,15 +550,13 @@ async fn measure(
                 args.duration(),
                 args.warmup(),
             )
-            .with_context(|| format!("h2load against {name}"))?;
-            results.ingress_h2.push((name.clone(), run));
-        }
+        })?;
     }
 
     if args.runs(Section::Egress) {
-        for (path, rounds, out) in [
-            ("/small", args.rounds, &mut results.egress_small),
-            ("/large", 1, &mut results.egress_large),
+        for (path, out) in [
+            ("/small", &mut results.egress_small),
+            ("/large", &mut results.egress_large),
         ] {
             eprintln!("== egress HTTP/1.1 {path}");
             let mut targets = vec![
@@ -548,50 +576,85 @@ async fn measure(
             let profile = args
                 .profile
                 .then_some((tollgate.process.pid(), label.as_str()));
-            *out = interleaved(args, rounds, &targets, work, profile)?;
+            *out = interleaved(args, &targets, profile, wrk)?;
         }
     }
 
     if args.runs(Section::Connect) {
         eprintln!("== CONNECT bulk throughput");
         let duration = Duration::from_secs(args.tunnel_duration);
-        let headers = vec![("Proxy-Authorization".to_owned(), proxy_auth.clone())];
-        results.connect.push((
-            "direct".into(),
-            tunnel::throughput(None, bulk_addr, duration).await?,
-        ));
         // The same connection with the source on the server core: the data crosses
         // cores once here, and twice through any proxy.
         let remote = origin::Origin::start(cpu, &work.join("origin-server-core.log"))?;
-        let across =
-            tunnel::throughput(None, servers::loopback(remote.bulk_port), duration).await?;
-        drop(remote);
-        results.connect.push((DIRECT_ACROSS_CORES.into(), across));
-        // What any relay process gets here: a bare two-way copy on the server core.
-        let bare = origin::BareRelay::start(cpu, origin.bulk_port, &work.join("relay.log"))?;
-        let relayed = tunnel::throughput(None, servers::loopback(bare.port), duration).await?;
-        drop(bare);
-        results.connect.push((BARE_RELAY.into(), relayed));
-        let mut vias = vec![("Tollgate", tollgate.egress)];
-        vias.extend(forward.iter().map(|(n, p)| (*n, p.addr)));
-        for (name, proxy) in vias {
-            let via = tunnel::Via {
+        // What any relay process gets here: reference relays on the server core.
+        let relays = RelayKind::ALL
+            .iter()
+            .map(|kind| Ok((*kind, Relay::start(*kind, cpu, origin.bulk_port, work)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let connect = |proxy: SocketAddr| {
+            Some(tunnel::Via {
                 proxy,
-                headers: headers.clone(),
-            };
-            let _recording = match name {
-                "Tollgate" if args.profile => Some(profiling::Recording::start(
-                    args,
-                    tollgate.process.pid(),
-                    "connect",
-                )?),
-                _ => None,
-            };
-            let rate = tunnel::throughput(Some(&via), bulk_addr, duration)
-                .await
-                .with_context(|| format!("CONNECT through {name}"))?;
-            results.connect.push((name.into(), rate));
+                headers: vec![("Proxy-Authorization".to_owned(), proxy_auth.clone())],
+            })
+        };
+        let mut tunnels: Vec<(&str, Option<tunnel::Via>, SocketAddr, Option<&Process>)> = vec![
+            ("direct", None, bulk_addr, None),
+            (
+                DIRECT_ACROSS_CORES,
+                None,
+                servers::loopback(remote.bulk_port),
+                None,
+            ),
+        ];
+        for (kind, relay) in &relays {
+            tunnels.push((
+                kind.label(),
+                None,
+                servers::loopback(relay.port),
+                Some(&relay.process),
+            ));
         }
+        tunnels.push((
+            "Tollgate",
+            connect(tollgate.egress),
+            bulk_addr,
+            Some(&tollgate.process),
+        ));
+        for (name, p) in &forward {
+            tunnels.push((name, connect(p.addr), bulk_addr, Some(&p.process)));
+        }
+        let mut series: Vec<(String, Rounds<tunnel::Tunnel>)> = tunnels
+            .iter()
+            .map(|(name, ..)| ((*name).to_owned(), Rounds::default()))
+            .collect();
+        for round in 0..args.rounds.max(1) {
+            for ((name, via, to, relay), (_, rounds)) in tunnels.iter().zip(&mut series) {
+                let _recording =
+                    match *name {
+                        "Tollgate" if args.profile && round == 0 => Some(
+                            profiling::Recording::start(args, tollgate.process.pid(), "connect")?,
+                        ),
+                        _ => None,
+                    };
+                let steal = StealMeter::start();
+                let t = tunnel::throughput(via.as_ref(), *to, duration, *relay)
+                    .await
+                    .with_context(|| format!("CONNECT through {name}"))?;
+                let steal = steal.percent();
+                eprintln!(
+                    "   round {} {name}: {:.0} MiB/s, {}, steal {steal:.1} %",
+                    round + 1,
+                    t.bytes_per_sec() / (1 << 20) as f64,
+                    t.cpu_secs_per_gib()
+                        .map_or("no relay".into(), |c| format!("{c:.3} CPU s/GiB")),
+                );
+                rounds.push(t, steal);
+            }
+        }
+        results.connect = series;
+        drop(tunnels);
+        drop(relays);
+        drop(remote);
     }
 
     if args.runs(Section::Idle) {
@@ -724,52 +787,41 @@ fn start_or_note<T>(
     }
 }
 
-/// `rounds` rounds over every target in turn; for each target, the round with
-/// the median requests/s.
+/// `args.rounds` rounds over every target in turn (round 1 runs each target
+/// once, then round 2, ...), each run with the steal while it ran; Tollgate's
+/// first run is recorded by `perf` when `profile` names its pid.
 fn interleaved(
     args: &Args,
-    rounds: usize,
     targets: &[(String, Target)],
-    work: &Path,
     profile: Option<(u32, &str)>,
-) -> anyhow::Result<Vec<(String, Run)>> {
-    let mut runs: BTreeMap<usize, Vec<Run>> = BTreeMap::new();
-    for round in 0..rounds.max(1) {
-        for (i, (name, target)) in targets.iter().enumerate() {
+    mut measure: impl FnMut(&Target) -> anyhow::Result<Run>,
+) -> anyhow::Result<Vec<(String, Rounds<Run>)>> {
+    let mut series: Vec<(String, Rounds<Run>)> = targets
+        .iter()
+        .map(|(name, _)| (name.clone(), Rounds::default()))
+        .collect();
+    for round in 0..args.rounds.max(1) {
+        for ((name, target), (_, rounds)) in targets.iter().zip(&mut series) {
             let _recording = match profile {
                 Some((pid, label)) if round == 0 && name == "Tollgate" => {
                     Some(profiling::Recording::start(args, pid, label)?)
                 }
                 _ => None,
             };
-            let run = traffic::wrk(
-                args.load_cpu,
-                target,
-                args.connections,
-                args.duration(),
-                args.warmup(),
-                work,
-            )
-            .with_context(|| format!("wrk against {name}"))?;
+            let steal = StealMeter::start();
+            let run = measure(target).with_context(|| format!("load on {name}"))?;
+            let steal = steal.percent();
             eprintln!(
-                "   round {} {name}: {:.0} req/s, p99 {:.2} ms, errors {}",
+                "   round {} {name}: {:.0} req/s, p99 {:.2} ms, errors {}, steal {steal:.1} %",
                 round + 1,
                 run.requests_per_sec,
                 run.p99_us / 1e3,
                 run.errors
             );
-            runs.entry(i).or_default().push(run);
+            rounds.push(run, steal);
         }
     }
-    Ok(targets
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _))| {
-            let mut r = runs.remove(&i).unwrap_or_default();
-            r.sort_by(|a, b| a.requests_per_sec.total_cmp(&b.requests_per_sec));
-            (name.clone(), r[r.len() / 2])
-        })
-        .collect())
+    Ok(series)
 }
 
 /// Versions of the tools and servers in the table.

@@ -161,30 +161,8 @@ impl Origin {
     }
 }
 
-/// The bare relay process (`load relay`) and its port.
-pub struct BareRelay {
-    pub port: u16,
-    /// Stopped on drop.
-    _process: Process,
-    _stdout: ChildStdout,
-}
-
-impl BareRelay {
-    /// Start `load relay` to `upstream`, pinned to `cpu`.
-    pub fn start(cpu: usize, upstream: u16, log: &std::path::Path) -> anyhow::Result<BareRelay> {
-        let upstream = upstream.to_string();
-        let (process, line, stdout) =
-            start_internal("relay", cpu, &["--upstream", &upstream], log)?;
-        Ok(BareRelay {
-            port: port_in(&line, "port=")?,
-            _process: process,
-            _stdout: stdout,
-        })
-    }
-}
-
 /// Start this harness's `command` pinned to `cpu`; returns its first output line.
-fn start_internal(
+pub fn start_internal(
     command: &str,
     cpu: usize,
     args: &[&str],
@@ -208,7 +186,7 @@ fn start_internal(
     Ok((process, line, stdout))
 }
 
-fn port_in(line: &str, key: &str) -> anyhow::Result<u16> {
+pub fn port_in(line: &str, key: &str) -> anyhow::Result<u16> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
         .and_then(|p| p.parse().ok())

@@ -63,6 +63,18 @@ impl Process {
         total
     }
 
+    /// CPU time (user + system, every thread) of the process and all its
+    /// descendants so far, seconds.
+    pub fn tree_cpu_secs(&self) -> f64 {
+        let mut ticks = 0;
+        let mut pending = vec![self.pid()];
+        while let Some(pid) = pending.pop() {
+            ticks += cpu_ticks(pid).unwrap_or(0);
+            pending.extend(children_of(pid));
+        }
+        ticks as f64 / clock_ticks_per_sec()
+    }
+
     /// Fail with the tail of the log if the process has exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -126,6 +138,35 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Fields of `/proc/<pid>/stat` after the parenthesised command name, which may
+/// itself hold spaces: state, ppid, ...
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// utime + stime of every thread of `pid`, clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let fields = stat_fields(pid)?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// `CLK_TCK`, the unit of the CPU times in `/proc` (100 on every usual Linux).
+fn clock_ticks_per_sec() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
 /// This process's resident memory, KiB.
 pub fn own_rss_kib() -> u64 {
     rss_kib(std::process::id()).unwrap_or(0)
@@ -137,16 +178,7 @@ fn children_of(pid: u32) -> Vec<u32> {
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // Fields after the parenthesised command name: state, ppid, ...
-                    let rest = &s[s.rfind(')')? + 2..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
-        })
+        .filter(|p| stat_fields(*p).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(pid))
         .collect()
 }
 

@@ -1,7 +1,6 @@
 //! CONNECT bulk throughput: one tunnel (or one direct connection) to the
-//! origin's bulk source, read as fast as possible for a fixed time; and a bare
-//! relay (`load relay`, tokio's two-way copy with 256 KiB buffers and nothing
-//! else) to show what any relay process gets on this machine.
+//! origin's bulk source, read as fast as possible for a fixed time, with the CPU
+//! time the relaying process spent meanwhile.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -10,6 +9,7 @@ use anyhow::{bail, Context};
 use tokio::io::AsyncReadExt;
 
 use crate::exchange::{self, Connection};
+use crate::servers::Process;
 
 /// A forward proxy to tunnel through, with the headers its CONNECT needs.
 pub struct Via {
@@ -17,12 +17,37 @@ pub struct Via {
     pub headers: Vec<(String, String)>,
 }
 
-/// Bytes per second received from `bulk`, directly or through `via`.
+/// One bulk transfer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tunnel {
+    pub bytes: u64,
+    pub secs: f64,
+    /// CPU time of the relaying process (and its descendants) during the
+    /// transfer, seconds; `None` for a direct connection.
+    pub relay_cpu_secs: Option<f64>,
+}
+
+impl Tunnel {
+    pub fn bytes_per_sec(&self) -> f64 {
+        self.bytes as f64 / self.secs
+    }
+
+    /// CPU seconds the relay spent per GiB it relayed.
+    pub fn cpu_secs_per_gib(&self) -> Option<f64> {
+        let gib = self.bytes as f64 / (1u64 << 30) as f64;
+        self.relay_cpu_secs.map(|cpu| cpu / gib)
+    }
+}
+
+/// Read from `bulk`, directly or through `via`, for `duration`; `relay` is the
+/// process in between whose CPU time is counted (the proxy, or a reference
+/// relay listening at `bulk`).
 pub async fn throughput(
     via: Option<&Via>,
     bulk: SocketAddr,
     duration: Duration,
-) -> anyhow::Result<f64> {
+    relay: Option<&Process>,
+) -> anyhow::Result<Tunnel> {
     let mut conn = match via {
         None => Connection::open(bulk).await?,
         Some(via) => {
@@ -39,6 +64,7 @@ pub async fn throughput(
     };
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = conn.leftover.len() as u64;
+    let cpu_before = relay.map(Process::tree_cpu_secs);
     let start = Instant::now();
     while start.elapsed() < duration {
         let n = conn.stream.read(&mut buf).await?;
@@ -47,37 +73,13 @@ pub async fn throughput(
         }
         total += n as u64;
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
-}
-
-/// Relay every connection on a loopback port to `upstream`, byte for byte, until
-/// stdin closes. Runs in the `relay` child process.
-pub fn serve_bare_relay(upstream: u16) -> anyhow::Result<()> {
-    std::thread::spawn(|| {
-        use std::io::Read;
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        std::process::exit(0);
-    });
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        println!("relay port={}", listener.local_addr()?.port());
-        use std::io::Write;
-        std::io::stdout().flush()?;
-        loop {
-            let (mut client, _) = listener.accept().await?;
-            tokio::spawn(async move {
-                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                else {
-                    return;
-                };
-                let size = 256 * 1024;
-                let _ =
-                    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, size, size)
-                        .await;
-            });
-        }
+    let secs = start.elapsed().as_secs_f64();
+    let relay_cpu_secs = relay
+        .zip(cpu_before)
+        .map(|(p, before)| p.tree_cpu_secs() - before);
+    Ok(Tunnel {
+        bytes: total,
+        secs,
+        relay_cpu_secs,
     })
 }
