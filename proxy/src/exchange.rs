@@ -12,6 +12,7 @@
 //! (`decision_log`). None of them carries a token, a header value or (unless
 //! the decision log is configured to) a query string.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -153,8 +154,15 @@ impl Exchange {
     /// The destination the request names (egress), once its target is parsed;
     /// the VPS gateway it goes to (ingress).
     pub fn set_destination(&mut self, host: &Host, port: u16) {
+        // Sized for any address up front: an address is written a part at a
+        // time, and a growing string would be reallocated on the way.
+        let mut text = String::with_capacity(match host {
+            Host::Name(name) => name.len(),
+            Host::Ip(_) => 47,
+        });
+        write!(text, "{host}").expect("writing to a String");
         self.destination = Some(Destination {
-            host: host.to_string().into(),
+            host: text.into(),
             port,
             addr: None,
         });

@@ -72,36 +72,69 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || *name == PROXY_CONNECTION
+/// Which of [`HOP_BY_HOP`] (bits 0-7) and `Proxy-Connection` (bit 8) `headers`
+/// carries, from one pass over its names.
+fn hop_by_hop_present(headers: &HeaderMap) -> u16 {
+    let mut present = 0;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if *name == PROXY_CONNECTION {
+            present |= 1 << HOP_BY_HOP.len();
+        }
+    }
+    present
 }
 
 /// Remove hop-by-hop headers, including those named by `Connection`. When
 /// `keep_upgrade` is set (a protocol upgrade is being relayed), `Upgrade` stays
 /// and `Connection: upgrade` is restored.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none (any named by `Connection` need `Connection`):
-    // one pass over the names instead of a lookup per hop-by-hop name.
-    if !headers.keys().any(is_hop_by_hop) {
+    // Most messages carry none (any named by `Connection` need `Connection`),
+    // and most others only `Connection: keep-alive`: one pass over the names
+    // finds which are there, and only those are looked up again.
+    let present = hop_by_hop_present(headers);
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .chain(headers.get_all(PROXY_CONNECTION).iter())
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    // The values naming other headers (cheap clones: they share their bytes),
+    // taken out before any header is removed: the first on its own, any others
+    // (rare) in a list.
+    let proxy_connection = 1 << HOP_BY_HOP.len();
+    let (first, others) = match present & (1 | proxy_connection) {
+        0 => (None, Vec::new()),
+        _ => {
+            let mut naming = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .chain(headers.get_all(PROXY_CONNECTION).iter())
+                .cloned();
+            (naming.next(), naming.collect::<Vec<HeaderValue>>())
+        }
+    };
     let upgrade = if keep_upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    // A name that is not a valid header name names nothing: `remove` by text
+    // finds no header for it (and allocates no name to look it up).
+    for name in first
+        .iter()
+        .chain(others.iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+    {
+        headers.remove(name.trim());
     }
-    headers.remove(PROXY_CONNECTION);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if present & proxy_connection != 0 {
+        headers.remove(PROXY_CONNECTION);
+    }
     if let Some(protocol) = upgrade {
         headers.insert(header::UPGRADE, protocol);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -181,5 +214,24 @@ mod tests {
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["sec-websocket-key"], "k");
         assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn names_in_connection_are_matched_whatever_their_case_and_invalid_ones_ignored() {
+        let mut h = map(&[
+            ("connection", "X-Hop, , bad name, keep-alive"),
+            ("connection", "x-second"),
+            ("proxy-connection", "X-Third"),
+            ("x-hop", "1"),
+            ("x-second", "2"),
+            ("x-third", "3"),
+            ("keep-alive", "timeout=5"),
+            ("x-end-to-end", "kept"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["x-end-to-end"]
+        );
     }
 }

@@ -12,9 +12,11 @@
 //!    metered connection (WebSocket upgrades on a dedicated one), streaming both
 //!    ways; connect failure 502, timeout 504.
 
-use std::net::IpAddr;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -38,8 +40,9 @@ use crate::server::{ClientConn, Shape, Stages};
 use crate::telemetry::{Listener, TunnelKind};
 use crate::upstream::{Connector, Pool};
 
-/// Pool key: the VPS and the gateway address its connections go to.
-type GatewayKey = (Uuid, Box<str>, u16);
+/// Pool key: the VPS and the gateway address its connections go to, as the
+/// `host:port` its requests name (shared bytes: a clone allocates nothing).
+type GatewayKey = (Uuid, HeaderValue);
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -74,10 +77,14 @@ impl Route {
             p if p.starts_with('/') => p,
             _ => return None,
         };
-        let target = match uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_owned(),
-        };
+        let query = uri.query();
+        // Built in place, sized once: this runs for every request.
+        let mut target = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
+        target.push_str(path);
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
         Some(Route { agent_id, target })
     }
 }
@@ -169,7 +176,7 @@ impl Stages for Ingress {
             })
             .await;
         }
-        let key: GatewayKey = (vps.id, gateway.host.to_string().into(), gateway.port);
+        let key: GatewayKey = (vps.id, gateway.authority);
         let (response, addr) = self
             .pool
             .exchange(key, agent.agent_id, outbound.request, timeout, guard, open)
@@ -202,8 +209,16 @@ impl Gateway {
             .filter(|a| !a.is_empty())
             .ok_or(ProxyError::VpsUnavailable("vps_has_no_address"))?;
         let invalid = || ProxyError::VpsUnavailable("vps_address_invalid");
-        let host = parse_host(address).ok_or_else(invalid)?;
-        let authority = HeaderValue::from_str(&format!("{host}:{port}")).map_err(|_| invalid())?;
+        // An address in dotted-decimal form (the usual case) is read without
+        // the lenient parser's allocations; the standard parser accepts no
+        // other spelling, and the lenient one reads those the same way.
+        let host = match address.parse::<Ipv4Addr>() {
+            Ok(ip) => Host::Ip(IpAddr::V4(ip)),
+            Err(_) => parse_host(address).ok_or_else(invalid)?,
+        };
+        let mut text = String::with_capacity(address.len() + 8);
+        write!(text, "{host}:{port}").expect("writing to a String");
+        let authority = HeaderValue::from_maybe_shared(Bytes::from(text)).map_err(|_| invalid())?;
         Ok(Gateway {
             host,
             port,
@@ -222,14 +237,23 @@ struct Forwarded {
 
 impl Forwarded {
     fn of(req: &Request<Incoming>, conn: &ClientConn) -> Forwarded {
-        let peer: IpAddr = conn.peer.ip();
+        // The client's address as text, made once per connection.
+        let peer = conn.peer_text();
         let for_ = match req
             .headers()
             .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
         {
-            Some(prior) => format!("{prior}, {peer}"),
-            None => peer.to_string(),
+            Some(prior) => {
+                let peer = peer.to_str().expect("ip text is ASCII");
+                let mut text = String::with_capacity(prior.len() + 2 + peer.len());
+                text.push_str(prior);
+                text.push_str(", ");
+                text.push_str(peer);
+                HeaderValue::from_maybe_shared(Bytes::from(text))
+                    .expect("a header value and ip text make a header value")
+            }
+            None => peer.clone(),
         };
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()
@@ -237,7 +261,7 @@ impl Forwarded {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         Forwarded {
-            for_: HeaderValue::from_str(&for_).expect("ip text is a header value"),
+            for_,
             proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
             host,
         }

@@ -18,7 +18,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use http::{Request, Response, Version};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -100,11 +101,22 @@ pub struct ClientConn {
     in_flight: Arc<AtomicUsize>,
     /// Requests started on this connection.
     started: AtomicU64,
+    /// The peer's address as text, once a request needed it.
+    peer_text: OnceLock<HeaderValue>,
     _slot: OwnedSemaphorePermit,
     _open: GaugeGuard,
 }
 
 impl ClientConn {
+    /// The peer's IP address as text (`X-Forwarded-For`), made on first use and
+    /// shared by the connection's requests.
+    pub fn peer_text(&self) -> &HeaderValue {
+        self.peer_text.get_or_init(|| {
+            HeaderValue::from_maybe_shared(Bytes::from(self.peer.ip().to_string()))
+                .expect("ip text is a header value")
+        })
+    }
+
     /// Requests under way on this connection, until their response bodies end.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -239,6 +251,7 @@ async fn serve<S: Stages>(
         framing: Arc::new(Verdicts::default()),
         in_flight: Arc::default(),
         started: AtomicU64::new(0),
+        peer_text: OnceLock::new(),
         _slot: slot,
         _open: GaugeGuard::connection(shape.listener),
     };
