@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use support::client::{exchange, get_request};
 use support::monitor::{monitor_config, TestMonitor};
-use support::origin::Origin;
+use support::origin::{tls_files, tls_server_config_from, Origin};
 use support::proxy::{test_config, TestProxy};
 use support::wait::{eventually, holds, PROMPTLY};
 use support::{Fixture, TestDb};
@@ -63,6 +63,12 @@ struct Receiver {
 
 impl Receiver {
     async fn start(addr: SocketAddr) -> Receiver {
+        Receiver::start_with(addr, None).await
+    }
+
+    /// A receiver on `addr`, speaking TLS with `tls` when given.
+    async fn start_with(addr: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits: Arc<Mutex<Vec<Hit>>> = Arc::default();
@@ -75,7 +81,7 @@ impl Receiver {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (h, f) = (h.clone(), f.clone());
+                let (h, f, tls) = (h.clone(), f.clone(), tls.clone());
                 let connection = tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let (h, f) = (h.clone(), f.clone());
@@ -113,9 +119,17 @@ impl Receiver {
                             Ok::<_, Infallible>(response)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
                 open.lock().unwrap().push(connection.abort_handle());
             }
@@ -563,4 +577,52 @@ async fn crossings_metered_by_two_proxies_arrive_once_after_a_ten_second_outage(
     b.stop().await;
     first.stop().await;
     second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_an_https_receiver_only_through_a_trusted_certificate() {
+    let db = TestDb::new().await;
+    let (_, user, vps) = user_with_vps(&db).await;
+    let (tls, _) = tls_files("webhooks");
+    let receiver = Receiver::start_with(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(tls_server_config_from(&tls, &[b"http/1.1"])),
+    )
+    .await;
+    let url = format!("https://localhost:{}/hooks", receiver.addr.port());
+    // With the built-in roots, the receiver's own certificate is refused.
+    let untrusting =
+        TestMonitor::start(webhook_config(&db, url.clone(), Duration::from_secs(1))).await;
+    set_bandwidth(&db, vps, 500).await;
+    publish_from_two_writers(&db, user).await;
+    let error = eventually(PROMPTLY, "a refused TLS handshake", || async {
+        let error: Option<String> = sqlx::query_scalar("SELECT last_error FROM quota_events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        holds(error.as_deref().is_some_and(|e| e.contains("TLS")), error)
+    })
+    .await
+    .unwrap();
+    println!("untrusted receiver: {error}");
+    assert!(
+        receiver.hits().is_empty(),
+        "nothing was sent in clear or to an untrusted peer"
+    );
+    untrusting.stop().await;
+
+    // Trusting its CA, the event arrives, signed.
+    let mut config = webhook_config(&db, url, Duration::from_secs(1));
+    config.monitor.webhooks.ca_file = Some(tls.cert.clone());
+    config.validate().unwrap();
+    let trusting = TestMonitor::start(config).await;
+    let hit = wait_delivered(&receiver, 1, "the 50 % crossing over TLS")
+        .await
+        .remove(0);
+    assert!(verifies(SECRET, &hit));
+    assert_eq!(
+        describe(&hit),
+        kind("threshold", Some("bandwidth"), Some(50))
+    );
+    trusting.stop().await;
 }

@@ -647,10 +647,15 @@ impl Default for MonitorConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhooksConfig {
-    /// Endpoint the events are POSTed to, an `http://` URL. Default: none
-    /// (delivery off; events wait in the outbox).
+    /// Endpoint the events are POSTed to, an `http://` or `https://` URL.
+    /// Default: none (delivery off; events wait in the outbox).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// PEM file of the certificate authorities an `https://` endpoint's
+    /// certificate must chain to, instead of the built-in Mozilla roots (a
+    /// private CA). Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// HMAC-SHA256 key of the `X-Tollgate-Signature` header, at least 32
     /// characters; required with `url`. Secret: masked by `check-config`.
     /// Default: none.
@@ -681,6 +686,7 @@ impl Default for WebhooksConfig {
     fn default() -> Self {
         Self {
             url: None,
+            ca_file: None,
             secret: None,
             timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(600),
@@ -1047,19 +1053,29 @@ impl Config {
             ));
         }
         if let Some(url) = &w.url {
-            if url.starts_with("https://") {
-                return Err(field_error(
-                    "monitor.webhooks.url",
-                    "https:// is not supported: use an http:// URL (a receiver on a private \
-                     network, or a local TLS-terminating relay)",
-                ));
-            }
-            let host = url.strip_prefix("http://").unwrap_or_default();
+            let host = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"))
+                .unwrap_or_default();
             if host.is_empty() || host.starts_with('/') {
                 return Err(field_error(
                     "monitor.webhooks.url",
-                    "must be an http://host[:port]/path URL",
+                    "must be an http:// or https://host[:port]/path URL",
                 ));
+            }
+            if let Some(ca) = &w.ca_file {
+                if !url.starts_with("https://") {
+                    return Err(field_error(
+                        "monitor.webhooks.ca_file",
+                        "applies to an https:// url only",
+                    ));
+                }
+                if !ca.is_file() {
+                    return Err(field_error(
+                        "monitor.webhooks.ca_file",
+                        format!("{} is not a readable file", ca.display()),
+                    ));
+                }
             }
             if w.secret.as_deref().map_or(0, |s| s.chars().count()) < WEBHOOKS_MIN_SECRET {
                 return Err(field_error(
@@ -1622,7 +1638,7 @@ mod tests {
     }
 
     #[test]
-    fn webhooks_are_off_by_default_and_need_an_http_url_and_a_long_secret() {
+    fn webhooks_are_off_by_default_and_need_an_http_or_https_url_and_a_long_secret() {
         let c = load("", &[]).unwrap();
         assert_eq!(c.monitor.webhooks.url, None);
         assert_eq!(c.monitor.webhooks.timeout, Duration::from_secs(10));
@@ -1654,8 +1670,13 @@ mod tests {
             "TOLLGATE_MONITOR__WEBHOOKS__URL",
             "https://hooks.example.com/",
         );
-        let err = load("", &[tls, secret]).unwrap_err().to_string();
-        assert!(err.contains("https:// is not supported"), "{err}");
+        let c = load("", &[tls, secret]).unwrap();
+        assert_eq!(c.monitor.webhooks.url.as_deref(), Some(tls.1));
+        let nowhere = ("TOLLGATE_MONITOR__WEBHOOKS__CA_FILE", "/nonexistent/ca.pem");
+        let err = load("", &[tls, secret, nowhere]).unwrap_err().to_string();
+        assert!(err.contains("monitor.webhooks.ca_file"), "{err}");
+        let err = load("", &[url, secret, nowhere]).unwrap_err().to_string();
+        assert!(err.contains("https:// url only"), "{err}");
         let batch = ("TOLLGATE_MONITOR__WEBHOOKS__BATCH_SIZE", "0");
         let err = load("", &[batch]).unwrap_err().to_string();
         assert!(err.contains("monitor.webhooks.batch_size"), "{err}");

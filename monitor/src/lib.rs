@@ -137,8 +137,10 @@ pub async fn run(
     tracing::info!(%name, interval = ?config.monitor.interval, "monitor started");
     // Quota notifications are delivered by every monitor, leader or standby.
     let webhooks_stop = CancellationToken::new();
+    let endpoint = webhooks::Endpoint::of(&config.monitor.webhooks)?;
     let webhooks_task = tokio::spawn(webhooks::run(
         config.monitor.webhooks.clone(),
+        endpoint,
         pool.clone(),
         webhooks_stop.clone(),
     ));

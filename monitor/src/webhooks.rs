@@ -92,17 +92,53 @@ struct Due {
 
 /// Deliver until `shutdown` (a batch in flight is finished first, bounded by
 /// `timeout`). Returns at once when no `url` is configured.
-pub async fn run(config: WebhooksConfig, pool: PgPool, shutdown: CancellationToken) {
-    let (Some(url), Some(secret)) = (config.url.clone(), config.secret.clone()) else {
+/// Where events go: the configured URL, the signing key, and TLS for an
+/// `https://` URL.
+pub struct Endpoint {
+    url: String,
+    secret: Vec<u8>,
+    tls: Option<http::Tls>,
+}
+
+impl Endpoint {
+    /// The endpoint `config` names, `None` when delivery is off. Fails if the
+    /// CA file of an `https://` URL cannot be read.
+    pub fn of(config: &WebhooksConfig) -> anyhow::Result<Option<Endpoint>> {
+        let (Some(url), Some(secret)) = (&config.url, &config.secret) else {
+            return Ok(None);
+        };
+        let tls = match url.starts_with("https://") {
+            true => Some(http::Tls::new(config.ca_file.as_deref()).map_err(|e| {
+                anyhow::anyhow!(
+                    "monitor.webhooks.ca_file: {e}; point it at a PEM file of CA certificates"
+                )
+            })?),
+            false => None,
+        };
+        Ok(Some(Endpoint {
+            url: url.clone(),
+            secret: secret.as_bytes().to_vec(),
+            tls,
+        }))
+    }
+}
+
+pub async fn run(
+    config: WebhooksConfig,
+    endpoint: Option<Endpoint>,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) {
+    let Some(endpoint) = endpoint else {
         return;
     };
-    tracing::info!(%url, "delivering quota notifications");
+    tracing::info!(url = %endpoint.url, "delivering quota notifications");
     let mut listener: Option<PgListener> = None;
     while !shutdown.is_cancelled() {
         if listener.is_none() {
             listener = listen(&pool).await;
         }
-        let wait = match deliver_due(&config, &url, secret.as_bytes(), &pool).await {
+        let wait = match deliver_due(&config, &endpoint, &pool).await {
             Ok(Claimed::Full) => continue,
             Ok(Claimed::Partial) => next_due(&pool)
                 .await
@@ -150,8 +186,7 @@ enum Claimed {
 /// Claim up to a batch of due events, deliver them, record the outcomes, commit.
 async fn deliver_due(
     config: &WebhooksConfig,
-    url: &str,
-    secret: &[u8],
+    endpoint: &Endpoint,
     pool: &PgPool,
 ) -> Result<Claimed, sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -173,7 +208,7 @@ async fn deliver_due(
     let claimed = due.len();
     let outcomes: Vec<(Uuid, i32, Result<(), DeliveryError>)> =
         futures_util::stream::iter(due.into_iter().map(|event| async move {
-            let outcome = deliver(config, url, secret, &event).await;
+            let outcome = deliver(config, endpoint, &event).await;
             (event.id, event.attempts, outcome)
         }))
         .buffer_unordered(config.batch_size)
@@ -247,11 +282,10 @@ async fn next_due(pool: &PgPool) -> Option<Duration> {
 
 async fn deliver(
     config: &WebhooksConfig,
-    url: &str,
-    secret: &[u8],
+    endpoint: &Endpoint,
     event: &Due,
 ) -> Result<(), DeliveryError> {
-    let signature = signature(secret, event.body.as_bytes());
+    let signature = signature(&endpoint.secret, event.body.as_bytes());
     let id = event.id.to_string();
     let key = event.idempotency_key.to_string();
     let headers = [
@@ -261,10 +295,16 @@ async fn deliver(
         (IDEMPOTENCY_HEADER, key.as_str()),
     ];
     let body = Bytes::copy_from_slice(event.body.as_bytes());
-    let (status, answer) =
-        tokio::time::timeout(config.timeout, http::post(url, &headers, body, MAX_ANSWER))
-            .await
-            .map_err(|_| DeliveryError::Timeout(config.timeout))??;
+    let post = http::post(
+        &endpoint.url,
+        &headers,
+        body,
+        MAX_ANSWER,
+        endpoint.tls.as_ref(),
+    );
+    let (status, answer) = tokio::time::timeout(config.timeout, post)
+        .await
+        .map_err(|_| DeliveryError::Timeout(config.timeout))??;
     if status.is_success() {
         Ok(())
     } else {
