@@ -49,6 +49,7 @@ agents.gateway_token text NOT NULL DEFAULT (replace((gen_random_uuid())::text, '
 agents.created_at timestamp with time zone NOT NULL DEFAULT now()
 agents.updated_at timestamp with time zone NOT NULL DEFAULT now()
 agents.egress_policy_id bigint
+agents.bandwidth_bytes_per_second bigint
 overage_budgets.user_id uuid NOT NULL
 overage_budgets.period_start date NOT NULL
 overage_budgets.budget_cents bigint NOT NULL DEFAULT 0
@@ -70,6 +71,8 @@ plans.overage_bandwidth_cost_per_gb_cents bigint NOT NULL DEFAULT 0
 plans.overage_cpu_cost_per_hour_cents bigint NOT NULL DEFAULT 0
 plans.overage_memory_cost_per_gb_hour_cents bigint NOT NULL DEFAULT 0
 plans.egress_policy_id bigint
+plans.on_exhausted text NOT NULL DEFAULT 'block'::text
+plans.throttle_bytes_per_second bigint
 sessions.id uuid NOT NULL DEFAULT gen_random_uuid()
 sessions.session_token text NOT NULL
 sessions.user_id uuid NOT NULL
@@ -446,6 +449,12 @@ async fn triggers_notify_token_rotation_vps_changes_billing_changes_and_decision
         .execute(&db.pool)
         .await
         .unwrap();
+    // The user's agents carry their plan (its open destinations) in the
+    // proxies' directories, then the billing change.
+    assert_eq!(
+        next_notification(&mut listener).await,
+        (db::AGENT_CHANNEL.into(), agent.to_string())
+    );
     assert_eq!(
         next_notification(&mut listener).await,
         (db::BILLING_CHANNEL.into(), format!("user:{user}"))

@@ -104,8 +104,19 @@ async fn decision(
     .unwrap()
 }
 
-fn rate(bytes: u64, took: Duration) -> f64 {
-    bytes as f64 / took.as_secs_f64()
+/// `bytes` moved in `took` ran at `target` bytes per second, within 10 %.
+fn assert_rate(what: &str, bytes: u64, took: Duration, target: u64) {
+    let measured = bytes as f64 / took.as_secs_f64();
+    let off = measured / target as f64 - 1.0;
+    println!(
+        "{what}: {bytes} B in {:.2} s = {measured:.0} B/s against {target} B/s ({:+.1} %)",
+        took.as_secs_f64(),
+        off * 100.0
+    );
+    assert!(
+        off.abs() <= 0.10,
+        "{what} at {measured:.0} B/s, not within 10 % of {target}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,32 +174,16 @@ async fn an_exhausted_user_on_a_throttling_plan_is_slowed_to_the_rate_never_refu
     let (status, body, took) =
         download(proxy.egress, &origin.url(&format!("/bytes/{size}")), &f).await;
     assert_eq!((status, body), (200, size));
-    let measured = rate(body, took);
-    println!(
-        "throttled download: {body} B in {:.2} s = {:.0} B/s against {throttle} B/s ({:+.1} %)",
-        took.as_secs_f64(),
-        measured,
-        (measured / throttle as f64 - 1.0) * 100.0
-    );
-    assert!(
-        (measured - throttle as f64).abs() <= throttle as f64 * 0.10,
-        "plain HTTP download at {measured:.0} B/s, not within 10 % of {throttle}"
-    );
+    assert_rate("throttled plain HTTP download", body, took, throttle);
 
     // A tunnel: 512 KiB each way share the user's one rate, 4 s in all.
     let each_way = 512 * KIB as usize;
     let took = echo_through(open_tunnel(proxy.egress, echo.addr, &f).await, each_way).await;
-    let measured = rate(2 * each_way as u64, took);
-    println!(
-        "throttled tunnel: {} B both ways in {:.2} s = {:.0} B/s against {throttle} B/s ({:+.1} %)",
-        2 * each_way,
-        took.as_secs_f64(),
-        measured,
-        (measured / throttle as f64 - 1.0) * 100.0
-    );
-    assert!(
-        (measured - throttle as f64).abs() <= throttle as f64 * 0.10,
-        "tunnel at {measured:.0} B/s, not within 10 % of {throttle}"
+    assert_rate(
+        "throttled tunnel, both ways",
+        2 * each_way as u64,
+        took,
+        throttle,
     );
 
     // The notification says what the block means.
@@ -250,30 +245,17 @@ async fn an_agent_bandwidth_limit_holds_each_way_on_its_own() {
     let (status, body, took) =
         download(proxy.egress, &origin.url(&format!("/bytes/{size}")), &f).await;
     assert_eq!((status, body), (200, size));
-    let measured = rate(body, took);
-    println!(
-        "agent limit, download: {:.0} B/s against {limit} B/s ({:+.1} %)",
-        measured,
-        (measured / limit as f64 - 1.0) * 100.0
-    );
-    assert!(
-        (measured - limit as f64).abs() <= limit as f64 * 0.10,
-        "{measured:.0} B/s"
-    );
+    assert_rate("agent limit, download", body, took, limit);
 
     // Both ways at once: each way has the whole rate, so 512 KiB each way take
     // 2 s, not the 4 s one shared rate would.
     let each_way = 512 * KIB as usize;
     let took = echo_through(open_tunnel(proxy.egress, echo.addr, &f).await, each_way).await;
-    let measured = rate(each_way as u64, took);
-    println!(
-        "agent limit, each way of a tunnel: {:.0} B/s against {limit} B/s ({:+.1} %)",
-        measured,
-        (measured / limit as f64 - 1.0) * 100.0
-    );
-    assert!(
-        (measured - limit as f64).abs() <= limit as f64 * 0.10,
-        "{measured:.0} B/s"
+    assert_rate(
+        "agent limit, each way of a tunnel",
+        each_way as u64,
+        took,
+        limit,
     );
 
     // Lifting the limit lets the next download run at full speed.
