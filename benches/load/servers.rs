@@ -278,6 +278,13 @@ impl Tollgate {
             // Room for the idle keep-alive measurement beside the defaults' 10,000.
             .env("TOLLGATE_PROXY__EGRESS__MAX_CONNECTIONS", "20000")
             .env("TOLLGATE_PROXY__INGRESS__MAX_CONNECTIONS", "20000")
+            // The one benchmark agent holds every idle connection: its own cap
+            // (1024 by default) and opening rate go up with the listeners'.
+            .env("TOLLGATE_PROXY__AGENT_LIMITS__MAX_CONNECTIONS", "20000")
+            .env(
+                "TOLLGATE_PROXY__AGENT_LIMITS__NEW_CONNECTIONS_PER_SECOND",
+                "20000",
+            )
             .env(
                 "TOLLGATE_PROXY__METER__SPILL_DIR",
                 spill.display().to_string(),
