@@ -524,7 +524,9 @@ pub struct MeterConfig {
     /// exactly once at the next start. Created if missing. Default `/var/lib/tollgate`.
     pub spill_dir: PathBuf,
     /// A user's decision is re-published at least this often while they have
-    /// traffic, so dashboards see fresh figures. Default `30s`.
+    /// traffic, so dashboards see fresh figures (and after any flush that
+    /// takes them a percentage point further into their bandwidth limit or
+    /// budget, so threshold notifications are prompt). Default `30s`.
     #[serde(with = "duration")]
     pub decision_refresh: Duration,
     /// Destination hosts kept apart per VPS in `vps_destination_usage`, each
