@@ -161,6 +161,9 @@ pub enum Section {
     Flush,
     Ingress,
     Egress,
+    /// Ingress and egress small responses again, every server with two workers
+    /// on both cores (the load generator shares them).
+    TwoWorkers,
     Connect,
     Idle,
     Enforcement,
@@ -182,6 +185,7 @@ impl Args {
         [
             Section::Ingress,
             Section::Egress,
+            Section::TwoWorkers,
             Section::Connect,
             Section::Idle,
             Section::Enforcement,
@@ -408,25 +412,28 @@ async fn measure(
     let bulk_addr = servers::loopback(origin.bulk_port);
     let tollgate = Tollgate::start(
         args.tollgate_binary(),
-        cpu,
+        &cpu.to_string(),
+        1,
         &db.url,
         origin.http_port,
         origin.bulk_port,
         work,
     )?;
     let reverse_wanted = args.runs(Section::Ingress) || args.runs(Section::Idle);
-    let forward_wanted =
-        args.runs(Section::Egress) || args.runs(Section::Connect) || args.runs(Section::Idle);
+    let forward_wanted = args.runs(Section::Egress)
+        || args.runs(Section::TwoWorkers)
+        || args.runs(Section::Connect)
+        || args.runs(Section::Idle);
     let mut reverse: Vec<(&'static str, ReverseProxy)> = Vec::new();
     let mut forward: Vec<(&'static str, ForwardProxy)> = Vec::new();
     if reverse_wanted {
         if let Some(p) = start_or_note(results, "nginx", || {
-            servers::nginx(cpu, origin.http_port, work)
+            servers::nginx(&cpu.to_string(), 1, origin.http_port, work)
         }) {
             reverse.push(("nginx", p));
         }
         if let Some(p) = start_or_note(results, "haproxy", || {
-            servers::haproxy(cpu, origin.http_port, work)
+            servers::haproxy(&cpu.to_string(), 1, origin.http_port, work)
         }) {
             reverse.push(("haproxy", p));
         }
@@ -509,7 +516,8 @@ async fn measure(
 
     let wrk = |target: &Target| {
         traffic::wrk(
-            load,
+            &load.to_string(),
+            1,
             target,
             args.connections,
             args.duration(),
@@ -578,6 +586,70 @@ async fn measure(
                 .then_some((tollgate.process.pid(), label.as_str()));
             *out = interleaved(args, &targets, profile, wrk)?;
         }
+    }
+
+    if args.runs(Section::TwoWorkers) {
+        eprintln!("== two workers on two cores: ingress and egress HTTP/1.1 /small");
+        // Every server again with two workers on both cores, each in a
+        // directory of its own; wrk (two threads) and the origin share the cores.
+        let both = format!("{cpu},{load}");
+        let dir = work.join("two-workers");
+        std::fs::create_dir_all(&dir)?;
+        let tollgate2 = Tollgate::start(
+            args.tollgate_binary(),
+            &both,
+            2,
+            &db.url,
+            origin.http_port,
+            origin.bulk_port,
+            &dir,
+        )?;
+        let mut reverse2: Vec<(&'static str, ReverseProxy)> = Vec::new();
+        if let Some(p) = start_or_note(results, "nginx", || {
+            servers::nginx(&both, 2, origin.http_port, &dir)
+        }) {
+            reverse2.push(("nginx", p));
+        }
+        if let Some(p) = start_or_note(results, "haproxy", || {
+            servers::haproxy(&both, 2, origin.http_port, &dir)
+        }) {
+            reverse2.push(("haproxy", p));
+        }
+        let wrk2 = |target: &Target| {
+            traffic::wrk(
+                &both,
+                2,
+                target,
+                args.connections,
+                args.duration(),
+                args.warmup(),
+                &dir,
+            )
+        };
+        let mut targets = vec![
+            ("direct".to_owned(), direct("/small")),
+            (
+                "Tollgate".to_owned(),
+                ingress_at(tollgate2.ingress, "/small"),
+            ),
+        ];
+        for (name, p) in &reverse2 {
+            targets.push(((*name).to_owned(), reverse_target(p.http1, "/small")));
+        }
+        results.two_workers_ingress = interleaved(args, &targets, None, wrk2)?;
+        let mut targets = vec![
+            ("direct".to_owned(), direct("/small")),
+            (
+                "Tollgate".to_owned(),
+                forward_target(tollgate2.egress, "/small"),
+            ),
+        ];
+        // squid and tinyproxy keep one worker: squid's SMP mode needs shared
+        // memory set up for it, tinyproxy has none. They are shown for scale.
+        for (name, p) in &forward {
+            targets.push(((*name).to_owned(), forward_target(p.addr, "/small")));
+        }
+        results.two_workers_egress = interleaved(args, &targets, None, wrk2)?;
     }
 
     if args.runs(Section::Connect) {
@@ -668,7 +740,8 @@ async fn measure(
             eprintln!("   {name}");
             let fresh = Tollgate::start(
                 args.tollgate_binary(),
-                cpu,
+                &cpu.to_string(),
+                1,
                 &db.url,
                 origin.http_port,
                 origin.bulk_port,

@@ -48,6 +48,9 @@ pub struct Results {
     pub ingress_h2: Vec<(String, Rounds<Run>)>,
     pub egress_small: Vec<(String, Rounds<Run>)>,
     pub egress_large: Vec<(String, Rounds<Run>)>,
+    /// Small responses with two workers on two cores.
+    pub two_workers_ingress: Vec<(String, Rounds<Run>)>,
+    pub two_workers_egress: Vec<(String, Rounds<Run>)>,
     /// Per tunnel (direct, reference relays, proxies), one transfer per round.
     pub connect: Vec<(String, Rounds<Tunnel>)>,
     pub idle: Vec<(String, Result<IdleMemory, String>)>,
@@ -513,6 +516,32 @@ fn rows(results: &Results) -> Vec<Row> {
         &results.egress_large,
         false,
     );
+    let from = rows.len();
+    http_rows(
+        &mut rows,
+        "ingress HTTP/1.1, 100 B, two workers",
+        &results.two_workers_ingress,
+        false,
+    );
+    mark(
+        &mut rows,
+        from,
+        "req/s ≥ nginx and haproxy with two workers; p99 ≤ theirs",
+        ingress_verdict(&results.two_workers_ingress),
+    );
+    let from = rows.len();
+    http_rows(
+        &mut rows,
+        "egress HTTP/1.1, 100 B, two workers (squid, tinyproxy: one)",
+        &results.two_workers_egress,
+        false,
+    );
+    mark(
+        &mut rows,
+        from,
+        "req/s ≥ 3× squid",
+        egress_verdict(&results.two_workers_egress),
+    );
 
     let direct = rounds_of(&results.connect, "direct").map(|r| tunnel_rate(r).median);
     for (name, rounds) in &results.connect {
@@ -783,6 +812,41 @@ pub fn verdicts(results: &Results) -> Vec<String> {
         let detail = format!("Tollgate {}: {}", rps(t.requests_per_sec), v.detail);
         out.push(judged(v, "egress plain HTTP ≥ 3× squid", detail));
     }
+    if egress_verdict(&results.egress_small).is_none()
+        && rounds_of(&results.egress_small, "Tollgate").is_some()
+    {
+        out.push(
+            "- not judged: egress plain HTTP ≥ 3× squid — squid was not measured (is it installed?)"
+                .into(),
+        );
+    }
+    if let Some(v) = ingress_verdict(&results.two_workers_ingress) {
+        let t = rounds_of(&results.two_workers_ingress, "Tollgate")
+            .map(median_run)
+            .unwrap_or_default();
+        let detail = format!(
+            "Tollgate {} p99 {}: {}",
+            rps(t.requests_per_sec),
+            ms(t.p99_us),
+            v.detail
+        );
+        out.push(judged(
+            v,
+            "ingress HTTP/1.1 small responses with two workers on two cores ≥ nginx and haproxy with two, p99 ≤ theirs",
+            detail,
+        ));
+    }
+    if let Some(v) = egress_verdict(&results.two_workers_egress) {
+        let t = rounds_of(&results.two_workers_egress, "Tollgate")
+            .map(median_run)
+            .unwrap_or_default();
+        let detail = format!("Tollgate {}: {}", rps(t.requests_per_sec), v.detail);
+        out.push(judged(
+            v,
+            "egress plain HTTP with two workers ≥ 3× squid (one worker)",
+            detail,
+        ));
+    }
     if let Some(v) = policy_verdict(&results.egress_small) {
         let detail = v.detail.clone();
         out.push(judged(
@@ -923,6 +987,8 @@ fn overall_steal(results: &Results) -> String {
         &results.ingress_h2,
         &results.egress_small,
         &results.egress_large,
+        &results.two_workers_ingress,
+        &results.two_workers_egress,
     ] {
         for (_, rounds) in series {
             steal.extend(rounds.runs.iter().map(|m| m.steal_percent));
@@ -958,7 +1024,10 @@ fn generated(invocation: &str, args: &Args, results: &Results) -> String {
         "- Placement: every server under test pinned to CPU {} with one worker \
          (Tollgate: `TOKIO_WORKER_THREADS=1`; nginx `worker_processes 1`; haproxy \
          `nbthread 1`; squid `-N`, `workers 1`; tinyproxy: its threads on that one \
-         core); wrk/h2load, the origin and the harness's own clients on CPU {}.",
+         core); wrk/h2load, the origin and the harness's own clients on CPU {}. \
+         Rows marked \"two workers\": Tollgate (`TOKIO_WORKER_THREADS=2`), nginx \
+         (`worker_processes 2`) and haproxy (`nbthread 2`) on both cores, sharing \
+         them with wrk (`-t2`) and the origin; squid and tinyproxy keep one worker.",
         args.server_cpu, args.load_cpu
     );
     let _ = writeln!(

@@ -197,8 +197,8 @@ pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// A command pinned to `cpu` with `taskset`.
-pub fn pinned(cpu: usize, program: &str) -> Command {
+/// A command pinned to `cpu` (one core, or a `taskset` list such as `0,1`).
+pub fn pinned(cpu: impl std::fmt::Display, program: &str) -> Command {
     let mut cmd = Command::new("taskset");
     cmd.arg("-c").arg(cpu.to_string()).arg(program);
     cmd.stdin(Stdio::null());
@@ -229,11 +229,13 @@ pub struct Tollgate {
 }
 
 impl Tollgate {
-    /// `tollgate proxy` with one tokio worker on `cpu`, egress and ingress on,
-    /// defaults otherwise except what loopback benchmarking needs.
+    /// `tollgate proxy` with `workers` tokio workers on `cpu`, egress and
+    /// ingress on, defaults otherwise except what loopback benchmarking needs.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         binary: &Path,
-        cpu: usize,
+        cpu: &str,
+        workers: usize,
         database_url: &str,
         origin_port: u16,
         bulk_port: u16,
@@ -250,7 +252,7 @@ impl Tollgate {
             }
         }
         cmd.env("DATABASE_URL", database_url)
-            .env("TOKIO_WORKER_THREADS", "1")
+            .env("TOKIO_WORKER_THREADS", workers.to_string())
             .env("TOLLGATE_LOG__FILTER", "warn")
             .env(
                 "TOLLGATE_PROXY__EGRESS__LISTEN",
@@ -330,8 +332,13 @@ pub struct ReverseProxy {
     pub process: Process,
 }
 
-/// nginx, one worker process, upstream keep-alive, access log off.
-pub fn nginx(cpu: usize, origin_port: u16, dir: &Path) -> anyhow::Result<ReverseProxy> {
+/// nginx, `workers` worker processes, upstream keep-alive, access log off.
+pub fn nginx(
+    cpu: &str,
+    workers: usize,
+    origin_port: u16,
+    dir: &Path,
+) -> anyhow::Result<ReverseProxy> {
     let (http1, h2c) = (free_port()?, free_port()?);
     let d = dir.display();
     let location = "location / {
@@ -343,7 +350,7 @@ pub fn nginx(cpu: usize, origin_port: u16, dir: &Path) -> anyhow::Result<Reverse
     let config = format!(
         "daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 worker_rlimit_nofile 20000;
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
@@ -397,12 +404,17 @@ http {{
 /// in the container this was written on).
 pub const HAPROXY_MAX_CONNECTIONS: usize = 9_950;
 
-/// haproxy, one thread, connection reuse to the origin, `option forwardfor`.
-pub fn haproxy(cpu: usize, origin_port: u16, dir: &Path) -> anyhow::Result<ReverseProxy> {
+/// haproxy, `workers` threads, connection reuse to the origin, `option forwardfor`.
+pub fn haproxy(
+    cpu: &str,
+    workers: usize,
+    origin_port: u16,
+    dir: &Path,
+) -> anyhow::Result<ReverseProxy> {
     let (http1, h2c) = (free_port()?, free_port()?);
     let config = format!(
         "global
-    nbthread 1
+    nbthread {workers}
     maxconn {HAPROXY_MAX_CONNECTIONS}
 defaults
     mode http

@@ -37,10 +37,13 @@ pub struct Run {
     pub requests: u64,
 }
 
-/// Run `wrk` with one thread and `connections` connections for `duration`,
-/// after an unrecorded warm-up run of `warmup`.
+/// Run `wrk` on `cpu` (a core, or a `taskset` list) with `threads` threads
+/// and `connections` connections for `duration`, after an unrecorded warm-up
+/// run of `warmup`.
+#[allow(clippy::too_many_arguments)]
 pub fn wrk(
-    cpu: usize,
+    cpu: &str,
+    threads: usize,
     target: &Target,
     connections: usize,
     duration: Duration,
@@ -50,13 +53,14 @@ pub fn wrk(
     let script = dir.join("wrk.lua");
     std::fs::write(&script, wrk_script(target))?;
     if !warmup.is_zero() {
-        run_wrk(cpu, target, connections, warmup, &script)?;
+        run_wrk(cpu, threads, target, connections, warmup, &script)?;
     }
-    run_wrk(cpu, target, connections, duration, &script)
+    run_wrk(cpu, threads, target, connections, duration, &script)
 }
 
 fn run_wrk(
-    cpu: usize,
+    cpu: &str,
+    threads: usize,
     target: &Target,
     connections: usize,
     duration: Duration,
@@ -64,9 +68,10 @@ fn run_wrk(
 ) -> anyhow::Result<Run> {
     let output = Command::new("taskset")
         .arg("-c")
-        .arg(cpu.to_string())
+        .arg(cpu)
         .arg("wrk")
-        .args(["-t1", "--timeout", "5s"])
+        .arg(format!("-t{threads}"))
+        .args(["--timeout", "5s"])
         .arg(format!("-c{connections}"))
         .arg(format!("-d{}s", duration.as_secs().max(1)))
         .arg("-s")
