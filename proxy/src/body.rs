@@ -37,6 +37,48 @@ pub enum Flow {
     ToClient,
 }
 
+/// A body relayed from the other side: hyper's, or a response read straight
+/// from its upstream connection (`h1`).
+pub enum Source {
+    Hyper(Incoming),
+    Read(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>),
+}
+
+impl From<Incoming> for Source {
+    fn from(body: Incoming) -> Self {
+        Source::Hyper(body)
+    }
+}
+
+impl Body for Source {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Source::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Source::Read(body) => body.as_mut().poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Hyper(body) => body.is_end_stream(),
+            Source::Read(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Source::Hyper(body) => body.size_hint(),
+            Source::Read(body) => body.size_hint(),
+        }
+    }
+}
+
 pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
@@ -45,7 +87,7 @@ pub enum ProxyBody {
     /// headroom (checked before each frame). A throttled user's frames, and
     /// those of an agent with a bandwidth limit, are held until paid for.
     Guarded {
-        inner: Incoming,
+        inner: Source,
         stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
         guard: StreamGuard,
         way: Way,
@@ -64,13 +106,13 @@ impl ProxyBody {
     }
 
     /// `inner`, going `flow`, stopped when `guard` trips.
-    pub fn guarded(inner: Incoming, guard: StreamGuard, flow: Flow) -> Self {
+    pub fn guarded(inner: impl Into<Source>, guard: StreamGuard, flow: Flow) -> Self {
         let (way, counted) = match flow {
             Flow::FromClient(counted) => (guard.way(true), Some(counted)),
             Flow::ToClient => (guard.way(false), None),
         };
         ProxyBody::Guarded {
-            inner,
+            inner: inner.into(),
             stopped: Box::pin(guard.stopped()),
             guard,
             way,
@@ -133,7 +175,7 @@ impl Body for ProxyBody {
                         Pass::Stop => return Poll::Ready(Some(Err(StreamCut.into()))),
                     }
                 };
-                let poll = Pin::new(inner).poll_frame(cx).map_err(Into::into);
+                let poll = Pin::new(inner).poll_frame(cx);
                 let Poll::Ready(Some(Ok(frame))) = poll else {
                     return poll;
                 };

@@ -51,7 +51,7 @@ pub struct Egress {
     /// The agents' own policies, live.
     pub policies: Arc<agent_policy::Policies>,
     pub connector: Connector,
-    pub pool: Arc<Pool<OriginKey>>,
+    pub pool: Arc<Pool<OriginKey, tokio::net::TcpStream>>,
     pub relays: Relays,
     pub agent_limits: Arc<AgentLimits>,
     pub config: EgressConfig,

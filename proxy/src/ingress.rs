@@ -52,7 +52,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 pub struct Ingress {
     pub directory: Arc<Directory>,
     pub connector: Connector,
-    pub pool: Arc<Pool<GatewayKey>>,
+    pub pool: Arc<Pool<GatewayKey, MeteredIo<tokio::net::TcpStream>>>,
     pub relays: Relays,
     pub agent_limits: Arc<AgentLimits>,
     pub config: IngressConfig,

@@ -36,6 +36,7 @@ pub mod exchange;
 pub mod flusher;
 pub mod framing;
 pub mod gate;
+pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod ingress;

@@ -117,6 +117,9 @@ pub enum ProxyError {
     /// Upstream: the exchange failed.
     #[error("upstream failed")]
     Upstream(#[source] hyper::Error),
+    /// Upstream: a bodiless exchange failed (`h1`), or its response was malformed.
+    #[error("upstream exchange failed")]
+    UpstreamExchange(#[source] io::Error),
 }
 
 impl From<Limit> for ProxyError {
@@ -159,6 +162,11 @@ impl ProxyError {
     pub fn attributed(self, guard: &StreamGuard) -> ProxyError {
         match self {
             ProxyError::Upstream(e) => ProxyError::from_upstream(e, guard),
+            ProxyError::UpstreamExchange(e) => match guard.check() {
+                Err(blocked) => ProxyError::Blocked(blocked),
+                Ok(()) if guard.revoked() => ProxyError::Auth(AuthFailure::Revoked),
+                Ok(()) => ProxyError::UpstreamExchange(e),
+            },
             other => other,
         }
     }
@@ -174,9 +182,10 @@ impl ProxyError {
             ProxyError::TooMany(_) => "agent_limit",
             ProxyError::NotFound => "not_found",
             ProxyError::NoVps | ProxyError::VpsUnavailable(_) => "vps_unavailable",
-            ProxyError::Resolve { .. } | ProxyError::Connect { .. } | ProxyError::Upstream(_) => {
-                "upstream_error"
-            }
+            ProxyError::Resolve { .. }
+            | ProxyError::Connect { .. }
+            | ProxyError::Upstream(_)
+            | ProxyError::UpstreamExchange(_) => "upstream_error",
             ProxyError::UpstreamTimeout => "upstream_timeout",
         }
     }
@@ -311,10 +320,12 @@ pub fn rescue(error: ProxyError, listener: Listener) -> Response<ProxyBody> {
             StatusCode::BAD_GATEWAY,
             json!({"error": "upstream_unresolvable", "host": host}),
         ),
-        ProxyError::Connect { .. } | ProxyError::Upstream(_) => json_response(
-            StatusCode::BAD_GATEWAY,
-            json!({"error": "upstream_unreachable"}),
-        ),
+        ProxyError::Connect { .. } | ProxyError::Upstream(_) | ProxyError::UpstreamExchange(_) => {
+            json_response(
+                StatusCode::BAD_GATEWAY,
+                json!({"error": "upstream_unreachable"}),
+            )
+        }
         ProxyError::UpstreamTimeout => json_response(
             StatusCode::GATEWAY_TIMEOUT,
             json!({"error": "upstream_timeout"}),
@@ -322,7 +333,10 @@ pub fn rescue(error: ProxyError, listener: Listener) -> Response<ProxyBody> {
     };
     if matches!(
         error,
-        ProxyError::Resolve { .. } | ProxyError::Connect { .. } | ProxyError::Upstream(_)
+        ProxyError::Resolve { .. }
+            | ProxyError::Connect { .. }
+            | ProxyError::Upstream(_)
+            | ProxyError::UpstreamExchange(_)
     ) {
         tracing::debug!(error = %error, source = ?std::error::Error::source(&error), "upstream failure");
     }

@@ -4,11 +4,13 @@
 //! checked address, all within one deadline, typed errors), an HTTP/1.1
 //! handshake over any socket, and a pool of idle connections per key.
 //!
-//! A connection goes back to the pool as soon as its response head is handed on
-//! (no task waits for it), and is handed out again only once hyper says it can
-//! take another request (the previous response was read to the end);
-//! connections idle longer than the pool's timeout, or closed by the peer, are
-//! dropped at checkout or by the reaper.
+//! A request without a body (the common case) is exchanged by its own task
+//! (`h1`): its connection comes back to the pool once the response has been
+//! read to the end. A request with a body goes through hyper's client, whose
+//! connection goes back as soon as its response head is handed on and is handed
+//! out again once hyper says it can take another request. Connections idle
+//! longer than the pool's timeout, or closed by the peer, are dropped at
+//! checkout or by the reaper.
 
 use std::future::Future;
 use std::hash::Hash;
@@ -18,8 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::{Method, Request, Response};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,15 +29,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::body::{Flow, ProxyBody};
+use crate::body::{Flow, ProxyBody, Source};
 use crate::egress_policy::{Dial, EgressPolicy, Host, Resolve};
 use crate::gate::StreamGuard;
+use crate::h1::{self, Failure, Link};
 use crate::headers::strip_hop_by_hop;
 use crate::rescue::ProxyError;
 
 /// An upstream's response as the client gets it: hop-by-hop headers dropped,
 /// the body streamed under `guard`.
-pub fn passed_on(response: Response<Incoming>, guard: StreamGuard) -> Response<ProxyBody> {
+pub fn passed_on(response: Response<impl Into<Source>>, guard: StreamGuard) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(parts, ProxyBody::guarded(body, guard, Flow::ToClient))
@@ -135,6 +137,11 @@ impl Connector {
 
 pub type Sender = http1::SendRequest<ProxyBody>;
 
+/// An exchange on a link failed.
+fn upstream_broke(failure: Failure) -> ProxyError {
+    ProxyError::UpstreamExchange(failure.into_io())
+}
+
 /// Largest read buffer per upstream connection, bytes.
 const UPSTREAM_READ_BUF: usize = 64 * 1024;
 
@@ -163,11 +170,18 @@ where
     Ok(sender)
 }
 
-/// A pooled connection. It enters the pool as soon as its response head is
-/// handed on, usually while that response's body is still streaming; it can
-/// take a new request once hyper reports it ready.
-struct Pooled {
-    sender: Sender,
+/// A connection as the pool keeps it: hyper's, which enters the pool as soon
+/// as its response head is handed on (usually while that response's body is
+/// still streaming) and can take a new request once hyper reports it ready; or
+/// a link, which enters it idle.
+enum Conn<I> {
+    Hyper(Sender),
+    Link(Link<I>),
+}
+
+/// A pooled connection.
+struct Pooled<I> {
+    conn: Conn<I>,
     /// The address it is connected to (for the decision log of the exchanges
     /// it serves).
     addr: SocketAddr,
@@ -191,14 +205,18 @@ pub struct PoolLimits {
 
 /// Connections per key (origin host and port, or VPS), most recently returned
 /// last, bounded per key, per agent and in total.
-pub struct Pool<K> {
-    idle: DashMap<K, Vec<Pooled>>,
+pub struct Pool<K, I> {
+    idle: DashMap<K, Vec<Pooled<I>>>,
     per_agent: DashMap<Uuid, usize>,
     total: AtomicUsize,
     limits: PoolLimits,
 }
 
-impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
+impl<K, I> Pool<K, I>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
     pub fn new(limits: PoolLimits) -> Arc<Self> {
         Arc::new(Self {
             idle: DashMap::new(),
@@ -212,18 +230,23 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
     /// now, if any, and the address it is connected to. Connections still
     /// finishing their previous exchange stay for later; closed and expired
     /// ones are dropped.
-    pub fn checkout(&self, key: &K) -> Option<(Sender, SocketAddr)> {
+    fn checkout(&self, key: &K) -> Option<(Conn<I>, SocketAddr)> {
         let mut list = self.idle.get_mut(key)?;
         let mut i = list.len();
         while i > 0 {
             i -= 1;
-            let pooled = &list[i];
-            if pooled.sender.is_closed() || pooled.since.elapsed() >= self.limits.idle_timeout {
+            let pooled = &mut list[i];
+            let expired = pooled.since.elapsed() >= self.limits.idle_timeout;
+            let (dead, ready) = match &mut pooled.conn {
+                Conn::Hyper(sender) => (expired || sender.is_closed(), sender.is_ready()),
+                Conn::Link(link) => (expired || link.is_stale(), true),
+            };
+            if dead {
                 self.forget(&list.remove(i));
-            } else if pooled.sender.is_ready() {
+            } else if ready {
                 let pooled = list.remove(i);
                 self.forget(&pooled);
-                return Some((pooled.sender, pooled.addr));
+                return Some((pooled.conn, pooled.addr));
             }
         }
         None
@@ -234,7 +257,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
     /// key's or the agent's limit it is dropped instead (hyper closes it when
     /// the exchange ends); at the total limit, the connection returned longest
     /// ago makes room.
-    pub fn release(&self, key: K, owner: Uuid, sender: Sender, addr: SocketAddr) {
+    fn release(&self, key: K, owner: Uuid, conn: Conn<I>, addr: SocketAddr) {
         let limits = self.limits;
         if limits.per_key == 0 {
             return;
@@ -267,7 +290,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
             let room = list.len() < limits.per_key;
             if room {
                 list.push(Pooled {
-                    sender,
+                    conn,
                     addr,
                     since: Instant::now(),
                     owner,
@@ -284,7 +307,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
     }
 
     /// Account for a connection leaving the pool.
-    fn forget(&self, pooled: &Pooled) {
+    fn forget(&self, pooled: &Pooled<I>) {
         self.total.fetch_sub(1, Ordering::AcqRel);
         self.give_back(pooled.owner);
     }
@@ -333,42 +356,108 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
         }
     }
 
-    /// Send `req` on an idle connection to `key`, or on a new one from `connect`,
-    /// and give the connection back to the pool (as `owner`'s) once the exchange
-    /// is over. A pooled connection the peer closed meanwhile hands the request
-    /// back unsent; it is then sent once on a fresh connection. Returns the
-    /// response and the address of the connection that carried it.
+    /// Send `req` on an idle connection to `key`, or on a new one from
+    /// `connect`, and give the connection back to the pool (as `owner`'s) once
+    /// the exchange is over. A request without a body is exchanged by this
+    /// task (`h1`); one with a body through hyper's client. A pooled connection
+    /// the peer closed meanwhile is found before the request goes out, or (for
+    /// a request that may be repeated) by its answering nothing; the request is
+    /// then sent once on a fresh connection. Returns the response and the
+    /// address of the connection that carried it.
     pub async fn send<F, Fut>(
-        &self,
+        self: &Arc<Self>,
         key: K,
         owner: Uuid,
         req: Request<ProxyBody>,
         connect: F,
-    ) -> Result<(Response<Incoming>, SocketAddr), ProxyError>
+    ) -> Result<(Response<Source>, SocketAddr), ProxyError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(Sender, SocketAddr), ProxyError>>,
+        Fut: Future<Output = Result<(I, SocketAddr), ProxyError>>,
     {
-        let req = match self.checkout(&key) {
-            Some((mut sender, addr)) => match sender.try_send_request(req).await {
-                Ok(response) => {
-                    self.release(key, owner, sender, addr);
-                    return Ok((response, addr));
+        // The head a request without a body goes out with (made before any
+        // wait: the request itself is not shared across them).
+        let direct = matches!(req.body(), ProxyBody::Empty).then(|| {
+            let mut head = Vec::new();
+            h1::encode_head(&req, &mut head);
+            (head, req.method().clone())
+        });
+        let req = match (self.checkout(&key), &direct) {
+            (Some((Conn::Link(link), addr)), Some(direct)) => {
+                match self.direct(link, addr, direct, &key, owner).await {
+                    Err(Failure::Unanswered(_)) if direct.1.is_idempotent() => req,
+                    answered => return answered.map_err(upstream_broke),
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => unsent,
-                    None => return Err(ProxyError::Upstream(e.into_error())),
-                },
-            },
-            None => req,
+            }
+            (Some((Conn::Link(link), addr)), None) => {
+                let sender = handshake(link.into_io(), false)
+                    .await
+                    .map_err(ProxyError::Upstream)?;
+                return self.through_hyper(sender, addr, req, key, owner).await;
+            }
+            (Some((Conn::Hyper(mut sender), addr)), _) => {
+                match sender.try_send_request(req).await {
+                    Ok(response) => {
+                        self.release(key, owner, Conn::Hyper(sender), addr);
+                        return Ok((response.map(Source::from), addr));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => unsent,
+                        None => return Err(ProxyError::Upstream(e.into_error())),
+                    },
+                }
+            }
+            (None, _) => req,
         };
-        let (mut sender, addr) = connect().await?;
+        let (io, addr) = connect().await?;
+        match &direct {
+            Some(direct) => self
+                .direct(Link::new(io), addr, direct, &key, owner)
+                .await
+                .map_err(upstream_broke),
+            None => {
+                let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
+                self.through_hyper(sender, addr, req, key, owner).await
+            }
+        }
+    }
+
+    /// A request without a body (its head, and its method) over `link`; the
+    /// link comes back to the pool when the response has been read to its end.
+    async fn direct(
+        self: &Arc<Self>,
+        link: Link<I>,
+        addr: SocketAddr,
+        (head, method): &(Vec<u8>, Method),
+        key: &K,
+        owner: Uuid,
+    ) -> Result<(Response<Source>, SocketAddr), Failure> {
+        let answer = link.exchange(head, method).await?;
+        let (pool, key) = (self.clone(), key.clone());
+        let release = Box::new(move |link| pool.release(key, owner, Conn::Link(link), addr));
+        let (parts, ()) = answer.head.into_parts();
+        Ok((
+            Response::from_parts(parts, answer.body.into_body(release)),
+            addr,
+        ))
+    }
+
+    /// `req` through hyper's client on `sender`, which goes back to the pool
+    /// once the response head is in.
+    async fn through_hyper(
+        &self,
+        mut sender: Sender,
+        addr: SocketAddr,
+        req: Request<ProxyBody>,
+        key: K,
+        owner: Uuid,
+    ) -> Result<(Response<Source>, SocketAddr), ProxyError> {
         let response = sender
             .send_request(req)
             .await
             .map_err(ProxyError::Upstream)?;
-        self.release(key, owner, sender, addr);
-        Ok((response, addr))
+        self.release(key, owner, Conn::Hyper(sender), addr);
+        Ok((response.map(Source::from), addr))
     }
 
     /// One plain exchange, as both listeners make it: `req` over a pooled
@@ -377,8 +466,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
     /// stays small), its response head within `timeout`, passed on under
     /// `guard`; a failure is attributed to whoever caused it. Returns the
     /// response and the address of the connection that carried it.
-    pub async fn exchange<F, Fut, I>(
-        &self,
+    pub async fn exchange<F, Fut>(
+        self: &Arc<Self>,
         key: K,
         owner: Uuid,
         req: Request<ProxyBody>,
@@ -389,15 +478,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(I, SocketAddr), ProxyError>>,
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let connect = || {
-            Box::pin(async {
-                let (io, addr) = open().await?;
-                let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
-                Ok((sender, addr))
-            })
-        };
+        let connect = || Box::pin(open());
         let (response, addr) = tokio::time::timeout(timeout, self.send(key, owner, req, connect))
             .await
             .map_err(|_| ProxyError::UpstreamTimeout)?
@@ -415,8 +497,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Pool<K> {
                 _ = shutdown.cancelled() => return,
             }
             self.idle.retain(|_, list| {
-                list.retain(|p| {
-                    let keep = p.since.elapsed() < timeout && !p.sender.is_closed();
+                list.retain_mut(|p| {
+                    let keep = p.since.elapsed() < timeout
+                        && match &mut p.conn {
+                            Conn::Hyper(sender) => !sender.is_closed(),
+                            Conn::Link(link) => !link.is_stale(),
+                        };
                     if !keep {
                         self.forget(p);
                     }

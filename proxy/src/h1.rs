@@ -1,0 +1,868 @@
+//! Bodiless HTTP/1.1 exchanges upstream, driven by the task that asks for them
+//! (the common case on both listeners: a GET with nothing to upload).
+//!
+//! hyper's client runs each connection as a task of its own and hands requests,
+//! responses and body frames to it and back through channels: several task
+//! wake-ups and moves per exchange. Here the request's own task writes the head
+//! in one write, reads the response head in place, and its response body reads
+//! straight from the socket as the client takes it. The connection goes back to
+//! the pool the moment the body's last byte is read, not before: an idle
+//! [`Link`] holds no unread bytes.
+//!
+//! What is read follows RFC 9112 §6.3: no body after `HEAD`, `1xx`, `204` and
+//! `304`; chunked when `Transfer-Encoding` ends in `chunked`; else the
+//! `Content-Length` (one value, or several equal ones); else to the close. Any
+//! other framing, an oversized head, or bytes past the end of a response are
+//! errors, and the connection is not reused: gateways are the tenants' own.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::body::{BoxError, Source};
+
+/// Largest response head, bytes (hyper's client allowed as much).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most headers in a response head.
+const MAX_HEADERS: usize = 100;
+/// Bytes asked for per read; body frames are at most this large.
+const READ_CHUNK: usize = 16 * 1024;
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// Most trailer bytes after the last chunk (read and dropped).
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// An HTTP/1.1 connection upstream with no exchange under way.
+pub struct Link<I> {
+    io: I,
+    buf: BytesMut,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
+    pub fn new(io: I) -> Self {
+        Link {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The socket, for a hyper connection to take over.
+    pub fn into_io(self) -> I {
+        self.io
+    }
+
+    /// Whether the peer closed, failed, or sent something unasked since the
+    /// link went idle: it cannot carry another exchange. Costs no system call
+    /// while the runtime knows the socket has nothing to read.
+    pub fn is_stale(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut probe)
+            .is_ready()
+    }
+
+    /// Write `head` (a whole request head, no body follows) and read the
+    /// response head. `Err(Unanswered)` when the connection closed before any
+    /// byte of a response: on a reused connection, the peer closed it while it
+    /// was idle, and the request may be sent again on a fresh one.
+    pub async fn exchange(mut self, head: &[u8], method: &Method) -> Result<Answer<I>, Failure> {
+        self.io.write_all(head).await.map_err(Failure::unanswered)?;
+        self.io.flush().await.map_err(Failure::unanswered)?;
+        let head = loop {
+            if let Some(head) = parse_head(&mut self.buf)? {
+                // Interim responses (100, 103): the final one follows.
+                if head.status().is_informational() {
+                    if head.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        return Err(Failure::invalid("101 to a request without an upgrade"));
+                    }
+                    continue;
+                }
+                break head;
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(Failure::invalid("response head too large"));
+            }
+            let started = !self.buf.is_empty();
+            match read(&mut self.io, &mut self.buf).await {
+                Ok(0) if !started => return Err(Failure::Unanswered(closed())),
+                Ok(0) => return Err(Failure::Broken(closed())),
+                Ok(_) => {}
+                Err(e) if !started => return Err(Failure::Unanswered(e)),
+                Err(e) => return Err(Failure::Broken(e)),
+            }
+        };
+        let framing = Framing::of(method, &head)?;
+        let keep = framing != Framing::Close && keeps_alive(&head);
+        Ok(Answer {
+            head,
+            body: Reading {
+                link: Some(self),
+                framing,
+                keep,
+            },
+        })
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// Nothing of a response arrived before the connection closed or failed.
+    Unanswered(io::Error),
+    /// The connection failed after part of a response.
+    Broken(io::Error),
+}
+
+impl Failure {
+    fn unanswered(e: io::Error) -> Failure {
+        Failure::Unanswered(e)
+    }
+
+    fn invalid(what: &'static str) -> Failure {
+        Failure::Broken(io::Error::new(io::ErrorKind::InvalidData, what))
+    }
+
+    pub fn into_io(self) -> io::Error {
+        match self {
+            Failure::Unanswered(e) | Failure::Broken(e) => e,
+        }
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "connection closed before the response ended",
+    )
+}
+
+/// A response head, and its body still to be read from the connection.
+pub struct Answer<I> {
+    pub head: Response<()>,
+    pub body: Reading<I>,
+}
+
+async fn read<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read(Pin::new(&mut *io), cx, buf)).await
+}
+
+fn poll_read<I: AsyncRead>(
+    io: Pin<&mut I>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    tokio_util::io::poll_read_buf(io, cx, buf)
+}
+
+/// The request head `req` would be sent with, as hyper's client writes it:
+/// request line, then the headers in order, names in lowercase.
+pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .as_bytes();
+    let headers = req.headers();
+    let size: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    out.reserve(req.method().as_str().len() + target.len() + size + 16);
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parse a response head off the front of `buf`, if it holds a whole one.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Failure> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Failure::invalid("too many response headers"))
+        }
+        Err(_) => return Err(Failure::invalid("malformed response head")),
+    };
+    let status = parsed
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(Failure::invalid("invalid status code"))?;
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // Names now; values once the head's bytes are split off, as slices of them.
+    let base = buf.as_ptr() as usize;
+    let mut spans = Vec::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Failure::invalid("invalid response header name"))?;
+        let start = h.value.as_ptr() as usize - base;
+        spans.push((name, start..start + h.value.len()));
+    }
+    let bytes = buf.split_to(len).freeze();
+    let mut map = HeaderMap::with_capacity(spans.len());
+    for (name, span) in spans {
+        let value = HeaderValue::from_maybe_shared(bytes.slice(span))
+            .map_err(|_| Failure::invalid("invalid response header value"))?;
+        map.append(name, value);
+    }
+    let mut head = Response::new(());
+    *head.status_mut() = status;
+    *head.version_mut() = version;
+    *head.headers_mut() = map;
+    Ok(Some(head))
+}
+
+/// Whether the upstream keeps the connection open after `head`'s response:
+/// HTTP/1.1 unless it says `close`, HTTP/1.0 only if it says `keep-alive`.
+fn keeps_alive(head: &Response<()>) -> bool {
+    let says = |token: &[u8]| {
+        head.headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    };
+    match head.version() {
+        Version::HTTP_11 => !says(b"close"),
+        _ => says(b"keep-alive"),
+    }
+}
+
+/// How a response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the connection closes (never reused).
+    Close,
+    Done,
+}
+
+/// Where a chunked body's reader stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// At a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// At the CRLF after a chunk's data.
+    DataEnd,
+    /// In the trailer section, this many trailer bytes read so far.
+    Trailers(usize),
+}
+
+impl Framing {
+    fn of(method: &Method, head: &Response<()>) -> Result<Framing, Failure> {
+        let status = head.status();
+        if *method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Framing::Done);
+        }
+        let headers = head.headers();
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            let last = headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .map(|c| c.trim_ascii())
+                .rfind(|c| !c.is_empty());
+            return Ok(match last {
+                Some(c) if c.eq_ignore_ascii_case(b"chunked") => Framing::Chunked(Chunk::Size),
+                _ => Framing::Close,
+            });
+        }
+        let mut length = None;
+        for value in headers.get_all(header::CONTENT_LENGTH) {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = parse_decimal(part.trim_ascii())
+                    .ok_or(Failure::invalid("invalid content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(Failure::invalid("conflicting content-length values"));
+                }
+                length = Some(n);
+            }
+        }
+        Ok(match length {
+            Some(0) => Framing::Done,
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        })
+    }
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// What the next step of a body's framing gives.
+enum Step {
+    Data(Bytes),
+    /// More bytes are needed.
+    More,
+    End,
+}
+
+impl Framing {
+    /// Take what the framing allows off the front of `buf`.
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, io::Error> {
+        let invalid = |what| io::Error::new(io::ErrorKind::InvalidData, what);
+        loop {
+            match self {
+                Framing::Done => return Ok(Step::End),
+                Framing::Close if buf.is_empty() => return Ok(Step::More),
+                Framing::Close => return Ok(Step::Data(buf.split().freeze())),
+                Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    *left -= n as u64;
+                    if *left == 0 {
+                        *self = match self {
+                            Framing::Length(_) => Framing::Done,
+                            _ => Framing::Chunked(Chunk::DataEnd),
+                        };
+                    }
+                    return Ok(Step::Data(buf.split_to(n).freeze()));
+                }
+                Framing::Chunked(Chunk::DataEnd) => {
+                    if buf.len() < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(invalid("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(Chunk::Size) => {
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(invalid("chunk-size line too long"));
+                        }
+                        return Ok(Step::More);
+                    };
+                    let size = chunk_size(&buf[..end]).ok_or(invalid("invalid chunk size"))?;
+                    buf.advance(end + 1);
+                    *self = Framing::Chunked(match size {
+                        0 => Chunk::Trailers(0),
+                        n => Chunk::Data(n),
+                    });
+                }
+                Framing::Chunked(Chunk::Trailers(read)) => {
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        if *read + buf.len() > MAX_TRAILERS {
+                            return Err(invalid("trailers too large"));
+                        }
+                        return Ok(Step::More);
+                    };
+                    let line = &buf[..end];
+                    let last = line == b"\r" || line.is_empty();
+                    *read += end + 1;
+                    buf.advance(end + 1);
+                    if last {
+                        *self = Framing::Done;
+                    } else if *read > MAX_TRAILERS {
+                        return Err(invalid("trailers too large"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A chunk-size line (without its `\n`): hex digits, then optional extensions.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\r")?;
+    let digits = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    if digits == 0 || digits > 16 {
+        return None;
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !(rest.is_empty() || rest[0] == b';') {
+        return None;
+    }
+    line[..digits].iter().try_fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16)? as u64;
+        n.checked_mul(16)?.checked_add(v)
+    })
+}
+
+/// Gives a link back once a response has been read to its end.
+pub type Release<I> = Box<dyn FnOnce(Link<I>) + Send>;
+
+/// A response body read from its connection as the client takes it.
+pub struct Reading<I> {
+    /// Until the body has ended.
+    link: Option<Link<I>>,
+    framing: Framing,
+    /// The connection can carry another exchange after this one.
+    keep: bool,
+}
+
+impl<I> Reading<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// The body, giving its connection to `release` when read to the end with
+    /// nothing left over (a close-delimited body's connection is spent).
+    pub fn into_body(self, release: Release<I>) -> Source {
+        let mut body = Streamed {
+            reading: self,
+            release: Some(release),
+        };
+        body.end_if_done();
+        Source::Read(Box::pin(body))
+    }
+}
+
+struct Streamed<I> {
+    reading: Reading<I>,
+    release: Option<Release<I>>,
+}
+
+impl<I> Streamed<I> {
+    /// Hand the link back if the body has ended cleanly.
+    fn end_if_done(&mut self) {
+        if self.reading.framing != Framing::Done {
+            return;
+        }
+        if let Some(link) = self.reading.link.take() {
+            if self.reading.keep && link.buf.is_empty() {
+                if let Some(release) = self.release.take() {
+                    release(link);
+                }
+            }
+        }
+    }
+}
+
+impl<I> Body for Streamed<I>
+where
+    I: AsyncRead + Unpin + Send + 'static,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(link) = this.reading.link.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.reading.framing.step(&mut link.buf)? {
+                Step::Data(data) => {
+                    this.end_if_done();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Step::End => {
+                    this.end_if_done();
+                    return Poll::Ready(None);
+                }
+                Step::More => {
+                    let n =
+                        std::task::ready!(poll_read(Pin::new(&mut link.io), cx, &mut link.buf))?;
+                    if n == 0 {
+                        if this.reading.framing == Framing::Close {
+                            this.reading.framing = Framing::Done;
+                            // Spent: a close-delimited body's link is not reused.
+                            this.reading.link = None;
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Ready(Some(Err(closed().into())));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reading.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.reading.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::BodyExt;
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    use crate::body::ProxyBody;
+
+    use super::*;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// Read a request head off `server`.
+    async fn read_head_of(server: &mut DuplexStream) -> Vec<u8> {
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"\r\n\r\n") {
+            assert_eq!(server.read(&mut byte).await.unwrap(), 1, "head cut short");
+            seen.push(byte[0]);
+        }
+        seen
+    }
+
+    /// The head hyper's client writes for `req` (no body).
+    async fn hyper_head(req: Request<ProxyBody>) -> Vec<u8> {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        tokio::spawn(async move { sender.send_request(req).await });
+        read_head_of(&mut server).await
+    }
+
+    fn request(method: &str, target: &str, headers: &[(String, String)]) -> Request<ProxyBody> {
+        let mut req = Request::new(ProxyBody::Empty);
+        *req.method_mut() = Method::from_bytes(method.as_bytes()).unwrap();
+        *req.uri_mut() = target.parse().unwrap();
+        for (name, value) in headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        req
+    }
+
+    /// What a client makes of `wire` as the answer to `method`: status,
+    /// headers, body (`None`: the exchange failed).
+    type Seen = Option<(u16, Vec<(String, Vec<u8>)>, Vec<u8>)>;
+
+    fn seen(head: &Response<()>, body: Vec<u8>) -> Seen {
+        let headers = head
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        Some((head.status().as_u16(), headers, body))
+    }
+
+    /// Serve `wire` in `pieces`-byte writes to whoever sends a request, then
+    /// close if `close`.
+    fn answer(mut server: DuplexStream, wire: Vec<u8>, pieces: usize, close: bool) {
+        tokio::spawn(async move {
+            read_head_of(&mut server).await;
+            for piece in wire.chunks(pieces.max(1)) {
+                if server.write_all(piece).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            if !close {
+                // Keep the connection open until the client is done with it.
+                let mut rest = Vec::new();
+                let _ = server.read_to_end(&mut rest).await;
+            }
+        });
+    }
+
+    async fn through_link(method: &Method, wire: Vec<u8>, pieces: usize, close: bool) -> Seen {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        answer(server, wire, pieces, close);
+        let head = format!("{method} / HTTP/1.1\r\nhost: x\r\n\r\n");
+        let answer = Link::new(client)
+            .exchange(head.as_bytes(), method)
+            .await
+            .ok()?;
+        let body = answer.body.into_body(Box::new(|_| {}));
+        let body = body.collect().await.ok()?.to_bytes().to_vec();
+        seen(&answer.head, body)
+    }
+
+    async fn through_hyper(method: &Method, wire: Vec<u8>, pieces: usize, close: bool) -> Seen {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        answer(server, wire, pieces, close);
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let mut req = request(method.as_str(), "/", &[("host".into(), "x".into())]);
+        *req.body_mut() = ProxyBody::Empty;
+        let response = sender.send_request(req).await.ok()?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.ok()?.to_bytes().to_vec();
+        seen(&Response::from_parts(parts, ()), body)
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        "x-[a-z0-9-]{1,12}"
+    }
+
+    fn header_value() -> impl Strategy<Value = String> {
+        "[ -~]{0,24}".prop_map(|v| v.trim().to_owned())
+    }
+
+    /// How a generated response frames its body.
+    #[derive(Debug, Clone)]
+    enum Framed {
+        Length,
+        Chunked(Vec<usize>),
+        Close,
+    }
+
+    fn response_wire(
+        status: u16,
+        headers: &[(String, String)],
+        body: &[u8],
+        framed: &Framed,
+    ) -> Vec<u8> {
+        let mut wire = format!("HTTP/1.1 {status} Whatever\r\n").into_bytes();
+        for (n, v) in headers {
+            wire.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+        }
+        match framed {
+            Framed::Length => {
+                wire.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes())
+            }
+            Framed::Chunked(_) => wire.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n"),
+            Framed::Close => wire.extend_from_slice(b"connection: close\r\n\r\n"),
+        }
+        match framed {
+            Framed::Chunked(cuts) => {
+                let mut rest = body;
+                let mut cuts = cuts.iter().cycle();
+                while !rest.is_empty() {
+                    let n = (*cuts.next().unwrap()).clamp(1, rest.len());
+                    wire.extend_from_slice(format!("{n:x};ext=1\r\n").as_bytes());
+                    wire.extend_from_slice(&rest[..n]);
+                    wire.extend_from_slice(b"\r\n");
+                    rest = &rest[n..];
+                }
+                wire.extend_from_slice(b"0\r\n\r\n");
+            }
+            _ => wire.extend_from_slice(body),
+        }
+        wire
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn request_heads_are_written_as_hyper_writes_them(
+            method in prop::sample::select(vec!["GET", "HEAD", "DELETE", "OPTIONS", "POST", "PUT", "PATCH", "PURGE"]),
+            path in "(/[A-Za-z0-9%._~-]{0,10}){1,4}",
+            query in prop::option::of("[A-Za-z0-9=&%]{0,16}"),
+            headers in prop::collection::vec((header_name(), header_value()), 0..12),
+        ) {
+            let target = match &query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            let mut all = vec![("host".to_owned(), "10.0.0.1:18789".to_owned())];
+            all.extend(headers);
+            let mut ours = Vec::new();
+            encode_head(&request(method, &target, &all), &mut ours);
+            let theirs = block_on(hyper_head(request(method, &target, &all)));
+            prop_assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&theirs));
+        }
+
+        #[test]
+        fn responses_are_read_as_hyper_reads_them(
+            status in prop::sample::select(vec![200u16, 201, 204, 206, 301, 304, 400, 404, 500, 503]),
+            headers in prop::collection::vec((header_name(), header_value()), 0..10),
+            body in prop::collection::vec(any::<u8>(), 0..3000),
+            framed in prop_oneof![
+                Just(Framed::Length),
+                prop::collection::vec(1usize..700, 1..4).prop_map(Framed::Chunked),
+                Just(Framed::Close),
+            ],
+            head_method in any::<bool>(),
+            pieces in 1usize..2000,
+        ) {
+            let method = if head_method { Method::HEAD } else { Method::GET };
+            // No body after HEAD, 204 or 304: the generated response has none.
+            let body = if head_method || status == 204 || status == 304 { Vec::new() } else { body };
+            let framed = match (&framed, status) {
+                (Framed::Close, 204 | 304) => Framed::Length,
+                _ => framed,
+            };
+            let wire = response_wire(status, &headers, &body, &framed);
+            let close = matches!(framed, Framed::Close);
+            let ours = block_on(through_link(&method, wire.clone(), pieces, close));
+            let theirs = block_on(through_hyper(&method, wire, pieces, close));
+            prop_assert!(ours.is_some());
+            prop_assert_eq!(ours, theirs);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_never_read_past_a_length(
+            wire in prop::collection::vec(any::<u8>(), 0..600),
+            pieces in 1usize..64,
+        ) {
+            let mut wire = wire;
+            wire.splice(0..0, b"HTTP/1.1 200 OK\r\n".iter().copied());
+            let _ = block_on(through_link(&Method::GET, wire, pieces, true));
+        }
+    }
+
+    /// A link after `wire` was read as the answer to a GET: `Some` if it was
+    /// given back for another exchange.
+    fn released_after(wire: &'static [u8]) -> bool {
+        block_on(async move {
+            let (client, server) = tokio::io::duplex(1 << 16);
+            answer(server, wire.to_vec(), 7, false);
+            let answer = Link::new(client)
+                .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET)
+                .await
+                .unwrap();
+            let back = Arc::new(Mutex::new(false));
+            let flag = back.clone();
+            let body = answer
+                .body
+                .into_body(Box::new(move |_| *flag.lock().unwrap() = true));
+            let _ = body.collect().await;
+            let released = *back.lock().unwrap();
+            released
+        })
+    }
+
+    #[test]
+    fn a_link_goes_back_only_after_a_clean_end_that_keeps_the_connection() {
+        assert!(released_after(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc"
+        ));
+        assert!(released_after(b"HTTP/1.1 204 No Content\r\n\r\n"));
+        assert!(released_after(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"
+        ));
+        assert!(released_after(
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\na"
+        ));
+        // Bytes past the end, a close, HTTP/1.0 without keep-alive: not reused.
+        assert!(!released_after(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabcd"
+        ));
+        assert!(!released_after(
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nabc"
+        ));
+        assert!(!released_after(
+            b"HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\nabc"
+        ));
+    }
+
+    #[test]
+    fn malformed_framing_is_refused() {
+        let exchange = |wire: &'static [u8]| {
+            block_on(async move {
+                let (client, server) = tokio::io::duplex(1 << 16);
+                answer(server, wire.to_vec(), 5, true);
+                match Link::new(client)
+                    .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET)
+                    .await
+                {
+                    Ok(answer) => answer
+                        .body
+                        .into_body(Box::new(|_| {}))
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes().len())
+                        .map_err(|_| ()),
+                    Err(_) => Err(()),
+                }
+            })
+        };
+        assert_eq!(
+            exchange(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nab"),
+            Ok(2)
+        );
+        assert_eq!(
+            exchange(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc"),
+            Err(())
+        );
+        assert_eq!(
+            exchange(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n"),
+            Err(())
+        );
+        assert_eq!(
+            exchange(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nabc"),
+            Err(())
+        );
+        assert_eq!(
+            exchange(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"),
+            Err(())
+        );
+        assert_eq!(
+            exchange(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n11111111111111111\r\n"),
+            Err(())
+        );
+        assert_eq!(
+            exchange(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+            Err(())
+        );
+        assert_eq!(
+            exchange(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"),
+            Ok(1)
+        );
+        assert_eq!(exchange(b""), Err(()));
+        // A head that never ends stops at the limit.
+        let endless: &'static [u8] = Box::leak(
+            [
+                b"HTTP/1.1 200 OK\r\n".as_slice(),
+                &b"x-a: b\r\n".repeat(MAX_HEAD / 8 + 1),
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        assert_eq!(exchange(endless), Err(()));
+    }
+}
