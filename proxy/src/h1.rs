@@ -76,7 +76,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
     pub async fn exchange(mut self, head: &[u8], method: &Method) -> Result<Answer<I>, Failure> {
         self.io.write_all(head).await.map_err(Failure::unanswered)?;
         self.io.flush().await.map_err(Failure::unanswered)?;
-        let head = loop {
+        let mut head = loop {
             if let Some(head) = parse_head(&mut self.buf)? {
                 // Interim responses (100, 103): the final one follows.
                 if head.status().is_informational() {
@@ -100,6 +100,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
             }
         };
         let framing = Framing::of(method, &head)?;
+        if head.headers().contains_key(header::TRANSFER_ENCODING) {
+            // The transfer coding overrides a length, which must not be
+            // forwarded with the decoded body (RFC 9112 §6.3).
+            head.headers_mut().remove(header::CONTENT_LENGTH);
+        }
         let keep = framing != Framing::Close && keeps_alive(&head);
         Ok(Answer {
             head,
@@ -798,6 +803,22 @@ mod tests {
         assert!(!released_after(
             b"HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\nabc"
         ));
+    }
+
+    #[test]
+    fn a_transfer_coding_overrides_a_length_which_is_not_passed_on() {
+        block_on(async {
+            let (client, server) = tokio::io::duplex(1 << 16);
+            let wire = b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+            answer(server, wire.to_vec(), 4, false);
+            let answer = Link::new(client)
+                .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET)
+                .await
+                .unwrap();
+            assert!(!answer.head.headers().contains_key(header::CONTENT_LENGTH));
+            let body = answer.body.into_body(Box::new(|_| {}));
+            assert_eq!(body.collect().await.unwrap().to_bytes(), "abc");
+        });
     }
 
     #[test]
