@@ -789,63 +789,51 @@ pub fn verdicts(results: &Results) -> Vec<String> {
             v.caveat()
         )
     };
-    if let Some(v) = ingress_verdict(&results.ingress_small) {
-        let t = rounds_of(&results.ingress_small, "Tollgate")
-            .map(median_run)
-            .unwrap_or_default();
-        let detail = format!(
-            "Tollgate {} p99 {}: {}",
-            rps(t.requests_per_sec),
-            ms(t.p99_us),
-            v.detail
-        );
-        out.push(judged(
-            v,
+    let ingress_targets = [
+        (
+            &results.ingress_small,
             "ingress HTTP/1.1 small responses ≥ nginx and haproxy on one core, p99 ≤ theirs",
-            detail,
-        ));
-    }
-    if let Some(v) = egress_verdict(&results.egress_small) {
-        let t = rounds_of(&results.egress_small, "Tollgate")
-            .map(median_run)
-            .unwrap_or_default();
-        let detail = format!("Tollgate {}: {}", rps(t.requests_per_sec), v.detail);
-        out.push(judged(v, "egress plain HTTP ≥ 3× squid", detail));
-    }
-    if egress_verdict(&results.egress_small).is_none()
-        && rounds_of(&results.egress_small, "Tollgate").is_some()
-    {
-        out.push(
-            "- not judged: egress plain HTTP ≥ 3× squid — squid was not measured (is it installed?)"
-                .into(),
-        );
-    }
-    if let Some(v) = ingress_verdict(&results.two_workers_ingress) {
-        let t = rounds_of(&results.two_workers_ingress, "Tollgate")
-            .map(median_run)
-            .unwrap_or_default();
-        let detail = format!(
-            "Tollgate {} p99 {}: {}",
-            rps(t.requests_per_sec),
-            ms(t.p99_us),
-            v.detail
-        );
-        out.push(judged(
-            v,
+        ),
+        (
+            &results.two_workers_ingress,
             "ingress HTTP/1.1 small responses with two workers on two cores ≥ nginx and haproxy with two, p99 ≤ theirs",
-            detail,
-        ));
+        ),
+    ];
+    for (series, what) in ingress_targets {
+        if let Some(v) = ingress_verdict(series) {
+            let t = rounds_of(series, "Tollgate")
+                .map(median_run)
+                .unwrap_or_default();
+            let detail = format!(
+                "Tollgate {} p99 {}: {}",
+                rps(t.requests_per_sec),
+                ms(t.p99_us),
+                v.detail
+            );
+            out.push(judged(v, what, detail));
+        }
     }
-    if let Some(v) = egress_verdict(&results.two_workers_egress) {
-        let t = rounds_of(&results.two_workers_egress, "Tollgate")
-            .map(median_run)
-            .unwrap_or_default();
-        let detail = format!("Tollgate {}: {}", rps(t.requests_per_sec), v.detail);
-        out.push(judged(
-            v,
+    let egress_targets = [
+        (&results.egress_small, "egress plain HTTP ≥ 3× squid"),
+        (
+            &results.two_workers_egress,
             "egress plain HTTP with two workers ≥ 3× squid (one worker)",
-            detail,
-        ));
+        ),
+    ];
+    for (series, what) in egress_targets {
+        match egress_verdict(series) {
+            Some(v) => {
+                let t = rounds_of(series, "Tollgate")
+                    .map(median_run)
+                    .unwrap_or_default();
+                let detail = format!("Tollgate {}: {}", rps(t.requests_per_sec), v.detail);
+                out.push(judged(v, what, detail));
+            }
+            None if rounds_of(series, "Tollgate").is_some() => out.push(format!(
+                "- not judged: {what} — squid was not measured (is it installed?)"
+            )),
+            None => {}
+        }
     }
     if let Some(v) = policy_verdict(&results.egress_small) {
         let detail = v.detail.clone();
