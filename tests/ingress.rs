@@ -570,3 +570,97 @@ async fn blocked_users_get_403_and_their_websockets_and_streams_close() {
     assert_eq!(body["reason"], "budget_exhausted");
     s.proxy.stop().await;
 }
+
+/// A gateway the test scripts byte for byte: `/conflict` answers with two
+/// different lengths, `/extra` with bytes past its length, anything else with
+/// `ok`. Returns its port and how many connections it accepted.
+async fn scripted_gateway() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head: Vec<u8> = buf.drain(..end).collect();
+                    let reply: &[u8] = if head.starts_with(b"GET /conflict ") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc"
+                    } else if head.starts_with(b"GET /extra ") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nabXYZ"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    };
+                    if sock.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test]
+async fn a_gateway_that_breaks_framing_gets_502_and_its_connection_is_never_reused() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let (port, accepted) = scripted_gateway().await;
+    let mut config = test_config(&db.url);
+    config.proxy.ingress.gateway_port = port;
+    let proxy = TestProxy::start(config).await;
+    let http = http1();
+    let get = |path: &str| {
+        http.get(format!(
+            "http://{}/agents/{}/gateway{path}",
+            proxy.ingress.unwrap(),
+            f.agent
+        ))
+        .header("authorization", format!("Bearer {}", f.token))
+        .send()
+    };
+
+    // Healthy exchanges share one pooled connection.
+    for _ in 0..2 {
+        let r = get("/ok").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // Two lengths that disagree: 502, and that connection is dropped.
+    let r = get("/conflict").await.unwrap();
+    assert_eq!(r.status(), 502);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_unreachable");
+
+    // Bytes past the length: the client gets what the length said, and the
+    // connection they arrived on carries nothing more.
+    let r = get("/extra").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "2");
+    assert_eq!(r.text().await.unwrap(), "ab");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    let r = get("/ok").await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "a connection with stray bytes on it was reused"
+    );
+    proxy.stop().await;
+}
