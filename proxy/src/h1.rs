@@ -74,8 +74,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
     /// byte of a response: on a reused connection, the peer closed it while it
     /// was idle, and the request may be sent again on a fresh one.
     pub async fn exchange(mut self, head: &[u8], method: &Method) -> Result<Answer<I>, Failure> {
-        self.io.write_all(head).await.map_err(Failure::unanswered)?;
-        self.io.flush().await.map_err(Failure::unanswered)?;
+        self.io.write_all(head).await.map_err(Failure::Unanswered)?;
+        self.io.flush().await.map_err(Failure::Unanswered)?;
         let mut head = loop {
             if let Some(head) = parse_head(&mut self.buf)? {
                 // Interim responses (100, 103): the final one follows.
@@ -127,10 +127,6 @@ pub enum Failure {
 }
 
 impl Failure {
-    fn unanswered(e: io::Error) -> Failure {
-        Failure::Unanswered(e)
-    }
-
     fn invalid(what: &'static str) -> Failure {
         Failure::Broken(io::Error::new(io::ErrorKind::InvalidData, what))
     }
