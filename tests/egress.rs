@@ -362,6 +362,41 @@ async fn database_counts_equal_the_bytes_each_client_moved_over_many_connections
     db.assert_usage(f.vps, read, written).await;
 }
 
+/// A bulk tunnel moves socket to socket inside the kernel (splice), including
+/// the one whose client sent bytes before the 200: every byte arrives, and the
+/// database holds exactly the bytes the client moved.
+#[tokio::test]
+async fn bulk_tunnels_are_spliced_and_counted_to_the_byte() {
+    let (Setup { db, f, proxy, .. }, echo) = setup_with_echo("hetzner").await;
+    let spliced = || async {
+        let text = support::hostile_load::metrics(proxy.admin).await;
+        support::hostile_load::metric(&text, "tollgate_spliced_bytes_total{listener=\"egress\"}")
+    };
+    let before = spliced().await;
+    let payload: Vec<u8> = (0..16_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut read, mut written) = (0, 0);
+    for early in [&b""[..], b"\x16\x03\x01 sent before the 200"] {
+        let ex = tunnel_sending_early(
+            proxy.egress,
+            &f.basic(),
+            &echo.addr.to_string(),
+            early,
+            &payload,
+        )
+        .await;
+        assert_eq!(ex.status, 200, "{}", ex.head);
+        assert!(ex.body == [early, &payload].concat(), "the echo differs");
+        (read, written) = (read + ex.read, written + ex.written);
+    }
+    // Both ways, two tunnels: most of 64 MB moved without a copy.
+    let moved = spliced().await - before;
+    assert!(moved >= 32e6, "spliced {moved} bytes");
+    db.expect_usage(f.vps, read, written, Duration::from_secs(10))
+        .await;
+    proxy.stop().await;
+    db.assert_usage(f.vps, read, written).await;
+}
+
 #[tokio::test]
 async fn bad_credentials_get_407_and_count_nothing() {
     let Setup {

@@ -245,7 +245,7 @@ impl Egress {
         let exchange = exchange.hand_off("tunnel", StatusCode::OK);
         self.relays.spawn(relay, exchange, async move {
             let client = hyper::upgrade::on(req).await?;
-            Ok::<_, hyper::Error>((client, upstream))
+            Ok::<_, hyper::Error>((crate::server::upgraded_client(client), upstream))
         });
         Ok(Response::new(ProxyBody::Empty))
     }

@@ -107,6 +107,11 @@ impl<T> FramingGuard<T> {
         }
     }
 
+    /// The stream under the guard, once it no longer carries HTTP (a tunnel).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
     fn scan(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             let (consumed, next) = self.step(data);

@@ -653,8 +653,9 @@ impl<T> MeteredIo<T> {
         &self.inner
     }
 
+    /// `n` bytes were written to the VPS.
     #[inline]
-    fn received(&mut self, n: usize) {
+    pub(crate) fn received(&mut self, n: usize) {
         self.tally.record_rx(n as u64);
         // One writer: a plain store, no locked add on the hot path.
         self.moved_rx += n as u64;
@@ -665,8 +666,9 @@ impl<T> MeteredIo<T> {
         }
     }
 
+    /// `n` bytes were read from the VPS.
     #[inline]
-    fn sent(&mut self, n: usize) {
+    pub(crate) fn sent(&mut self, n: usize) {
         self.tally.record_tx(n as u64);
         self.moved_tx += n as u64;
         self.tally.moved_tx.store(self.moved_tx, Ordering::Release);

@@ -23,12 +23,14 @@ use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -42,6 +44,7 @@ use crate::exchange::{Busy, Exchange, ExchangeBody};
 use crate::framing::{Framing, FramingGuard, Verdicts};
 use crate::meter::{ConnTally, MeteredIo};
 use crate::rescue::ProxyError;
+use crate::splice::Prefixed;
 use crate::telemetry::{self, GaugeGuard, Listener};
 
 /// Limits a listener applies to every connection.
@@ -328,6 +331,26 @@ where
         None,
     )
     .await
+}
+
+/// A plain HTTP/1.1 client connection with a metered socket, as [`serve`] and
+/// `serve_http1` stack it.
+type MeteredHttp1 = TokioIo<FramingGuard<MeteredIo<TcpStream>>>;
+
+/// The client side of an upgraded connection (a CONNECT tunnel): the metered
+/// socket itself, with any bytes hyper read past the request, when the
+/// connection is plain TCP, so the relay can splice it; hyper's stream
+/// otherwise (TLS, HTTP/2).
+pub fn upgraded_client(
+    upgraded: Upgraded,
+) -> Either<TokioIo<Upgraded>, Prefixed<MeteredIo<TcpStream>>> {
+    match upgraded.downcast::<MeteredHttp1>() {
+        Ok(parts) => Either::Right(Prefixed::new(
+            parts.read_buf,
+            parts.io.into_inner().into_inner(),
+        )),
+        Err(upgraded) => Either::Left(TokioIo::new(upgraded)),
+    }
 }
 
 async fn serve_http2<S, I>(stages: Arc<S>, io: I, conn: ClientConn, shutdown: CancellationToken)

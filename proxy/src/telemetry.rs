@@ -27,6 +27,7 @@ pub const REQUESTS: &str = "tollgate_requests_total";
 pub const BYTES: &str = "tollgate_bytes_total";
 pub const ACTIVE_CONNECTIONS: &str = "tollgate_active_connections";
 pub const ACTIVE_TUNNELS: &str = "tollgate_active_tunnels";
+pub const SPLICED_BYTES: &str = "tollgate_spliced_bytes_total";
 pub const REJECTED_CONNECTIONS: &str = "tollgate_rejected_connections_total";
 pub const AGENT_LIMIT_REFUSALS: &str = "tollgate_agent_limit_refusals_total";
 pub const AUTH_FAILURES: &str = "tollgate_auth_failures_total";
@@ -76,6 +77,12 @@ pub fn describe() {
         describe_gauge!(
             ACTIVE_TUNNELS,
             "Open CONNECT tunnels and WebSockets, by listener and kind."
+        );
+        describe_counter!(
+            SPLICED_BYTES,
+            Unit::Bytes,
+            "Tunnel bytes moved socket to socket inside the kernel (splice), by listener; \
+             a share of the tunnels' bytes, already counted in tollgate_bytes_total."
         );
         describe_counter!(
             REJECTED_CONNECTIONS,
@@ -211,6 +218,12 @@ pub fn bytes(listener: Listener, rx: u64, tx: u64) {
     }
     if tx > 0 {
         counter!(BYTES, "listener" => listener.as_str(), "direction" => "tx").increment(tx);
+    }
+}
+
+pub fn spliced(listener: Listener, bytes: u64) {
+    if bytes > 0 {
+        counter!(SPLICED_BYTES, "listener" => listener.as_str()).increment(bytes);
     }
 }
 
