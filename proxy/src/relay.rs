@@ -2,7 +2,8 @@
 //! on both listeners: moves both directions with half-close (EOF one way shuts
 //! down the write side of the other and the rest keeps flowing), copied
 //! through a buffer or, for bulk between two plain sockets, spliced through a
-//! kernel pipe ([`crate::splice`]); ends on an idle timeout, when the user is cut off (a block decision or a revoked credential
+//! kernel pipe ([`crate::splice`]); ends on an idle timeout, when the user is
+//! cut off (a block decision or a revoked credential
 //! at once; bytes past the headroom before the next chunk is passed on, and
 //! within [`HEADROOM_CHECK`] while nothing moves), or at the end of the shutdown
 //! drain. [`Relays::spawn`] runs one as a tracked task that holds its client
@@ -105,7 +106,7 @@ impl Relays {
                 _ = hard_stop.cancelled() => return exchange.finish_relay(Ended::Shutdown, 0, 0),
                 _ = tokio::time::sleep(idle) => return exchange.finish_relay(Ended::Idle, 0, 0),
             };
-            let (client, upstream) = match sides {
+            let (mut client, mut upstream) = match sides {
                 Ok(sides) => sides,
                 Err(e) => {
                     tracing::debug!(error = %e, "the upgrade did not complete");
@@ -113,7 +114,6 @@ impl Relays {
                 }
             };
             let _open = GaugeGuard::tunnel(exchange.listener(), kind);
-            let (mut client, mut upstream) = (client, upstream);
             let mut first = (0, 0);
             if let (Some(watch), TunnelKind::Connect) = (&mut watch, kind) {
                 let screened = tokio::select! {
