@@ -746,6 +746,29 @@ async fn decided(db: &TestDb, user: Uuid) -> Option<(DateTime<Utc>, Option<Strin
         .unwrap()
 }
 
+/// Waits until every transaction that began before this call has ended, on
+/// the whole server: the oldest running transaction is what the monitor's
+/// usage watermark follows.
+async fn settle_transactions(db: &TestDb) {
+    let (now,): (i64,) = sqlx::query_as("SELECT txid_current()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "older transactions on the server end",
+        || async {
+            let (xmin,): (i64,) =
+                sqlx::query_as("SELECT txid_snapshot_xmin(txid_current_snapshot())")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            holds(xmin > now, xmin)
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_changed_users_are_decided_between_sweeps() {
     let db = TestDb::new().await;
@@ -761,10 +784,11 @@ async fn only_changed_users_are_decided_between_sweeps() {
     user_with_id(&db, budgeted, plan, "fly").await;
     user_with_id(&db, untouched, plan, "fly").await;
 
-    // 200 ms cycles, a sweep every 6 s: 30 shares, these users' share is the
-    // 30th (cycle 29, counting the first as 0).
+    // 200 ms cycles, a sweep every 20 s: 100 shares, these users' share is
+    // the last (cycle 99, counting the first as 0).
+    const SWEEP_SHARE: u64 = 99;
     let mut config = monitor_config(&db.url, Duration::from_millis(200));
-    config.monitor.full_sweep_interval = Duration::from_secs(6);
+    config.monitor.full_sweep_interval = Duration::from_secs(20);
     let monitor = TestMonitor::start(config).await;
     // A new leader decides everyone in its first cycle.
     monitor.wait_cycles(1, Duration::from_secs(10)).await;
@@ -772,7 +796,7 @@ async fn only_changed_users_are_decided_between_sweeps() {
         let db = &db;
         async move { decided(db, user).await.expect("decided in the first cycle") }
     };
-    let (untouched_at, _) = first(untouched).await;
+    first(untouched).await;
     let (budgeted_at, _) = first(budgeted).await;
 
     // A proxy flushes bandwidth past the limit: decided promptly, by the monitor.
@@ -795,7 +819,7 @@ async fn only_changed_users_are_decided_between_sweeps() {
     .await;
     let cycles = monitor.status.cycles();
     assert!(
-        cycles < 29,
+        cycles < SWEEP_SHARE,
         "decided by the change, not the sweep (cycle {cycles})"
     );
 
@@ -807,12 +831,22 @@ async fn only_changed_users_are_decided_between_sweeps() {
     })
     .await;
 
+    // The usage watermark is the server's oldest running transaction, and
+    // other tests' transactions on this server can hold it behind this
+    // test's writes, which then look new again (a few extra decisions, by
+    // design). Wait until no transaction older than them runs, and for two
+    // cycles past that, before taking the untouched user's last decision.
+    settle_transactions(&db).await;
+    let settled = monitor.status.cycles();
+    monitor.wait_cycles(settled + 2, Duration::from_secs(20)).await;
+    let (untouched_at, _) = decided(&db, untouched).await.unwrap();
+
     // Ten more cycles, none of them the sweep's turn for these users: the
     // untouched user was not decided again.
-    monitor.wait_cycles(12, Duration::from_secs(20)).await;
+    monitor.wait_cycles(settled + 12, Duration::from_secs(20)).await;
     let cycles = monitor.status.cycles();
     assert!(
-        cycles < 29,
+        cycles < SWEEP_SHARE,
         "still before the sweep's share (cycle {cycles})"
     );
     assert_eq!(
@@ -822,7 +856,7 @@ async fn only_changed_users_are_decided_between_sweeps() {
     );
     // The sweep reaches it in its share.
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the sweep decides the untouched user",
         || async {
             let d = decided(&db, untouched).await;
@@ -832,7 +866,7 @@ async fn only_changed_users_are_decided_between_sweeps() {
     .await;
     let cycles = monitor.status.cycles();
     assert!(
-        cycles >= 29,
+        cycles >= SWEEP_SHARE,
         "swept in its share, not before (after {cycles} cycles)"
     );
     monitor.stop().await;
