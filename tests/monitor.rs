@@ -838,12 +838,16 @@ async fn only_changed_users_are_decided_between_sweeps() {
     // cycles past that, before taking the untouched user's last decision.
     settle_transactions(&db).await;
     let settled = monitor.status.cycles();
-    monitor.wait_cycles(settled + 2, Duration::from_secs(20)).await;
+    monitor
+        .wait_cycles(settled + 2, Duration::from_secs(20))
+        .await;
     let (untouched_at, _) = decided(&db, untouched).await.unwrap();
 
     // Ten more cycles, none of them the sweep's turn for these users: the
     // untouched user was not decided again.
-    monitor.wait_cycles(settled + 12, Duration::from_secs(20)).await;
+    monitor
+        .wait_cycles(settled + 12, Duration::from_secs(20))
+        .await;
     let cycles = monitor.status.cycles();
     assert!(
         cycles < SWEEP_SHARE,
