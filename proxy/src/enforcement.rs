@@ -330,7 +330,7 @@ impl Enforcer {
             let Some(gate) = gates.iter().find(|g| g.user_id() == b.user_id) else {
                 continue;
             };
-            let listeners = gate.take_listeners();
+            let listeners = gate.listeners();
             let blocks_now = self.apply(gate, decision.blocked, decision.on_exhausted, period);
             if let (true, Some(listeners)) = (blocks_now, listeners) {
                 if let Some(over) =

@@ -428,9 +428,11 @@ impl UserGate {
         self.release_idle_lease()
     }
 
-    /// The listeners that carried this user's traffic here since the last call.
-    pub(crate) fn take_listeners(&self) -> Option<&'static str> {
-        match self.listeners.swap(0, Ordering::Relaxed) {
+    /// The listeners that have carried this user's traffic here. Not reset
+    /// when read: a block that lands while long streams admitted earlier are
+    /// still under way is theirs too.
+    pub(crate) fn listeners(&self) -> Option<&'static str> {
+        match self.listeners.load(Ordering::Relaxed) {
             0 => None,
             1 => Some(Listener::Egress.as_str()),
             2 => Some(Listener::Ingress.as_str()),
