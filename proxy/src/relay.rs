@@ -739,6 +739,13 @@ mod tests {
         assert_eq!((relayed.up, relayed.down), (3_000_000, 0));
     }
 
+    /// A client and its peer, an upstream and its peer.
+    async fn two_socket_pairs() -> [tokio::net::TcpStream; 4] {
+        let ((client_peer, client), (upstream, upstream_peer)) =
+            (socket_pair().await, socket_pair().await);
+        [client_peer, client, upstream, upstream_peer]
+    }
+
     async fn socket_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (a, b) = tokio::join!(
@@ -766,17 +773,16 @@ mod tests {
     }
 
     /// A bulk transfer each way between two plain sockets, the client's
-    /// metered and with bytes already read from it: both arrive intact, the
-    /// bulk is spliced, and the meter counts every byte once.
-    #[tokio::test]
-    async fn bulk_between_sockets_is_spliced_and_metered_exactly() {
+    /// metered and with bytes already read from it, through the relay: what
+    /// it relayed, and how many bytes went each way (both checked intact).
+    /// `sockets`: the client's peer and the client, the upstream and its peer.
+    async fn bulk_both_ways(sockets: [tokio::net::TcpStream; 4]) -> (Relayed, u64, u64) {
         use crate::meter::{ConnTally, Meter, MeteredIo};
         use crate::splice::Prefixed;
         let meter = Meter::new();
         let counter = meter.counter(uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         let tally = Arc::new(ConnTally::bound_to(counter));
-        let (client_peer, client) = socket_pair().await;
-        let (upstream, upstream_peer) = socket_pair().await;
+        let [client_peer, client, upstream, upstream_peer] = sockets;
         let early = bytes::Bytes::from_static(b"read past the request head");
         let client = Prefixed::new(
             early.clone(),
@@ -800,15 +806,86 @@ mod tests {
         assert!(matches!(relayed.end, RelayEnd::Done), "{:?}", relayed.end);
         let up_total = (early.len() + up.len()) as u64;
         assert_eq!((relayed.up, relayed.down), (up_total, down.len() as u64));
-        assert!(
-            relayed.spliced > (up_total + down.len() as u64) / 2,
-            "most of the bulk is spliced: {} of {}",
-            relayed.spliced,
-            up_total + down.len() as u64
-        );
         // The early bytes were counted when hyper read them, not by the relay.
         let d = meter.drain();
         assert_eq!((d[0].rx, d[0].tx), (down.len() as u64, up.len() as u64));
+        (relayed, up_total, down.len() as u64)
+    }
+
+    /// Between two plain sockets, the bulk is spliced, and the meter counts
+    /// every byte once.
+    #[tokio::test]
+    async fn bulk_between_sockets_is_spliced_and_metered_exactly() {
+        let (relayed, up, down) = bulk_both_ways(two_socket_pairs().await).await;
+        assert!(
+            relayed.spliced > (up + down) / 2,
+            "most of the bulk is spliced: {} of {}",
+            relayed.spliced,
+            up + down
+        );
+    }
+
+    /// Where the kernel refuses a pipe (the process is out of descriptors),
+    /// the bulk is copied instead: nothing lost, nothing counted twice. Runs
+    /// in a process of its own, whose descriptor limit it lowers.
+    #[test]
+    fn a_refused_pipe_leaves_the_bulk_copied() {
+        const CHILD: &str = "TOLLGATE_RELAY_TEST_NO_DESCRIPTORS";
+        if std::env::var_os(CHILD).is_none() {
+            let name = "relay::tests::a_refused_pipe_leaves_the_bulk_copied";
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--test-threads=1", "--nocapture"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("1 passed"),
+                "the test in its own process: {}\n{text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let sockets = two_socket_pairs().await;
+            exhaust_descriptors();
+            assert!(
+                crate::splice::Pipe::new(MAX_BUF).is_err(),
+                "no descriptor is left for a pipe"
+            );
+            let (relayed, _, _) = bulk_both_ways(sockets).await;
+            assert_eq!(relayed.spliced, 0, "nothing spliced without a pipe");
+        });
+    }
+
+    /// Lower this process's descriptor limit to what it holds now, and fill
+    /// any gaps below it, so the next descriptor asked for is refused.
+    #[allow(unsafe_code)]
+    fn exhaust_descriptors() {
+        let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let highest = open.iter().copied().max().unwrap_or(2) as u64;
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit write and read a valid rlimit struct.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            limit.rlim_cur = limit.rlim_cur.min(highest + 1);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+        // Fill the gaps: kept open (leaked) for the rest of this process.
+        while let Ok(file) = std::fs::File::open("/dev/null") {
+            std::mem::forget(file);
+        }
     }
 
     /// A cut lands on a spliced bulk transfer as on a copied one: at most the
