@@ -161,6 +161,26 @@ fn framing(c: &mut Criterion) {
     group.finish();
 }
 
+/// A gateway's response head, as the pooled upstream link reads it.
+fn response_head(c: &mut Criterion) {
+    let head = bytes::Bytes::from_static(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\
+        date: Thu, 03 Dec 2026 23:00:00 GMT\r\nserver: gateway\r\ncache-control: no-store\r\n\r\n",
+    );
+    let mut group = c.benchmark_group("h1");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("parse_response_head", |b| {
+        b.iter(|| {
+            let mut buf = bytes::BytesMut::from(&black_box(&head)[..]);
+            tollgate_proxy::h1::parse_head(&mut buf)
+                .ok()
+                .flatten()
+                .expect("a whole head")
+        })
+    });
+    group.finish();
+}
+
 /// Directory lookup and decision check on a warm entry, filled once from
 /// PostgreSQL.
 fn lookups(c: &mut Criterion) {
@@ -344,6 +364,7 @@ criterion_group!(
     count_chunk,
     flush_batch,
     framing,
+    response_head,
     lookups,
     egress_policy
 );

@@ -194,7 +194,8 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
 }
 
 /// Parse a response head off the front of `buf`, if it holds a whole one.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Failure> {
+/// Its header values share the head's bytes.
+pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Failure> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut headers);
     let len = match parsed.parse(buf) {
