@@ -34,6 +34,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let listeners = tollgate_proxy::Listeners::bind(&config).await?;
             let options = tollgate_proxy::Options {
                 migrate: !skip_migrations,
+                workers: tollgate_proxy::workers::configured(),
                 ..Default::default()
             };
             tollgate_proxy::run(

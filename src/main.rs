@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     tollgate_core::telemetry::init_tracing(&config.log);
-    let runtime = match runtime_builder().enable_all().build() {
+    let runtime = match runtime_builder(&cli.command).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tollgate: cannot start the async runtime: {e}");
@@ -42,15 +42,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// The async runtime: one worker thread per core (`TOKIO_WORKER_THREADS`
-/// overrides), and with a single worker the current-thread scheduler, which does
-/// the same work without the cross-thread hand-offs of the multi-thread one.
-fn runtime_builder() -> tokio::runtime::Builder {
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if workers == 1 {
+/// The async runtime. The proxy serves from threads of its own, each with a
+/// single-threaded runtime (`tollgate_proxy::workers`), the calling thread
+/// being the first of them. Every other command gets one worker thread per
+/// core (`TOKIO_WORKER_THREADS` overrides), and with a single worker the
+/// current-thread scheduler, which does the same work without the
+/// cross-thread hand-offs of the multi-thread one.
+fn runtime_builder(command: &Command) -> tokio::runtime::Builder {
+    let workers = tollgate_proxy::workers::configured();
+    if workers == 1 || matches!(command, Command::Proxy { .. }) {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()

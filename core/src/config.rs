@@ -197,7 +197,7 @@ pub struct EgressConfig {
     #[serde(with = "duration")]
     pub upstream_idle_timeout: Duration,
     /// Idle pooled connections kept per origin (host as resolved from any
-    /// spelling of an address, and port). Default 32.
+    /// spelling of an address, and port), by each serving thread. Default 32.
     pub upstream_max_idle_per_host: usize,
     /// Idle pooled origin connections kept for one agent's exchanges, over all
     /// origins, so no agent fills the pool (and the file descriptors) for
@@ -474,7 +474,8 @@ pub struct IngressConfig {
     /// Pooled gateway connections idle this long are closed. Default `90s`.
     #[serde(with = "duration")]
     pub upstream_idle_timeout: Duration,
-    /// Idle pooled connections kept per VPS. Default 16.
+    /// Idle pooled connections kept per VPS (in all: the per-agent bound of
+    /// the pool, one agent per VPS). Default 16.
     pub upstream_max_idle_per_vps: usize,
     /// Idle pooled gateway connections kept in all; beyond it the one returned
     /// longest ago is closed. Default 4096.

@@ -52,6 +52,7 @@ pub mod splice;
 pub mod telemetry;
 pub mod upstream;
 pub mod usage_api;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,6 +83,7 @@ use crate::meter::Meter;
 use crate::relay::Relays;
 use crate::server::{Limits, Stages};
 use crate::upstream::{Connector, Pool, PoolLimits};
+use crate::workers::Workers;
 
 /// The proxy's sockets, bound by the caller.
 pub struct Listeners {
@@ -145,37 +147,62 @@ pub struct Options {
     /// Apply migrations at start (retrying until the database answers).
     pub migrate: bool,
     pub seams: Seams,
+    /// Serving threads, the caller's included (`workers`; 0 or 1: the
+    /// caller's runtime serves alone).
+    pub workers: usize,
 }
 
-/// What every listener's accept loop shares.
+/// What every listener's accept loops share.
 struct Serving {
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    workers: Workers,
 }
 
 impl Serving {
-    /// Serve `listener` with `stages` (TLS from `tls`, when configured) until shutdown.
+    /// Serve `listener` with `stages` (TLS from `tls`, when configured) until
+    /// shutdown: one accept loop on each serving thread, all taking
+    /// connections from the same socket.
     fn start<S: Stages>(
         &self,
         stages: Arc<S>,
         listener: TcpListener,
         limits: Limits,
         tls: &Option<TlsConfig>,
-    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
         let tls = match tls {
             Some(tls) => Some(server::tls_acceptor(tls, server::alpn::<S>())?),
             None => None,
         };
         let name = S::SHAPE.listener.as_str();
-        tracing::info!(listener = name, listen = %listener.local_addr()?, tls = tls.is_some(), "listening");
-        Ok(tokio::spawn(server::run(
-            stages,
-            listener,
-            limits,
-            tls,
-            self.shutdown.clone(),
-            self.tracker.clone(),
-        )))
+        let addr = listener.local_addr()?;
+        tracing::info!(listener = name, listen = %addr, tls = tls.is_some(), threads = self.workers.count(), "listening");
+        // Each thread's runtime watches the socket for itself.
+        let socket = listener.into_std()?;
+        let sockets = (0..self.workers.count())
+            .map(|_| socket.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
+            .with_context(|| format!("sharing the {name} socket {addr} between threads"))?;
+        let sockets = std::sync::Mutex::new(sockets);
+        // One connection limit for the listener, whichever thread accepts.
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        Ok(self.workers.on_each(|_| {
+            let socket = sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .expect("a socket per thread");
+            let (stages, tls, slots) = (stages.clone(), tls.clone(), slots.clone());
+            let (shutdown, tracker) = (self.shutdown.clone(), self.tracker.clone());
+            async move {
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => {
+                        server::run(stages, listener, limits, slots, tls, shutdown, tracker).await
+                    }
+                    Err(e) => tracing::error!(listener = name, error = %e, "cannot watch the listening socket"),
+                }
+            }
+        }))
     }
 }
 
@@ -301,7 +328,9 @@ pub async fn run(
     let serving = Serving {
         shutdown: shutdown.clone(),
         tracker: connections.clone(),
+        workers: Workers::start(options.workers).context("starting the serving threads")?,
     };
+    let shards = serving.workers.count();
     if let Some(listener) = listeners.egress {
         let e = &config.proxy.egress;
         let egress = Arc::new(Egress {
@@ -314,6 +343,7 @@ pub async fn run(
                 per_agent: e.upstream_max_idle_per_agent,
                 total: e.upstream_max_idle_total,
                 idle_timeout: e.upstream_idle_timeout,
+                shards,
             }),
             relays: relays.clone(),
             agent_limits: agent_limits.clone(),
@@ -326,7 +356,7 @@ pub async fn run(
             max_header_bytes: e.max_header_bytes,
             header_read_timeout: e.header_read_timeout,
         };
-        accept_loops.push(serving.start(egress, listener, limits, &e.tls)?);
+        accept_loops.extend(serving.start(egress, listener, limits, &e.tls)?);
     }
     if let Some(listener) = listeners.ingress {
         let i = &config.proxy.ingress;
@@ -339,6 +369,7 @@ pub async fn run(
                 per_agent: i.upstream_max_idle_per_vps,
                 total: i.upstream_max_idle_total,
                 idle_timeout: i.upstream_idle_timeout,
+                shards,
             }),
             relays: relays.clone(),
             agent_limits: agent_limits.clone(),
@@ -351,7 +382,7 @@ pub async fn run(
             max_header_bytes: i.max_header_bytes,
             header_read_timeout: i.header_read_timeout,
         };
-        accept_loops.push(serving.start(ingress, listener, limits, &i.tls)?);
+        accept_loops.extend(serving.start(ingress, listener, limits, &i.tls)?);
     }
 
     let usage_api_task = match listeners.usage_api {
@@ -395,6 +426,7 @@ pub async fn run(
         hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
     }
+    serving.workers.stop().await;
     // Every exchange has ended: write the last decisions.
     drop(decision_log);
     if let Some(writer) = decision_writer {

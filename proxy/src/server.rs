@@ -158,16 +158,17 @@ const OVER_LIMIT: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: ap
 connection: close\r\nretry-after: 1\r\ncontent-length: 46\r\n\r\n{\"error\":\"unavailable\",\"reason\":\"connections\"}";
 
 /// Serve `listener` with `stages` until `shutdown`: each connection (with its
-/// slot under the connection limit) runs as a task on `tracker`.
+/// slot under the connection limit, one of `slots`) runs as a task on
+/// `tracker`, on this thread.
 pub async fn run<S: Stages>(
     stages: Arc<S>,
     listener: TcpListener,
     limits: Limits,
+    slots: Arc<Semaphore>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,

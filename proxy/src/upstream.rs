@@ -201,12 +201,17 @@ pub struct PoolLimits {
     /// In all; beyond it the connection returned longest ago is closed.
     pub total: usize,
     pub idle_timeout: Duration,
+    /// Serving threads: each keeps its own idle connections (and `per_key`
+    /// applies to each), so an exchange never waits on another thread's
+    /// runtime for its socket.
+    pub shards: usize,
 }
 
 /// Connections per key (origin host and port, or VPS), most recently returned
-/// last, bounded per key, per agent and in total.
+/// last, bounded per key, per agent and in total; one share per serving
+/// thread (`workers`).
 pub struct Pool<K, I> {
-    idle: DashMap<K, Vec<Pooled<I>>>,
+    idle: Box<[DashMap<K, Vec<Pooled<I>>>]>,
     per_agent: DashMap<Uuid, usize>,
     total: AtomicUsize,
     limits: PoolLimits,
@@ -219,7 +224,7 @@ where
 {
     pub fn new(limits: PoolLimits) -> Arc<Self> {
         Arc::new(Self {
-            idle: DashMap::new(),
+            idle: (0..limits.shards.max(1)).map(|_| DashMap::new()).collect(),
             per_agent: DashMap::new(),
             total: AtomicUsize::new(0),
             limits,
@@ -231,7 +236,7 @@ where
     /// finishing their previous exchange stay for later; closed and expired
     /// ones are dropped.
     fn checkout(&self, key: &K) -> Option<(Conn<I>, SocketAddr)> {
-        let mut list = self.idle.get_mut(key)?;
+        let mut list = self.share().get_mut(key)?;
         let mut i = list.len();
         while i > 0 {
             i -= 1;
@@ -286,7 +291,7 @@ where
         // No map guard is held while evicting: it walks every shard.
         let placed = take_total() || (self.evict_oldest() && take_total());
         let pushed = placed && {
-            let mut list = self.idle.entry(key).or_default();
+            let mut list = self.share().entry(key).or_default();
             let room = list.len() < limits.per_key;
             if room {
                 list.push(Pooled {
@@ -304,6 +309,11 @@ where
             }
             self.give_back(owner);
         }
+    }
+
+    /// This serving thread's idle connections.
+    fn share(&self) -> &DashMap<K, Vec<Pooled<I>>> {
+        &self.idle[crate::workers::current().min(self.idle.len() - 1)]
     }
 
     /// Account for a connection leaving the pool.
@@ -330,21 +340,23 @@ where
 
     /// Close the connection returned longest ago; false if there is none.
     fn evict_oldest(&self) -> bool {
-        let mut oldest: Option<(K, Instant)> = None;
-        for entry in self.idle.iter() {
-            for pooled in entry.value() {
-                if oldest
-                    .as_ref()
-                    .is_none_or(|(_, since)| pooled.since < *since)
-                {
-                    oldest = Some((entry.key().clone(), pooled.since));
+        let mut oldest: Option<(usize, K, Instant)> = None;
+        for (share, idle) in self.idle.iter().enumerate() {
+            for entry in idle.iter() {
+                for pooled in entry.value() {
+                    if oldest
+                        .as_ref()
+                        .is_none_or(|(_, _, since)| pooled.since < *since)
+                    {
+                        oldest = Some((share, entry.key().clone(), pooled.since));
+                    }
                 }
             }
         }
-        let Some((key, since)) = oldest else {
+        let Some((share, key, since)) = oldest else {
             return false;
         };
-        let Some(mut list) = self.idle.get_mut(&key) else {
+        let Some(mut list) = self.idle[share].get_mut(&key) else {
             return false;
         };
         match list.iter().position(|p| p.since == since) {
@@ -496,20 +508,22 @@ where
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.cancelled() => return,
             }
-            self.idle.retain(|_, list| {
-                list.retain_mut(|p| {
-                    let keep = p.since.elapsed() < timeout
-                        && match &mut p.conn {
-                            Conn::Hyper(sender) => !sender.is_closed(),
-                            Conn::Link(link) => !link.is_stale(),
-                        };
-                    if !keep {
-                        self.forget(p);
-                    }
-                    keep
+            for idle in &self.idle {
+                idle.retain(|_, list| {
+                    list.retain_mut(|p| {
+                        let keep = p.since.elapsed() < timeout
+                            && match &mut p.conn {
+                                Conn::Hyper(sender) => !sender.is_closed(),
+                                Conn::Link(link) => !link.is_stale(),
+                            };
+                        if !keep {
+                            self.forget(p);
+                        }
+                        keep
+                    });
+                    !list.is_empty()
                 });
-                !list.is_empty()
-            });
+            }
         }
     }
 

@@ -88,9 +88,12 @@ impl TestProxy {
             usage_api,
         };
         let shutdown = CancellationToken::new();
+        // Two serving threads, as on this two-core machine in production:
+        // connections land on either, and each keeps its own upstream pool.
         let options = Options {
             migrate: false,
             seams,
+            workers: 2,
         };
         let task = tokio::spawn(tollgate_proxy::run(
             config.clone(),
