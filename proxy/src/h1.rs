@@ -16,6 +16,7 @@
 //! errors, and the connection is not reused: gateways are the tenants' own.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
@@ -196,9 +197,15 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
 /// Parse a response head off the front of `buf`, if it holds a whole one.
 /// Its header values share the head's bytes.
 pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Failure> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut headers);
-    let len = match parsed.parse(buf) {
+    // Left uninitialised: httparse writes the entries it returns (zeroing a
+    // hundred of them for every response is work with nothing to show).
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
