@@ -188,20 +188,25 @@ async fn three_replicas_hammering_one_user_overshoot_within_the_per_connection_b
     );
     let period = Period::current();
     let leased = leases::leased(&db.pool, f.user, period).await.unwrap();
+    // Whether a block is published for the user.
+    let published = || async {
+        let blocked: Option<bool> =
+            sqlx::query_scalar("SELECT blocked FROM usage_decisions WHERE user_id = $1")
+                .bind(f.user)
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+        blocked == Some(true)
+    };
     // The replicas flush what they counted and decide on it: a user past the
     // limit is blocked (one exactly at it is not).
     eventually(
         Duration::from_secs(10),
         "the block is published, or usage rests exactly at the limit",
         || async {
-            let blocked: Option<bool> =
-                sqlx::query_scalar("SELECT blocked FROM usage_decisions WHERE user_id = $1")
-                    .bind(f.user)
-                    .fetch_optional(&db.pool)
-                    .await
-                    .unwrap();
+            let blocked = published().await;
             let used = db.usage(f.vps).await.2 as u64;
-            match blocked == Some(true) || used == LIMIT {
+            match blocked || used == LIMIT {
                 true => Ok(()),
                 false => Err((blocked, used)),
             }
@@ -226,13 +231,7 @@ async fn three_replicas_hammering_one_user_overshoot_within_the_per_connection_b
         used >= LIMIT - 4 * MIB,
         "the headroom was spent, not held back by leases ({used} of {LIMIT})"
     );
-    let published: Option<bool> =
-        sqlx::query_scalar("SELECT blocked FROM usage_decisions WHERE user_id = $1")
-            .bind(f.user)
-            .fetch_optional(&db.pool)
-            .await
-            .unwrap();
-    if published == Some(true) {
+    if published().await {
         // The proxies that published the block recorded how far past the limit
         // it landed (as of the flush they decided on). (Usage can also rest
         // exactly at the limit, unblocked, and pass it only by the bytes in
