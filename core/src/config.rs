@@ -197,7 +197,7 @@ pub struct EgressConfig {
     #[serde(with = "duration")]
     pub upstream_idle_timeout: Duration,
     /// Idle pooled connections kept per origin (host as resolved from any
-    /// spelling of an address, and port), by each serving thread. Default 32.
+    /// spelling of an address, and port). Default 32.
     pub upstream_max_idle_per_host: usize,
     /// Idle pooled origin connections kept for one agent's exchanges, over all
     /// origins, so no agent fills the pool (and the file descriptors) for

@@ -201,8 +201,8 @@ pub struct PoolLimits {
     /// In all; beyond it the connection returned longest ago is closed.
     pub total: usize,
     pub idle_timeout: Duration,
-    /// Serving threads: each keeps its own idle connections (and `per_key`
-    /// applies to each), so an exchange never waits on another thread's
+    /// Serving threads: each keeps its own idle connections (the limits hold
+    /// over all of them), so an exchange never waits on another thread's
     /// runtime for its socket.
     pub shards: usize,
 }
@@ -212,6 +212,8 @@ pub struct PoolLimits {
 /// thread (`workers`).
 pub struct Pool<K, I> {
     idle: Box<[DashMap<K, Vec<Pooled<I>>>]>,
+    /// Places held per key over every thread's share, and per agent.
+    per_key: DashMap<K, usize>,
     per_agent: DashMap<Uuid, usize>,
     total: AtomicUsize,
     limits: PoolLimits,
@@ -225,6 +227,7 @@ where
     pub fn new(limits: PoolLimits) -> Arc<Self> {
         Arc::new(Self {
             idle: (0..limits.shards.max(1)).map(|_| DashMap::new()).collect(),
+            per_key: DashMap::new(),
             per_agent: DashMap::new(),
             total: AtomicUsize::new(0),
             limits,
@@ -247,10 +250,10 @@ where
                 Conn::Link(link) => (expired || link.is_stale(), true),
             };
             if dead {
-                self.forget(&list.remove(i));
+                self.forget(key, &list.remove(i));
             } else if ready {
                 let pooled = list.remove(i);
-                self.forget(&pooled);
+                self.forget(key, &pooled);
                 return Some((pooled.conn, pooled.addr));
             }
         }
@@ -268,17 +271,13 @@ where
             return;
         }
         // Places are reserved before the push (and given back if it does not
-        // happen), so concurrent returns cannot overrun the limits.
-        let reserved = {
-            let mut held = self.per_agent.entry(owner).or_insert(0);
-            let room = *held < limits.per_agent;
-            if room {
-                *held += 1;
-            }
-            room
-        };
-        if !reserved {
-            self.give_back_if_empty(owner);
+        // happen), so concurrent returns cannot overrun the limits; the key's
+        // is counted over every thread's share.
+        if !take_place(&self.per_agent, owner, limits.per_agent) {
+            return;
+        }
+        if !take_place(&self.per_key, key.clone(), limits.per_key) {
+            free_place(&self.per_agent, &owner);
             return;
         }
         let take_total = || {
@@ -289,25 +288,16 @@ where
                 .is_ok()
         };
         // No map guard is held while evicting: it walks every shard.
-        let placed = take_total() || (self.evict_oldest() && take_total());
-        let pushed = placed && {
-            let mut list = self.share().entry(key).or_default();
-            let room = list.len() < limits.per_key;
-            if room {
-                list.push(Pooled {
-                    conn,
-                    addr,
-                    since: Instant::now(),
-                    owner,
-                });
-            }
-            room
-        };
-        if !pushed {
-            if placed {
-                self.total.fetch_sub(1, Ordering::AcqRel);
-            }
-            self.give_back(owner);
+        if take_total() || (self.evict_oldest() && take_total()) {
+            self.share().entry(key).or_default().push(Pooled {
+                conn,
+                addr,
+                since: Instant::now(),
+                owner,
+            });
+        } else {
+            free_place(&self.per_key, &key);
+            free_place(&self.per_agent, &owner);
         }
     }
 
@@ -316,26 +306,11 @@ where
         &self.idle[crate::workers::current().min(self.idle.len() - 1)]
     }
 
-    /// Account for a connection leaving the pool.
-    fn forget(&self, pooled: &Pooled<I>) {
+    /// Account for a connection to `key` leaving the pool.
+    fn forget(&self, key: &K, pooled: &Pooled<I>) {
         self.total.fetch_sub(1, Ordering::AcqRel);
-        self.give_back(pooled.owner);
-    }
-
-    /// One of `owner`'s places is free again.
-    fn give_back(&self, owner: Uuid) {
-        if let dashmap::Entry::Occupied(mut e) = self.per_agent.entry(owner) {
-            *e.get_mut() = e.get().saturating_sub(1);
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
-
-    /// Drop `owner`'s record if it holds no place (a refused reservation may
-    /// have created it).
-    fn give_back_if_empty(&self, owner: Uuid) {
-        self.per_agent.remove_if(&owner, |_, held| *held == 0);
+        free_place(&self.per_key, key);
+        free_place(&self.per_agent, &pooled.owner);
     }
 
     /// Close the connection returned longest ago; false if there is none.
@@ -361,7 +336,7 @@ where
         };
         match list.iter().position(|p| p.since == since) {
             Some(i) => {
-                self.forget(&list.remove(i));
+                self.forget(&key, &list.remove(i));
                 true
             }
             None => false,
@@ -509,7 +484,7 @@ where
                 _ = shutdown.cancelled() => return,
             }
             for idle in &self.idle {
-                idle.retain(|_, list| {
+                idle.retain(|key, list| {
                     list.retain_mut(|p| {
                         let keep = p.since.elapsed() < timeout
                             && match &mut p.conn {
@@ -517,7 +492,7 @@ where
                                 Conn::Link(link) => !link.is_stale(),
                             };
                         if !keep {
-                            self.forget(p);
+                            self.forget(key, p);
                         }
                         keep
                     });
@@ -531,4 +506,25 @@ where
     pub fn idle_count(&self) -> usize {
         self.total.load(Ordering::Acquire)
     }
+}
+
+/// Take one of `limit` places for `key` in `held`; no record is left for a
+/// key refused one.
+fn take_place<Q: Hash + Eq>(held: &DashMap<Q, usize>, key: Q, limit: usize) -> bool {
+    match held.entry(key) {
+        dashmap::Entry::Occupied(mut e) if *e.get() < limit => *e.get_mut() += 1,
+        dashmap::Entry::Vacant(v) if limit > 0 => {
+            v.insert(1);
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// Give one of `key`'s places in `held` back, dropping its record at none.
+fn free_place<Q: Hash + Eq>(held: &DashMap<Q, usize>, key: &Q) {
+    held.remove_if_mut(key, |_, n| {
+        *n = n.saturating_sub(1);
+        *n == 0
+    });
 }
