@@ -426,7 +426,6 @@ pub async fn run(
         hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
     }
-    serving.workers.stop().await;
     // Every exchange has ended: write the last decisions.
     drop(decision_log);
     if let Some(writer) = decision_writer {
@@ -445,6 +444,9 @@ pub async fn run(
     admin_stop.cancel();
     let _ = admin_task.await;
     pool.close().await;
+    // Last: database connections opened by a serving thread (a directory
+    // read on a request's path) run on its runtime, flushes included.
+    serving.workers.stop().await;
     tracing::info!("proxy stopped");
     Ok(())
 }

@@ -12,7 +12,8 @@
 //!
 //! The thread that calls [`crate::run`] is serving thread 0: its runtime also
 //! runs the background tasks (flusher, enforcement, notifications). The
-//! others are started by [`Workers::start`] and stopped after the drain.
+//! others are started by [`Workers::start`] and stopped last, after the final
+//! flush: database connections a serving thread opened run on its runtime.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -93,7 +94,8 @@ impl Workers {
         tasks
     }
 
-    /// Stop the threads, once nothing they run is left (after the drain).
+    /// Stop the threads, once nothing they run is left: after the drain, and
+    /// after the last use of database connections they may have opened.
     pub async fn stop(mut self) {
         self.stop.cancel();
         let threads = std::mem::take(&mut self.threads);
