@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::deploy::{dashboard, datasource_type, panels, read, repo_path, run_ok, scratch, yaml};
-use support::proxy::free_port;
+use support::proxy::free_ports;
 use support::service::{require_tool, Service};
 use support::wait::{eventually, holds};
 use support::TestDb;
@@ -286,8 +286,7 @@ async fn dashboard_and_alert_promql_runs_against_prometheus_scraping_tollgate() 
         .expect("demo seed applies");
 
     let dir = scratch("prometheus");
-    let (egress, admin, monitor_admin, prom_port) =
-        (free_port(), free_port(), free_port(), free_port());
+    let [egress, admin, monitor_admin, prom_port] = free_ports();
     let mut proxy = Service::start(
         "proxy",
         support::tollgate_bin(),

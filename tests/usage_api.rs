@@ -14,7 +14,9 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use uuid::Uuid;
 
-use support::proxy::{free_port, http_get, temp_dir, test_config, ProxyProcess, TestProxy};
+use support::proxy::{
+    free_port, free_ports, http_get, temp_dir, test_config, ProxyProcess, TestProxy,
+};
 use support::{tollgate_bin, Fixture, TestDb};
 use tollgate_core::billing::{BlockReason, Period};
 use tollgate_core::clock::SystemClock;
@@ -512,7 +514,7 @@ async fn the_token_never_reaches_the_proxys_log() {
     let f = db.fixture("fly").await;
     let dir = temp_dir("usage-api-log");
     let log = dir.join("stderr.log");
-    let (egress, admin, api) = (free_port(), free_port(), free_port());
+    let [egress, admin, api] = free_ports();
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("  {TOKEN}\n")).unwrap();
     let mut child = Command::new(tollgate_bin())

@@ -167,11 +167,15 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
 
 /// Reserve a free loopback port (bind, read, release).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct free loopback ports: all bound at once before any is
+/// released, so no two are the same (as two calls to [`free_port`] can be).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [StdListener; N] = std::array::from_fn(|_| StdListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap().port())
 }
 
 /// `tollgate proxy` as a child process, configured through the environment.
@@ -192,7 +196,7 @@ impl ProxyProcess {
         extra: &[(&str, &str)],
         expect_ready: bool,
     ) -> ProxyProcess {
-        let (egress, admin) = (free_port(), free_port());
+        let [egress, admin] = free_ports();
         let mut env: HashMap<String, String> = HashMap::from([
             ("DATABASE_URL".into(), database_url.into()),
             (
