@@ -197,8 +197,7 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
 /// Parse a response head off the front of `buf`, if it holds a whole one.
 /// Its header values share the head's bytes.
 pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Failure> {
-    // Left uninitialised: httparse writes the entries it returns (zeroing a
-    // hundred of them for every response is work with nothing to show).
+    // Left uninitialised, as hyper does: httparse writes the entries it returns.
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(

@@ -179,19 +179,15 @@ impl Serving {
         tracing::info!(listener = name, listen = %addr, tls = tls.is_some(), threads = self.workers.count(), "listening");
         // Each thread's runtime watches the socket for itself.
         let socket = listener.into_std()?;
-        let sockets = (0..self.workers.count())
+        let mut sockets = (0..self.workers.count())
             .map(|_| socket.try_clone())
             .collect::<std::io::Result<Vec<_>>>()
-            .with_context(|| format!("sharing the {name} socket {addr} between threads"))?;
-        let sockets = std::sync::Mutex::new(sockets);
+            .with_context(|| format!("sharing the {name} socket {addr} between threads"))?
+            .into_iter();
         // One connection limit for the listener, whichever thread accepts.
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         Ok(self.workers.on_each(|_| {
-            let socket = sockets
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop()
-                .expect("a socket per thread");
+            let socket = sockets.next().expect("a socket per thread");
             let (stages, tls, slots) = (stages.clone(), tls.clone(), slots.clone());
             let (shutdown, tracker) = (self.shutdown.clone(), self.tracker.clone());
             async move {

@@ -80,10 +80,11 @@ impl Workers {
         self.handles.len() + 1
     }
 
-    /// Run `make(index)` on every serving thread, the caller's first (index 0).
-    pub fn on_each<F, Fut>(&self, make: F) -> Vec<tokio::task::JoinHandle<Fut::Output>>
+    /// Run `make(index)` on every serving thread, the caller's first (index 0);
+    /// `make` itself runs here, once per thread, in that order.
+    pub fn on_each<F, Fut>(&self, mut make: F) -> Vec<tokio::task::JoinHandle<Fut::Output>>
     where
-        F: Fn(usize) -> Fut,
+        F: FnMut(usize) -> Fut,
         Fut: Future + Send + 'static,
         Fut::Output: Send + 'static,
     {
