@@ -32,7 +32,7 @@
 //! `tollgate_directory_bytes`, each time it changes size.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::mapref::entry::Entry;
@@ -50,6 +50,7 @@ use tollgate_core::db::agents::{self, AgentRecord, VpsRecord};
 use crate::enforcement::Enforcer;
 use crate::gate::UserGate;
 use crate::health::Health;
+use crate::ingress::Gateway;
 use crate::meter::{Meter, VpsCounter};
 use crate::pacing::AgentBandwidth;
 use crate::telemetry;
@@ -83,6 +84,9 @@ pub struct Agent {
     /// The counter of the agent's VPS (none without a VPS).
     pub counter: Option<Arc<VpsCounter>>,
     pub gate: Arc<UserGate>,
+    /// Where ingress requests to this agent go, worked out from `vps` by the
+    /// first that needs it (a changed VPS is a new entry).
+    pub gateway: OnceLock<Result<Gateway, &'static str>>,
     fetched_at: Instant,
     revoked: CancellationToken,
 }
@@ -433,6 +437,7 @@ impl Directory {
             bandwidth,
             counter,
             gate,
+            gateway: OnceLock::new(),
             fetched_at: Instant::now(),
             revoked: revoked.unwrap_or_default(),
         });

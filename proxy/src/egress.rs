@@ -271,7 +271,7 @@ impl Egress {
         };
         let host_header = HeaderValue::from_str(authority.as_str())
             .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
-        let outbound = Outbound::of(req, target, host_header, &guard, exchange);
+        let outbound = Outbound::of(req, target, host_header, 0, &guard, exchange);
         let timeout = self.config.response_timeout;
         if let Some(client) = outbound.client_upgrade {
             // Boxed, like the tunnel: rare, and large.

@@ -12,7 +12,6 @@
 //! (`decision_log`). None of them carries a token, a header value or (unless
 //! the decision log is configured to) a query string.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -69,7 +68,7 @@ impl Ended {
 /// address the proxy connected to, once it has.
 #[derive(Debug, Clone)]
 pub struct Destination {
-    pub host: Box<str>,
+    pub host: Arc<str>,
     pub port: u16,
     pub addr: Option<SocketAddr>,
 }
@@ -151,24 +150,26 @@ impl Exchange {
         });
     }
 
-    /// The destination the request names (egress), once its target is parsed;
-    /// the VPS gateway it goes to (ingress).
+    /// The destination the request names (egress), once its target is parsed.
     pub fn set_destination(&mut self, host: &Host, port: u16) {
-        // Sized for any address up front: an address is written a part at a
-        // time, and a growing string would be reallocated on the way.
-        let mut text = String::with_capacity(match host {
-            Host::Name(name) => name.len(),
-            Host::Ip(_) => 47,
-        });
-        write!(text, "{host}").expect("writing to a String");
+        let text: Arc<str> = match host {
+            Host::Name(name) => Arc::from(name.as_str()),
+            Host::Ip(_) => Arc::from(host.to_string()),
+        };
+        self.set_destination_text(text, port);
+    }
+
+    /// The destination as text already made: the VPS gateway an ingress
+    /// request goes to (its text shared by every request to it).
+    pub fn set_destination_text(&mut self, host: Arc<str>, port: u16) {
+        if let Some(tally) = &self.tally {
+            tally.destination(&host);
+        }
         self.destination = Some(Destination {
-            host: text.into(),
+            host,
             port,
             addr: None,
         });
-        if let (Some(tally), Some(destination)) = (&self.tally, &self.destination) {
-            tally.destination(&destination.host);
-        }
     }
 
     /// The address the proxy connected to for this exchange.

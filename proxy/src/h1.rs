@@ -215,7 +215,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Failure> {
     let status = parsed
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or(Failure::invalid("invalid status code"))?;
+        .ok_or_else(|| Failure::invalid("invalid status code"))?;
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -309,7 +309,7 @@ impl Framing {
         for value in headers.get_all(header::CONTENT_LENGTH) {
             for part in value.as_bytes().split(|&b| b == b',') {
                 let n = parse_decimal(part.trim_ascii())
-                    .ok_or(Failure::invalid("invalid content-length"))?;
+                    .ok_or_else(|| Failure::invalid("invalid content-length"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(Failure::invalid("conflicting content-length values"));
                 }
@@ -381,7 +381,8 @@ impl Framing {
                         }
                         return Ok(Step::More);
                     };
-                    let size = chunk_size(&buf[..end]).ok_or(invalid("invalid chunk size"))?;
+                    let size =
+                        chunk_size(&buf[..end]).ok_or_else(|| invalid("invalid chunk size"))?;
                     buf.advance(end + 1);
                     *self = Framing::Chunked(match size {
                         0 => Chunk::Trailers(0),

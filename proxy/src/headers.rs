@@ -24,11 +24,13 @@ impl Outbound {
     /// headers dropped (an HTTP/1 upgrade's own kept), `Host` set, `Expect`
     /// dropped (this hop answers it: hyper sends the `100` when the body is
     /// first read), HTTP/1.1; a body is streamed under `guard`, its bytes
-    /// counted in `exchange`.
+    /// counted in `exchange`. `room`: how many headers the caller adds to
+    /// the request afterwards.
     pub fn of(
         mut req: Request<Incoming>,
         target: Uri,
         host: HeaderValue,
+        room: usize,
         guard: &StreamGuard,
         exchange: &mut Exchange,
     ) -> Outbound {
@@ -37,6 +39,12 @@ impl Outbound {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
         parts.headers.remove(header::EXPECT);
+        if room > 0 {
+            // The map, sized by the parser for what it read, grows once here
+            // rather than on each insert (an insert makes room first, even
+            // for a name already there).
+            parts.headers.reserve(room + 1);
+        }
         parts.headers.insert(header::HOST, host);
         let body = match body.is_end_stream() {
             true => ProxyBody::Empty,

@@ -12,8 +12,6 @@
 //!    metered connection (WebSocket upgrades on a dedicated one), streaming both
 //!    ways; connect failure 502, timeout 504.
 
-use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -118,14 +116,25 @@ impl Stages for Ingress {
                 .request(agent.agent_id, Listener::Ingress)?,
         );
         let vps = agent.vps.as_ref().ok_or(ProxyError::NoVps)?;
-        let gateway = Gateway::of(vps, self.config.gateway_port)?;
-        exchange.set_destination(&gateway.host, gateway.port);
+        let gateway = agent
+            .gateway
+            .get_or_init(|| Gateway::of(vps, self.config.gateway_port))
+            .as_ref()
+            .map_err(|&reason| ProxyError::VpsUnavailable(reason))?;
+        exchange.set_destination_text(gateway.text.clone(), gateway.port);
         let counter = agent.counter.clone().ok_or(ProxyError::NoVps)?;
 
         let target =
             Uri::try_from(route.target).map_err(|_| ProxyError::BadRequest("invalid path"))?;
         let forwarded = Forwarded::of(&req, conn);
-        let mut outbound = Outbound::of(req, target, gateway.authority.clone(), &guard, exchange);
+        let mut outbound = Outbound::of(
+            req,
+            target,
+            gateway.authority.clone(),
+            Forwarded::HEADERS,
+            &guard,
+            exchange,
+        );
         forwarded.apply(outbound.request.headers_mut());
 
         // The socket to the VPS is the one that counts.
@@ -176,7 +185,7 @@ impl Stages for Ingress {
             })
             .await;
         }
-        let key: GatewayKey = (vps.id, gateway.authority);
+        let key: GatewayKey = (vps.id, gateway.authority.clone());
         let (response, addr) = self
             .pool
             .exchange(key, agent.agent_id, outbound.request, timeout, guard, open)
@@ -186,42 +195,42 @@ impl Stages for Ingress {
     }
 }
 
-/// The agent's gateway: its VPS must be running, with an address.
-struct Gateway {
+/// The agent's gateway: its VPS must be running, with an address. Made once
+/// per directory entry (`Agent::gateway`); the ingress gateway port is fixed
+/// for the life of the proxy.
+pub struct Gateway {
     host: Host,
     port: u16,
+    /// The host as text, for the exchange's record.
+    text: Arc<str>,
     /// `host:port`, as the `Host` header the gateway gets.
     authority: HeaderValue,
 }
 
 impl Gateway {
-    fn of(vps: &VpsRecord, port: u16) -> Result<Gateway, ProxyError> {
+    /// The gateway of `vps` on `port`, or why there is none (the reason of a
+    /// 503 `vps_unavailable`).
+    fn of(vps: &VpsRecord, port: u16) -> Result<Gateway, &'static str> {
         if vps.state != VpsState::Running {
-            return Err(ProxyError::VpsUnavailable(match vps.state {
+            return Err(match vps.state {
                 VpsState::Provisioning => "vps_provisioning",
                 VpsState::Stopped => "vps_stopped",
                 _ => "vps_destroyed",
-            }));
+            });
         }
         let address = vps
             .address
             .as_deref()
             .filter(|a| !a.is_empty())
-            .ok_or(ProxyError::VpsUnavailable("vps_has_no_address"))?;
-        let invalid = || ProxyError::VpsUnavailable("vps_address_invalid");
-        // An address in dotted-decimal form (the usual case) is read without
-        // the lenient parser's allocations; the standard parser accepts no
-        // other spelling, and the lenient one reads those the same way.
-        let host = match address.parse::<Ipv4Addr>() {
-            Ok(ip) => Host::Ip(IpAddr::V4(ip)),
-            Err(_) => parse_host(address).ok_or_else(invalid)?,
-        };
-        let mut text = String::with_capacity(address.len() + 8);
-        write!(text, "{host}:{port}").expect("writing to a String");
-        let authority = HeaderValue::from_maybe_shared(Bytes::from(text)).map_err(|_| invalid())?;
+            .ok_or("vps_has_no_address")?;
+        let host = parse_host(address).ok_or("vps_address_invalid")?;
+        let text = host.to_string();
+        let authority =
+            HeaderValue::try_from(format!("{text}:{port}")).map_err(|_| "vps_address_invalid")?;
         Ok(Gateway {
             host,
             port,
+            text: text.into(),
             authority,
         })
     }
@@ -236,6 +245,9 @@ struct Forwarded {
 }
 
 impl Forwarded {
+    /// How many headers `apply` sets, at most.
+    const HEADERS: usize = 3;
+
     fn of(req: &Request<Incoming>, conn: &ClientConn) -> Forwarded {
         // The client's address as text, made once per connection.
         let peer = conn.peer_text();

@@ -1,10 +1,10 @@
 //! The proxy's Prometheus metrics (SPEC §6): names, bounded labels, and small
 //! helpers so call sites read as what happened. No label is per VPS or per user.
 
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Unit,
 };
 
 /// Which listener a metric is about.
@@ -60,10 +60,14 @@ pub const NOTIFY_RECONNECTS: &str = "tollgate_notify_reconnects_total";
 pub const DECISION_LOG_DROPPED: &str = "tollgate_decision_log_dropped_total";
 pub const DECISION_LOG_WRITE_FAILURES: &str = "tollgate_decision_log_write_failures_total";
 
-/// Register help texts once per process.
+/// Register help texts once per process (the recorder installed first).
 pub fn describe() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        for listener in [Listener::Egress, Listener::Ingress] {
+            let ok = counter!(REQUESTS, "listener" => listener.as_str(), "outcome" => "ok");
+            let _ = REQUESTS_OK[listener as usize].set(ok);
+        }
         describe_counter!(
             REQUESTS,
             "Requests and tunnels handled, by listener and outcome."
@@ -227,7 +231,17 @@ pub fn spliced(listener: Listener, bytes: u64) {
     }
 }
 
+/// The counter of successful requests per listener (egress, ingress), taken
+/// once the recorder is installed (`describe`): every successful request
+/// counts there without a lookup, which would allocate its labels and handle.
+static REQUESTS_OK: [OnceLock<Counter>; 2] = [OnceLock::new(), OnceLock::new()];
+
 pub fn request(listener: Listener, outcome: &'static str) {
+    if outcome == "ok" {
+        if let Some(counter) = REQUESTS_OK[listener as usize].get() {
+            return counter.increment(1);
+        }
+    }
     counter!(REQUESTS, "listener" => listener.as_str(), "outcome" => outcome).increment(1);
 }
 
