@@ -455,6 +455,7 @@ async fn measure(
         connect: origin_addr,
         path: path.into(),
         headers: vec![("Host".into(), origin_host.clone())],
+        server: None,
     };
     let ingress_at = |addr: SocketAddr, path: &str| Target {
         connect: addr,
@@ -463,12 +464,14 @@ async fn measure(
             ("Host".into(), addr.to_string()),
             ("Authorization".into(), format!("Bearer {}", agent.token)),
         ],
+        server: None,
     };
     let ingress = |path: &str| ingress_at(tollgate.ingress, path);
     let reverse_target = |addr: SocketAddr, path: &str| Target {
         connect: addr,
         path: path.into(),
         headers: vec![("Host".into(), addr.to_string())],
+        server: None,
     };
     let proxy_auth = basic_auth(agent.agent_id, &agent.token);
     let forward_target_as = |addr: SocketAddr, path: &str, auth: &str| Target {
@@ -478,6 +481,7 @@ async fn measure(
             ("Host".into(), origin_host.clone()),
             ("Proxy-Authorization".into(), auth.to_owned()),
         ],
+        server: None,
     };
     let forward_target = |addr: SocketAddr, path: &str| forward_target_as(addr, path, &proxy_auth);
     let judged_auth = basic_auth(judged.agent_id, &judged.token);
@@ -514,6 +518,7 @@ async fn measure(
         tokio::time::sleep(Duration::from_secs(args.hold)).await;
     }
 
+    let tollgate_pid = tollgate.process.pid();
     let wrk = |target: &Target| {
         traffic::wrk(
             &load.to_string(),
@@ -533,10 +538,11 @@ async fn measure(
             eprintln!("== ingress HTTP/1.1 {path}");
             let mut targets = vec![
                 ("direct".to_owned(), direct(path)),
-                ("Tollgate".to_owned(), ingress(path)),
+                ("Tollgate".to_owned(), ingress(path).served_by(tollgate_pid)),
             ];
             for (name, p) in &reverse {
-                targets.push(((*name).to_owned(), reverse_target(p.http1, path)));
+                let target = reverse_target(p.http1, path).served_by(p.process.pid());
+                targets.push(((*name).to_owned(), target));
             }
             let label = format!("ingress{}", path.replace('/', "-"));
             let profile = args
@@ -569,16 +575,20 @@ async fn measure(
             eprintln!("== egress HTTP/1.1 {path}");
             let mut targets = vec![
                 ("direct".to_owned(), direct(path)),
-                ("Tollgate".to_owned(), forward_target(tollgate.egress, path)),
+                (
+                    "Tollgate".to_owned(),
+                    forward_target(tollgate.egress, path).served_by(tollgate_pid),
+                ),
             ];
             if path == "/small" {
                 targets.push((
                     TOLLGATE_POLICY.to_owned(),
-                    forward_target_as(tollgate.egress, path, &judged_auth),
+                    forward_target_as(tollgate.egress, path, &judged_auth).served_by(tollgate_pid),
                 ));
             }
             for (name, p) in &forward {
-                targets.push(((*name).to_owned(), forward_target(p.addr, path)));
+                let target = forward_target(p.addr, path).served_by(p.process.pid());
+                targets.push(((*name).to_owned(), target));
             }
             let label = format!("egress{}", path.replace('/', "-"));
             let profile = args
@@ -630,24 +640,26 @@ async fn measure(
             ("direct".to_owned(), direct("/small")),
             (
                 "Tollgate".to_owned(),
-                ingress_at(tollgate2.ingress, "/small"),
+                ingress_at(tollgate2.ingress, "/small").served_by(tollgate2.process.pid()),
             ),
         ];
         for (name, p) in &reverse2 {
-            targets.push(((*name).to_owned(), reverse_target(p.http1, "/small")));
+            let target = reverse_target(p.http1, "/small").served_by(p.process.pid());
+            targets.push(((*name).to_owned(), target));
         }
         results.two_workers_ingress = interleaved(args, &targets, None, wrk2)?;
         let mut targets = vec![
             ("direct".to_owned(), direct("/small")),
             (
                 "Tollgate".to_owned(),
-                forward_target(tollgate2.egress, "/small"),
+                forward_target(tollgate2.egress, "/small").served_by(tollgate2.process.pid()),
             ),
         ];
         // squid and tinyproxy keep one worker: squid's SMP mode needs shared
         // memory set up for it, tinyproxy has none. They are shown for scale.
         for (name, p) in &forward {
-            targets.push(((*name).to_owned(), forward_target(p.addr, "/small")));
+            let target = forward_target(p.addr, "/small").served_by(p.process.pid());
+            targets.push(((*name).to_owned(), target));
         }
         results.two_workers_egress = interleaved(args, &targets, None, wrk2)?;
     }

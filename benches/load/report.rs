@@ -14,7 +14,7 @@ use crate::enforcement::{Kind, Trial};
 use crate::flush::FleetFlush;
 use crate::idle::IdleMemory;
 use crate::rounds::{Rounds, Spread};
-use crate::traffic::Run;
+use crate::traffic::{Run, ServerCpu};
 use crate::tunnel::Tunnel;
 use crate::{Args, BARE_RELAY, MINIMAL_RELAY, SPLICE_RELAY};
 
@@ -170,6 +170,15 @@ fn median_run(rounds: &Rounds<Run>) -> Run {
     run.p50_us = rounds.spread(|r| r.p50_us).median;
     run.p99_us = rounds.spread(|r| r.p99_us).median;
     run.mean_us = rounds.spread(|r| r.mean_us).median;
+    let cpu: Vec<ServerCpu> = rounds
+        .runs
+        .iter()
+        .filter_map(|m| m.value.server_cpu)
+        .collect();
+    run.server_cpu = (!cpu.is_empty()).then(|| ServerCpu {
+        user_us: Spread::of(cpu.iter().map(|c| c.user_us).collect()).median,
+        system_us: Spread::of(cpu.iter().map(|c| c.system_us).collect()).median,
+    });
     run
 }
 
@@ -423,6 +432,12 @@ fn http_rows(rows: &mut Vec<Row>, measurement: &str, series: &[(String, Rounds<R
         }
         if measurement.contains("1 MiB") {
             result.push_str(&format!(" ({})", mib_s(run.bytes_per_sec)));
+        }
+        if let Some(cpu) = run.server_cpu {
+            result.push_str(&format!(
+                "; CPU {:.1} µs user + {:.1} µs system per request",
+                cpu.user_us, cpu.system_us
+            ));
         }
         let ratio = match direct {
             Some(d) if name != "direct" => format!("{:.2}× direct", run.requests_per_sec / d),
@@ -1042,6 +1057,14 @@ fn generated(invocation: &str, args: &Args, results: &Results) -> String {
         args.rounds,
         crate::rounds::UNSTABLE_SPREAD * 100.0,
         overall_steal(results)
+    );
+    let _ = writeln!(
+        out,
+        "- CPU per request (HTTP/1.1 rows): the user and system time of the server under \
+         test (every thread and child process, `/proc/<pid>/stat`, 10 ms ticks) during \
+         the measured `wrk` run, divided by its requests; median over the rounds. \
+         System time on loopback includes the kernel delivering what the server sends \
+         to its reader (wrk, the origin)."
     );
     let _ = writeln!(
         out,

@@ -66,13 +66,8 @@ impl Process {
     /// CPU time (user + system, every thread) of the process and all its
     /// descendants so far, seconds.
     pub fn tree_cpu_secs(&self) -> f64 {
-        let mut ticks = 0;
-        let mut pending = vec![self.pid()];
-        while let Some(pid) = pending.pop() {
-            ticks += cpu_ticks(pid).unwrap_or(0);
-            pending.extend(children_of(pid));
-        }
-        ticks as f64 / clock_ticks_per_sec()
+        let cpu = tree_cpu(self.pid());
+        cpu.user_secs + cpu.system_secs
     }
 
     /// Fail with the tail of the log if the process has exited.
@@ -146,12 +141,45 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
-/// utime + stime of every thread of `pid`, clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
+/// utime and stime of every thread of `pid`, clock ticks.
+fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
     let fields = stat_fields(pid)?;
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
+}
+
+/// CPU time a process tree has used, seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTime {
+    pub user_secs: f64,
+    pub system_secs: f64,
+}
+
+impl CpuTime {
+    pub fn since(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user_secs: self.user_secs - earlier.user_secs,
+            system_secs: self.system_secs - earlier.system_secs,
+        }
+    }
+}
+
+/// CPU time of `pid` and all its descendants so far (every thread).
+pub fn tree_cpu(pid: u32) -> CpuTime {
+    let (mut user, mut system) = (0, 0);
+    let mut pending = vec![pid];
+    while let Some(pid) = pending.pop() {
+        let (u, s) = cpu_ticks(pid).unwrap_or((0, 0));
+        user += u;
+        system += s;
+        pending.extend(children_of(pid));
+    }
+    let tick = clock_ticks_per_sec();
+    CpuTime {
+        user_secs: user as f64 / tick,
+        system_secs: system as f64 / tick,
+    }
 }
 
 /// `CLK_TCK`, the unit of the CPU times in `/proc` (100 on every usual Linux).

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use crate::servers;
+
 /// What to request, and where to send it.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -17,6 +19,26 @@ pub struct Target {
     /// Origin-form (`/small`) or absolute-form (`http://host:port/small`).
     pub path: String,
     pub headers: Vec<(String, String)>,
+    /// The server under test behind `connect`, whose CPU time per request a
+    /// `wrk` run measures (none for the origin itself).
+    pub server: Option<u32>,
+}
+
+impl Target {
+    /// This target, with the CPU time of `pid` (and its descendants) measured.
+    pub fn served_by(mut self, pid: u32) -> Target {
+        self.server = Some(pid);
+        self
+    }
+}
+
+/// A server's CPU time per request during a measured run, microseconds: its
+/// own work (user) and the kernel's on its behalf (system; on loopback this
+/// includes delivering what it sends to the reader).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerCpu {
+    pub user_us: f64,
+    pub system_us: f64,
 }
 
 /// One load run's figures.
@@ -35,6 +57,8 @@ pub struct Run {
     /// counts them as read errors; tinyproxy closes after every response).
     pub closed: u64,
     pub requests: u64,
+    /// The server's CPU time per request (`wrk` runs of a target with a server).
+    pub server_cpu: Option<ServerCpu>,
 }
 
 /// Run `wrk` on `cpu` (a core, or a `taskset` list) with `threads` threads
@@ -55,7 +79,17 @@ pub fn wrk(
     if !warmup.is_zero() {
         run_wrk(cpu, threads, target, connections, warmup, &script)?;
     }
-    run_wrk(cpu, threads, target, connections, duration, &script)
+    let before = target.server.map(servers::tree_cpu);
+    let mut run = run_wrk(cpu, threads, target, connections, duration, &script)?;
+    if let (Some(pid), Some(before)) = (target.server, before) {
+        let spent = servers::tree_cpu(pid).since(before);
+        let requests = run.requests.max(1) as f64;
+        run.server_cpu = Some(ServerCpu {
+            user_us: spent.user_secs * 1e6 / requests,
+            system_us: spent.system_secs * 1e6 / requests,
+        });
+    }
+    Ok(run)
 }
 
 fn run_wrk(
@@ -111,6 +145,7 @@ fn run_wrk(
             + field("timeouts")) as u64,
         closed: field("read_errors") as u64,
         requests: requests as u64,
+        server_cpu: None,
     })
 }
 
@@ -220,6 +255,7 @@ pub fn h2load(
         errors,
         closed: 0,
         requests: count(" done"),
+        server_cpu: None,
     })
 }
 
