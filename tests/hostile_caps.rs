@@ -415,12 +415,23 @@ async fn per_agent_caps_refuse_one_agent_and_leave_the_others_alone() {
         "agent a's capacity came back {:?} after closing",
         reopened.elapsed()
     );
+    // The rest comes back as the proxy sees the other closed connections
+    // end (each on the serving thread that serves it).
     let mut more = Vec::new();
     for _ in 0..2 {
-        match connect(proxy.egress, &a.basic(), echo.addr).await {
-            Connect::Open(s) => more.push(s),
-            _ => panic!("agent a's capacity did not come back in full"),
-        }
+        let tunnel = eventually(
+            GENEROUS,
+            "agent a's capacity comes back in full",
+            || async {
+                match connect(proxy.egress, &a.basic(), echo.addr).await {
+                    Connect::Open(s) => Ok(s),
+                    Connect::Refused(r) => Err(format!("{} {}", r.status, reason(&r))),
+                    Connect::Closed => Err("closed".to_owned()),
+                }
+            },
+        )
+        .await;
+        more.push(tunnel);
     }
     drop((again, more, tunnels_b));
 
@@ -843,5 +854,62 @@ async fn an_idle_http2_client_that_acknowledges_nothing_is_closed_too() {
         closed.is_ok(),
         "an idle HTTP/2 client that acknowledges nothing still open after {GENEROUS:?}"
     );
+    proxy.stop().await;
+}
+
+/// A burst of connections is spread over the serving threads (the test proxy
+/// runs two), whichever thread the kernel woke to accept each: no thread
+/// serves more than two connections beyond another. Every connection, handed
+/// over or not, is then served.
+#[tokio::test]
+async fn a_burst_of_connections_is_spread_over_the_serving_threads() {
+    let _serial = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    let f = db.fixture("fly").await;
+    let origin = Origin::start().await;
+    let (seams, _) = loopback_seams();
+    let proxy = TestProxy::start_with(test_config(&db.url), seams).await;
+    let on = |text: &str, thread: usize| {
+        metric(
+            text,
+            &format!("tollgate_serving_thread_connections{{thread=\"{thread}\"}}"),
+        )
+    };
+    let before = metrics(proxy.admin).await;
+    let before = (on(&before, 0), on(&before, 1));
+
+    const BURST: usize = 40;
+    let mut burst =
+        futures_util::future::join_all((0..BURST).map(|_| TcpStream::connect(proxy.egress)))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+    let (zero, one) = eventually(GENEROUS, "every connection of the burst placed", || async {
+        let text = metrics(proxy.admin).await;
+        let placed = (on(&text, 0) - before.0, on(&text, 1) - before.1);
+        holds(placed.0 + placed.1 == BURST as f64, placed)
+    })
+    .await;
+    println!("a burst of {BURST} connections: {zero} on serving thread 0, {one} on thread 1");
+    assert!(
+        (zero - one).abs() <= 2.0,
+        "{zero} and {one} connections on the two serving threads"
+    );
+
+    let request = get_request(&origin.url("/status/204"), &f.basic());
+    for stream in &mut burst {
+        stream.write_all(&request).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(GENEROUS, stream.read_to_end(&mut answer))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 204"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
     proxy.stop().await;
 }

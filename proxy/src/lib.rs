@@ -83,7 +83,7 @@ use crate::meter::Meter;
 use crate::relay::Relays;
 use crate::server::{Limits, Stages};
 use crate::upstream::{Connector, Pool, PoolLimits};
-use crate::workers::Workers;
+use crate::workers::{Load, Workers};
 
 /// The proxy's sockets, bound by the caller.
 pub struct Listeners {
@@ -157,12 +157,15 @@ struct Serving {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     workers: Workers,
+    /// Open connections per serving thread, over every listener.
+    load: Load,
 }
 
 impl Serving {
     /// Serve `listener` with `stages` (TLS from `tls`, when configured) until
     /// shutdown: one accept loop on each serving thread, all taking
-    /// connections from the same socket.
+    /// connections from the same socket and placing each on the thread
+    /// serving the fewest (`workers::Load`).
     fn start<S: Stages>(
         &self,
         stages: Arc<S>,
@@ -186,14 +189,29 @@ impl Serving {
             .into_iter();
         // One connection limit for the listener, whichever thread accepts.
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-        Ok(self.workers.on_each(|_| {
+        // Each thread's inbox for the connections others hand it.
+        let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..self.workers.count())
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
+        let inboxes: Arc<[_]> = inboxes.into();
+        receivers.reverse();
+        Ok(self.workers.on_each(|here| {
             let socket = sockets.next().expect("a socket per thread");
+            let sharing = server::Sharing {
+                here,
+                load: self.load.clone(),
+                inboxes: inboxes.clone(),
+                inbox: receivers.pop().expect("an inbox per thread"),
+            };
             let (stages, tls, slots) = (stages.clone(), tls.clone(), slots.clone());
             let (shutdown, tracker) = (self.shutdown.clone(), self.tracker.clone());
             async move {
                 match TcpListener::from_std(socket) {
                     Ok(listener) => {
-                        server::run(stages, listener, limits, slots, tls, shutdown, tracker).await
+                        server::run(
+                            stages, listener, limits, slots, tls, sharing, shutdown, tracker,
+                        )
+                        .await
                     }
                     Err(e) => tracing::error!(listener = name, error = %e, "cannot watch the listening socket"),
                 }
@@ -321,10 +339,12 @@ pub async fn run(
     let agent_limits = AgentLimits::new(config.proxy.agent_limits.clone());
     background_tasks.spawn(agent_limits.clone().run_sweeper(background.clone()));
     let mut accept_loops = Vec::new();
+    let workers = Workers::start(options.workers).context("starting the serving threads")?;
     let serving = Serving {
         shutdown: shutdown.clone(),
         tracker: connections.clone(),
-        workers: Workers::start(options.workers).context("starting the serving threads")?,
+        load: Load::new(workers.count()),
+        workers,
     };
     let shards = serving.workers.count();
     if let Some(listener) = listeners.egress {

@@ -29,7 +29,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,6 +46,7 @@ use crate::meter::{ConnTally, MeteredIo};
 use crate::rescue::ProxyError;
 use crate::splice::Prefixed;
 use crate::telemetry::{self, GaugeGuard, Listener};
+use crate::workers::{Load, Place};
 
 /// Limits a listener applies to every connection.
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +108,8 @@ pub struct ClientConn {
     /// The peer's address as text, once a request needed it.
     peer_text: OnceLock<HeaderValue>,
     _slot: OwnedSemaphorePermit,
+    /// Its place among its serving thread's connections.
+    _place: Place,
     _open: GaugeGuard,
 }
 
@@ -157,52 +160,108 @@ pub fn alpn<S: Stages>() -> &'static [&'static [u8]] {
 const OVER_LIMIT: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
 connection: close\r\nretry-after: 1\r\ncontent-length: 46\r\n\r\n{\"error\":\"unavailable\",\"reason\":\"connections\"}";
 
+/// A connection one serving thread accepted for another to serve: the
+/// socket (off the accepting thread's reactor), its slot under the
+/// connection limit and its place on the other thread.
+pub struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    place: Place,
+}
+
+/// How one listener's accept loop on one serving thread shares its
+/// connections with the same listener's loops on the others (`workers`).
+pub struct Sharing {
+    /// This serving thread.
+    pub here: usize,
+    pub load: Load,
+    /// Every serving thread's inbox for this listener, by thread. Unbounded:
+    /// each connection in one holds a slot under the connection limit.
+    pub inboxes: Arc<[mpsc::UnboundedSender<Handoff>]>,
+    /// This thread's.
+    pub inbox: mpsc::UnboundedReceiver<Handoff>,
+}
+
 /// Serve `listener` with `stages` until `shutdown`: each connection (with its
 /// slot under the connection limit, one of `slots`) runs as a task on
-/// `tracker`, on this thread.
+/// `tracker`, on the serving thread `sharing` places it on: this one, or
+/// another that is serving fewer connections.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<S: Stages>(
     stages: Arc<S>,
     listener: TcpListener,
     limits: Limits,
     slots: Arc<Semaphore>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    mut sharing: Sharing,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let name = S::SHAPE.listener.as_str();
+    let serve_here = |stream: TcpStream, peer, slot, place| {
+        let accepted = Accepted {
+            peer,
+            slot,
+            place,
+            limits,
+            tls: tls.clone(),
+        };
+        tracker.spawn(serve(stages.clone(), stream, accepted, shutdown.clone()));
+    };
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
+            Some(handoff) = sharing.inbox.recv() => {
+                // From here on, this thread's reactor watches the socket.
+                match TcpStream::from_std(handoff.stream) {
+                    Ok(stream) => serve_here(stream, handoff.peer, handoff.slot, handoff.place),
+                    Err(e) => tracing::warn!(listener = name, error = %e, "cannot take over a connection from another serving thread"),
+                }
+                continue;
+            }
             _ = shutdown.cancelled() => return,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(listener = S::SHAPE.listener.as_str(), error = %e, "accept failed");
+                tracing::warn!(listener = name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                let accepted = Accepted {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            telemetry::rejected_connection(S::SHAPE.listener);
+            tracker.spawn(async move {
+                let mut stream = stream;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVER_LIMIT))
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
+        let place = sharing.load.place(sharing.here);
+        let there = place.thread();
+        if there == sharing.here {
+            serve_here(stream, peer, slot, place);
+            continue;
+        }
+        match stream.into_std() {
+            // A thread that no longer takes connections is shutting down:
+            // the connection closes, as one still in the backlog would.
+            Ok(stream) => {
+                let handoff = Handoff {
+                    stream,
                     peer,
                     slot,
-                    limits,
-                    tls: tls.clone(),
+                    place,
                 };
-                tracker.spawn(serve(stages.clone(), stream, accepted, shutdown.clone()));
+                let _ = sharing.inboxes[there].send(handoff);
             }
-            Err(_) => {
-                telemetry::rejected_connection(S::SHAPE.listener);
-                tracker.spawn(async move {
-                    let mut stream = stream;
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVER_LIMIT))
-                            .await;
-                    let _ = stream.shutdown().await;
-                });
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, "cannot hand a connection to another serving thread")
             }
         }
     }
@@ -217,6 +276,7 @@ enum Protocol {
 struct Accepted {
     peer: SocketAddr,
     slot: OwnedSemaphorePermit,
+    place: Place,
     limits: Limits,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -233,6 +293,7 @@ async fn serve<S: Stages>(
     let Accepted {
         peer,
         slot,
+        place,
         limits,
         tls,
     } = accepted;
@@ -257,6 +318,7 @@ async fn serve<S: Stages>(
         started: AtomicU64::new(0),
         peer_text: OnceLock::new(),
         _slot: slot,
+        _place: place,
         _open: GaugeGuard::connection(shape.listener),
     };
     match tally {

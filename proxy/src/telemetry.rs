@@ -27,6 +27,7 @@ pub const REQUESTS: &str = "tollgate_requests_total";
 pub const BYTES: &str = "tollgate_bytes_total";
 pub const ACTIVE_CONNECTIONS: &str = "tollgate_active_connections";
 pub const ACTIVE_TUNNELS: &str = "tollgate_active_tunnels";
+pub const SERVING_CONNECTIONS: &str = "tollgate_serving_thread_connections";
 pub const SPLICED_BYTES: &str = "tollgate_spliced_bytes_total";
 pub const REJECTED_CONNECTIONS: &str = "tollgate_rejected_connections_total";
 pub const AGENT_LIMIT_REFUSALS: &str = "tollgate_agent_limit_refusals_total";
@@ -78,6 +79,10 @@ pub fn describe() {
             "Bytes on sockets facing VPSes; rx = received by the VPS, tx = sent by it."
         );
         describe_gauge!(ACTIVE_CONNECTIONS, "Open client connections, by listener.");
+        describe_gauge!(
+            SERVING_CONNECTIONS,
+            "Open client connections, every listener's, by the serving thread that serves them."
+        );
         describe_gauge!(
             ACTIVE_TUNNELS,
             "Open CONNECT tunnels and WebSockets, by listener and kind."

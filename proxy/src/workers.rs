@@ -10,6 +10,13 @@
 //! the thread that accepted it, and the upstream connections it uses come
 //! from that thread's share of the pool (`upstream::Pool`).
 //!
+//! Which thread accepts a connection is up to the kernel: whichever thread's
+//! runtime woke first. Left there, a burst of connections can land mostly on
+//! one thread while the other idles, and keep-alive connections stay where
+//! they landed. So every accepted connection is placed by [`Load`]: on the
+//! serving thread with the fewest open connections (over every listener),
+//! handed to it if that is another thread.
+//!
 //! The thread that calls [`crate::run`] is serving thread 0: its runtime also
 //! runs the background tasks (flusher, enforcement, notifications). The
 //! others are started by [`Workers::start`] and stopped last, after the final
@@ -17,8 +24,12 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::runtime::Handle;
+
+use crate::telemetry::SERVING_CONNECTIONS;
 use tokio_util::sync::CancellationToken;
 
 thread_local! {
@@ -38,6 +49,74 @@ pub fn configured() -> usize {
         .and_then(|v| v.trim().parse::<usize>().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1)
+}
+
+/// Open connections per serving thread, over every listener (also the gauge
+/// `tollgate_serving_thread_connections{thread}`).
+#[derive(Clone)]
+pub struct Load(Arc<[Thread]>);
+
+struct Thread {
+    open: AtomicUsize,
+    gauge: metrics::Gauge,
+}
+
+impl Load {
+    pub fn new(threads: usize) -> Load {
+        Load(
+            (0..threads.max(1))
+                .map(|t| Thread {
+                    open: AtomicUsize::new(0),
+                    gauge: metrics::gauge!(SERVING_CONNECTIONS, "thread" => t.to_string()),
+                })
+                .collect(),
+        )
+    }
+
+    /// Where a connection accepted on thread `here` is served: the thread
+    /// with the fewest open connections, unless `here` has at most one more
+    /// (a handoff costs more than that imbalance). It counts there until the
+    /// returned place is dropped.
+    pub fn place(&self, here: usize) -> Place {
+        let least = (0..self.0.len())
+            .min_by_key(|&t| self.open(t))
+            .unwrap_or(here);
+        let thread = match self.open(here) > self.open(least) + 1 {
+            true => least,
+            false => here,
+        };
+        self.0[thread].open.fetch_add(1, Ordering::Relaxed);
+        self.0[thread].gauge.increment(1.0);
+        Place {
+            load: self.clone(),
+            thread,
+        }
+    }
+
+    /// Open connections on `thread`.
+    pub fn open(&self, thread: usize) -> usize {
+        self.0[thread].open.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection's place on a serving thread, counted there while it lives.
+pub struct Place {
+    load: Load,
+    thread: usize,
+}
+
+impl Place {
+    pub fn thread(&self) -> usize {
+        self.thread
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let thread = &self.load.0[self.thread];
+        thread.open.fetch_sub(1, Ordering::Relaxed);
+        thread.gauge.decrement(1.0);
+    }
 }
 
 /// The serving threads beyond the caller's.
@@ -144,5 +223,25 @@ mod tests {
             vec![(0, 0, 0, true), (1, 1, 1, true), (2, 2, 2, true)]
         );
         workers.stop().await;
+    }
+
+    #[test]
+    fn connections_go_to_the_least_loaded_thread_unless_it_is_within_one() {
+        let load = Load::new(3);
+        // Every connection accepted on thread 0: it takes one while it has
+        // at most one more than the least loaded, else the least loaded does.
+        let places: Vec<Place> = (0..9).map(|_| load.place(0)).collect();
+        assert_eq!((load.open(0), load.open(1), load.open(2)), (4, 3, 2));
+        let threads: Vec<usize> = places.iter().map(Place::thread).collect();
+        assert_eq!(threads, vec![0, 0, 1, 2, 0, 1, 2, 0, 1]);
+        // Connections that end free their place; the next goes where room is.
+        drop(places);
+        assert_eq!((load.open(0), load.open(1), load.open(2)), (0, 0, 0));
+        let kept = [load.place(2), load.place(2), load.place(1)];
+        assert_eq!(load.place(2).thread(), 0);
+        assert_eq!(
+            kept.iter().map(Place::thread).collect::<Vec<_>>(),
+            [2, 2, 1]
+        );
     }
 }
