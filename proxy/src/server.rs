@@ -249,8 +249,6 @@ pub async fn run<S: Stages>(
             continue;
         }
         match stream.into_std() {
-            // A thread that no longer takes connections is shutting down:
-            // the connection closes, as one still in the backlog would.
             Ok(stream) => {
                 let handoff = Handoff {
                     stream,
@@ -258,6 +256,9 @@ pub async fn run<S: Stages>(
                     slot,
                     place,
                 };
+                // A thread that no longer takes connections is shutting
+                // down: the connection closes, as one still in the backlog
+                // would.
                 let _ = sharing.inboxes[there].send(handoff);
             }
             Err(e) => {

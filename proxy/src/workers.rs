@@ -28,9 +28,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::SERVING_CONNECTIONS;
-use tokio_util::sync::CancellationToken;
 
 thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
@@ -76,7 +76,8 @@ impl Load {
     /// Where a connection accepted on thread `here` is served: the thread
     /// with the fewest open connections, unless `here` has at most one more
     /// (a handoff costs more than that imbalance). It counts there until the
-    /// returned place is dropped.
+    /// returned place is dropped. Two threads placing at the same instant
+    /// may both pick the same one: the next connections even it out.
     pub fn place(&self, here: usize) -> Place {
         let least = (0..self.0.len())
             .min_by_key(|&t| self.open(t))
