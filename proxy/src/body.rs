@@ -37,11 +37,40 @@ pub enum Flow {
     ToClient,
 }
 
-/// A body relayed from the other side: hyper's, or a response read straight
-/// from its upstream connection (`h1`).
+/// A body relayed from the other side: hyper's, a response read straight
+/// from its upstream connection (`h1`), or none.
 pub enum Source {
+    Empty,
     Hyper(Incoming),
     Read(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>),
+}
+
+/// A request's body as its client sends it: hyper's, or none (a request whose
+/// head the connection's task read itself, which announced no body:
+/// `h1_server`).
+#[derive(Debug)]
+pub enum RequestBody {
+    Empty,
+    Hyper(Incoming),
+}
+
+impl From<RequestBody> for Source {
+    fn from(body: RequestBody) -> Self {
+        match body {
+            RequestBody::Empty => Source::Empty,
+            RequestBody::Hyper(body) => Source::Hyper(body),
+        }
+    }
+}
+
+impl RequestBody {
+    /// Whether no body byte can follow.
+    pub fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Hyper(body) => body.is_end_stream(),
+        }
+    }
 }
 
 impl From<Incoming> for Source {
@@ -59,6 +88,7 @@ impl Body for Source {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
+            Source::Empty => Poll::Ready(None),
             Source::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Source::Read(body) => body.as_mut().poll_frame(cx),
         }
@@ -66,6 +96,7 @@ impl Body for Source {
 
     fn is_end_stream(&self) -> bool {
         match self {
+            Source::Empty => true,
             Source::Hyper(body) => body.is_end_stream(),
             Source::Read(body) => body.is_end_stream(),
         }
@@ -73,6 +104,7 @@ impl Body for Source {
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            Source::Empty => SizeHint::with_exact(0),
             Source::Hyper(body) => body.size_hint(),
             Source::Read(body) => body.size_hint(),
         }

@@ -17,14 +17,13 @@ use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 
 use tollgate_core::config::EgressConfig;
 
 use crate::agent_limits::AgentLimits;
 use crate::agent_policy::{self, Applied, Denial, Mode, Policy};
 use crate::auth;
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody};
 use crate::decision_log::DecisionLog;
 use crate::directory::{Agent, Directory};
 use crate::egress_policy::{parse_host, DenyReason, EgressPolicy, Host};
@@ -81,7 +80,7 @@ impl Stages for Egress {
 
     async fn proxy(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -138,7 +137,7 @@ impl Egress {
     /// Stage 2: the agent these credentials name, bound to this connection.
     async fn authenticate(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<RequestBody>,
         conn: &ClientConn,
     ) -> Result<Arc<Agent>, ProxyError> {
         let creds = auth::basic(req.headers().get(header::PROXY_AUTHORIZATION))
@@ -215,7 +214,7 @@ impl Egress {
     /// CONNECT: open the tunnel, answer 200, relay both ways.
     async fn tunnel(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         host: Host,
         port: u16,
         admitted: Admitted<'_>,
@@ -253,7 +252,7 @@ impl Egress {
     /// Plain HTTP (absolute-form), including `ws://` upgrades.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         (authority, host, port): (Authority, Host, u16),
         admitted: Admitted<'_>,
         exchange: &mut Exchange,
@@ -361,7 +360,7 @@ impl Target {
         }
     }
 
-    fn of(req: &Request<Incoming>) -> Result<Target, ProxyError> {
+    fn of(req: &Request<RequestBody>) -> Result<Target, ProxyError> {
         let uri = req.uri();
         if req.method() == Method::CONNECT {
             // authority-form: host:port, nothing else.

@@ -4,11 +4,9 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Uri, Version};
-use http_body::Body;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
-use crate::body::{Flow, ProxyBody};
+use crate::body::{Flow, ProxyBody, RequestBody};
 use crate::exchange::Exchange;
 use crate::gate::StreamGuard;
 
@@ -27,7 +25,7 @@ impl Outbound {
     /// counted in `exchange`. `room`: how many headers the caller adds to
     /// the request afterwards.
     pub fn of(
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         target: Uri,
         host: HeaderValue,
         room: usize,

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use uuid::Uuid;
 
 use tollgate_core::config::IngressConfig;
@@ -25,7 +24,7 @@ use tollgate_core::db::agents::{VpsRecord, VpsState};
 
 use crate::agent_limits::AgentLimits;
 use crate::auth;
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody};
 use crate::decision_log::DecisionLog;
 use crate::directory::Directory;
 use crate::egress_policy::{parse_host, Host};
@@ -100,7 +99,7 @@ impl Stages for Ingress {
 
     async fn proxy(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -248,7 +247,7 @@ impl Forwarded {
     /// How many headers `apply` sets, at most.
     const HEADERS: usize = 3;
 
-    fn of(req: &Request<Incoming>, conn: &ClientConn) -> Forwarded {
+    fn of(req: &Request<RequestBody>, conn: &ClientConn) -> Forwarded {
         // The client's address as text, made once per connection.
         let peer = conn.peer_text();
         let for_ = match req

@@ -37,6 +37,7 @@ pub mod flusher;
 pub mod framing;
 pub mod gate;
 pub mod h1;
+pub mod h1_server;
 pub mod headers;
 pub mod health;
 pub mod ingress;

@@ -38,10 +38,11 @@ use uuid::Uuid;
 use tollgate_core::config::TlsConfig;
 
 use crate::agent_limits::Held;
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody};
 use crate::decision_log::DecisionLog;
 use crate::exchange::{Busy, Exchange, ExchangeBody};
 use crate::framing::{Framing, FramingGuard, Verdicts};
+use crate::h1_server::{self, Served};
 use crate::meter::{ConnTally, MeteredIo};
 use crate::rescue::ProxyError;
 use crate::splice::Prefixed;
@@ -81,7 +82,7 @@ pub trait Stages: Send + Sync + Sized + 'static {
     /// Run the stages for `req`, arrived on `conn`.
     fn proxy(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send;
@@ -379,6 +380,20 @@ where
 {
     let limits = conn.limits;
     let io = FramingGuard::new(io, limits.max_header_bytes, conn.framing.clone());
+    let conn = Arc::new(conn);
+    let served = h1_server::serve(
+        io,
+        limits.max_header_bytes,
+        limits.header_read_timeout,
+        &shutdown,
+        |req| handle(&*stages, req, &conn),
+    )
+    .await;
+    // A request the fast path does not serve: hyper serves the rest of the
+    // connection, starting with the bytes read so far.
+    let Served::Unusual(io, early) = served else {
+        return;
+    };
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -386,10 +401,10 @@ where
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(64 * 1024))
         .keep_alive(true);
-    let service = service(stages, Arc::new(conn));
+    let service = service(stages, conn);
     serve_until(
         builder
-            .serve_connection(TokioIo::new(io), service)
+            .serve_connection(TokioIo::new(Prefixed::new(early, io)), service)
             .with_upgrades(),
         &shutdown,
         None,
@@ -398,8 +413,8 @@ where
 }
 
 /// A plain HTTP/1.1 client connection with a metered socket, as [`serve`] and
-/// `serve_http1` stack it.
-type MeteredHttp1 = TokioIo<FramingGuard<MeteredIo<TcpStream>>>;
+/// `serve_http1` stack it for hyper.
+type MeteredHttp1 = TokioIo<Prefixed<FramingGuard<MeteredIo<TcpStream>>>>;
 
 /// The client side of an upgraded connection (a CONNECT tunnel): the metered
 /// socket itself, with any bytes hyper read past the request, when the
@@ -409,10 +424,17 @@ pub fn upgraded_client(
     upgraded: Upgraded,
 ) -> Either<TokioIo<Upgraded>, Prefixed<MeteredIo<TcpStream>>> {
     match upgraded.downcast::<MeteredHttp1>() {
-        Ok(parts) => Either::Right(Prefixed::new(
-            parts.read_buf,
-            parts.io.into_inner().into_inner(),
-        )),
+        Ok(parts) => {
+            // What hyper read past the request, then what it had yet to read
+            // of the bytes the fast path handed it.
+            let (early, guard) = parts.io.into_inner().into_parts();
+            let read = match (parts.read_buf.is_empty(), early.is_empty()) {
+                (_, true) => parts.read_buf,
+                (true, false) => early,
+                (false, false) => [parts.read_buf, early].concat().into(),
+            };
+            Either::Right(Prefixed::new(read, guard.into_inner()))
+        }
         Err(upgraded) => Either::Left(TokioIo::new(upgraded)),
     }
 }
@@ -453,8 +475,9 @@ fn service<S: Stages>(
 > + Clone
        + Send
        + 'static {
-    service_fn(move |req| {
+    service_fn(move |req: Request<Incoming>| {
         let (stages, conn) = (stages.clone(), conn.clone());
+        let req = req.map(RequestBody::Hyper);
         async move { Ok::<_, Infallible>(handle(&*stages, req, &conn).await) }
     })
 }
@@ -463,7 +486,7 @@ fn service<S: Stages>(
 /// the response that carries the exchange to its end.
 async fn handle<S: Stages>(
     stages: &S,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     conn: &Arc<ClientConn>,
 ) -> Response<ExchangeBody> {
     let mut exchange = Exchange::begin(S::SHAPE.listener, &req, stages.decision_log());

@@ -96,6 +96,11 @@ impl<T> Prefixed<T> {
     pub fn new(early: Bytes, inner: T) -> Self {
         Self { early, inner }
     }
+
+    /// The early bytes not yet read, and the stream.
+    pub fn into_parts(self) -> (Bytes, T) {
+        (self.early, self.inner)
+    }
 }
 
 impl<T: Conduit> Conduit for Prefixed<T> {
