@@ -92,7 +92,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
                 return Err(Failure::invalid("response head too large"));
             }
             let started = !self.buf.is_empty();
-            match read(&mut self.io, &mut self.buf).await {
+            match read(&mut self.io, &mut self.buf, READ_CHUNK).await {
                 Ok(0) if !started => return Err(Failure::Unanswered(closed())),
                 Ok(0) => return Err(Failure::Broken(closed())),
                 Ok(_) => {}
@@ -152,17 +152,24 @@ pub struct Answer<I> {
     pub body: Reading<I>,
 }
 
-async fn read<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| poll_read(Pin::new(&mut *io), cx, buf)).await
+/// Read what `io` has into `buf`, growing it by `chunk` bytes when less
+/// than a quarter of that is free.
+pub(crate) async fn read<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    chunk: usize,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read(Pin::new(&mut *io), cx, buf, chunk)).await
 }
 
 fn poll_read<I: AsyncRead>(
     io: Pin<&mut I>,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
+    chunk: usize,
 ) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
+    if buf.capacity() - buf.len() < chunk / 4 {
+        buf.reserve(chunk);
     }
     tokio_util::io::poll_read_buf(io, cx, buf)
 }
@@ -506,8 +513,12 @@ where
                     return Poll::Ready(None);
                 }
                 Step::More => {
-                    let n =
-                        std::task::ready!(poll_read(Pin::new(&mut link.io), cx, &mut link.buf))?;
+                    let n = std::task::ready!(poll_read(
+                        Pin::new(&mut link.io),
+                        cx,
+                        &mut link.buf,
+                        READ_CHUNK
+                    ))?;
                     if n == 0 {
                         if this.reading.framing == Framing::Close {
                             this.reading.framing = Framing::Done;

@@ -35,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::RequestBody;
+use crate::h1::read;
 
 /// Most headers in a request head (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -154,7 +155,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     Parsed::Partial => {}
                 }
             }
-            if read(&mut self.io, &mut self.buf).await? == 0 {
+            if read(&mut self.io, &mut self.buf, READ_CHUNK).await? == 0 {
                 return Ok(Head::Closed);
             }
         }
@@ -165,7 +166,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// request, pipelined) are kept for later, and end the watch.
     async fn gone(&mut self) {
         if self.buf.is_empty() {
-            if let Ok(0) | Err(_) = read(&mut self.io, &mut self.buf).await {
+            if let Ok(0) | Err(_) = read(&mut self.io, &mut self.buf, READ_CHUNK).await {
                 return;
             }
         }
@@ -285,21 +286,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         out.clear();
         self.io.flush().await
     }
-}
-
-async fn read<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| poll_read(Pin::new(&mut *io), cx, buf)).await
-}
-
-fn poll_read<I: AsyncRead>(
-    io: Pin<&mut I>,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
-    }
-    tokio_util::io::poll_read_buf(io, cx, buf)
 }
 
 #[allow(clippy::large_enum_variant)]
