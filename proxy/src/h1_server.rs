@@ -719,6 +719,7 @@ mod tests {
 
     use std::collections::VecDeque;
     use std::convert::Infallible;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
     use http_body::{Frame, SizeHint};
@@ -1065,5 +1066,137 @@ mod tests {
         }
         let mut partial = BytesMut::from(&b"GET / HTTP/1.1\r\nhost: a\r\n"[..]);
         assert!(matches!(parse_request(&mut partial), Parsed::Partial));
+    }
+
+    /// Serve `io` with a handler that answers `hello` once `release` fires,
+    /// noting whether its future was dropped unfinished.
+    async fn serve_held(
+        io: DuplexStream,
+        shutdown: CancellationToken,
+        release: Arc<tokio::sync::Notify>,
+        dropped: Arc<AtomicBool>,
+    ) -> Served<DuplexStream> {
+        struct OnDrop(Arc<AtomicBool>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        serve(
+            io,
+            16 * 1024,
+            Duration::from_secs(30),
+            &shutdown,
+            move |_req| {
+                let release = release.clone();
+                let guard = OnDrop(dropped.clone());
+                async move {
+                    release.notified().await;
+                    std::mem::forget(guard);
+                    Response::builder()
+                        .header("x-a", "1")
+                        .body(http_body_util::Full::new(Bytes::from_static(b"hello")))
+                        .unwrap()
+                }
+            },
+        )
+        .await
+    }
+
+    async fn read_to_end(client: &mut DuplexStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut out))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_leaves_mid_request_drops_the_exchange() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let dropped = Arc::new(AtomicBool::new(false));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let serving = tokio::spawn(serve_held(
+            server,
+            CancellationToken::new(),
+            release,
+            dropped.clone(),
+        ));
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!dropped.load(Ordering::SeqCst));
+        drop(client);
+        let served = tokio::time::timeout(Duration::from_secs(5), serving)
+            .await
+            .expect("the connection ends when its client leaves")
+            .unwrap();
+        assert!(matches!(served, Served::Done));
+        assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_closes_idle_connections_and_finishes_requests_under_way() {
+        // Idle: closed at once, nothing written.
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let shutdown = CancellationToken::new();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let serving = tokio::spawn(serve_held(
+            server,
+            shutdown.clone(),
+            release.clone(),
+            dropped.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        shutdown.cancel();
+        assert_eq!(read_to_end(&mut client).await, b"");
+        assert!(matches!(serving.await.unwrap(), Served::Done));
+
+        // A request under way: answered, told the connection closes, closed.
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(serve_held(
+            server,
+            shutdown.clone(),
+            release.clone(),
+            dropped.clone(),
+        ));
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        release.notify_one();
+        let out = String::from_utf8(read_to_end(&mut client).await).unwrap();
+        assert!(
+            out.starts_with(
+                "HTTP/1.1 200 OK\r\nx-a: 1\r\nconnection: close\r\ncontent-length: 5\r\n"
+            ),
+            "{out}"
+        );
+        assert!(out.ends_with("\r\n\r\nhello"), "{out}");
+        assert!(matches!(serving.await.unwrap(), Served::Done));
+        assert!(!dropped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_not_sent_within_the_header_read_timeout_closes_the_connection() {
+        for sent in [&b""[..], b"GET / HTTP/1.1\r\nhost: a\r\n"] {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let started = tokio::time::Instant::now();
+            let serving = tokio::spawn(async move {
+                let shutdown = CancellationToken::new();
+                let served = serve(server, 16 * 1024, Duration::from_secs(7), &shutdown, |_| {
+                    std::future::ready(Response::new(http_body_util::Empty::<Bytes>::new()))
+                })
+                .await;
+                (served, started.elapsed())
+            });
+            client.write_all(sent).await.unwrap();
+            assert_eq!(read_to_end(&mut client).await, b"");
+            let (served, elapsed) = serving.await.unwrap();
+            assert!(matches!(served, Served::Done));
+            assert_eq!(elapsed, Duration::from_secs(7), "{sent:?}");
+        }
     }
 }
