@@ -187,6 +187,48 @@ async fn a_rotated_token_cuts_open_tunnels_and_websockets() {
     s.proxy.stop().await;
 }
 
+/// A response still streaming when its credential is rotated is cut at once,
+/// not when its next bytes arrive: the gateway here sends one event, then
+/// waits 60 s before the next.
+#[tokio::test]
+async fn a_rotated_token_cuts_a_response_waiting_for_its_next_bytes() {
+    let s = setup().await;
+    let mut stream = TcpStream::connect(s.proxy.ingress.unwrap()).await.unwrap();
+    let request = format!(
+        "GET /agents/{}/gateway/sse/2/60000 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\r\n",
+        s.f.agent, s.f.token
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let head = String::from_utf8(read_head(&mut stream).await).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut first = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut first))
+        .await
+        .expect("the first event arrives")
+        .unwrap();
+
+    let rotated = Instant::now();
+    s.execute(
+        "UPDATE agents SET gateway_token = md5(random()::text) || md5(random()::text) WHERE id = $1",
+        s.f.agent,
+    )
+    .await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(CUT_DEADLINE, stream.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "response still open {CUT_DEADLINE:?} after token rotation"
+    );
+    println!("token rotation: response cut after {:?}", rotated.elapsed());
+    // Cut, not finished: a chunked body that ended would end with its last chunk.
+    assert!(
+        !rest.ends_with(b"0\r\n\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    s.proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_deleted_agent_has_its_tunnels_and_websockets_cut() {
     let s = setup().await;

@@ -38,6 +38,10 @@ pub struct Trial {
     /// Bytes recorded in `vps_usage_periods` after settling.
     pub recorded_bytes: u64,
     pub limit: u64,
+    /// Requests: the block landed while a response was under way, which was
+    /// cut (the connection closed mid-body) instead of a later request
+    /// getting the 403.
+    pub cut_mid_response: bool,
 }
 
 impl Trial {
@@ -72,11 +76,21 @@ pub async fn requests(
     let mut conn = Connection::open(egress).await?;
     let start = Instant::now();
     let mut crossed: Option<Instant> = None;
+    let mut cut_mid_response = false;
     let deadline = start + Duration::from_secs(30);
     loop {
         // Crossing is dated at the start of the exchange that crossed (conservative).
         let sent = Instant::now();
-        let response = conn.exchange(&request, false).await?;
+        let response = match conn.exchange(&request, false).await {
+            Ok(response) => response,
+            // A block past the headroom stops the response under way.
+            Err(e) if is_cut(&e) && conn.written + conn.read >= limit => {
+                crossed.get_or_insert(sent);
+                cut_mid_response = true;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let total = conn.written + conn.read;
         match response.status {
             200 => {}
@@ -94,7 +108,7 @@ pub async fn requests(
     let crossed = crossed.context("blocked before the limit was reached")?;
     let client_bytes = conn.written + conn.read;
     drop(conn);
-    finish(
+    let trial = finish(
         db,
         agent,
         Kind::Requests,
@@ -103,7 +117,17 @@ pub async fn requests(
         client_bytes,
         limit,
     )
-    .await
+    .await?;
+    Ok(Trial {
+        cut_mid_response,
+        ..trial
+    })
+}
+
+/// The proxy closed the connection under a response (a cut).
+fn is_cut(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionReset, UnexpectedEof};
+    matches!(e.kind(), UnexpectedEof | ConnectionReset)
 }
 
 /// One download of `size` bytes (more than `limit`), read until the proxy cuts it.
@@ -221,5 +245,6 @@ async fn finish(
         client_bytes,
         recorded_bytes: recorded as u64,
         limit,
+        cut_mid_response: false,
     })
 }

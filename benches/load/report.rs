@@ -732,10 +732,18 @@ fn rows(results: &Results) -> Vec<Row> {
             .iter()
             .filter(|t| t.kind == kind)
             .count();
-        let what = match kind {
-            Kind::Requests => "limit → 403",
-            Kind::Download => "limit → stream cut",
-            Kind::Tunnel => "limit → tunnel closed",
+        let cut = results
+            .enforcement
+            .iter()
+            .filter(|t| t.kind == kind && t.cut_mid_response)
+            .count();
+        let what = match (kind, cut) {
+            (Kind::Requests, 0) => "limit → 403".to_string(),
+            (Kind::Requests, cut) => {
+                format!("limit → 403, or the response under way cut ({cut} of the trials)")
+            }
+            (Kind::Download, _) => "limit → stream cut".to_string(),
+            (Kind::Tunnel, _) => "limit → tunnel closed".to_string(),
         };
         rows.push(Row {
             measurement: measurement.into(),

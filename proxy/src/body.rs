@@ -120,7 +120,9 @@ pub enum ProxyBody {
     /// those of an agent with a bandwidth limit, are held until paid for.
     Guarded {
         inner: Source,
-        stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
+        /// Wakes the body when the guard stops it: armed the first time the
+        /// body waits (a response already in hand never registers).
+        stopped: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
         guard: StreamGuard,
         way: Way,
         /// Bytes passed on, when someone counts them.
@@ -145,7 +147,7 @@ impl ProxyBody {
         };
         ProxyBody::Guarded {
             inner: inner.into(),
-            stopped: Box::pin(guard.stopped()),
+            stopped: None,
             guard,
             way,
             counted,
@@ -186,45 +188,17 @@ impl Body for ProxyBody {
                 waiting,
                 paced,
             } => {
-                // Checked first: once stopped, `stopped` is not polled again.
-                if stopped.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Some(Err(StreamCut.into())));
-                }
-                if let Some((_, until)) = paced {
-                    std::task::ready!(until.as_mut().poll(cx));
-                    let (frame, _) = paced.take().expect("in hand");
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                let slow = loop {
-                    if let Some(wait) = waiting {
-                        std::task::ready!(wait.as_mut().poll(cx));
-                        *waiting = None;
-                    }
-                    match guard.pass() {
-                        Pass::Go => break false,
-                        Pass::Slow => break true,
-                        Pass::Wait(news) => *waiting = Some(Box::pin(news.cancelled_owned())),
-                        Pass::Stop => return Poll::Ready(Some(Err(StreamCut.into()))),
-                    }
-                };
-                let poll = Pin::new(inner).poll_frame(cx);
-                let Poll::Ready(Some(Ok(frame))) = poll else {
-                    return poll;
-                };
-                let Some(data) = frame.data_ref() else {
-                    return Poll::Ready(Some(Ok(frame)));
-                };
-                if let Some(counted) = counted {
-                    counted.fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                if let Some(at) = guard.pace(*way, data.len(), slow) {
-                    let mut until = Box::pin(tokio::time::sleep_until(at));
-                    if until.as_mut().poll(cx).is_pending() {
-                        *paced = Some((frame, until));
-                        return Poll::Pending;
+                let poll = poll_guarded(inner, guard, *way, counted, waiting, paced, cx);
+                if poll.is_pending() {
+                    // Whatever it waits for, a block or a revocation ends the
+                    // wait. A cut before this registration is seen here too:
+                    // the guard's tokens were taken before its first check.
+                    let stopped = stopped.get_or_insert_with(|| Box::pin(guard.stopped()));
+                    if stopped.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(StreamCut.into())));
                     }
                 }
-                Poll::Ready(Some(Ok(frame)))
+                poll
             }
         }
     }
@@ -246,4 +220,55 @@ impl Body for ProxyBody {
             ProxyBody::Guarded { inner, .. } => inner.size_hint(),
         }
     }
+}
+
+/// One step of a guarded body: stop if the guard says so, wait for a grant or
+/// for the pace, or pass on the inner body's next frame.
+fn poll_guarded(
+    inner: &mut Source,
+    guard: &StreamGuard,
+    way: Way,
+    counted: &Option<Arc<AtomicU64>>,
+    waiting: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    paced: &mut Option<(Frame<Bytes>, Pin<Box<Sleep>>)>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    if guard.stopped_now() {
+        return Poll::Ready(Some(Err(StreamCut.into())));
+    }
+    if let Some((_, until)) = paced {
+        std::task::ready!(until.as_mut().poll(cx));
+        let (frame, _) = paced.take().expect("in hand");
+        return Poll::Ready(Some(Ok(frame)));
+    }
+    let slow = loop {
+        if let Some(wait) = waiting {
+            std::task::ready!(wait.as_mut().poll(cx));
+            *waiting = None;
+        }
+        match guard.pass() {
+            Pass::Go => break false,
+            Pass::Slow => break true,
+            Pass::Wait(news) => *waiting = Some(Box::pin(news.cancelled_owned())),
+            Pass::Stop => return Poll::Ready(Some(Err(StreamCut.into()))),
+        }
+    };
+    let poll = Pin::new(inner).poll_frame(cx);
+    let Poll::Ready(Some(Ok(frame))) = poll else {
+        return poll;
+    };
+    let Some(data) = frame.data_ref() else {
+        return Poll::Ready(Some(Ok(frame)));
+    };
+    if let Some(counted) = counted {
+        counted.fetch_add(data.len() as u64, Ordering::Relaxed);
+    }
+    if let Some(at) = guard.pace(way, data.len(), slow) {
+        let mut until = Box::pin(tokio::time::sleep_until(at));
+        if until.as_mut().poll(cx).is_pending() {
+            *paced = Some((frame, until));
+            return Poll::Pending;
+        }
+    }
+    Poll::Ready(Some(Ok(frame)))
 }

@@ -605,7 +605,7 @@ impl StreamGuard {
     /// grant arrives, or stop (a block, a revocation, the headroom spent).
     #[inline]
     pub fn pass(&self) -> Pass {
-        if self.cut.is_cancelled() || self.revoked() {
+        if self.stopped_now() {
             return Pass::Stop;
         }
         match self.gate.as_ref().map(|g| g.verdict()) {
@@ -635,6 +635,13 @@ impl StreamGuard {
             Some(gate) => gate.admit(listener).await,
             None => Ok(()),
         }
+    }
+
+    /// Whether a block decision or a revocation has stopped this guard's
+    /// streams (what [`StreamGuard::stopped`] waits for), without waiting.
+    #[inline]
+    pub fn stopped_now(&self) -> bool {
+        self.cut.is_cancelled() || self.revoked()
     }
 
     /// Whether the credential this guard was opened with has been revoked.
