@@ -67,7 +67,7 @@ fn drive_load(
                 let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     i += 1;
-                    let request = if (w + i) % 2 == 0 {
+                    let request = if (w + i).is_multiple_of(2) {
                         get_request(
                             &format!("{base}/bytes/{}", 500 + (w * 7 + i * 131) % 20_000),
                             &auth,

@@ -129,8 +129,10 @@ pub enum ProxyBody {
         counted: Option<Arc<AtomicU64>>,
         /// Set while the user's lease is spent and a grant is on its way.
         waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-        /// A frame in hand, until its bytes are paid for.
-        paced: Option<(Frame<Bytes>, Pin<Box<Sleep>>)>,
+        /// A data frame's bytes in hand, until they are paid for (the bytes
+        /// alone: a frame, which may be trailers, would double the body's
+        /// size, and every response moves it).
+        paced: Option<(Bytes, Pin<Box<Sleep>>)>,
     },
 }
 
@@ -230,7 +232,7 @@ fn poll_guarded(
     way: Way,
     counted: &Option<Arc<AtomicU64>>,
     waiting: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    paced: &mut Option<(Frame<Bytes>, Pin<Box<Sleep>>)>,
+    paced: &mut Option<(Bytes, Pin<Box<Sleep>>)>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     if guard.stopped_now() {
@@ -238,8 +240,8 @@ fn poll_guarded(
     }
     if let Some((_, until)) = paced {
         std::task::ready!(until.as_mut().poll(cx));
-        let (frame, _) = paced.take().expect("in hand");
-        return Poll::Ready(Some(Ok(frame)));
+        let (data, _) = paced.take().expect("in hand");
+        return Poll::Ready(Some(Ok(Frame::data(data))));
     }
     let slow = loop {
         if let Some(wait) = waiting {
@@ -266,7 +268,8 @@ fn poll_guarded(
     if let Some(at) = guard.pace(way, data.len(), slow) {
         let mut until = Box::pin(tokio::time::sleep_until(at));
         if until.as_mut().poll(cx).is_pending() {
-            *paced = Some((frame, until));
+            let data = frame.into_data().expect("a data frame");
+            *paced = Some((data, until));
             return Poll::Pending;
         }
     }

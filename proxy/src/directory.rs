@@ -88,7 +88,7 @@ pub struct Agent {
     /// first that needs it (a changed VPS is a new entry).
     pub gateway: OnceLock<Result<Gateway, &'static str>>,
     fetched_at: Instant,
-    revoked: CancellationToken,
+    revoked: Arc<CancellationToken>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -108,16 +108,16 @@ impl Agent {
         self.token.ct_eq(token).into()
     }
 
-    /// Cancelled once the credential this entry was read with stops being valid
-    /// (token rotated, agent deleted, moved to another VPS or user). Shared with
-    /// the entries that succeed this one while the credential holds, so a relay
-    /// that watches it is cut by whichever later change revokes it.
     /// When the entry was read from the database.
     pub fn fetched_at(&self) -> Instant {
         self.fetched_at
     }
 
-    pub fn revoked(&self) -> &CancellationToken {
+    /// Cancelled once the credential this entry was read with stops being valid
+    /// (token rotated, agent deleted, moved to another VPS or user). Shared with
+    /// the entries that succeed this one while the credential holds, so a relay
+    /// that watches it is cut by whichever later change revokes it.
+    pub fn revoked(&self) -> &Arc<CancellationToken> {
         &self.revoked
     }
 

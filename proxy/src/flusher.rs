@@ -290,7 +290,7 @@ impl Flusher {
 
     async fn housekeeping(&mut self) {
         self.ticks += 1;
-        if self.ticks % 60 == 0 {
+        if self.ticks.is_multiple_of(60) {
             self.meter.evict_idle();
         }
         if self.ticks % 3600 == 1 {

@@ -90,7 +90,13 @@ pub struct UserGate {
     reason: AtomicU8,
     /// Days since the epoch of the decision's period start.
     period_day: AtomicI64,
+    /// Cancelled (and replaced) each time the user's streams are cut: what
+    /// a waiting stream waits on.
     cut: Mutex<CancellationToken>,
+    /// Cuts so far. A guard remembers the count it was taken at and is cut
+    /// once it changes: checking costs an atomic load, and only a stream that
+    /// waits takes the token.
+    cuts: AtomicU64,
     /// Bandwidth bytes left before the decision flips, as of the last evaluation.
     headroom: AtomicU64,
     /// The reason the decision will flip with, once the headroom is used up.
@@ -131,6 +137,7 @@ impl UserGate {
             reason: AtomicU8::new(0),
             period_day: AtomicI64::new(0),
             cut: Mutex::new(CancellationToken::new()),
+            cuts: AtomicU64::new(0),
             headroom: AtomicU64::new(NO_HEADROOM),
             headroom_reason: AtomicU8::new(0),
             counters: RwLock::new(Vec::new()),
@@ -195,9 +202,9 @@ impl UserGate {
     /// `Err` if the user's traffic must stop: blocked by decision, past the
     /// headroom of the last decision, or past this proxy's lease with the user's
     /// headroom spent fleet-wide. A lease merely waiting for a grant is `Ok`
-    /// here; [`UserGate::verdict`] tells it apart. Take [`UserGate::cut_token`]
-    /// *before* calling this, so a block landing in between still reaches the
-    /// stream.
+    /// here; [`UserGate::verdict`] tells it apart. Take the stream's
+    /// [`StreamGuard`] *before* calling this, so a block landing in between
+    /// still reaches the stream.
     #[inline]
     pub fn check(&self) -> Result<(), Blocked> {
         match self.verdict() {
@@ -440,9 +447,17 @@ impl UserGate {
         }
     }
 
-    /// A token cancelled when this user next becomes blocked.
-    pub fn cut_token(&self) -> CancellationToken {
-        self.cut.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// Cuts of this user's streams so far.
+    #[inline]
+    fn cuts(&self) -> u64 {
+        self.cuts.load(Ordering::Acquire)
+    }
+
+    /// A token cancelled at the user's next cut, if there has been none since
+    /// the count was `seen`.
+    fn cut_after(&self, seen: u64) -> Option<CancellationToken> {
+        let token = self.cut.lock().unwrap_or_else(|p| p.into_inner());
+        (self.cuts() == seen).then(|| token.clone())
     }
 
     fn period(&self) -> Period {
@@ -468,6 +483,8 @@ impl UserGate {
 
     fn cut_streams(&self) {
         let mut token = self.cut.lock().unwrap_or_else(|p| p.into_inner());
+        // Counted first: a stream woken by the token sees the cut.
+        self.cuts.fetch_add(1, Ordering::AcqRel);
         token.cancel();
         *token = CancellationToken::new();
     }
@@ -518,14 +535,15 @@ pub enum Pass {
     Stop,
 }
 
-/// What a request, stream or tunnel watches: its user's cut token (taken before
-/// the decision is checked, so a block landing in between still reaches it), its
-/// user's gate (for bytes past the headroom), and its agent's revocation token
-/// (cancelled when the credential it was opened with stops being valid).
+/// What a request, stream or tunnel watches: its user's cuts (counted from
+/// when the guard was taken, before the decision is checked, so a block
+/// landing in between still reaches it), its user's gate (for bytes past the
+/// headroom), and its agent's revocation token (cancelled when the credential
+/// it was opened with stops being valid).
 #[derive(Debug, Clone)]
 pub struct StreamGuard {
-    cut: CancellationToken,
-    revoked: Option<CancellationToken>,
+    cut: Cut,
+    revoked: Option<Arc<CancellationToken>>,
     gate: Option<Arc<UserGate>>,
     /// The agent's own bandwidth limit, if it has one.
     bandwidth: Option<Arc<AgentBandwidth>>,
@@ -533,12 +551,22 @@ pub struct StreamGuard {
     from_client: Way,
 }
 
+/// What cuts a guard's streams, besides its credential.
+#[derive(Debug, Clone)]
+enum Cut {
+    /// The user's next cut after this count (the guard has the user's gate).
+    User(u64),
+    Token(CancellationToken),
+    /// Nothing: the destination is open whatever the user's decision.
+    Never,
+}
+
 impl StreamGuard {
     /// Guard for `gate`'s user and, when given, the credential `revoked` belongs
     /// to. Check it with [`StreamGuard::check`] afterwards.
-    pub fn new(gate: &Arc<UserGate>, revoked: Option<CancellationToken>) -> Self {
+    pub fn new(gate: &Arc<UserGate>, revoked: Option<Arc<CancellationToken>>) -> Self {
         Self {
-            cut: gate.cut_token(),
+            cut: Cut::User(gate.cuts()),
             revoked,
             gate: Some(gate.clone()),
             bandwidth: None,
@@ -576,7 +604,7 @@ impl StreamGuard {
     /// the user's limits.
     pub fn open(&self) -> Self {
         Self {
-            cut: CancellationToken::new(),
+            cut: Cut::Never,
             revoked: self.revoked.clone(),
             gate: None,
             bandwidth: self.bandwidth.clone(),
@@ -587,7 +615,7 @@ impl StreamGuard {
     /// A guard that only watches `cut`.
     pub fn from_token(cut: CancellationToken) -> Self {
         Self {
-            cut,
+            cut: Cut::Token(cut),
             revoked: None,
             gate: None,
             bandwidth: None,
@@ -641,7 +669,12 @@ impl StreamGuard {
     /// streams (what [`StreamGuard::stopped`] waits for), without waiting.
     #[inline]
     pub fn stopped_now(&self) -> bool {
-        self.cut.is_cancelled() || self.revoked()
+        let cut = match (&self.cut, &self.gate) {
+            (Cut::User(seen), Some(gate)) => gate.cuts() != *seen,
+            (Cut::Token(cut), _) => cut.is_cancelled(),
+            (Cut::User(_), None) | (Cut::Never, _) => false,
+        };
+        cut || self.revoked()
     }
 
     /// Whether the credential this guard was opened with has been revoked.
@@ -670,14 +703,28 @@ impl StreamGuard {
     /// Resolves on a block decision or a revocation (not on headroom, which is
     /// checked per chunk).
     pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
-        let (cut, revoked) = (self.cut.clone(), self.revoked.clone());
+        // `None`: cut already. A token to wait on otherwise, and none when
+        // only the credential can stop the streams.
+        let cut = match (&self.cut, &self.gate) {
+            (Cut::User(seen), Some(gate)) => gate.cut_after(*seen).map(Some),
+            (Cut::Token(cut), _) => Some(Some(cut.clone())),
+            (Cut::User(_), None) | (Cut::Never, _) => Some(None),
+        };
+        let revoked = self.revoked.clone();
         async move {
+            let Some(cut) = cut else { return };
+            let cut = async {
+                match cut {
+                    Some(cut) => cut.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
             match revoked {
                 Some(revoked) => tokio::select! {
-                    _ = cut.cancelled() => {}
+                    _ = cut => {}
                     _ = revoked.cancelled() => {}
                 },
-                None => cut.cancelled().await,
+                None => cut.await,
             }
         }
     }
@@ -777,10 +824,7 @@ mod tests {
             bytes_per_second: 2000,
         });
         gate.set(Some(BlockReason::BudgetExhausted), period);
-        assert!(
-            !guard.cut.is_cancelled(),
-            "a throttled user's streams go on"
-        );
+        assert!(!guard.stopped_now(), "a throttled user's streams go on");
         assert_eq!(gate.admit(Listener::Ingress).await, Ok(()));
         assert!(matches!(guard.pass(), Pass::Slow));
         // Two live proxies: this one passes 1000 B/s of the user's 2000.
@@ -796,7 +840,7 @@ mod tests {
         );
         // The plan turns to blocking: the exhausted user's streams are cut.
         gate.set_on_exhausted(OnExhausted::Block);
-        assert!(guard.cut.is_cancelled());
+        assert!(guard.stopped_now());
         assert!(matches!(guard.pass(), Pass::Stop));
         assert!(gate.admit(Listener::Ingress).await.is_err());
         // Past the headroom on a throttling plan is slow too, not stopped.
@@ -821,14 +865,25 @@ mod tests {
         }
     }
 
+    /// Whether `stopped` has resolved, polled once.
+    fn resolved(stopped: &mut std::pin::Pin<Box<impl Future<Output = ()>>>) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        stopped.as_mut().poll(&mut cx).is_ready()
+    }
+
     #[test]
-    fn blocking_cancels_tokens_taken_before_and_not_after() {
-        let gate = UserGate::new(Uuid::new_v4(), None);
+    fn blocking_stops_guards_taken_before_and_not_after() {
+        let gate = Arc::new(UserGate::new(Uuid::new_v4(), None));
         let period = Period::current();
-        let before = gate.cut_token();
+        let before = StreamGuard::new(&gate, None);
+        // One waits from before the cut, one starts waiting only after it.
+        let mut waiting = Box::pin(before.stopped());
+        assert!(!resolved(&mut waiting));
         assert!(gate.check().is_ok());
         gate.set(Some(BlockReason::Bandwidth), period);
-        assert!(before.is_cancelled());
+        assert!(before.stopped_now());
+        assert!(resolved(&mut waiting));
+        assert!(resolved(&mut Box::pin(before.stopped())));
         assert_eq!(
             gate.check(),
             Err(Blocked {
@@ -837,12 +892,34 @@ mod tests {
             })
         );
         // Still blocked with another reason: no second cut needed, state updates.
-        let during = gate.cut_token();
+        let during = StreamGuard::new(&gate, None);
+        let mut during_waits = Box::pin(during.stopped());
         gate.set(Some(BlockReason::BudgetExhausted), period);
-        assert!(!during.is_cancelled());
+        assert!(!during.stopped_now());
+        assert!(!resolved(&mut during_waits));
         gate.set(None, period);
         assert!(gate.check().is_ok());
-        let after = gate.cut_token();
-        assert!(!after.is_cancelled());
+        let after = StreamGuard::new(&gate, None);
+        assert!(!after.stopped_now());
+        let mut after_waits = Box::pin(after.stopped());
+        assert!(!resolved(&mut after_waits));
+        // The next block reaches both.
+        gate.set(Some(BlockReason::Bandwidth), period);
+        assert!(during.stopped_now() && after.stopped_now());
+        assert!(resolved(&mut during_waits) && resolved(&mut after_waits));
+    }
+
+    #[test]
+    fn a_guard_stops_on_its_credential_alone_when_the_destination_is_open() {
+        let gate = Arc::new(UserGate::new(Uuid::new_v4(), None));
+        let revoked = Arc::new(CancellationToken::new());
+        let open = StreamGuard::new(&gate, Some(revoked.clone())).open();
+        let mut waiting = Box::pin(open.stopped());
+        gate.set(Some(BlockReason::Bandwidth), Period::current());
+        assert!(!open.stopped_now(), "a block leaves an open destination be");
+        assert!(!resolved(&mut waiting));
+        revoked.cancel();
+        assert!(open.stopped_now() && open.revoked());
+        assert!(resolved(&mut waiting));
     }
 }

@@ -244,14 +244,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             let data = encoder.encode(data, out);
             // A body longer than its length ends there, as in hyper.
             let done = ended || encoder == Encoder::Length(0);
-            if done {
-                encoder.check_ended()?;
-            }
             if !data.is_empty() || done {
                 self.write(out, &data, encoder.tail(!data.is_empty(), done))
                     .await?;
             }
             if done {
+                // A body shorter than its length fails the connection after
+                // what it had went out, as in hyper.
+                encoder.check_ended()?;
                 return Ok(match encoder {
                     Encoder::Close => Next::Close,
                     _ => next,

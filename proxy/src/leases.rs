@@ -212,7 +212,7 @@ impl Leases {
                         if due {
                             last_renewal = Instant::now();
                             renewals += 1;
-                            tidy = renewals % TIDY_EVERY == 0;
+                            tidy = renewals.is_multiple_of(TIDY_EVERY);
                         }
                         self.renew(&enforcer, period, &returned, tidy, &mut valid_until).await;
                     }

@@ -3,7 +3,7 @@
 //! meter, one flusher, one enforcer and one admin listener.
 //!
 //! ```text
-//!  client socket ─▶ server (limits, TLS, HTTP/1 + framing guard, HTTP/2) ─▶ handle
+//!  client socket ─▶ server (limits, TLS, HTTP/1 fast path or hyper + framing guard, HTTP/2) ─▶ handle
 //!      │ egress: MeteredIo counts here                                        │
 //!      ▼                                                                      ▼
 //!  Stages::proxy:  target/route ─▶ auth (directory) ─▶ agent caps ─▶ enforcement (gate)

@@ -379,21 +379,29 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = conn.limits;
-    let io = FramingGuard::new(io, limits.max_header_bytes, conn.framing.clone());
     let conn = Arc::new(conn);
+    // The fast path serves only heads without `Content-Length` or
+    // `Transfer-Encoding`: their framing is clear, and the guard has nothing
+    // to judge.
     let served = h1_server::serve(
         io,
         limits.max_header_bytes,
         limits.header_read_timeout,
         &shutdown,
-        |req| handle(&*stages, req, &conn),
+        |req| handle(&*stages, req, &conn, Framing::Clear),
     )
     .await;
     // A request the fast path does not serve: hyper serves the rest of the
-    // connection, starting with the bytes read so far.
+    // connection, starting with the bytes read so far (the start of that
+    // request's head), behind the smuggling guard.
     let Served::Unusual(io, early) = served else {
         return;
     };
+    let io = FramingGuard::new(
+        Prefixed::new(early, io),
+        limits.max_header_bytes,
+        conn.framing.clone(),
+    );
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -404,7 +412,7 @@ where
     let service = service(stages, conn);
     serve_until(
         builder
-            .serve_connection(TokioIo::new(Prefixed::new(early, io)), service)
+            .serve_connection(TokioIo::new(io), service)
             .with_upgrades(),
         &shutdown,
         None,
@@ -414,7 +422,7 @@ where
 
 /// A plain HTTP/1.1 client connection with a metered socket, as [`serve`] and
 /// `serve_http1` stack it for hyper.
-type MeteredHttp1 = TokioIo<Prefixed<FramingGuard<MeteredIo<TcpStream>>>>;
+type MeteredHttp1 = TokioIo<FramingGuard<Prefixed<MeteredIo<TcpStream>>>>;
 
 /// The client side of an upgraded connection (a CONNECT tunnel): the metered
 /// socket itself, with any bytes hyper read past the request, when the
@@ -427,13 +435,13 @@ pub fn upgraded_client(
         Ok(parts) => {
             // What hyper read past the request, then what it had yet to read
             // of the bytes the fast path handed it.
-            let (early, guard) = parts.io.into_inner().into_parts();
+            let (early, io) = parts.io.into_inner().into_inner().into_parts();
             let read = match (parts.read_buf.is_empty(), early.is_empty()) {
                 (_, true) => parts.read_buf,
                 (true, false) => early,
                 (false, false) => [parts.read_buf, early].concat().into(),
             };
-            Either::Right(Prefixed::new(read, guard.into_inner()))
+            Either::Right(Prefixed::new(read, io))
         }
         Err(upgraded) => Either::Left(TokioIo::new(upgraded)),
     }
@@ -477,17 +485,24 @@ fn service<S: Stages>(
        + 'static {
     service_fn(move |req: Request<Incoming>| {
         let (stages, conn) = (stages.clone(), conn.clone());
+        // Every HTTP/1 head hyper parses crossed the guard first.
+        let framing = match req.version() < Version::HTTP_2 {
+            true => conn.framing.next(),
+            false => Framing::Clear,
+        };
         let req = req.map(RequestBody::Hyper);
-        async move { Ok::<_, Infallible>(handle(&*stages, req, &conn).await) }
+        async move { Ok::<_, Infallible>(handle(&*stages, req, &conn, framing).await) }
     })
 }
 
-/// Every request of every listener: framing check, the listener's stages, and
-/// the response that carries the exchange to its end.
+/// Every request of every listener: framing check (`framing`, the smuggling
+/// guard's verdict on its head), the listener's stages, and the response that
+/// carries the exchange to its end.
 async fn handle<S: Stages>(
     stages: &S,
     req: Request<RequestBody>,
     conn: &Arc<ClientConn>,
+    framing: Framing,
 ) -> Response<ExchangeBody> {
     let mut exchange = Exchange::begin(S::SHAPE.listener, &req, stages.decision_log());
     if let Some(tally) = &conn.tally {
@@ -497,17 +512,25 @@ async fn handle<S: Stages>(
     // Under way until its response body has been sent (for the HTTP/2 idle watch).
     let busy = Busy::enter(&conn.in_flight);
     conn.started.fetch_add(1, Ordering::AcqRel);
-    // hyper keeps room for one request future per open connection, busy or
-    // idle; boxing the exchange keeps that room small (a few hundred bytes
-    // instead of kilobytes) at one allocation per request.
-    let result = match req.version() < Version::HTTP_2 && conn.framing.next() == Framing::Ambiguous
-    {
-        true => Err(ProxyError::BadRequest(
+    // A connection keeps room for one request future, busy or idle (hyper's
+    // and the fast path's alike); boxing the exchange keeps that room small (a
+    // few hundred bytes instead of kilobytes) at one allocation per request.
+    let result = match framing {
+        Framing::Ambiguous => Err(ProxyError::BadRequest(
             "ambiguous message framing (content-length with transfer-encoding, or unparseable)",
         )),
-        false => Box::pin(stages.proxy(req, conn, &mut exchange)).await,
+        Framing::Clear => built_in_box(|| stages.proxy(req, conn, &mut exchange)).await,
     };
     exchange.respond(result, busy)
+}
+
+/// The future `make` returns, on the heap. The box is allocated before the
+/// future is made, so the compiler builds the future in it; `Box::pin(make())`
+/// builds it on the stack and then copies all of its kilobytes in, which
+/// showed in profiles at once per request.
+#[inline(always)]
+fn built_in_box<F: Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// Drive `conn` until it ends or `shutdown` asks it to finish gracefully. With

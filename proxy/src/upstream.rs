@@ -376,22 +376,12 @@ where
                     answered => return answered.map_err(upstream_broke),
                 }
             }
-            (Some((Conn::Link(link), addr)), None) => {
-                let sender = handshake(link.into_io(), false)
-                    .await
-                    .map_err(ProxyError::Upstream)?;
-                return self.through_hyper(sender, addr, req, key, owner).await;
-            }
-            (Some((Conn::Hyper(mut sender), addr)), _) => {
-                match sender.try_send_request(req).await {
-                    Ok(response) => {
-                        self.release(key, owner, Conn::Hyper(sender), addr);
-                        return Ok((response.map(Source::from), addr));
-                    }
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) => unsent,
-                        None => return Err(ProxyError::Upstream(e.into_error())),
-                    },
+            // Through hyper's client: boxed, so the common exchange's future
+            // (moved into a box per request by the server) stays small.
+            (Some((conn, addr)), _) => {
+                match Box::pin(self.through_pooled(conn, addr, req, key.clone(), owner)).await {
+                    Ok(answered) => return answered,
+                    Err(unsent) => unsent,
                 }
             }
             (None, _) => req,
@@ -403,9 +393,44 @@ where
                 .await
                 .map_err(upstream_broke),
             None => {
-                let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
-                self.through_hyper(sender, addr, req, key, owner).await
+                Box::pin(async {
+                    let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
+                    self.through_hyper(sender, addr, req, key, owner).await
+                })
+                .await
             }
+        }
+    }
+
+    /// `req` over `conn`, a pooled connection that is not to take it
+    /// directly: the answer, or the request back if the connection was closed
+    /// before it went out.
+    async fn through_pooled(
+        &self,
+        conn: Conn<I>,
+        addr: SocketAddr,
+        req: Request<ProxyBody>,
+        key: K,
+        owner: Uuid,
+    ) -> Result<Result<(Response<Source>, SocketAddr), ProxyError>, Request<ProxyBody>> {
+        match conn {
+            Conn::Link(link) => {
+                let sender = match handshake(link.into_io(), false).await {
+                    Ok(sender) => sender,
+                    Err(e) => return Ok(Err(ProxyError::Upstream(e))),
+                };
+                Ok(self.through_hyper(sender, addr, req, key, owner).await)
+            }
+            Conn::Hyper(mut sender) => match sender.try_send_request(req).await {
+                Ok(response) => {
+                    self.release(key, owner, Conn::Hyper(sender), addr);
+                    Ok(Ok((response.map(Source::from), addr)))
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => Err(unsent),
+                    None => Ok(Err(ProxyError::Upstream(e.into_error()))),
+                },
+            },
         }
     }
 
