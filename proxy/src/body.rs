@@ -194,7 +194,8 @@ impl Body for ProxyBody {
                 if poll.is_pending() {
                     // Whatever it waits for, a block or a revocation ends the
                     // wait. A cut before this registration is seen here too:
-                    // the guard's tokens were taken before its first check.
+                    // the guard counts its user's cuts from when it was taken,
+                    // and `stopped` resolves at once for one since.
                     let stopped = stopped.get_or_insert_with(|| Box::pin(guard.stopped()));
                     if stopped.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Some(Err(StreamCut.into())));
