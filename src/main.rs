@@ -7,6 +7,9 @@ use clap::Parser;
 use tollgate::cli::{Cli, Command};
 use tollgate_core::config::Config;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = match &cli.command {

@@ -32,6 +32,7 @@ use http::response::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::RequestBody;
@@ -79,25 +80,30 @@ where
         buf: BytesMut::new(),
         out: Vec::new(),
     };
+    let mut deadline = Deadline {
+        timer: pin!(tokio::time::sleep(header_read_timeout)),
+        at: Instant::now(),
+    };
     loop {
+        deadline.at = Instant::now() + header_read_timeout;
         let head = tokio::select! {
             biased;
-            head = tokio::time::timeout(header_read_timeout, conn.head(max_head)) => head,
+            head = conn.head(max_head) => head,
+            () = deadline.passed() => break,
             // Only a connection with nothing of a request read is idle.
             () = shutdown.cancelled(), if conn.buf.is_empty() => break,
         };
         let req = match head {
-            Ok(Ok(Head::Request(req))) => req,
-            Ok(Ok(Head::Unusual)) => {
+            Ok(Head::Request(req)) => req,
+            Ok(Head::Unusual) => {
                 let early = conn.buf.split().freeze();
                 return Served::Unusual(conn.io, early);
             }
-            Ok(Ok(Head::Closed)) => return Served::Done,
-            Ok(Err(e)) => {
+            Ok(Head::Closed) => return Served::Done,
+            Err(e) => {
                 tracing::debug!(error = %e, "client connection failed while sending a request head");
                 return Served::Done;
             }
-            Err(_) => break,
         };
         let response = tokio::select! {
             biased;
@@ -116,6 +122,28 @@ where
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.io.shutdown()).await;
     Served::Done
+}
+
+/// When the head being read is due: one timer for the connection's life, moved
+/// on per request by a clock read and set again only when it goes off before
+/// the head is due. A timer per head would go into the runtime's timer wheel
+/// and out again for every request on a busy connection.
+struct Deadline<'a> {
+    timer: Pin<&'a mut Sleep>,
+    at: Instant,
+}
+
+impl Deadline<'_> {
+    /// Resolves once `at` has come.
+    async fn passed(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            if self.timer.deadline() >= self.at {
+                return;
+            }
+            self.timer.as_mut().reset(self.at);
+        }
+    }
 }
 
 /// What arrived on a connection waiting for a request. Returned once per
@@ -350,36 +378,36 @@ fn parse_request(buf: &mut BytesMut) -> Parsed {
         let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
             return Parsed::Unusual;
         };
-        if unusual_header(&name) || !h.value.iter().all(|&b| is_value_byte(b)) {
+        if unusual_header(&name) {
             return Parsed::Unusual;
         }
         spans.push((name, span(h.value)));
     }
     let head = buf.split_to(len).freeze();
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
-        // hyper answers 400: it reads the head again from the start.
+    // Room for what the proxy adds, so the map never grows on the way out.
+    let mut headers = HeaderMap::with_capacity(spans.len() + crate::headers::ROOM);
+    let uri = Uri::from_maybe_shared(head.slice(target));
+    let values = spans.into_iter().try_for_each(|(name, span)| {
+        let value = HeaderValue::from_maybe_shared(head.slice(span))?;
+        headers.append(name, value);
+        Ok::<_, http::header::InvalidHeaderValue>(())
+    });
+    let (Ok(uri), Ok(())) = (uri, values) else {
+        // hyper answers 400 (a target it cannot take) or takes a value
+        // `HeaderValue` refuses (DEL, which httparse lets through) as its own:
+        // it reads the head again from the start.
         let mut whole = BytesMut::with_capacity(head.len() + buf.len());
         whole.extend_from_slice(&head);
         whole.extend_from_slice(buf);
         *buf = whole;
         return Parsed::Unusual;
     };
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name, span) in spans {
-        let value = HeaderValue::from_maybe_shared(head.slice(span));
-        headers.append(name, value.expect("checked by is_value_byte"));
-    }
     let mut req = Request::new(RequestBody::Empty);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     Parsed::Request(req)
-}
-
-/// A byte `HeaderValue` accepts (httparse also lets DEL through).
-fn is_value_byte(b: u8) -> bool {
-    b == b'\t' || (b >= 0x20 && b != 0x7f)
 }
 
 /// `connection: close` on a response, as hyper adds it when the connection
@@ -1177,6 +1205,43 @@ mod tests {
         assert!(out.ends_with("\r\n\r\nhello"), "{out}");
         assert!(matches!(serving.await.unwrap(), Served::Done));
         assert!(!dropped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_header_read_timeout_starts_again_after_each_response() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let started = tokio::time::Instant::now();
+        let serving = tokio::spawn(async move {
+            let shutdown = CancellationToken::new();
+            let answer_late = |_| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")))
+            };
+            let served = serve(
+                server,
+                16 * 1024,
+                Duration::from_secs(7),
+                &shutdown,
+                answer_late,
+            )
+            .await;
+            (served, started.elapsed())
+        });
+        // Two requests, each answered 5 s after it came: 10 s in all, past
+        // one timeout of 7 s, and the connection still takes the second.
+        for n in 1..=2 {
+            client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut out = Vec::new();
+            while !out.ends_with(b"\r\n\r\nok") {
+                assert_ne!(client.read_buf(&mut out).await.unwrap(), 0, "response {n}");
+            }
+            assert_eq!(started.elapsed(), Duration::from_secs(5 * n));
+        }
+        // Then idle: closed 7 s after the second response.
+        assert_eq!(read_to_end(&mut client).await, b"");
+        let (served, elapsed) = serving.await.unwrap();
+        assert!(matches!(served, Served::Done));
+        assert_eq!(elapsed, Duration::from_secs(17));
     }
 
     #[tokio::test(start_paused = true)]

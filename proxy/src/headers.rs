@@ -17,6 +17,11 @@ pub struct Outbound {
     pub client_upgrade: Option<OnUpgrade>,
 }
 
+/// Headers a proxied request may gain on its way: `Host`, and on ingress the
+/// three `X-Forwarded-*`. A head the fast path parses has room for them, so
+/// its map never grows.
+pub const ROOM: usize = 4;
+
 impl Outbound {
     /// `req` for `target` (origin-form) on the upstream `host`: hop-by-hop
     /// headers dropped (an HTTP/1 upgrade's own kept), `Host` set, `Expect`

@@ -243,6 +243,9 @@ struct Forwarded {
     host: Option<HeaderValue>,
 }
 
+// With `Host`, they fit the room a parsed head is given.
+const _: () = assert!(Forwarded::HEADERS < crate::headers::ROOM);
+
 impl Forwarded {
     /// How many headers `apply` sets, at most.
     const HEADERS: usize = 3;

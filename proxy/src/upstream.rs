@@ -235,10 +235,10 @@ where
     }
 
     /// The most recently returned connection to `key` that can take a request
-    /// now, if any, and the address it is connected to. Connections still
-    /// finishing their previous exchange stay for later; closed and expired
-    /// ones are dropped.
-    fn checkout(&self, key: &K) -> Option<(Conn<I>, SocketAddr)> {
+    /// now, if any, the address it is connected to, and the places it holds.
+    /// Connections still finishing their previous exchange stay for later;
+    /// closed and expired ones are dropped.
+    fn checkout(self: &Arc<Self>, key: &K) -> Option<(Conn<I>, SocketAddr, Lease<K, I>)> {
         let mut list = self.share().get_mut(key)?;
         let mut i = list.len();
         while i > 0 {
@@ -250,35 +250,36 @@ where
                 Conn::Link(link) => (expired || link.is_stale(), true),
             };
             if dead {
-                self.forget(key, &list.remove(i));
+                let pooled = list.remove(i);
+                self.free_places(key, &pooled.owner);
             } else if ready {
                 let pooled = list.remove(i);
-                self.forget(key, &pooled);
-                return Some((pooled.conn, pooled.addr));
+                let lease = Lease::of(self, key.clone(), pooled.owner);
+                return Some((pooled.conn, pooled.addr, lease));
             }
         }
         None
     }
 
-    /// Return `sender` (connected to `addr`), used by `owner`'s exchange, to
-    /// the pool; it is reused once its current exchange is over. Beyond the
-    /// key's or the agent's limit it is dropped instead (hyper closes it when
-    /// the exchange ends); at the total limit, the connection returned longest
-    /// ago makes room.
-    fn release(&self, key: K, owner: Uuid, conn: Conn<I>, addr: SocketAddr) {
+    /// Places in the pool for a connection to `key` used by `owner`'s
+    /// exchange, taken before the exchange so that the connection comes back
+    /// without taking any then. None beyond the key's or the agent's limit
+    /// (the connection is closed after its exchange); at the total limit, the
+    /// connection returned longest ago makes room.
+    fn lease(self: &Arc<Self>, key: K, owner: Uuid) -> Option<Lease<K, I>> {
         let limits = self.limits;
         if limits.per_key == 0 {
-            return;
+            return None;
         }
         // Places are reserved before the push (and given back if it does not
         // happen), so concurrent returns cannot overrun the limits; the key's
         // is counted over every thread's share.
         if !take_place(&self.per_agent, owner, limits.per_agent) {
-            return;
+            return None;
         }
         if !take_place(&self.per_key, key.clone(), limits.per_key) {
             free_place(&self.per_agent, &owner);
-            return;
+            return None;
         }
         let take_total = || {
             self.total
@@ -289,15 +290,11 @@ where
         };
         // No map guard is held while evicting: it walks every shard.
         if take_total() || (self.evict_oldest() && take_total()) {
-            self.share().entry(key).or_default().push(Pooled {
-                conn,
-                addr,
-                since: Instant::now(),
-                owner,
-            });
+            Some(Lease::of(self, key, owner))
         } else {
             free_place(&self.per_key, &key);
             free_place(&self.per_agent, &owner);
+            None
         }
     }
 
@@ -306,11 +303,11 @@ where
         &self.idle[crate::workers::current().min(self.idle.len() - 1)]
     }
 
-    /// Account for a connection to `key` leaving the pool.
-    fn forget(&self, key: &K, pooled: &Pooled<I>) {
+    /// Give up the places of a connection to `key` held for `owner`.
+    fn free_places(&self, key: &K, owner: &Uuid) {
         self.total.fetch_sub(1, Ordering::AcqRel);
         free_place(&self.per_key, key);
-        free_place(&self.per_agent, &pooled.owner);
+        free_place(&self.per_agent, owner);
     }
 
     /// Close the connection returned longest ago; false if there is none.
@@ -336,7 +333,8 @@ where
         };
         match list.iter().position(|p| p.since == since) {
             Some(i) => {
-                self.forget(&key, &list.remove(i));
+                let pooled = list.remove(i);
+                self.free_places(&key, &pooled.owner);
                 true
             }
             None => false,
@@ -370,16 +368,16 @@ where
             (head, req.method().clone())
         });
         let req = match (self.checkout(&key), &direct) {
-            (Some((Conn::Link(link), addr)), Some(direct)) => {
-                match self.direct(link, addr, direct, &key, owner).await {
+            (Some((Conn::Link(link), addr, lease)), Some(direct)) => {
+                match self.direct(link, addr, direct, Some(lease), owner).await {
                     Err(Failure::Unanswered(_)) if direct.1.is_idempotent() => req,
                     answered => return answered.map_err(upstream_broke),
                 }
             }
             // Through hyper's client: boxed, so the common exchange's future
             // (moved into a box per request by the server) stays small.
-            (Some((conn, addr)), _) => {
-                match Box::pin(self.through_pooled(conn, addr, req, key.clone(), owner)).await {
+            (Some((conn, addr, lease)), _) => {
+                match Box::pin(self.through_pooled(conn, addr, req, lease, owner)).await {
                     Ok(answered) => return answered,
                     Err(unsent) => unsent,
                 }
@@ -387,30 +385,31 @@ where
             (None, _) => req,
         };
         let (io, addr) = connect().await?;
+        let lease = self.lease(key, owner);
         match &direct {
             Some(direct) => self
-                .direct(Link::new(io), addr, direct, &key, owner)
+                .direct(Link::new(io), addr, direct, lease, owner)
                 .await
                 .map_err(upstream_broke),
             None => {
                 Box::pin(async {
                     let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
-                    self.through_hyper(sender, addr, req, key, owner).await
+                    through_hyper(sender, addr, req, lease, owner).await
                 })
                 .await
             }
         }
     }
 
-    /// `req` over `conn`, a pooled connection that is not to take it
-    /// directly: the answer, or the request back if the connection was closed
-    /// before it went out.
+    /// `req` over `conn`, a pooled connection (holding `lease`) that is not to
+    /// take it directly: the answer, or the request back if the connection was
+    /// closed before it went out.
     async fn through_pooled(
         &self,
         conn: Conn<I>,
         addr: SocketAddr,
         req: Request<ProxyBody>,
-        key: K,
+        lease: Lease<K, I>,
         owner: Uuid,
     ) -> Result<Result<(Response<Source>, SocketAddr), ProxyError>, Request<ProxyBody>> {
         match conn {
@@ -419,11 +418,11 @@ where
                     Ok(sender) => sender,
                     Err(e) => return Ok(Err(ProxyError::Upstream(e))),
                 };
-                Ok(self.through_hyper(sender, addr, req, key, owner).await)
+                Ok(through_hyper(sender, addr, req, Some(lease), owner).await)
             }
             Conn::Hyper(mut sender) => match sender.try_send_request(req).await {
                 Ok(response) => {
-                    self.release(key, owner, Conn::Hyper(sender), addr);
+                    lease.give_back(Conn::Hyper(sender), owner, addr);
                     Ok(Ok((response.map(Source::from), addr)))
                 }
                 Err(mut e) => match e.take_message() {
@@ -435,41 +434,27 @@ where
     }
 
     /// A request without a body (its head, and its method) over `link`; the
-    /// link comes back to the pool when the response has been read to its end.
+    /// link comes back to the pool in `lease`'s places when the response has
+    /// been read to its end (without a lease, it is closed then).
     async fn direct(
-        self: &Arc<Self>,
+        &self,
         link: Link<I>,
         addr: SocketAddr,
         (head, method): &(Vec<u8>, Method),
-        key: &K,
+        lease: Option<Lease<K, I>>,
         owner: Uuid,
     ) -> Result<(Response<Source>, SocketAddr), Failure> {
         let answer = link.exchange(head, method).await?;
-        let (pool, key) = (self.clone(), key.clone());
-        let release = Box::new(move |link| pool.release(key, owner, Conn::Link(link), addr));
+        let release = Box::new(move |link| {
+            if let Some(lease) = lease {
+                lease.give_back(Conn::Link(link), owner, addr);
+            }
+        });
         let (parts, ()) = answer.head.into_parts();
         Ok((
             Response::from_parts(parts, answer.body.into_body(release)),
             addr,
         ))
-    }
-
-    /// `req` through hyper's client on `sender`, which goes back to the pool
-    /// once the response head is in.
-    async fn through_hyper(
-        &self,
-        mut sender: Sender,
-        addr: SocketAddr,
-        req: Request<ProxyBody>,
-        key: K,
-        owner: Uuid,
-    ) -> Result<(Response<Source>, SocketAddr), ProxyError> {
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(ProxyError::Upstream)?;
-        self.release(key, owner, Conn::Hyper(sender), addr);
-        Ok((response.map(Source::from), addr))
     }
 
     /// One plain exchange, as both listeners make it: `req` over a pooled
@@ -517,7 +502,7 @@ where
                                 Conn::Link(link) => !link.is_stale(),
                             };
                         if !keep {
-                            self.forget(key, p);
+                            self.free_places(key, &p.owner);
                         }
                         keep
                     });
@@ -530,6 +515,94 @@ where
     /// Connections held, idle or finishing an exchange (for tests and metrics).
     pub fn idle_count(&self) -> usize {
         self.total.load(Ordering::Acquire)
+    }
+}
+
+/// `req` through hyper's client on `sender`, which goes back to the pool in
+/// `lease`'s places once the response head is in (without a lease, it is
+/// closed once the exchange ends).
+async fn through_hyper<K, I>(
+    mut sender: Sender,
+    addr: SocketAddr,
+    req: Request<ProxyBody>,
+    lease: Option<Lease<K, I>>,
+    owner: Uuid,
+) -> Result<(Response<Source>, SocketAddr), ProxyError>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    let response = sender
+        .send_request(req)
+        .await
+        .map_err(ProxyError::Upstream)?;
+    if let Some(lease) = lease {
+        lease.give_back(Conn::Hyper(sender), owner, addr);
+    }
+    Ok((response.map(Source::from), addr))
+}
+
+/// The places (per key, per agent, in all) a connection holds while it is
+/// out of the pool for an exchange: it comes back without taking them again,
+/// and gives them up if it does not come back (closed, failed, or its response
+/// left unread).
+struct Lease<K, I>(Option<Places<K, I>>)
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static;
+
+struct Places<K, I> {
+    pool: Arc<Pool<K, I>>,
+    key: K,
+    /// The agent whose place it is.
+    owner: Uuid,
+}
+
+impl<K, I> Lease<K, I>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    fn of(pool: &Arc<Pool<K, I>>, key: K, owner: Uuid) -> Self {
+        Lease(Some(Places {
+            pool: pool.clone(),
+            key,
+            owner,
+        }))
+    }
+
+    /// Put `conn` (connected to `addr`, used by `owner`'s exchange) back in
+    /// the pool, in these places; the agent's place moves to `owner` if it
+    /// was another agent's, and the connection is closed if `owner` is at its
+    /// limit.
+    fn give_back(mut self, conn: Conn<I>, owner: Uuid, addr: SocketAddr) {
+        let Some(places) = self.0.take() else { return };
+        let pool = &places.pool;
+        if owner != places.owner {
+            if !take_place(&pool.per_agent, owner, pool.limits.per_agent) {
+                pool.free_places(&places.key, &places.owner);
+                return;
+            }
+            free_place(&pool.per_agent, &places.owner);
+        }
+        pool.share().entry(places.key).or_default().push(Pooled {
+            conn,
+            addr,
+            since: Instant::now(),
+            owner,
+        });
+    }
+}
+
+impl<K, I> Drop for Lease<K, I>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(places) = self.0.take() {
+            places.pool.free_places(&places.key, &places.owner);
+        }
     }
 }
 

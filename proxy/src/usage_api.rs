@@ -27,7 +27,6 @@ use http_body_util::{Either, Full};
 use hyper::service::service_fn;
 use serde::Serialize;
 use sqlx::PgPool;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -234,7 +233,7 @@ fn authorize<B>(token: &str, req: &Request<B>) -> Result<(), ApiError> {
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim());
     match presented {
-        Some(t) if bool::from(t.as_bytes().ct_eq(token.as_bytes())) => Ok(()),
+        Some(t) if crate::auth::same_secret(t.as_bytes(), token.as_bytes()) => Ok(()),
         _ => Err(ApiError::Unauthorized),
     }
 }
