@@ -41,7 +41,7 @@ use crate::upstream::{Connector, Pool};
 /// and the compiled policy that judged its address ([`Policy::generation`];
 /// 0 when no address rule applies), so a reused connection's address has
 /// been judged by the policy now in force.
-type OriginKey = (Box<str>, u16, u64);
+type OriginKey = (Host, u16, u64);
 
 /// Shared state of the egress listener.
 pub struct Egress {
@@ -297,7 +297,7 @@ impl Egress {
             .as_ref()
             .filter(|p| p.judges_addresses)
             .map_or(0, |p| p.generation);
-        let key: OriginKey = (host.to_string().into(), port, judged_by);
+        let key: OriginKey = (host.clone(), port, judged_by);
         let record = &mut *exchange;
         let open =
             move || async move { self.connect(&host, port, policy.as_deref(), record).await };

@@ -72,7 +72,7 @@ impl DenyReason {
 }
 
 /// A destination host as written in a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Host {
     Ip(IpAddr),
     Name(String),
