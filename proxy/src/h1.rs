@@ -25,6 +25,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, Source};
 
@@ -43,6 +44,10 @@ const MAX_TRAILERS: usize = 16 * 1024;
 pub struct Link<I> {
     io: I,
     buf: BytesMut,
+    /// Bounds each exchange's wait for its response head: one timer for the
+    /// connection's life, set on its first exchange and moved on lazily
+    /// ([`until`]).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
@@ -50,6 +55,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
         Link {
             io,
             buf: BytesMut::new(),
+            timer: None,
         }
     }
 
@@ -74,7 +80,41 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
     /// response head. `Err(Unanswered)` when the connection closed before any
     /// byte of a response: on a reused connection, the peer closed it while it
     /// was idle, and the request may be sent again on a fresh one.
-    pub async fn exchange(mut self, head: &[u8], method: &Method) -> Result<Answer<I>, Failure> {
+    /// `Err(TimedOut)` when no response head has come by `due`.
+    pub async fn exchange(
+        mut self,
+        head: &[u8],
+        method: &Method,
+        due: Instant,
+    ) -> Result<Answer<I>, Failure> {
+        let mut timer = match self.timer.take() {
+            Some(timer) => timer,
+            None => Box::pin(tokio::time::sleep_until(due)),
+        };
+        let answered = tokio::select! {
+            biased;
+            answered = self.answer(head, method) => answered,
+            () = until(timer.as_mut(), due) => Err(Failure::TimedOut),
+        };
+        self.timer = Some(timer);
+        let (head, framing, keep) = answered?;
+        Ok(Answer {
+            head,
+            body: Reading {
+                link: Some(self),
+                framing,
+                keep,
+            },
+        })
+    }
+
+    /// The response head to `head`, how its body is framed, and whether the
+    /// connection carries another exchange after it.
+    async fn answer(
+        &mut self,
+        head: &[u8],
+        method: &Method,
+    ) -> Result<(Response<()>, Framing, bool), Failure> {
         self.io.write_all(head).await.map_err(Failure::Unanswered)?;
         self.io.flush().await.map_err(Failure::Unanswered)?;
         let mut head = loop {
@@ -107,14 +147,21 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
             head.headers_mut().remove(header::CONTENT_LENGTH);
         }
         let keep = framing != Framing::Close && keeps_alive(&head);
-        Ok(Answer {
-            head,
-            body: Reading {
-                link: Some(self),
-                framing,
-                keep,
-            },
-        })
+        Ok((head, framing, keep))
+    }
+}
+
+/// Resolves once `due` has come, on `timer`, a timer kept for a connection's
+/// life: set again only when it goes off before `due`. A timer per exchange
+/// would go into the runtime's timer wheel and out again for every request
+/// on a busy connection; moving the time it is due is a clock read.
+pub async fn until(mut timer: Pin<&mut Sleep>, due: Instant) {
+    loop {
+        timer.as_mut().await;
+        if timer.deadline() >= due {
+            return;
+        }
+        timer.as_mut().reset(due);
     }
 }
 
@@ -125,6 +172,8 @@ pub enum Failure {
     Unanswered(io::Error),
     /// The connection failed after part of a response.
     Broken(io::Error),
+    /// No response head came in time.
+    TimedOut,
 }
 
 impl Failure {
@@ -135,6 +184,7 @@ impl Failure {
     pub fn into_io(self) -> io::Error {
         match self {
             Failure::Unanswered(e) | Failure::Broken(e) => e,
+            Failure::TimedOut => io::ErrorKind::TimedOut.into(),
         }
     }
 }
@@ -639,7 +689,7 @@ mod tests {
         answer(server, wire, pieces, close);
         let head = format!("{method} / HTTP/1.1\r\nhost: x\r\n\r\n");
         let answer = Link::new(client)
-            .exchange(head.as_bytes(), method)
+            .exchange(head.as_bytes(), method, far())
             .await
             .ok()?;
         let body = answer.body.into_body(Box::new(|_| {}));
@@ -775,6 +825,57 @@ mod tests {
         }
     }
 
+    /// A response head due so late it never matters.
+    fn far() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(3600)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_exchange_on_a_link_waits_for_its_head_until_its_own_due_time() {
+        use std::time::Duration;
+        const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let started = Instant::now();
+        // Two answers 5 s after their requests, then none.
+        let origin = tokio::spawn(async move {
+            for _ in 0..2 {
+                read_head_of(&mut server).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                server
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+            read_head_of(&mut server).await;
+            server
+        });
+        // Each due 7 s after it starts: the second is answered 10 s after the
+        // first started, past the first's due time, and still in time.
+        let mut link = Link::new(client);
+        for n in 1..=2 {
+            let answer = link
+                .exchange(GET, &Method::GET, Instant::now() + Duration::from_secs(7))
+                .await
+                .unwrap_or_else(|e| panic!("exchange {n}: {e:?}"));
+            assert_eq!(answer.head.status(), StatusCode::OK);
+            let back = Arc::new(Mutex::new(None));
+            let slot = back.clone();
+            let body = answer
+                .body
+                .into_body(Box::new(move |link| *slot.lock().unwrap() = Some(link)));
+            assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
+            link = back.lock().unwrap().take().expect("the link comes back");
+            assert_eq!(started.elapsed(), Duration::from_secs(5 * n));
+        }
+        // The third is never answered: it fails when due, not before.
+        let failed = link
+            .exchange(GET, &Method::GET, Instant::now() + Duration::from_secs(7))
+            .await;
+        assert!(matches!(failed, Err(Failure::TimedOut)));
+        assert_eq!(started.elapsed(), Duration::from_secs(17));
+        drop(origin.await.unwrap());
+    }
+
     /// A link after `wire` was read as the answer to a GET: `Some` if it was
     /// given back for another exchange.
     fn released_after(wire: &'static [u8]) -> bool {
@@ -782,7 +883,7 @@ mod tests {
             let (client, server) = tokio::io::duplex(1 << 16);
             answer(server, wire.to_vec(), 7, false);
             let answer = Link::new(client)
-                .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET)
+                .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET, far())
                 .await
                 .unwrap();
             let back = Arc::new(Mutex::new(false));
@@ -827,7 +928,7 @@ mod tests {
             let wire = b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
             answer(server, wire.to_vec(), 4, false);
             let answer = Link::new(client)
-                .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET)
+                .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET, far())
                 .await
                 .unwrap();
             assert!(!answer.head.headers().contains_key(header::CONTENT_LENGTH));
@@ -843,7 +944,7 @@ mod tests {
                 let (client, server) = tokio::io::duplex(1 << 16);
                 answer(server, wire.to_vec(), 5, true);
                 match Link::new(client)
-                    .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET)
+                    .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET, far())
                     .await
                 {
                     Ok(answer) => answer

@@ -32,11 +32,11 @@ use http::response::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::RequestBody;
-use crate::h1::read;
+use crate::h1::{read, until};
 
 /// Most headers in a request head (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -80,16 +80,14 @@ where
         buf: BytesMut::new(),
         out: Vec::new(),
     };
-    let mut deadline = Deadline {
-        timer: pin!(tokio::time::sleep(header_read_timeout)),
-        at: Instant::now(),
-    };
+    // One timer for the connection's life, moved on per head (`h1::until`).
+    let mut timer = pin!(tokio::time::sleep(header_read_timeout));
     loop {
-        deadline.at = Instant::now() + header_read_timeout;
+        let due = Instant::now() + header_read_timeout;
         let head = tokio::select! {
             biased;
             head = conn.head(max_head) => head,
-            () = deadline.passed() => break,
+            () = until(timer.as_mut(), due) => break,
             // Only a connection with nothing of a request read is idle.
             () = shutdown.cancelled(), if conn.buf.is_empty() => break,
         };
@@ -122,28 +120,6 @@ where
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.io.shutdown()).await;
     Served::Done
-}
-
-/// When the head being read is due: one timer for the connection's life, moved
-/// on per request by a clock read and set again only when it goes off before
-/// the head is due. A timer per head would go into the runtime's timer wheel
-/// and out again for every request on a busy connection.
-struct Deadline<'a> {
-    timer: Pin<&'a mut Sleep>,
-    at: Instant,
-}
-
-impl Deadline<'_> {
-    /// Resolves once `at` has come.
-    async fn passed(&mut self) {
-        loop {
-            self.timer.as_mut().await;
-            if self.timer.deadline() >= self.at {
-                return;
-            }
-            self.timer.as_mut().reset(self.at);
-        }
-    }
 }
 
 /// What arrived on a connection waiting for a request. Returned once per

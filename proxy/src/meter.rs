@@ -482,8 +482,14 @@ impl ConnTally {
         let mut marks = lock(&self.marks);
         let (rx, tx) = marks.since(self.moved());
         let previous = marks.current.take();
-        self.attribute_to(&mut marks, previous.as_deref().unwrap_or(host), rx, 0);
-        self.attribute_to(&mut marks, host, 0, tx);
+        match previous.as_deref() {
+            Some(previous) if previous != host => {
+                self.attribute_to(&mut marks, previous, rx, 0);
+                self.attribute_to(&mut marks, host, 0, tx);
+            }
+            // The same host again (most requests on a connection): one entry.
+            _ => self.attribute_to(&mut marks, host, rx, tx),
+        }
         marks.current = Some(match previous {
             Some(previous) if *previous == *host => previous,
             _ => host.into(),

@@ -139,7 +139,17 @@ pub type Sender = http1::SendRequest<ProxyBody>;
 
 /// An exchange on a link failed.
 fn upstream_broke(failure: Failure) -> ProxyError {
-    ProxyError::UpstreamExchange(failure.into_io())
+    match failure {
+        Failure::TimedOut => ProxyError::UpstreamTimeout,
+        failure => ProxyError::UpstreamExchange(failure.into_io()),
+    }
+}
+
+/// `work`, unless `due` comes first.
+async fn by<T>(due: Instant, work: impl Future<Output = T>) -> Result<T, ProxyError> {
+    tokio::time::timeout_at(due, work)
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout)
 }
 
 /// Largest read buffer per upstream connection, bytes.
@@ -347,14 +357,17 @@ where
     /// task (`h1`); one with a body through hyper's client. A pooled connection
     /// the peer closed meanwhile is found before the request goes out, or (for
     /// a request that may be repeated) by its answering nothing; the request is
-    /// then sent once on a fresh connection. Returns the response and the
-    /// address of the connection that carried it.
+    /// then sent once on a fresh connection. The response head is due by
+    /// `due` (a link's own timer bounds its exchange; the rest is under a
+    /// timeout). Returns the response and the address of the connection that
+    /// carried it.
     pub async fn send<F, Fut>(
         self: &Arc<Self>,
         key: K,
         owner: Uuid,
         req: Request<ProxyBody>,
         connect: F,
+        due: Instant,
     ) -> Result<(Response<Source>, SocketAddr), ProxyError>
     where
         F: FnOnce() -> Fut,
@@ -369,7 +382,10 @@ where
         });
         let req = match (self.checkout(&key), &direct) {
             (Some((Conn::Link(link), addr, lease)), Some(direct)) => {
-                match self.direct(link, addr, direct, Some(lease), owner).await {
+                match self
+                    .direct(link, addr, direct, Some(lease), owner, due)
+                    .await
+                {
                     Err(Failure::Unanswered(_)) if direct.1.is_idempotent() => req,
                     answered => return answered.map_err(upstream_broke),
                 }
@@ -377,26 +393,34 @@ where
             // Through hyper's client: boxed, so the common exchange's future
             // (moved into a box per request by the server) stays small.
             (Some((conn, addr, lease)), _) => {
-                match Box::pin(self.through_pooled(conn, addr, req, lease, owner)).await {
+                match by(
+                    due,
+                    Box::pin(self.through_pooled(conn, addr, req, lease, owner)),
+                )
+                .await?
+                {
                     Ok(answered) => return answered,
                     Err(unsent) => unsent,
                 }
             }
             (None, _) => req,
         };
-        let (io, addr) = connect().await?;
+        let (io, addr) = by(due, connect()).await??;
         let lease = self.lease(key, owner);
         match &direct {
             Some(direct) => self
-                .direct(Link::new(io), addr, direct, lease, owner)
+                .direct(Link::new(io), addr, direct, lease, owner, due)
                 .await
                 .map_err(upstream_broke),
             None => {
-                Box::pin(async {
-                    let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
-                    through_hyper(sender, addr, req, lease, owner).await
-                })
-                .await
+                by(
+                    due,
+                    Box::pin(async {
+                        let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
+                        through_hyper(sender, addr, req, lease, owner).await
+                    }),
+                )
+                .await?
             }
         }
     }
@@ -443,8 +467,9 @@ where
         (head, method): &(Vec<u8>, Method),
         lease: Option<Lease<K, I>>,
         owner: Uuid,
+        due: Instant,
     ) -> Result<(Response<Source>, SocketAddr), Failure> {
-        let answer = link.exchange(head, method).await?;
+        let answer = link.exchange(head, method, due).await?;
         let release = Box::new(move |link| {
             if let Some(lease) = lease {
                 lease.give_back(Conn::Link(link), owner, addr);
@@ -477,9 +502,10 @@ where
         Fut: Future<Output = Result<(I, SocketAddr), ProxyError>>,
     {
         let connect = || Box::pin(open());
-        let (response, addr) = tokio::time::timeout(timeout, self.send(key, owner, req, connect))
+        let due = Instant::now() + timeout;
+        let (response, addr) = self
+            .send(key, owner, req, connect, due)
             .await
-            .map_err(|_| ProxyError::UpstreamTimeout)?
             .map_err(|e| e.attributed(&guard))?;
         Ok((passed_on(response, guard), addr))
     }
