@@ -217,6 +217,14 @@ pub struct PoolLimits {
     pub shards: usize,
 }
 
+/// What a pool is keyed by.
+pub trait Key: Hash + Eq + Clone + Send + Sync + 'static {}
+impl<T: Hash + Eq + Clone + Send + Sync + 'static> Key for T {}
+
+/// What a pooled connection runs over.
+pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Socket for T {}
+
 /// Connections per key (origin host and port, or VPS), most recently returned
 /// last, bounded per key, per agent and in total; one share per serving
 /// thread (`workers`).
@@ -231,8 +239,8 @@ pub struct Pool<K, I> {
 
 impl<K, I> Pool<K, I>
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    I: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+    K: Key,
+    I: Socket,
 {
     pub fn new(limits: PoolLimits) -> Arc<Self> {
         Arc::new(Self {
@@ -555,8 +563,8 @@ async fn through_hyper<K, I>(
     owner: Uuid,
 ) -> Result<(Response<Source>, SocketAddr), ProxyError>
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    I: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+    K: Key,
+    I: Socket,
 {
     let response = sender
         .send_request(req)
@@ -574,8 +582,8 @@ where
 /// left unread).
 struct Lease<K, I>(Option<Places<K, I>>)
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    I: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static;
+    K: Key,
+    I: Socket;
 
 struct Places<K, I> {
     pool: Arc<Pool<K, I>>,
@@ -586,8 +594,8 @@ struct Places<K, I> {
 
 impl<K, I> Lease<K, I>
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    I: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+    K: Key,
+    I: Socket,
 {
     fn of(pool: &Arc<Pool<K, I>>, key: K, owner: Uuid) -> Self {
         Lease(Some(Places {
@@ -622,8 +630,8 @@ where
 
 impl<K, I> Drop for Lease<K, I>
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    I: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+    K: Key,
+    I: Socket,
 {
     fn drop(&mut self) {
         if let Some(places) = self.0.take() {
