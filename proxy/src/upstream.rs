@@ -660,3 +660,96 @@ fn free_place<Q: Hash + Eq>(held: &DashMap<Q, usize>, key: &Q) {
         *n == 0
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    const LIMITS: PoolLimits = PoolLimits {
+        per_key: 4,
+        per_agent: 4,
+        total: 4,
+        idle_timeout: Duration::from_secs(60),
+        shards: 1,
+    };
+
+    /// A connection to an upstream that answers every request with `len` bytes.
+    fn upstream(len: usize) -> DuplexStream {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match server.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                let body = vec![b'x'; len];
+                if server.write_all(answer.as_bytes()).await.is_err()
+                    || server.write_all(&body).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        client
+    }
+
+    fn get() -> Request<ProxyBody> {
+        Request::builder()
+            .uri("/")
+            .header("host", "origin")
+            .body(ProxyBody::Empty)
+            .unwrap()
+    }
+
+    fn due() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    const ADDR: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
+
+    #[tokio::test]
+    async fn an_agent_that_leaves_responses_unread_keeps_no_places() {
+        let pool = Pool::<&'static str, DuplexStream>::new(LIMITS);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        // Far more abandoned responses than the pool has places: each
+        // connection's places go with it.
+        for _ in 0..3 * LIMITS.total {
+            let connect = || async { Ok((upstream(1 << 20), ADDR)) };
+            let (response, _) = pool.send("origin", a, get(), connect, due()).await.unwrap();
+            assert_eq!(
+                pool.idle_count(),
+                1,
+                "a connection holds its places while it serves"
+            );
+            drop(response);
+            assert_eq!(
+                pool.idle_count(),
+                0,
+                "an abandoned response gives them back"
+            );
+        }
+        assert!(pool.per_agent.is_empty() && pool.per_key.is_empty());
+
+        // Read to its end, a connection stays, and the next request (another
+        // agent's) reuses it without connecting: the agent's place moves.
+        let connect = || async { Ok((upstream(2), ADDR)) };
+        let (response, _) = pool.send("origin", a, get(), connect, due()).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        let refuse = || async { Err::<(DuplexStream, SocketAddr), _>(ProxyError::UpstreamTimeout) };
+        let (response, _) = pool.send("origin", b, get(), refuse, due()).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        assert!(pool.per_agent.get(&a).is_none());
+        assert_eq!(pool.per_agent.get(&b).map(|n| *n), Some(1));
+    }
+}
