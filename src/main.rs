@@ -8,7 +8,7 @@ use tollgate::cli::{Cli, Command};
 use tollgate_core::config::Config;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tollgate_proxy::allocator::Allocator = tollgate_proxy::allocator::Allocator;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

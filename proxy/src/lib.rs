@@ -21,10 +21,11 @@
 //!
 //! `docs/request-path.md` walks through the stages. [`run`] takes its listeners
 //! and shutdown token from the caller, so tests bind port 0 and stop it at will.
-#![deny(unsafe_code)] // but `splice`, the system calls std does not wrap
+#![deny(unsafe_code)] // but `splice`, the system calls std does not wrap, and `allocator`
 
 pub mod agent_limits;
 pub mod agent_policy;
+pub mod allocator;
 pub mod auth;
 pub mod body;
 pub mod decision_log;
