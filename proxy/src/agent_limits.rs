@@ -18,13 +18,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use tollgate_core::config::AgentLimitsConfig;
 
 use crate::telemetry::{self, Listener};
+use crate::CappedMap;
 
 /// Which cap refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +57,7 @@ struct Usage {
 /// Every agent's holdings on this proxy.
 #[derive(Debug)]
 pub struct AgentLimits {
-    agents: DashMap<Uuid, Arc<Usage>>,
+    agents: CappedMap<Uuid, Arc<Usage>>,
     config: AgentLimitsConfig,
 }
 
@@ -87,7 +87,7 @@ impl Drop for Held {
 impl AgentLimits {
     pub fn new(config: AgentLimitsConfig) -> Arc<Self> {
         Arc::new(Self {
-            agents: DashMap::new(),
+            agents: CappedMap::default(),
             config,
         })
     }

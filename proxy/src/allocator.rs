@@ -96,7 +96,9 @@ mod tests {
                 unsafe {
                     let zeroed = a.alloc_zeroed(layout);
                     assert!(aligned(zeroed), "zeroed {size} @ {align}");
-                    assert!(std::slice::from_raw_parts(zeroed, size).iter().all(|&b| b == 0));
+                    assert!(std::slice::from_raw_parts(zeroed, size)
+                        .iter()
+                        .all(|&b| b == 0));
                     a.dealloc(zeroed, layout);
 
                     let block = a.alloc(layout);
@@ -105,7 +107,10 @@ mod tests {
                     let grown_size = size * 3 + 5;
                     let grown = a.realloc(block, layout, grown_size);
                     assert!(aligned(grown), "{size} -> {grown_size} @ {align}");
-                    assert!(pattern(grown, size, false), "{size} -> {grown_size} @ {align}");
+                    assert!(
+                        pattern(grown, size, false),
+                        "{size} -> {grown_size} @ {align}"
+                    );
                     pattern(grown, grown_size, true);
                     let grown_layout = Layout::from_size_align(grown_size, align).unwrap();
                     let shrunk_size = size.div_ceil(2);

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
 use http::{Method, Request, Response};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -35,6 +34,7 @@ use crate::gate::StreamGuard;
 use crate::h1::{self, Failure, Link};
 use crate::headers::strip_hop_by_hop;
 use crate::rescue::ProxyError;
+use crate::CappedMap;
 
 /// An upstream's response as the client gets it: hop-by-hop headers dropped,
 /// the body streamed under `guard`.
@@ -229,10 +229,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Socket for T {}
 /// last, bounded per key, per agent and in total; one share per serving
 /// thread (`workers`).
 pub struct Pool<K, I> {
-    idle: Box<[DashMap<K, Vec<Pooled<I>>>]>,
+    idle: Box<[CappedMap<K, Vec<Pooled<I>>>]>,
     /// Places held per key over every thread's share, and per agent.
-    per_key: DashMap<K, usize>,
-    per_agent: DashMap<Uuid, usize>,
+    per_key: CappedMap<K, usize>,
+    per_agent: CappedMap<Uuid, usize>,
     total: AtomicUsize,
     limits: PoolLimits,
 }
@@ -244,9 +244,11 @@ where
 {
     pub fn new(limits: PoolLimits) -> Arc<Self> {
         Arc::new(Self {
-            idle: (0..limits.shards.max(1)).map(|_| DashMap::new()).collect(),
-            per_key: DashMap::new(),
-            per_agent: DashMap::new(),
+            idle: (0..limits.shards.max(1))
+                .map(|_| CappedMap::default())
+                .collect(),
+            per_key: CappedMap::default(),
+            per_agent: CappedMap::default(),
             total: AtomicUsize::new(0),
             limits,
         })
@@ -317,7 +319,7 @@ where
     }
 
     /// This serving thread's idle connections.
-    fn share(&self) -> &DashMap<K, Vec<Pooled<I>>> {
+    fn share(&self) -> &CappedMap<K, Vec<Pooled<I>>> {
         &self.idle[crate::workers::current().min(self.idle.len() - 1)]
     }
 
@@ -642,7 +644,7 @@ where
 
 /// Take one of `limit` places for `key` in `held`; no record is left for a
 /// key refused one.
-fn take_place<Q: Hash + Eq>(held: &DashMap<Q, usize>, key: Q, limit: usize) -> bool {
+fn take_place<Q: Hash + Eq>(held: &CappedMap<Q, usize>, key: Q, limit: usize) -> bool {
     match held.entry(key) {
         dashmap::Entry::Occupied(mut e) if *e.get() < limit => *e.get_mut() += 1,
         dashmap::Entry::Vacant(v) if limit > 0 => {
@@ -654,7 +656,7 @@ fn take_place<Q: Hash + Eq>(held: &DashMap<Q, usize>, key: Q, limit: usize) -> b
 }
 
 /// Give one of `key`'s places in `held` back, dropping its record at none.
-fn free_place<Q: Hash + Eq>(held: &DashMap<Q, usize>, key: &Q) {
+fn free_place<Q: Hash + Eq>(held: &CappedMap<Q, usize>, key: &Q) {
     held.remove_if_mut(key, |_, n| {
         *n = n.saturating_sub(1);
         *n == 0
