@@ -118,7 +118,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
         self.io.write_all(head).await.map_err(Failure::Unanswered)?;
         self.io.flush().await.map_err(Failure::Unanswered)?;
         let mut head = loop {
-            if let Some(head) = parse_head(&mut self.buf)? {
+            let parsed = match self.buf.is_empty() {
+                // An idle link holds no bytes: nothing to parse before a read.
+                true => None,
+                false => parse_head(&mut self.buf)?,
+            };
+            if let Some(head) = parsed {
                 // Interim responses (100, 103): the final one follows.
                 if head.status().is_informational() {
                     if head.status() == StatusCode::SWITCHING_PROTOCOLS {

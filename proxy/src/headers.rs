@@ -37,11 +37,18 @@ impl Outbound {
         guard: &StreamGuard,
         exchange: &mut Exchange,
     ) -> Outbound {
-        let upgrade = req.version() < Version::HTTP_2 && wants_upgrade(req.headers());
+        // One pass over the names finds what is to go; a header looked up
+        // only when it is there (most requests carry none of them).
+        let present = present(req.headers());
+        let upgrade = req.version() < Version::HTTP_2
+            && present & (UPGRADE | CONNECTION) == UPGRADE | CONNECTION
+            && wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers, upgrade);
-        parts.headers.remove(header::EXPECT);
+        strip_present(&mut parts.headers, present, upgrade);
+        if present & EXPECT != 0 {
+            parts.headers.remove(header::EXPECT);
+        }
         if room > 0 {
             // The map, sized by the parser for what it read, grows once here
             // rather than on each insert (an insert makes room first, even
@@ -83,15 +90,24 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Which of [`HOP_BY_HOP`] (bits 0-7) and `Proxy-Connection` (bit 8) `headers`
-/// carries, from one pass over its names.
-fn hop_by_hop_present(headers: &HeaderMap) -> u16 {
+/// Bits of [`present`]'s answer: one per entry of [`HOP_BY_HOP`] (in its
+/// order), then `Proxy-Connection` and `Expect`.
+const CONNECTION: u16 = 1;
+const UPGRADE: u16 = 1 << 6;
+const PROXY_CONNECTION_BIT: u16 = 1 << 8;
+const EXPECT: u16 = 1 << 9;
+
+/// Which of [`HOP_BY_HOP`], `Proxy-Connection` and `Expect` `headers` carries,
+/// from one pass over its names.
+fn present(headers: &HeaderMap) -> u16 {
     let mut present = 0;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present |= 1 << i;
         } else if *name == PROXY_CONNECTION {
-            present |= 1 << HOP_BY_HOP.len();
+            present |= PROXY_CONNECTION_BIT;
+        } else if *name == header::EXPECT {
+            present |= EXPECT;
         }
     }
     present
@@ -101,18 +117,21 @@ fn hop_by_hop_present(headers: &HeaderMap) -> u16 {
 /// `keep_upgrade` is set (a protocol upgrade is being relayed), `Upgrade` stays
 /// and `Connection: upgrade` is restored.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    strip_present(headers, present(headers), keep_upgrade);
+}
+
+/// [`strip_hop_by_hop`], `present` being what [`present`] found in `headers`.
+fn strip_present(headers: &mut HeaderMap, present: u16, keep_upgrade: bool) {
     // Most messages carry none (any named by `Connection` need `Connection`),
-    // and most others only `Connection: keep-alive`: one pass over the names
-    // finds which are there, and only those are looked up again.
-    let present = hop_by_hop_present(headers);
-    if present == 0 {
+    // and most others only `Connection: keep-alive`: only those there are
+    // looked up again.
+    if present & !EXPECT == 0 {
         return;
     }
     // The values naming other headers (cheap clones: they share their bytes),
     // taken out before any header is removed: the first on its own, any others
     // (rare) in a list.
-    let proxy_connection = 1 << HOP_BY_HOP.len();
-    let (first, others) = match present & (1 | proxy_connection) {
+    let (first, others) = match present & (CONNECTION | PROXY_CONNECTION_BIT) {
         0 => (None, Vec::new()),
         _ => {
             let mut naming = headers
@@ -143,7 +162,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
-    if present & proxy_connection != 0 {
+    if present & PROXY_CONNECTION_BIT != 0 {
         headers.remove(PROXY_CONNECTION);
     }
     if let Some(protocol) = upgrade {
@@ -210,6 +229,23 @@ mod tests {
             strip_hop_by_hop(&mut h, false);
             assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["host"]);
         }
+    }
+
+    #[test]
+    fn each_header_found_has_its_own_bit() {
+        let mut all = 0;
+        for (name, bit) in HOP_BY_HOP
+            .iter()
+            .map(|n| n.as_str())
+            .zip((0..8).map(|i| 1 << i))
+            .chain([("proxy-connection", PROXY_CONNECTION_BIT), ("expect", EXPECT)])
+        {
+            assert_eq!(present(&map(&[(name, "x"), ("x-other", "y")])), bit, "{name}");
+            all |= bit;
+        }
+        assert_eq!(present(&map(&[("connection", "x")])), CONNECTION);
+        assert_eq!(present(&map(&[("upgrade", "x")])), UPGRADE);
+        assert_eq!(all, (1 << 10) - 1);
     }
 
     #[test]
