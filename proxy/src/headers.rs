@@ -238,9 +238,16 @@ mod tests {
             .iter()
             .map(|n| n.as_str())
             .zip((0..8).map(|i| 1 << i))
-            .chain([("proxy-connection", PROXY_CONNECTION_BIT), ("expect", EXPECT)])
+            .chain([
+                ("proxy-connection", PROXY_CONNECTION_BIT),
+                ("expect", EXPECT),
+            ])
         {
-            assert_eq!(present(&map(&[(name, "x"), ("x-other", "y")])), bit, "{name}");
+            assert_eq!(
+                present(&map(&[(name, "x"), ("x-other", "y")])),
+                bit,
+                "{name}"
+            );
             all |= bit;
         }
         assert_eq!(present(&map(&[("connection", "x")])), CONNECTION);

@@ -204,11 +204,14 @@ struct Pooled<I> {
 /// How many connections a pool keeps, and for how long.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolLimits {
-    /// Per key (origin or VPS gateway).
+    /// Per key (origin or VPS gateway): connections in the pool, not those
+    /// out of it for an exchange.
     pub per_key: usize,
-    /// Per agent, over all keys: no agent fills the pool for everyone.
+    /// Per agent, over all keys, in the pool or out of it for an exchange:
+    /// no agent fills the pool for everyone.
     pub per_agent: usize,
-    /// In all; beyond it the connection returned longest ago is closed.
+    /// In all, in the pool or out of it; beyond it the connection returned
+    /// longest ago is closed.
     pub total: usize,
     pub idle_timeout: Duration,
     /// Serving threads: each keeps its own idle connections (the limits hold
@@ -274,6 +277,8 @@ where
                 self.free_places(key, &pooled.owner);
             } else if ready {
                 let pooled = list.remove(i);
+                // Out of the pool, it no longer counts against the key.
+                free_place(&self.per_key, key);
                 let lease = Lease::of(self, key.clone(), pooled.owner);
                 return Some((pooled.conn, pooled.addr, lease));
             }
@@ -281,24 +286,20 @@ where
         None
     }
 
-    /// Places in the pool for a connection to `key` used by `owner`'s
-    /// exchange, taken before the exchange so that the connection comes back
-    /// without taking any then. None beyond the key's or the agent's limit
-    /// (the connection is closed after its exchange); at the total limit, the
+    /// The agent's and the total places for a new connection to `key` used by
+    /// `owner`'s exchange, taken before the exchange so that the connection
+    /// comes back without taking them then. None beyond the agent's limit (the
+    /// connection is closed after its exchange); at the total limit, the
     /// connection returned longest ago makes room.
     fn lease(self: &Arc<Self>, key: K, owner: Uuid) -> Option<Lease<K, I>> {
         let limits = self.limits;
         if limits.per_key == 0 {
             return None;
         }
-        // Places are reserved before the push (and given back if it does not
-        // happen), so concurrent returns cannot overrun the limits; the key's
-        // is counted over every thread's share.
+        // Places are reserved before the exchange (and given back if the
+        // connection does not come back), so concurrent returns cannot overrun
+        // the limits.
         if !take_place(&self.per_agent, owner, limits.per_agent) {
-            return None;
-        }
-        if !take_place(&self.per_key, key.clone(), limits.per_key) {
-            free_place(&self.per_agent, &owner);
             return None;
         }
         let take_total = || {
@@ -312,7 +313,6 @@ where
         if take_total() || (self.evict_oldest() && take_total()) {
             Some(Lease::of(self, key, owner))
         } else {
-            free_place(&self.per_key, &key);
             free_place(&self.per_agent, &owner);
             None
         }
@@ -323,10 +323,16 @@ where
         &self.idle[crate::workers::current().min(self.idle.len() - 1)]
     }
 
-    /// Give up the places of a connection to `key` held for `owner`.
+    /// Give up the places of a pooled connection to `key` held for `owner`.
     fn free_places(&self, key: &K, owner: &Uuid) {
-        self.total.fetch_sub(1, Ordering::AcqRel);
         free_place(&self.per_key, key);
+        self.free_leased(owner);
+    }
+
+    /// Give up the places of a connection out of the pool for an exchange
+    /// (it holds none of its key's).
+    fn free_leased(&self, owner: &Uuid) {
+        self.total.fetch_sub(1, Ordering::AcqRel);
         free_place(&self.per_agent, owner);
     }
 
@@ -578,10 +584,13 @@ where
     Ok((response.map(Source::from), addr))
 }
 
-/// The places (per key, per agent, in all) a connection holds while it is
-/// out of the pool for an exchange: it comes back without taking them again,
-/// and gives them up if it does not come back (closed, failed, or its response
-/// left unread).
+/// The places (per agent, in all) a connection holds while it is out of the
+/// pool for an exchange: it comes back without taking them again, and gives
+/// them up if it does not come back (closed, failed, or its response left
+/// unread). Its key's place is taken only when it comes back: the per-key
+/// limit bounds the connections a key keeps in the pool, so no agent's
+/// exchanges under way (a slow stream or many) keep another agent's
+/// connections to the same origin out of it.
 struct Lease<K, I>(Option<Places<K, I>>)
 where
     K: Key,
@@ -608,12 +617,16 @@ where
     }
 
     /// Put `conn` (connected to `addr`, used by `owner`'s exchange) back in
-    /// the pool, in these places; the agent's place moves to `owner` if it
-    /// was another agent's, and the connection is closed if `owner` is at its
-    /// limit.
+    /// the pool, in these places and one of its key's; the agent's place
+    /// moves to `owner` if it was another agent's. The connection is closed
+    /// if the key is at its limit or `owner` at its own.
     fn give_back(mut self, conn: Conn<I>, owner: Uuid, addr: SocketAddr) {
         let Some(places) = self.0.take() else { return };
         let pool = &places.pool;
+        if !take_place(&pool.per_key, places.key.clone(), pool.limits.per_key) {
+            pool.free_leased(&places.owner);
+            return;
+        }
         if owner != places.owner {
             if !take_place(&pool.per_agent, owner, pool.limits.per_agent) {
                 pool.free_places(&places.key, &places.owner);
@@ -637,7 +650,7 @@ where
 {
     fn drop(&mut self) {
         if let Some(places) = self.0.take() {
-            places.pool.free_places(&places.key, &places.owner);
+            places.pool.free_leased(&places.owner);
         }
     }
 }
@@ -753,5 +766,53 @@ mod tests {
         assert_eq!(pool.idle_count(), 1);
         assert!(pool.per_agent.get(&a).is_none());
         assert_eq!(pool.per_agent.get(&b).map(|n| *n), Some(1));
+    }
+
+    /// The per-origin limit bounds the connections an origin keeps in the
+    /// pool, not the exchanges under way: an agent streaming slow responses
+    /// from an origin, as many as that limit, does not keep another agent's
+    /// connection to it out of the pool.
+    #[tokio::test]
+    async fn slow_responses_under_way_leave_room_for_another_agents_connection() {
+        let limits = PoolLimits {
+            per_key: 2,
+            per_agent: 8,
+            total: 8,
+            ..LIMITS
+        };
+        let pool = Pool::<&'static str, DuplexStream>::new(limits);
+        let (slow, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut streaming = Vec::new();
+        for _ in 0..limits.per_key {
+            let connect = || async { Ok((upstream(1 << 20), ADDR)) };
+            let (response, _) = pool
+                .send("origin", slow, get(), connect, due())
+                .await
+                .unwrap();
+            streaming.push(response);
+        }
+        let connects = AtomicUsize::new(0);
+        let connect = || async {
+            connects.fetch_add(1, Ordering::Relaxed);
+            Ok((upstream(2), ADDR))
+        };
+        for _ in 0..3 {
+            let (response, _) = pool
+                .send("origin", other, get(), connect, due())
+                .await
+                .unwrap();
+            response.into_body().collect().await.unwrap();
+        }
+        assert_eq!(
+            connects.load(Ordering::Relaxed),
+            1,
+            "the other agent's connection was kept and reused"
+        );
+        // Once the slow exchanges end, the origin keeps no more than its limit.
+        for response in streaming {
+            response.into_body().collect().await.unwrap();
+        }
+        assert_eq!(pool.per_key.get("origin").map(|n| *n), Some(limits.per_key));
+        assert_eq!(pool.idle_count(), limits.per_key);
     }
 }
