@@ -92,7 +92,7 @@ mod tests {
         for size in [1, 7, 8, 15, 16, 24, 48, 100, 1024, 1025, 5 * 1024, 70_000] {
             for align in [1, 2, 4, 8, 16, 32, 64, 4096] {
                 let layout = Layout::from_size_align(size, align).unwrap();
-                let aligned = |p: *mut u8| !p.is_null() && p as usize % align == 0;
+                let aligned = |p: *mut u8| !p.is_null() && (p as usize).is_multiple_of(align);
                 unsafe {
                     let zeroed = a.alloc_zeroed(layout);
                     assert!(aligned(zeroed), "zeroed {size} @ {align}");

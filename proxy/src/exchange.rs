@@ -265,7 +265,9 @@ impl Exchange {
             );
         }
         self.status = response.status().as_u16();
-        let end = self.open.then_some(self);
+        // Boxed: the response moves several times on its way out, and the
+        // record is most of its size.
+        let end = self.open.then(|| Box::new(self));
         response.map(|body| ExchangeBody {
             body,
             end,
@@ -349,7 +351,7 @@ impl Drop for Exchange {
 #[derive(Debug)]
 pub struct ExchangeBody {
     body: ProxyBody,
-    end: Option<Exchange>,
+    end: Option<Box<Exchange>>,
     sent: u64,
     _busy: Busy,
 }
