@@ -25,6 +25,21 @@ fn plain(align: usize, size: usize) -> bool {
     align <= PLAIN_ALIGN && align <= size
 }
 
+/// A new block for `layout`, from `plain` (by size) when a plain block is
+/// aligned enough, else from `aligned` (by size and alignment).
+#[inline(always)]
+unsafe fn new_block(
+    layout: Layout,
+    plain_block: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_block: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let block = match plain(layout.align(), layout.size()) {
+        true => unsafe { plain_block(layout.size()) },
+        false => unsafe { aligned_block(layout.size(), layout.align()) },
+    };
+    block.cast()
+}
+
 /// mimalloc as the global allocator (`#[global_allocator]` in the binary).
 pub struct Allocator;
 
@@ -35,20 +50,12 @@ pub struct Allocator;
 unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let block = match plain(layout.align(), layout.size()) {
-            true => unsafe { mi::mi_malloc(layout.size()) },
-            false => unsafe { mi::mi_malloc_aligned(layout.size(), layout.align()) },
-        };
-        block.cast()
+        unsafe { new_block(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let block = match plain(layout.align(), layout.size()) {
-            true => unsafe { mi::mi_zalloc(layout.size()) },
-            false => unsafe { mi::mi_zalloc_aligned(layout.size(), layout.align()) },
-        };
-        block.cast()
+        unsafe { new_block(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]
