@@ -233,7 +233,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Socket for T {}
 /// thread (`workers`).
 pub struct Pool<K, I> {
     idle: Box<[CappedMap<K, Vec<Pooled<I>>>]>,
-    /// Places held per key over every thread's share, and per agent.
+    /// Places held per key (connections in the pool) over every thread's
+    /// share, and per agent (in the pool or out of it for an exchange).
     per_key: CappedMap<K, usize>,
     per_agent: CappedMap<Uuid, usize>,
     total: AtomicUsize,
