@@ -157,10 +157,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
 }
 
 /// Resolves once `due` has come, on `timer`, a timer kept for a connection's
-/// life: set again only when it goes off before `due`. A timer per exchange
-/// would go into the runtime's timer wheel and out again for every request
-/// on a busy connection; moving the time it is due is a clock read.
+/// life: set again only when it goes off before `due`, or is set for after
+/// it. A timer per exchange would go into the runtime's timer wheel and out
+/// again for every request on a busy connection; moving the time it is due
+/// is a clock read.
 pub async fn until(mut timer: Pin<&mut Sleep>, due: Instant) {
+    if timer.deadline() > due {
+        timer.as_mut().reset(due);
+    }
     loop {
         timer.as_mut().await;
         if timer.deadline() >= due {
@@ -828,6 +832,21 @@ mod tests {
             wire.splice(0..0, b"HTTP/1.1 200 OK\r\n".iter().copied());
             let _ = block_on(through_link(&Method::GET, wire, pieces, true));
         }
+    }
+
+    /// A timer comes due at the time asked, whether it was set for before
+    /// that time or after it.
+    #[tokio::test(start_paused = true)]
+    async fn until_resolves_at_its_due_time_whatever_the_timer_was_set_for() {
+        use std::time::Duration;
+        let start = Instant::now();
+        let mut timer = Box::pin(tokio::time::sleep(Duration::from_secs(3)));
+        until(timer.as_mut(), start + Duration::from_secs(10)).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(10), "set for before");
+        let start = Instant::now();
+        timer.as_mut().reset(start + Duration::from_secs(60));
+        until(timer.as_mut(), start + Duration::from_secs(2)).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(2), "set for after");
     }
 
     /// A response head due so late it never matters.
