@@ -289,12 +289,16 @@ where
 
     /// The agent's and the total places for a new connection to `key` used by
     /// `owner`'s exchange, taken before the exchange so that the connection
-    /// comes back without taking them then. None beyond the agent's limit (the
-    /// connection is closed after its exchange); at the total limit, the
-    /// connection returned longest ago makes room.
+    /// comes back without taking them then. None beyond the agent's limit, or
+    /// while the key's connections in the pool (on other threads) are at its
+    /// limit: the connection is closed after its exchange. At the total limit,
+    /// the connection returned longest ago makes room.
     fn lease(self: &Arc<Self>, key: K, owner: Uuid) -> Option<Lease<K, I>> {
         let limits = self.limits;
-        if limits.per_key == 0 {
+        let key_full = || self.per_key.get(&key).is_some_and(|n| *n >= limits.per_key);
+        // (No connection elsewhere is closed to make room for one that would
+        // not be kept.)
+        if limits.per_key == 0 || key_full() {
             return None;
         }
         // Places are reserved before the exchange (and given back if the
