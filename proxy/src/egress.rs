@@ -270,9 +270,9 @@ impl Egress {
         };
         let host_header = HeaderValue::from_str(authority.as_str())
             .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
-        let outbound = Outbound::of(req, target, host_header, 0, &guard, exchange);
+        let mut outbound = Outbound::of(req, target, host_header, &guard, exchange);
         let timeout = self.config.response_timeout;
-        if let Some(client) = outbound.client_upgrade {
+        if let Some(client) = outbound.client_upgrade.take() {
             // Boxed, like the tunnel: rare, and large.
             return Box::pin(async {
                 let held = self.agent_limits.tunnel(agent.agent_id, Listener::Egress)?;
@@ -288,7 +288,14 @@ impl Egress {
                     watch: Some(self.policies.watch(agent.clone(), &host, addr)),
                 };
                 self.relays
-                    .upgrade(io, outbound.request, client, timeout, relay, exchange)
+                    .upgrade(
+                        io,
+                        outbound.into_request(),
+                        client,
+                        timeout,
+                        relay,
+                        exchange,
+                    )
                     .await
             })
             .await;
@@ -303,7 +310,7 @@ impl Egress {
             move || async move { self.connect(&host, port, policy.as_deref(), record).await };
         let (response, addr) = self
             .pool
-            .exchange(key, agent.agent_id, outbound.request, timeout, guard, open)
+            .exchange(key, agent.agent_id, outbound, timeout, guard, open)
             .await?;
         // A pooled connection was opened by an earlier exchange.
         exchange.set_address(addr);

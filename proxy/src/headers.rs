@@ -3,37 +3,50 @@
 //! body is streamed under its user's guard.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Uri, Version};
+use http::{Method, Request, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 
 use crate::body::{Flow, ProxyBody, RequestBody};
 use crate::exchange::Exchange;
 use crate::gate::StreamGuard;
 
-/// A request as it goes upstream, and the client's side of the upgrade it asks
-/// for, if any.
+/// A request on its way upstream, kept as the client sent it until it goes
+/// out: without a body, as a head written straight from the client's headers
+/// ([`Outbound::write_head`]); otherwise as the edited request hyper's client
+/// sends ([`Outbound::into_request`]). Either way hop-by-hop headers stay on
+/// their hop (an HTTP/1 upgrade's own kept), `Expect` is answered here (hyper
+/// sends the `100` when the body is first read), `Host` names the upstream,
+/// and each header the caller [`set`](Outbound::set) replaces the client's of
+/// its name.
 pub struct Outbound {
-    pub request: Request<ProxyBody>,
+    method: Method,
+    /// Origin-form.
+    target: Uri,
+    /// The client's, unedited.
+    headers: HeaderMap,
+    /// What [`present`] found in `headers`.
+    present: u16,
+    host: HeaderValue,
+    set: Vec<(HeaderName, HeaderValue)>,
+    body: ProxyBody,
+    /// Whether the request asks for an upgrade (its headers for it kept).
+    upgrade: bool,
+    /// The client's side of that upgrade.
     pub client_upgrade: Option<OnUpgrade>,
 }
 
 /// Headers a proxied request may gain on its way: `Host`, and on ingress the
 /// three `X-Forwarded-*`. A head the fast path parses has room for them, so
-/// its map never grows.
+/// its map never grows when hyper's client sends it.
 pub const ROOM: usize = 4;
 
 impl Outbound {
-    /// `req` for `target` (origin-form) on the upstream `host`: hop-by-hop
-    /// headers dropped (an HTTP/1 upgrade's own kept), `Host` set, `Expect`
-    /// dropped (this hop answers it: hyper sends the `100` when the body is
-    /// first read), HTTP/1.1; a body is streamed under `guard`, its bytes
-    /// counted in `exchange`. `room`: how many headers the caller adds to
-    /// the request afterwards.
+    /// `req` for `target` (origin-form) on the upstream `host`, HTTP/1.1; a
+    /// body is streamed under `guard`, its bytes counted in `exchange`.
     pub fn of(
         mut req: Request<RequestBody>,
         target: Uri,
         host: HeaderValue,
-        room: usize,
         guard: &StreamGuard,
         exchange: &mut Exchange,
     ) -> Outbound {
@@ -44,18 +57,7 @@ impl Outbound {
             && present & (UPGRADE | CONNECTION) == UPGRADE | CONNECTION
             && wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        strip_present(&mut parts.headers, present, upgrade);
-        if present & EXPECT != 0 {
-            parts.headers.remove(header::EXPECT);
-        }
-        if room > 0 {
-            // The map, sized by the parser for what it read, grows once here
-            // rather than on each insert (an insert makes room first, even
-            // for a name already there).
-            parts.headers.reserve(room + 1);
-        }
-        parts.headers.insert(header::HOST, host);
+        let (parts, body) = req.into_parts();
         let body = match body.is_end_stream() {
             true => ProxyBody::Empty,
             false => ProxyBody::guarded(
@@ -64,15 +66,106 @@ impl Outbound {
                 Flow::FromClient(exchange.upload_counter()),
             ),
         };
-        let mut request = Request::new(body);
-        *request.method_mut() = parts.method;
-        *request.uri_mut() = target;
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = parts.headers;
         Outbound {
-            request,
+            method: parts.method,
+            target,
+            headers: parts.headers,
+            present,
+            host,
+            set: Vec::new(),
+            body,
+            upgrade,
             client_upgrade,
         }
+    }
+
+    /// Send `value` as the request's only `name` header. At most
+    /// [`ROOM`] − 1 names.
+    pub fn set(&mut self, name: HeaderName, value: HeaderValue) {
+        debug_assert!(self.set.len() < ROOM - 1 && name != header::HOST);
+        if self.set.capacity() == 0 {
+            self.set.reserve_exact(ROOM - 1);
+        }
+        self.set.push((name, value));
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// Whether the request goes without a body, and asks for no upgrade:
+    /// its head is all there is to send ([`Outbound::write_head`]).
+    pub fn is_head_only(&self) -> bool {
+        matches!(self.body, ProxyBody::Empty) && !self.upgrade
+    }
+
+    /// Write the request's head into `out`, as hyper's client writes the
+    /// request [`Outbound::into_request`] makes (request line, `Host`, the
+    /// client's headers in their order but for those that go, then those
+    /// [`set`](Outbound::set); names in lowercase). Only for a request that
+    /// [`is_head_only`](Outbound::is_head_only): an upgrade keeps headers this
+    /// drops.
+    pub fn write_head(&self, out: &mut Vec<u8>) {
+        // Names the `Connection` headers give: looked up once (each a hash
+        // probe, as for their removal), not once per header.
+        let named = match self.present & (CONNECTION | PROXY_CONNECTION_BIT) {
+            0 => Vec::new(),
+            _ => named_by_connection(&self.headers),
+        };
+        let goes = |name: &HeaderName| {
+            *name == header::HOST
+                || self.set.iter().any(|(set, _)| set == name)
+                || (self.present != 0 && (is_hop_by_hop(name) || named.contains(name)))
+        };
+        let target = self
+            .target
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes();
+        let size: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .chain(self.set.iter().map(|(n, v)| n.as_str().len() + v.len() + 4))
+            .sum();
+        out.reserve(self.method.as_str().len() + target.len() + self.host.len() + size + 24);
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(target);
+        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        out.extend_from_slice(self.host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let kept = self.headers.iter().filter(|(name, _)| !goes(name));
+        for (name, value) in kept.chain(self.set.iter().map(|(n, v)| (n, v))) {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// The request as hyper's client is to send it, its headers edited.
+    pub fn into_request(self) -> Request<ProxyBody> {
+        let mut headers = self.headers;
+        strip_present(&mut headers, self.present, self.upgrade);
+        if self.present & EXPECT != 0 {
+            headers.remove(header::EXPECT);
+        }
+        // The map, sized by the parser for what it read, grows once here
+        // rather than on each insert (an insert makes room first, even for a
+        // name already there).
+        headers.reserve(self.set.len() + 1);
+        headers.insert(header::HOST, self.host);
+        for (name, value) in self.set {
+            headers.insert(name, value);
+        }
+        let mut request = Request::new(self.body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.target;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        request
     }
 }
 
@@ -96,6 +189,36 @@ const CONNECTION: u16 = 1;
 const UPGRADE: u16 = 1 << 6;
 const PROXY_CONNECTION_BIT: u16 = 1 << 8;
 const EXPECT: u16 = 1 << 9;
+
+/// Whether `name` is one of [`HOP_BY_HOP`], `Proxy-Connection` or `Expect`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || *name == PROXY_CONNECTION || *name == header::EXPECT
+}
+
+/// The headers of `headers` that its `Connection` and `Proxy-Connection`
+/// headers name, each once.
+fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut named: Vec<HeaderName> = Vec::new();
+    let tokens = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .chain(headers.get_all(PROXY_CONNECTION).iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
+    for token in tokens {
+        // A token that is no header name names nothing: found by text, it
+        // finds no header (and allocates no name to look it up).
+        if headers.contains_key(token) {
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                if !named.contains(&name) {
+                    named.push(name);
+                }
+            }
+        }
+    }
+    named
+}
 
 /// Which of [`HOP_BY_HOP`], `Proxy-Connection` and `Expect` `headers` carries,
 /// from one pass over its names.
@@ -184,7 +307,16 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
     use super::*;
+    use crate::decision_log::DecisionLog;
+    use crate::gate::UserGate;
+    use crate::telemetry::Listener;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -195,6 +327,143 @@ mod tests {
             );
         }
         h
+    }
+
+    /// Names a generated request's headers are drawn from: hop-by-hop ones,
+    /// those a proxy replaces, and end-to-end ones.
+    const NAMES: [&str; 14] = [
+        "host",
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "authorization",
+        "x-one",
+        "x-two",
+    ];
+
+    /// Values, among them what `Connection` may name (any case, invalid
+    /// names, empty items).
+    fn value() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "keep-alive",
+                "close",
+                "X-One",
+                "x-two",
+                "Authorization",
+                "HOST",
+                "x-forwarded-for",
+                "bad name",
+                "",
+                "TE",
+                "x-absent",
+                "upgrade",
+            ]),
+            1..4,
+        )
+        .prop_map(|items| items.join(", "))
+    }
+
+    /// A head as lines: the request line, then each header's values under
+    /// its name, in order (the order of different names carries no meaning,
+    /// RFC 9110 §5.3).
+    fn lines(head: &[u8]) -> (String, BTreeMap<String, Vec<String>>) {
+        let head = std::str::from_utf8(head).unwrap();
+        let head = head
+            .strip_suffix("\r\n\r\n")
+            .expect("a head ends with an empty line");
+        let mut lines = head.split("\r\n");
+        let start = lines.next().unwrap().to_owned();
+        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for line in lines {
+            let (name, value) = line.split_once(": ").unwrap();
+            headers
+                .entry(name.to_owned())
+                .or_default()
+                .push(value.to_owned());
+        }
+        (start, headers)
+    }
+
+    fn outbound(method: &str, headers: &[(usize, String)], set: &[usize]) -> Outbound {
+        let mut req = Request::new(RequestBody::Empty);
+        *req.method_mut() = Method::from_bytes(method.as_bytes()).unwrap();
+        *req.uri_mut() = "/agents/x/gateway/a?b=c".parse().unwrap();
+        for (name, value) in headers {
+            req.headers_mut().append(
+                HeaderName::from_static(NAMES[*name]),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let gate = Arc::new(UserGate::new(Uuid::new_v4(), None));
+        let guard = StreamGuard::new(&gate, None);
+        let mut exchange = Exchange::begin(Listener::Ingress, &req, &DecisionLog::off());
+        let mut outbound = Outbound::of(
+            req,
+            "/a?b=c".parse().unwrap(),
+            HeaderValue::from_static("10.0.0.1:18789"),
+            &guard,
+            &mut exchange,
+        );
+        let settable = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"];
+        for &i in set {
+            outbound.set(
+                HeaderName::from_static(settable[i]),
+                HeaderValue::from_static("set"),
+            );
+        }
+        outbound
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The head written from the client's headers is the one the edited
+        /// request goes out with, header for header.
+        #[test]
+        fn a_head_written_from_the_clients_headers_is_the_edited_requests(
+            method in prop::sample::select(vec!["GET", "DELETE", "OPTIONS", "PURGE"]),
+            headers in prop::collection::vec((0..NAMES.len(), value()), 0..10),
+            set in prop::sample::subsequence(vec![0usize, 1, 2], 0..=3),
+        ) {
+            let outbound = outbound(method, &headers, &set);
+            prop_assume!(outbound.is_head_only());
+            let mut written = Vec::new();
+            outbound.write_head(&mut written);
+            let mut edited = Vec::new();
+            crate::h1::encode_head(&outbound.into_request(), &mut edited);
+            prop_assert_eq!(lines(&written), lines(&edited));
+        }
+    }
+
+    #[test]
+    fn a_head_goes_out_with_host_first_and_without_what_connection_names() {
+        let outbound = outbound(
+            "GET",
+            &[
+                (11, "Bearer k".into()),
+                (0, "client.example".into()),
+                (1, "keep-alive, X-One".into()),
+                (12, "1".into()),
+                (13, "2".into()),
+                (9, "198.51.100.7".into()),
+            ],
+            &[0],
+        );
+        let mut written = Vec::new();
+        outbound.write_head(&mut written);
+        assert_eq!(
+            String::from_utf8(written).unwrap(),
+            "GET /a?b=c HTTP/1.1\r\nhost: 10.0.0.1:18789\r\nauthorization: Bearer k\r\n\
+             x-two: 2\r\nx-forwarded-for: set\r\n\r\n"
+        );
     }
 
     #[test]

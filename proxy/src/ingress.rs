@@ -126,15 +126,8 @@ impl Stages for Ingress {
         let target =
             Uri::try_from(route.target).map_err(|_| ProxyError::BadRequest("invalid path"))?;
         let forwarded = Forwarded::of(&req, conn);
-        let mut outbound = Outbound::of(
-            req,
-            target,
-            gateway.authority.clone(),
-            Forwarded::HEADERS,
-            &guard,
-            exchange,
-        );
-        forwarded.apply(outbound.request.headers_mut());
+        let mut outbound = Outbound::of(req, target, gateway.authority.clone(), &guard, exchange);
+        forwarded.apply(&mut outbound);
 
         // The socket to the VPS is the one that counts.
         let open = || async {
@@ -161,7 +154,7 @@ impl Stages for Ingress {
             Ok::<_, ProxyError>((io, addr))
         };
         let timeout = self.config.response_timeout;
-        if let Some(client) = outbound.client_upgrade {
+        if let Some(client) = outbound.client_upgrade.take() {
             // Boxed: rare, and large; the request future hyper keeps per
             // connection stays the size the plain path needs.
             return Box::pin(async {
@@ -179,7 +172,14 @@ impl Stages for Ingress {
                     watch: None,
                 };
                 self.relays
-                    .upgrade(io, outbound.request, client, timeout, relay, exchange)
+                    .upgrade(
+                        io,
+                        outbound.into_request(),
+                        client,
+                        timeout,
+                        relay,
+                        exchange,
+                    )
                     .await
             })
             .await;
@@ -187,7 +187,7 @@ impl Stages for Ingress {
         let key: GatewayKey = (vps.id, gateway.authority.clone());
         let (response, addr) = self
             .pool
-            .exchange(key, agent.agent_id, outbound.request, timeout, guard, open)
+            .exchange(key, agent.agent_id, outbound, timeout, guard, open)
             .await?;
         exchange.set_address(addr);
         Ok(response)
@@ -281,11 +281,11 @@ impl Forwarded {
         }
     }
 
-    fn apply(self, headers: &mut http::HeaderMap) {
-        headers.insert(X_FORWARDED_FOR, self.for_);
-        headers.insert(X_FORWARDED_PROTO, self.proto);
+    fn apply(self, outbound: &mut Outbound) {
+        outbound.set(X_FORWARDED_FOR, self.for_);
+        outbound.set(X_FORWARDED_PROTO, self.proto);
         if let Some(host) = self.host {
-            headers.insert(X_FORWARDED_HOST, host);
+            outbound.set(X_FORWARDED_HOST, host);
         }
     }
 }

@@ -32,7 +32,7 @@ use crate::body::{Flow, ProxyBody, Source};
 use crate::egress_policy::{Dial, EgressPolicy, Host, Resolve};
 use crate::gate::StreamGuard;
 use crate::h1::{self, Failure, Link};
-use crate::headers::strip_hop_by_hop;
+use crate::headers::{strip_hop_by_hop, Outbound};
 use crate::rescue::ProxyError;
 use crate::CappedMap;
 
@@ -386,7 +386,7 @@ where
         self: &Arc<Self>,
         key: K,
         owner: Uuid,
-        req: Request<ProxyBody>,
+        req: impl Outgoing,
         connect: F,
         due: Instant,
     ) -> Result<(Response<Source>, SocketAddr), ProxyError>
@@ -396,18 +396,14 @@ where
     {
         // The head a request without a body goes out with (made before any
         // wait: the request itself is not shared across them).
-        let direct = matches!(req.body(), ProxyBody::Empty).then(|| {
-            let mut head = Vec::new();
-            h1::encode_head(&req, &mut head);
-            (head, req.method().clone())
-        });
+        let direct = req.head();
         let req = match (self.checkout(&key), &direct) {
             (Some((Conn::Link(link), addr, lease)), Some(direct)) => {
                 match self
                     .direct(link, addr, direct, Some(lease), owner, due)
                     .await
                 {
-                    Err(Failure::Unanswered(_)) if direct.1.is_idempotent() => req,
+                    Err(Failure::Unanswered(_)) if direct.1.is_idempotent() => Unsent::Given(req),
                     answered => return answered.map_err(upstream_broke),
                 }
             }
@@ -416,15 +412,15 @@ where
             (Some((conn, addr, lease)), _) => {
                 match by(
                     due,
-                    Box::pin(self.through_pooled(conn, addr, req, lease, owner)),
+                    Box::pin(self.through_pooled(conn, addr, req.into_request(), lease, owner)),
                 )
                 .await?
                 {
                     Ok(answered) => return answered,
-                    Err(unsent) => unsent,
+                    Err(unsent) => Unsent::Back(unsent),
                 }
             }
-            (None, _) => req,
+            (None, _) => Unsent::Given(req),
         };
         let (io, addr) = by(due, connect()).await??;
         let lease = self.lease(key, owner);
@@ -438,7 +434,7 @@ where
                     due,
                     Box::pin(async {
                         let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
-                        through_hyper(sender, addr, req, lease, owner).await
+                        through_hyper(sender, addr, req.into_request(), lease, owner).await
                     }),
                 )
                 .await?
@@ -513,7 +509,7 @@ where
         self: &Arc<Self>,
         key: K,
         owner: Uuid,
-        req: Request<ProxyBody>,
+        req: impl Outgoing,
         timeout: Duration,
         guard: StreamGuard,
         open: F,
@@ -562,6 +558,61 @@ where
     /// Connections held, idle or finishing an exchange (for tests and metrics).
     pub fn idle_count(&self) -> usize {
         self.total.load(Ordering::Acquire)
+    }
+}
+
+/// A request the pool sends: without a body, as a head this task writes (no
+/// hyper); otherwise as a request hyper's client sends.
+pub trait Outgoing {
+    /// The head to write and the request's method, for a request that is
+    /// all head.
+    fn head(&self) -> Option<(Vec<u8>, Method)>;
+
+    fn into_request(self) -> Request<ProxyBody>;
+}
+
+impl Outgoing for Outbound {
+    fn head(&self) -> Option<(Vec<u8>, Method)> {
+        self.is_head_only().then(|| {
+            let mut head = Vec::new();
+            self.write_head(&mut head);
+            (head, self.method().clone())
+        })
+    }
+
+    fn into_request(self) -> Request<ProxyBody> {
+        Outbound::into_request(self)
+    }
+}
+
+/// A request made elsewhere, sent as it is.
+impl Outgoing for Request<ProxyBody> {
+    fn head(&self) -> Option<(Vec<u8>, Method)> {
+        matches!(self.body(), ProxyBody::Empty).then(|| {
+            let mut head = Vec::new();
+            h1::encode_head(self, &mut head);
+            (head, self.method().clone())
+        })
+    }
+
+    fn into_request(self) -> Request<ProxyBody> {
+        self
+    }
+}
+
+/// A request that has not gone out: as it was given, or as hyper's client gave
+/// it back.
+enum Unsent<R> {
+    Given(R),
+    Back(Request<ProxyBody>),
+}
+
+impl<R: Outgoing> Unsent<R> {
+    fn into_request(self) -> Request<ProxyBody> {
+        match self {
+            Unsent::Given(req) => req.into_request(),
+            Unsent::Back(req) => req,
+        }
     }
 }
 
