@@ -602,6 +602,8 @@ impl Outgoing for Request<ProxyBody> {
 
 /// A request that has not gone out: as it was given, or as hyper's client gave
 /// it back.
+// Each variant is a whole request (`R` is one too, which the lint cannot see).
+#[allow(clippy::large_enum_variant)]
 enum Unsent<R> {
     Given(R),
     Back(Request<ProxyBody>),
