@@ -49,9 +49,21 @@ impl Limit {
 struct Usage {
     connections: AtomicUsize,
     tunnels: AtomicUsize,
-    /// Tokens left and when they were last topped up.
+    /// Tokens left and when they were last topped up (at the agent's last
+    /// new connection, or when the record was made).
     bucket: Mutex<(f64, Instant)>,
-    last_used: Mutex<Instant>,
+}
+
+impl Usage {
+    /// How long since the agent last asked for a new connection (or since its
+    /// record was made).
+    fn quiet_for(&self) -> Duration {
+        self.bucket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .elapsed()
+    }
 }
 
 /// Every agent's holdings on this proxy.
@@ -76,11 +88,6 @@ impl Drop for Held {
             _ => &self.usage.connections,
         };
         counter.fetch_sub(1, Ordering::AcqRel);
-        *self
-            .usage
-            .last_used
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 }
 
@@ -105,7 +112,6 @@ impl AgentLimits {
                     connections: AtomicUsize::new(0),
                     tunnels: AtomicUsize::new(0),
                     bucket: Mutex::new((burst, now)),
-                    last_used: Mutex::new(now),
                 })
             })
             .clone()
@@ -152,7 +158,9 @@ impl AgentLimits {
         }
     }
 
-    /// Forget agents that hold nothing and have not for `quiet`.
+    /// Forget agents that hold nothing and have asked for no new connection
+    /// for `quiet`. With `quiet` at least a second, a forgotten bucket was
+    /// full again: forgetting an agent gives it nothing it did not have.
     pub fn sweep(&self, quiet: Duration) {
         // A record someone holds or is about to count on (a clone taken, not
         // yet incremented) stays, so an agent never has two.
@@ -160,11 +168,7 @@ impl AgentLimits {
             Arc::strong_count(u) > 1
                 || u.connections.load(Ordering::Acquire) > 0
                 || u.tunnels.load(Ordering::Acquire) > 0
-                || u.last_used
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .elapsed()
-                    < quiet
+                || u.quiet_for() < quiet
         });
     }
 
@@ -263,5 +267,29 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         l.sweep(Duration::from_secs(10));
         assert!(l.is_empty(), "quiet agents are forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_with_requests_only_is_kept_while_one_is_under_way() {
+        let l = limits(10, 10, 5);
+        let a = Uuid::new_v4();
+        let request = l.request(a, Listener::Ingress).unwrap();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        l.sweep(Duration::from_secs(10));
+        assert_eq!(l.len(), 1, "a request under way keeps the record");
+        drop(request);
+        l.sweep(Duration::from_secs(10));
+        assert!(
+            l.is_empty(),
+            "no request under way, no new connection for 10 s"
+        );
+        // A new record starts with the full bucket the old one had refilled to.
+        for _ in 0..5 {
+            drop(l.connection(a, Listener::Egress).unwrap());
+        }
+        assert_eq!(
+            l.connection(a, Listener::Egress).unwrap_err(),
+            Limit::ConnectionRate
+        );
     }
 }

@@ -262,13 +262,17 @@ where
     /// now, if any, the address it is connected to, and the places it holds.
     /// Connections still finishing their previous exchange stay for later;
     /// closed and expired ones are dropped.
-    fn checkout(self: &Arc<Self>, key: &K) -> Option<(Conn<I>, SocketAddr, Lease<K, I>)> {
+    fn checkout(
+        self: &Arc<Self>,
+        key: &K,
+        now: Instant,
+    ) -> Option<(Conn<I>, SocketAddr, Lease<K, I>)> {
         let mut list = self.share().get_mut(key)?;
         let mut i = list.len();
         while i > 0 {
             i -= 1;
             let pooled = &mut list[i];
-            let expired = pooled.since.elapsed() >= self.limits.idle_timeout;
+            let expired = now.saturating_duration_since(pooled.since) >= self.limits.idle_timeout;
             let (dead, ready) = match &mut pooled.conn {
                 Conn::Hyper(sender) => (expired || sender.is_closed(), sender.is_ready()),
                 Conn::Link(link) => (expired || link.is_stale(), true),
@@ -378,8 +382,8 @@ where
     /// task (`h1`); one with a body through hyper's client. A pooled connection
     /// the peer closed meanwhile is found before the request goes out, or (for
     /// a request that may be repeated) by its answering nothing; the request is
-    /// then sent once on a fresh connection. The response head is due by
-    /// `due` (a link's own timer bounds its exchange; the rest is under a
+    /// then sent once on a fresh connection. The response head is due within
+    /// `timeout` (a link's own timer bounds its exchange; the rest is under a
     /// timeout). Returns the response and the address of the connection that
     /// carried it.
     pub async fn send<F, Fut>(
@@ -388,16 +392,20 @@ where
         owner: Uuid,
         req: impl Outgoing,
         connect: F,
-        due: Instant,
+        timeout: Duration,
     ) -> Result<(Response<Source>, SocketAddr), ProxyError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(I, SocketAddr), ProxyError>>,
     {
+        // One reading of the clock serves the deadline and the pool's idle
+        // ages.
+        let now = Instant::now();
+        let due = now + timeout;
         // The head a request without a body goes out with (made before any
         // wait: the request itself is not shared across them).
         let direct = req.head();
-        let req = match (self.checkout(&key), &direct) {
+        let req = match (self.checkout(&key, now), &direct) {
             (Some((Conn::Link(link), addr, lease)), Some(direct)) => {
                 match self
                     .direct(link, addr, direct, Some(lease), owner, due)
@@ -519,9 +527,8 @@ where
         Fut: Future<Output = Result<(I, SocketAddr), ProxyError>>,
     {
         let connect = || Box::pin(open());
-        let due = Instant::now() + timeout;
         let (response, addr) = self
-            .send(key, owner, req, connect, due)
+            .send(key, owner, req, connect, timeout)
             .await
             .map_err(|e| e.attributed(&guard))?;
         Ok((passed_on(response, guard), addr))
@@ -782,9 +789,7 @@ mod tests {
             .unwrap()
     }
 
-    fn due() -> Instant {
-        Instant::now() + Duration::from_secs(5)
-    }
+    const TIMEOUT: Duration = Duration::from_secs(5);
 
     const ADDR: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
@@ -797,7 +802,10 @@ mod tests {
         // connection's places go with it.
         for _ in 0..3 * LIMITS.total {
             let connect = || async { Ok((upstream(1 << 20), ADDR)) };
-            let (response, _) = pool.send("origin", a, get(), connect, due()).await.unwrap();
+            let (response, _) = pool
+                .send("origin", a, get(), connect, TIMEOUT)
+                .await
+                .unwrap();
             assert_eq!(
                 pool.idle_count(),
                 1,
@@ -815,11 +823,17 @@ mod tests {
         // Read to its end, a connection stays, and the next request (another
         // agent's) reuses it without connecting: the agent's place moves.
         let connect = || async { Ok((upstream(2), ADDR)) };
-        let (response, _) = pool.send("origin", a, get(), connect, due()).await.unwrap();
+        let (response, _) = pool
+            .send("origin", a, get(), connect, TIMEOUT)
+            .await
+            .unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1);
         let refuse = || async { Err::<(DuplexStream, SocketAddr), _>(ProxyError::UpstreamTimeout) };
-        let (response, _) = pool.send("origin", b, get(), refuse, due()).await.unwrap();
+        let (response, _) = pool
+            .send("origin", b, get(), refuse, TIMEOUT)
+            .await
+            .unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1);
         assert!(pool.per_agent.get(&a).is_none());
@@ -844,7 +858,7 @@ mod tests {
         for _ in 0..limits.per_key {
             let connect = || async { Ok((upstream(1 << 20), ADDR)) };
             let (response, _) = pool
-                .send("origin", slow, get(), connect, due())
+                .send("origin", slow, get(), connect, TIMEOUT)
                 .await
                 .unwrap();
             streaming.push(response);
@@ -856,7 +870,7 @@ mod tests {
         };
         for _ in 0..3 {
             let (response, _) = pool
-                .send("origin", other, get(), connect, due())
+                .send("origin", other, get(), connect, TIMEOUT)
                 .await
                 .unwrap();
             response.into_body().collect().await.unwrap();
