@@ -287,15 +287,9 @@ impl Egress {
                     held,
                     watch: Some(self.policies.watch(agent.clone(), &host, addr)),
                 };
+                let request = outbound.into_request();
                 self.relays
-                    .upgrade(
-                        io,
-                        outbound.into_request(),
-                        client,
-                        timeout,
-                        relay,
-                        exchange,
-                    )
+                    .upgrade(io, request, client, timeout, relay, exchange)
                     .await
             })
             .await;

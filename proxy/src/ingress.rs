@@ -171,15 +171,9 @@ impl Stages for Ingress {
                     held,
                     watch: None,
                 };
+                let request = outbound.into_request();
                 self.relays
-                    .upgrade(
-                        io,
-                        outbound.into_request(),
-                        client,
-                        timeout,
-                        relay,
-                        exchange,
-                    )
+                    .upgrade(io, request, client, timeout, relay, exchange)
                     .await
             })
             .await;
