@@ -29,7 +29,7 @@ use crate::directory::{Agent, Directory};
 use crate::egress_policy::{parse_host, DenyReason, EgressPolicy, Host};
 use crate::exchange::Exchange;
 use crate::gate::StreamGuard;
-use crate::headers::Outbound;
+use crate::headers::{Outbound, OutboundTarget};
 use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
 use crate::server::{ClientConn, Shape, Stages};
@@ -264,10 +264,10 @@ impl Egress {
             .check_http_port(port)
             .map_err(|reason| self.denied(reason, &host, port))?;
         let policy = self.screen(&agent, &host, port, exchange).await?;
-        let target = match req.uri().path_and_query() {
+        let target = OutboundTarget::Parsed(match req.uri().path_and_query() {
             Some(path) => Uri::from(path.clone()),
             None => Uri::from_static("/"),
-        };
+        });
         let host_header = HeaderValue::from_str(authority.as_str())
             .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
         let mut outbound = Outbound::of(req, target, host_header, &guard, exchange);
@@ -287,7 +287,7 @@ impl Egress {
                     held,
                     watch: Some(self.policies.watch(agent.clone(), &host, addr)),
                 };
-                let request = outbound.into_request();
+                let request = outbound.into_request()?;
                 self.relays
                     .upgrade(io, request, client, timeout, relay, exchange)
                     .await

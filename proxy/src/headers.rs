@@ -9,6 +9,7 @@ use hyper::upgrade::OnUpgrade;
 use crate::body::{Flow, ProxyBody, RequestBody};
 use crate::exchange::Exchange;
 use crate::gate::StreamGuard;
+use crate::rescue::ProxyError;
 
 /// A request on its way upstream, kept as the client sent it until it goes
 /// out: without a body, as a head written straight from the client's headers
@@ -20,8 +21,7 @@ use crate::gate::StreamGuard;
 /// its name.
 pub struct Outbound {
     method: Method,
-    /// Origin-form.
-    target: Uri,
+    target: OutboundTarget,
     /// The client's, unedited.
     headers: HeaderMap,
     /// What [`present`] found in `headers`.
@@ -45,7 +45,7 @@ impl Outbound {
     /// body is streamed under `guard`, its bytes counted in `exchange`.
     pub fn of(
         mut req: Request<RequestBody>,
-        target: Uri,
+        target: OutboundTarget,
         host: HeaderValue,
         guard: &StreamGuard,
         exchange: &mut Exchange,
@@ -117,11 +117,7 @@ impl Outbound {
                 || self.set.iter().any(|(set, _)| set == name)
                 || (self.present != 0 && (is_hop_by_hop(name) || named.contains(name)))
         };
-        let target = self
-            .target
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .as_bytes();
+        let target = self.target.as_str().as_bytes();
         let size: usize = self
             .headers
             .iter()
@@ -146,7 +142,8 @@ impl Outbound {
     }
 
     /// The request as hyper's client is to send it, its headers edited.
-    pub fn into_request(self) -> Request<ProxyBody> {
+    pub fn into_request(self) -> Result<Request<ProxyBody>, ProxyError> {
+        let target = self.target.into_uri()?;
         let mut headers = self.headers;
         strip_present(&mut headers, self.present, self.upgrade);
         if self.present & EXPECT != 0 {
@@ -162,10 +159,38 @@ impl Outbound {
         }
         let mut request = Request::new(self.body);
         *request.method_mut() = self.method;
-        *request.uri_mut() = self.target;
+        *request.uri_mut() = target;
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = headers;
-        request
+        Ok(request)
+    }
+}
+
+/// Where a request goes on its upstream, in origin-form.
+pub enum OutboundTarget {
+    /// One parsed already (egress: the client's own path and query).
+    Parsed(Uri),
+    /// Text cut from a parsed target (ingress: the path after the route and
+    /// the query), a target by construction: written as it is, and parsed only
+    /// for hyper's client.
+    Cut(String),
+}
+
+impl OutboundTarget {
+    fn as_str(&self) -> &str {
+        match self {
+            OutboundTarget::Parsed(uri) => uri.path_and_query().map_or("/", |p| p.as_str()),
+            OutboundTarget::Cut(text) => text,
+        }
+    }
+
+    fn into_uri(self) -> Result<Uri, ProxyError> {
+        match self {
+            OutboundTarget::Parsed(uri) => Ok(uri),
+            OutboundTarget::Cut(text) => {
+                Uri::try_from(text).map_err(|_| ProxyError::BadRequest("invalid path"))
+            }
+        }
     }
 }
 
@@ -407,7 +432,7 @@ mod tests {
         let mut exchange = Exchange::begin(Listener::Ingress, &req, &DecisionLog::off());
         let mut outbound = Outbound::of(
             req,
-            "/a?b=c".parse().unwrap(),
+            OutboundTarget::Cut("/a?b=c".into()),
             HeaderValue::from_static("10.0.0.1:18789"),
             &guard,
             &mut exchange,
@@ -438,7 +463,7 @@ mod tests {
             let mut written = Vec::new();
             outbound.write_head(&mut written);
             let mut edited = Vec::new();
-            crate::h1::encode_head(&outbound.into_request(), &mut edited);
+            crate::h1::encode_head(&outbound.into_request().unwrap(), &mut edited);
             prop_assert_eq!(lines(&written), lines(&edited));
         }
     }

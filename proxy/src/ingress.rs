@@ -29,7 +29,7 @@ use crate::decision_log::DecisionLog;
 use crate::directory::Directory;
 use crate::egress_policy::{parse_host, Host};
 use crate::exchange::Exchange;
-use crate::headers::Outbound;
+use crate::headers::{Outbound, OutboundTarget};
 use crate::meter::{ConnTally, MeteredIo};
 use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
@@ -123,8 +123,8 @@ impl Stages for Ingress {
         exchange.set_destination_text(gateway.text.clone(), gateway.port);
         let counter = agent.counter.clone().ok_or(ProxyError::NoVps)?;
 
-        let target =
-            Uri::try_from(route.target).map_err(|_| ProxyError::BadRequest("invalid path"))?;
+        // A cut of the client's target, which was parsed: written as it is.
+        let target = OutboundTarget::Cut(route.target);
         let forwarded = Forwarded::of(&req, conn);
         let mut outbound = Outbound::of(req, target, gateway.authority.clone(), &guard, exchange);
         forwarded.apply(&mut outbound);
@@ -171,7 +171,7 @@ impl Stages for Ingress {
                     held,
                     watch: None,
                 };
-                let request = outbound.into_request();
+                let request = outbound.into_request()?;
                 self.relays
                     .upgrade(io, request, client, timeout, relay, exchange)
                     .await
@@ -305,6 +305,28 @@ mod tests {
                 want.push_str(q);
             }
             proptest::prop_assert_eq!(route(&uri), Some((id, want)));
+        }
+
+        /// The target cut from any target the client's side accepted is one
+        /// itself: written unparsed, it is what hyper's client would send.
+        #[test]
+        fn a_cut_target_parses_as_itself(
+            rest in "([/?][-A-Za-z0-9/?#%&=._~!$'()*+,;:@\"{}|^`\\[\\]<>]{0,30})?"
+        ) {
+            let id = Uuid::new_v4();
+            let uri = format!("/agents/{id}/gateway{rest}");
+            let Ok(uri) = uri.parse::<Uri>() else {
+                return Ok(());
+            };
+            if let Some(route) = Route::of(&uri) {
+                let parsed = Uri::try_from(route.target.as_str());
+                proptest::prop_assert!(parsed.is_ok(), "{:?} from {}", route.target, uri);
+                let parsed = parsed.unwrap();
+                proptest::prop_assert_eq!(
+                    parsed.path_and_query().map(|p| p.as_str()),
+                    Some(route.target.as_str())
+                );
+            }
         }
     }
 

@@ -420,7 +420,7 @@ where
             (Some((conn, addr, lease)), _) => {
                 match by(
                     due,
-                    Box::pin(self.through_pooled(conn, addr, req.into_request(), lease, owner)),
+                    Box::pin(self.through_pooled(conn, addr, req.into_request()?, lease, owner)),
                 )
                 .await?
                 {
@@ -442,7 +442,7 @@ where
                     due,
                     Box::pin(async {
                         let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
-                        through_hyper(sender, addr, req.into_request(), lease, owner).await
+                        through_hyper(sender, addr, req.into_request()?, lease, owner).await
                     }),
                 )
                 .await?
@@ -575,7 +575,8 @@ pub trait Outgoing {
     /// all head.
     fn head(&self) -> Option<(Vec<u8>, Method)>;
 
-    fn into_request(self) -> Request<ProxyBody>;
+    /// The request for hyper's client (an error if it cannot be made).
+    fn into_request(self) -> Result<Request<ProxyBody>, ProxyError>;
 }
 
 impl Outgoing for Outbound {
@@ -587,7 +588,7 @@ impl Outgoing for Outbound {
         })
     }
 
-    fn into_request(self) -> Request<ProxyBody> {
+    fn into_request(self) -> Result<Request<ProxyBody>, ProxyError> {
         Outbound::into_request(self)
     }
 }
@@ -602,8 +603,8 @@ impl Outgoing for Request<ProxyBody> {
         })
     }
 
-    fn into_request(self) -> Request<ProxyBody> {
-        self
+    fn into_request(self) -> Result<Request<ProxyBody>, ProxyError> {
+        Ok(self)
     }
 }
 
@@ -617,10 +618,10 @@ enum Unsent<R> {
 }
 
 impl<R: Outgoing> Unsent<R> {
-    fn into_request(self) -> Request<ProxyBody> {
+    fn into_request(self) -> Result<Request<ProxyBody>, ProxyError> {
         match self {
             Unsent::Given(req) => req.into_request(),
-            Unsent::Back(req) => req,
+            Unsent::Back(req) => Ok(req),
         }
     }
 }
