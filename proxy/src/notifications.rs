@@ -1,7 +1,9 @@
 //! LISTEN for changes that must take effect within a second: rotated tokens and
 //! changed VPSes (directory), plan and budget changes and published decisions
-//! (enforcement), and egress policy changes (`agent_policy`). If the LISTEN connection drops, notifications may have been
-//! missed, so on reconnecting every cached agent and decision is re-read.
+//! (enforcement), and egress policy changes (`agent_policy`). Whatever was
+//! read before the connection listened may have changed unheard (at start,
+//! while it was being made; after it dropped, while it was down), so each time
+//! it listens every cached agent and decision is re-read.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,10 +50,13 @@ pub async fn run(
             }
         };
         backoff = Duration::from_millis(100);
+        // Whatever was read before this connection listened (at start: agents
+        // and decisions loaded while it was being made) may have changed
+        // unheard: it is read again now that changes are heard.
         if !std::mem::take(&mut first) {
             metrics::counter!(telemetry::NOTIFY_RECONNECTS).increment(1);
-            catch_up(&directory, &enforcer, &policies).await;
         }
+        catch_up(&directory, &enforcer, &policies).await;
         loop {
             let next = tokio::select! {
                 n = health.observe("receiving change notifications", listener.try_recv()) => n,
@@ -73,7 +78,7 @@ pub async fn run(
 async fn catch_up(directory: &Directory, enforcer: &Enforcer, policies: &Policies) {
     policies.reload();
     tracing::info!(
-        "change notifications may have been missed: re-reading cached agents and decisions"
+        "listening for changes: re-reading cached agents and decisions, which may have changed unheard"
     );
     if let Err(e) = directory.refresh(Duration::ZERO).await {
         tracing::warn!(error = %e, "re-reading agents failed; they refresh on their own schedule");
