@@ -37,16 +37,8 @@ use crate::telemetry;
 /// Something that may change decisions, handled in order by [`Enforcer::run`].
 #[derive(Debug)]
 pub enum Event {
-    /// A flush that started at `started` wrote usage of `users`. Its bytes
-    /// stop counting as unsettled once this event has been handled (their
-    /// users decided on again from the database that now holds them).
-    Flushed {
-        users: Vec<Uuid>,
-        started: Instant,
-        in_transit: InTransit,
-        /// The batch's bytes, to come off this proxy's leases.
-        leases: Settled,
-    },
+    /// A flush wrote usage.
+    Flushed(Flushed),
     /// A plan, its rates or a budget changed.
     BillingChanged(BillingChange),
     /// Someone published a decision for `user` in `period`.
@@ -56,6 +48,95 @@ pub enum Event {
 }
 
 pub type Events = mpsc::UnboundedReceiver<Event>;
+
+impl Event {
+    /// What the event is about, for a log line (a flush's counters are not
+    /// worth a line each).
+    fn about(&self) -> String {
+        match self {
+            Event::Flushed(f) => format!("usage of {} users flushed", f.users.len()),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+/// A flush that started at `started` wrote usage of `users`. Its bytes stop
+/// counting as unsettled once its users have been decided on again from the
+/// database that now holds them.
+#[derive(Debug)]
+pub struct Flushed {
+    pub users: Vec<Uuid>,
+    pub started: Instant,
+    pub in_transit: InTransit,
+    /// The batch's bytes, to come off this proxy's leases.
+    pub leases: Settled,
+}
+
+/// Most users decided on in one read when queued flushes are taken together
+/// (a read per 10,000, as when everyone is re-evaluated).
+const USERS_PER_READ: usize = 10_000;
+
+/// Flushes queued one behind the other, decided on in one read: the database
+/// holds all their bytes by the time it is read. A worker that falls behind
+/// (a slow database, a burst of flushes) then catches up in one read instead
+/// of one per flush, and a published decision queued behind them waits for
+/// that read only.
+#[derive(Debug)]
+struct Flushes {
+    /// Sorted, each once.
+    users: Vec<Uuid>,
+    /// When the earliest of them started.
+    started: Instant,
+    settling: Settling,
+}
+
+impl Flushes {
+    /// `first` and the flushes queued right behind it, up to
+    /// [`USERS_PER_READ`] users, and the event that came after them, if one
+    /// was taken off the queue.
+    fn take(first: Flushed, events: &mut Events) -> (Flushes, Option<Event>) {
+        let mut flushes = Flushes {
+            users: Vec::new(),
+            started: first.started,
+            settling: Settling::default(),
+        };
+        flushes.add(first);
+        let mut after = None;
+        while flushes.users.len() < USERS_PER_READ {
+            match events.try_recv() {
+                Ok(Event::Flushed(next)) => flushes.add(next),
+                Ok(other) => {
+                    after = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        flushes.users.sort_unstable();
+        flushes.users.dedup();
+        (flushes, after)
+    }
+
+    fn add(&mut self, flushed: Flushed) {
+        self.users.extend(flushed.users);
+        self.started = self.started.min(flushed.started);
+        self.settling.0.push((flushed.in_transit, flushed.leases));
+    }
+}
+
+/// Bytes the database now holds, still counted as unsettled until
+/// [`Settling::apply`]: first off the leases, then out of transit, so a lease
+/// never looks larger than it is.
+#[derive(Debug, Default)]
+struct Settling(Vec<(InTransit, Settled)>);
+
+impl Settling {
+    fn apply(self) {
+        let (in_transit, leases): (Vec<InTransit>, Vec<Settled>) = self.0.into_iter().unzip();
+        leases.into_iter().for_each(Settled::apply);
+        drop(in_transit);
+    }
+}
 
 /// What this proxy last published for a user.
 #[derive(Debug, Clone, Copy)]
@@ -150,33 +231,36 @@ impl Enforcer {
         let _ = self.events.send(event);
     }
 
-    /// The worker: handle events in order, and every second check for a new month.
+    /// The worker: handle events in order (flushes queued one behind the
+    /// other together), and every second check for a new month.
     pub async fn run(self: Arc<Self>, mut events: Events, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = None;
         loop {
-            let mut event = tokio::select! {
-                e = events.recv() => match e { Some(e) => e, None => return },
-                _ = tick.tick() => { self.tick().await; continue; }
-                _ = shutdown.cancelled() => return,
+            let event = match next.take() {
+                Some(event) => event,
+                None => tokio::select! {
+                    e = events.recv() => match e { Some(e) => e, None => return },
+                    _ = tick.tick() => { self.tick().await; continue; }
+                    _ = shutdown.cancelled() => return,
+                },
             };
-            let result = match &mut event {
-                Event::Flushed {
-                    users,
-                    started,
-                    in_transit,
-                    leases,
-                } => {
-                    let settled = (std::mem::take(in_transit), std::mem::take(leases));
-                    self.evaluate_gates(&self.known(users), Some(*started), settled)
+            let about = event.about();
+            let result = match event {
+                Event::Flushed(first) => {
+                    let flushes;
+                    (flushes, next) = Flushes::take(first, &mut events);
+                    let gates = self.known(&flushes.users);
+                    self.evaluate_gates(&gates, Some(flushes.started), flushes.settling)
                         .await
                 }
-                Event::BillingChanged(change) => self.on_billing_change(*change).await,
-                Event::Published { user, period } => self.on_published(*user, *period).await,
+                Event::BillingChanged(change) => self.on_billing_change(change).await,
+                Event::Published { user, period } => self.on_published(user, period).await,
                 Event::CatchUp => self.refresh_all().await,
             };
             if let Err(e) = result {
-                tracing::warn!(error = %e, ?event, "decision update failed; the decision in force stays");
+                tracing::warn!(error = %e, event = %about, "decision update failed; the decision in force stays");
             }
         }
     }
@@ -299,15 +383,13 @@ impl Enforcer {
         }
     }
 
-    /// Evaluate and apply; `settled` (bytes the database now holds) stops
-    /// counting as unsettled once the new headroom is in force, and not before:
-    /// first off the leases, then out of transit, so a lease never looks larger
-    /// than it is.
+    /// Evaluate and apply; `settling` (bytes the database now holds) stops
+    /// counting as unsettled once the new headroom is in force, and not before.
     async fn evaluate_gates(
         &self,
         gates: &[Arc<UserGate>],
         since: Option<Instant>,
-        settled: (InTransit, Settled),
+        settling: Settling,
     ) -> Result<(), sqlx::Error> {
         if gates.is_empty() {
             return Ok(());
@@ -353,9 +435,7 @@ impl Enforcer {
                 to_publish.push((b.user_id, decision));
             }
         }
-        let (in_transit, leases) = settled;
-        leases.apply();
-        drop(in_transit);
+        settling.apply();
         if let Some(since) = since {
             metrics::histogram!(telemetry::DECISION_LATENCY).record(since.elapsed().as_secs_f64());
         }
@@ -438,5 +518,67 @@ impl Enforcer {
     /// Users currently blocked here.
     pub fn blocked_users(&self) -> usize {
         self.gates.iter().filter(|g| g.check().is_err()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::{Meter, VpsCounter};
+
+    /// A flush of `bytes` by a new VPS of `user`, drained from `meter`, and
+    /// that VPS's counter.
+    fn flushed(
+        meter: &Meter,
+        user: Uuid,
+        bytes: u64,
+        started: Instant,
+    ) -> (Flushed, Arc<VpsCounter>) {
+        let counter = meter.counter(Uuid::new_v4(), user);
+        counter.add_tx(bytes);
+        let (_, in_transit) = meter.drain_in_transit();
+        let flushed = Flushed {
+            users: vec![user],
+            started,
+            in_transit,
+            leases: Settled::default(),
+        };
+        (flushed, counter)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flushes_queued_one_behind_the_other_are_decided_on_together() {
+        let meter = Meter::new();
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let earliest = Instant::now();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let (first, one) = flushed(&meter, a, 10, Instant::now());
+        let (second, two) = flushed(&meter, b, 20, earliest);
+        let (third, three) = flushed(&meter, a, 30, Instant::now());
+        tx.send(Event::Flushed(second)).unwrap();
+        tx.send(Event::Flushed(third)).unwrap();
+        tx.send(Event::CatchUp).unwrap();
+        tx.send(Event::Flushed(flushed(&meter, c, 40, Instant::now()).0))
+            .unwrap();
+
+        let (flushes, after) = Flushes::take(first, &mut events);
+        let mut users = vec![a, b];
+        users.sort_unstable();
+        assert_eq!(flushes.users, users, "each user once");
+        assert_eq!(
+            flushes.started, earliest,
+            "latency counts from the earliest"
+        );
+        assert!(matches!(after, Some(Event::CatchUp)), "{after:?}");
+        assert!(
+            matches!(events.try_recv(), Ok(Event::Flushed(f)) if f.users == [c]),
+            "the flush after another event waits its turn"
+        );
+
+        let unsettled = || (one.unsettled(), two.unsettled(), three.unsettled());
+        assert_eq!(unsettled(), (10, 20, 30), "in transit until settled");
+        flushes.settling.apply();
+        assert_eq!(unsettled(), (0, 0, 0), "every flush taken settles");
     }
 }

@@ -39,7 +39,7 @@ use tollgate_core::db::usage::{
     PeriodDeltas, PeriodDestinations, RejectedDelta,
 };
 
-use crate::enforcement::{Enforcer, Event};
+use crate::enforcement::{Enforcer, Event, Flushed};
 use crate::health::Health;
 use crate::leases::Settled;
 use crate::meter::{Drained, DrainedHosts, InTransit, Meter};
@@ -269,12 +269,12 @@ impl Flusher {
                     self.last_success = Instant::now();
                     self.report_queue();
                     if !queued.users.is_empty() {
-                        self.enforcer.send(Event::Flushed {
+                        self.enforcer.send(Event::Flushed(Flushed {
                             users: queued.users,
                             started,
                             in_transit: queued.in_transit,
                             leases: queued.leases,
-                        });
+                        }));
                     }
                 }
                 Err(e) => {

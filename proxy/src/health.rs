@@ -1,6 +1,7 @@
 //! What `/healthz` and `/readyz` report: the process is up; it has finished
-//! starting (migrations, spill replay, decisions loaded) and has reached the
-//! database recently enough to still serve from its caches.
+//! starting (migrations, spill replay, decisions loaded), hears change
+//! notifications, and has reached the database recently enough to still serve
+//! from its caches.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,6 +34,9 @@ pub fn answered(error: &sqlx::Error) -> bool {
 pub struct Health {
     epoch: Instant,
     started: AtomicBool,
+    /// Whether change notifications (revocations, decisions) have been heard
+    /// since start: once true, stays true (a dropped connection is caught up).
+    listening: AtomicBool,
     /// Milliseconds after `epoch` of the last successful database operation, +1 (0 = never).
     db_ok_at: AtomicU64,
     db_down: AtomicBool,
@@ -49,6 +53,7 @@ impl Health {
         Self {
             epoch: Instant::now(),
             started: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
             db_ok_at: AtomicU64::new(0),
             db_down: AtomicBool::new(false),
         }
@@ -56,6 +61,12 @@ impl Health {
 
     pub fn mark_started(&self) {
         self.started.store(true, Ordering::Release);
+    }
+
+    /// The first LISTEN for changes is in place: revocations and decisions
+    /// published from now on are heard.
+    pub fn mark_listening(&self) {
+        self.listening.store(true, Ordering::Release);
     }
 
     pub fn db_ok(&self) {
@@ -103,15 +114,41 @@ impl Health {
         })
     }
 
-    /// Ready to take traffic: started, and the database answered within `max_stale`
-    /// (beyond it, cached agents are no longer served anyway).
+    /// Ready to take traffic: started, listening for changes (a proxy that
+    /// cannot hear a revocation or a block must not take traffic), and the
+    /// database answered within `max_stale` (beyond it, cached agents are no
+    /// longer served anyway).
     pub fn ready(&self, max_stale: Duration) -> Result<(), &'static str> {
         if !self.started.load(Ordering::Acquire) {
             return Err("starting");
+        }
+        if !self.listening.load(Ordering::Acquire) {
+            return Err("not yet listening for change notifications (LISTEN on the database)");
         }
         match self.db_age() {
             Some(age) if age <= max_stale => Ok(()),
             _ => Err("database unreachable for longer than proxy.directory.max_stale"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxy_is_ready_only_once_it_hears_changes() {
+        let health = Health::new();
+        let max_stale = Duration::from_secs(600);
+        assert_eq!(health.ready(max_stale), Err("starting"));
+        health.db_ok();
+        health.mark_started();
+        let not_listening = health.ready(max_stale).unwrap_err();
+        assert!(
+            not_listening.contains("change notifications"),
+            "{not_listening}"
+        );
+        health.mark_listening();
+        assert_eq!(health.ready(max_stale), Ok(()));
     }
 }

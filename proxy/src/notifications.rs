@@ -57,6 +57,7 @@ pub async fn run(
             metrics::counter!(telemetry::NOTIFY_RECONNECTS).increment(1);
         }
         catch_up(&directory, &enforcer, &policies).await;
+        health.mark_listening();
         loop {
             let next = tokio::select! {
                 n = health.observe("receiving change notifications", listener.try_recv()) => n,
