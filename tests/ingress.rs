@@ -276,6 +276,20 @@ async fn http2_clients_work_end_to_end() {
         echo["version"], "HTTP/1.1",
         "gateways are spoken to in HTTP/1.1"
     );
+    // Cookies sent as separate HTTP/2 fields reach the gateway as one line
+    // (RFC 9113 §8.2.3).
+    let echo: Value = h2
+        .get(s.url("/echo/cookies"))
+        .header("authorization", s.bearer())
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["headers"]["cookie"], serde_json::json!(["a=1; b=2"]));
     // Several concurrent streams on one connection.
     let requests = (0..20).map(|i| {
         let (h2, url, bearer) = (h2.clone(), s.url(&format!("/echo/post/{i}")), s.bearer());

@@ -57,6 +57,9 @@ impl Outbound {
             && present & (UPGRADE | CONNECTION) == UPGRADE | CONNECTION
             && wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        if req.version() == Version::HTTP_2 {
+            join_cookies(req.headers_mut());
+        }
         let (parts, body) = req.into_parts();
         let body = match body.is_end_stream() {
             true => ProxyBody::Empty,
@@ -191,6 +194,26 @@ impl OutboundTarget {
                 Uri::try_from(text).map_err(|_| ProxyError::BadRequest("invalid path"))
             }
         }
+    }
+}
+
+/// An HTTP/2 client may send its cookies as one `Cookie` field each (RFC 9113
+/// §8.2.3); an HTTP/1.1 upstream gets them as one, joined with "; ". The
+/// joined value is no longer than the fields it replaces, which the head's
+/// size limit bounds.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (cookies.next(), cookies.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for cookie in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(cookie.as_bytes());
+    }
+    // Valid values joined by "; " make a valid value.
+    if let Ok(joined) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        headers.insert(header::COOKIE, joined);
     }
 }
 
@@ -488,6 +511,56 @@ mod tests {
             String::from_utf8(written).unwrap(),
             "GET /a?b=c HTTP/1.1\r\nhost: 10.0.0.1:18789\r\nauthorization: Bearer k\r\n\
              x-two: 2\r\nx-forwarded-for: set\r\n\r\n"
+        );
+    }
+
+    /// The head of a `version` request with `headers`, as it goes upstream.
+    fn written_for(version: Version, headers: &[(&'static str, &'static str)]) -> String {
+        let mut req = Request::new(RequestBody::Empty);
+        *req.version_mut() = version;
+        for (name, value) in headers {
+            req.headers_mut()
+                .append(*name, HeaderValue::from_static(value));
+        }
+        let gate = Arc::new(UserGate::new(Uuid::new_v4(), None));
+        let mut exchange = Exchange::begin(Listener::Ingress, &req, &DecisionLog::off());
+        let outbound = Outbound::of(
+            req,
+            OutboundTarget::Cut("/".into()),
+            HeaderValue::from_static("gw"),
+            &StreamGuard::new(&gate, None),
+            &mut exchange,
+        );
+        let mut written = Vec::new();
+        outbound.write_head(&mut written);
+        let written = String::from_utf8(written).unwrap();
+        // What hyper's client would send carries the same cookies.
+        let request = outbound.into_request().unwrap();
+        let sent: Vec<_> = request.headers().get_all("cookie").iter().collect();
+        let lines: Vec<_> = written
+            .lines()
+            .filter_map(|l| l.strip_prefix("cookie: "))
+            .collect();
+        assert_eq!(sent, lines);
+        written
+    }
+
+    #[test]
+    fn an_http2_clients_cookies_go_upstream_as_one_header() {
+        let cookies = [("cookie", "a=1"), ("x-other", "o"), ("cookie", "b=2; c=3")];
+        assert_eq!(
+            written_for(Version::HTTP_2, &cookies),
+            "GET / HTTP/1.1\r\nhost: gw\r\ncookie: a=1; b=2; c=3\r\nx-other: o\r\n\r\n"
+        );
+        assert_eq!(
+            written_for(Version::HTTP_2, &cookies[..2]),
+            "GET / HTTP/1.1\r\nhost: gw\r\ncookie: a=1\r\nx-other: o\r\n\r\n",
+            "a single cookie field goes as it is"
+        );
+        assert_eq!(
+            written_for(Version::HTTP_11, &cookies),
+            "GET / HTTP/1.1\r\nhost: gw\r\ncookie: a=1\r\ncookie: b=2; c=3\r\nx-other: o\r\n\r\n",
+            "an HTTP/1.1 client's lines are its own"
         );
     }
 
