@@ -13,6 +13,7 @@
 //! 5. relay: CONNECT tunnels byte for byte; plain HTTP over pooled origin
 //!    connections with hop-by-hop headers dropped; `ws://` upgrades relayed.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
@@ -78,56 +79,61 @@ impl Stages for Egress {
         &self.decision_log
     }
 
-    async fn proxy(
+    // Not an `async fn`: its future keeps `req` where it was given rather
+    // than copying it into the body's own variable.
+    #[allow(clippy::manual_async_fn)]
+    fn proxy(
         &self,
         req: Request<RequestBody>,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let target = Target::of(&req)?;
-        let (host, port) = target.host_port();
-        exchange.set_destination(host, port);
-        let agent = match self.authenticate(&req, conn).await {
-            Ok(agent) => agent,
-            Err(e) => {
-                // A connection no agent has bound is not counted under any
-                // agent's cap: it does not get to linger after a refusal.
-                if conn.agent.get().is_none() {
-                    exchange.close_connection();
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send {
+        async move {
+            let target = Target::of(&req)?;
+            let (host, port) = target.host_port();
+            exchange.set_destination(host, port);
+            let agent = match self.authenticate(&req, conn).await {
+                Ok(agent) => agent,
+                Err(e) => {
+                    // A connection no agent has bound is not counted under any
+                    // agent's cap: it does not get to linger after a refusal.
+                    if conn.agent.get().is_none() {
+                        exchange.close_connection();
+                    }
+                    return Err(e);
                 }
-                return Err(e);
+            };
+            exchange.set_agent(&agent);
+            let mut guard = auth::guard(&agent, Listener::Egress);
+            // A destination the plan keeps open: reachable whatever the user's
+            // decision, its bytes counted as any others.
+            let open = host
+                .name()
+                .is_some_and(|name| self.policies.current().is_open(&agent, name, port));
+            match open {
+                true => guard = guard.open(),
+                false => guard.admit(Listener::Egress).await?,
             }
-        };
-        exchange.set_agent(&agent);
-        let mut guard = auth::guard(&agent, Listener::Egress);
-        // A destination the plan keeps open: reachable whatever the user's
-        // decision, its bytes counted as any others.
-        let open = host
-            .name()
-            .is_some_and(|name| self.policies.current().is_open(&agent, name, port));
-        match open {
-            true => guard = guard.open(),
-            false => guard.admit(Listener::Egress).await?,
-        }
-        let admitted = Admitted {
-            agent,
-            guard,
-            conn,
-            open,
-        };
-        match target {
-            // Boxed (once per tunnel): the request future, which hyper keeps per
-            // connection, stays the size the plain HTTP path needs.
-            Target::Tunnel { host, port } => {
-                Box::pin(self.tunnel(req, host, port, admitted, exchange)).await
-            }
-            Target::Http {
-                authority,
-                host,
-                port,
-            } => {
-                self.forward(req, (authority, host, port), admitted, exchange)
-                    .await
+            let admitted = Admitted {
+                agent,
+                guard,
+                conn,
+                open,
+            };
+            match target {
+                // Boxed (once per tunnel): the request future, which hyper keeps per
+                // connection, stays the size the plain HTTP path needs.
+                Target::Tunnel { host, port } => {
+                    Box::pin(self.tunnel(req, host, port, admitted, exchange)).await
+                }
+                Target::Http {
+                    authority,
+                    host,
+                    port,
+                } => {
+                    self.forward(req, (authority, host, port), admitted, exchange)
+                        .await
+                }
             }
         }
     }
@@ -249,66 +255,70 @@ impl Egress {
         Ok(Response::new(ProxyBody::Empty))
     }
 
-    /// Plain HTTP (absolute-form), including `ws://` upgrades.
-    async fn forward(
-        &self,
+    /// Plain HTTP (absolute-form), including `ws://` upgrades. (Not an
+    /// `async fn`, as `proxy`.)
+    #[allow(clippy::manual_async_fn)]
+    fn forward<'a>(
+        &'a self,
         req: Request<RequestBody>,
         (authority, host, port): (Authority, Host, u16),
-        admitted: Admitted<'_>,
-        exchange: &mut Exchange,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let Admitted {
-            agent, guard, conn, ..
-        } = admitted;
-        self.policy
-            .check_http_port(port)
-            .map_err(|reason| self.denied(reason, &host, port))?;
-        let policy = self.screen(&agent, &host, port, exchange).await?;
-        let target = OutboundTarget::Parsed(match req.uri().path_and_query() {
-            Some(path) => Uri::from(path.clone()),
-            None => Uri::from_static("/"),
-        });
-        let host_header = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
-        let mut outbound = Outbound::of(req, target, host_header, &guard, exchange);
-        let timeout = self.config.response_timeout;
-        if let Some(client) = outbound.client_upgrade.take() {
-            // Boxed, like the tunnel: rare, and large.
-            return Box::pin(async {
-                let held = self.agent_limits.tunnel(agent.agent_id, Listener::Egress)?;
-                let (io, addr) = self
-                    .connect(&host, port, policy.as_deref(), exchange)
-                    .await?;
-                let relay = Relay {
-                    kind: TunnelKind::WebSocket,
-                    idle: self.config.tunnel_idle_timeout,
-                    guard,
-                    conn: conn.clone(),
-                    held,
-                    watch: Some(self.policies.watch(agent.clone(), &host, addr)),
-                };
-                let request = outbound.into_request()?;
-                self.relays
-                    .upgrade(io, request, client, timeout, relay, exchange)
-                    .await
-            })
-            .await;
+        admitted: Admitted<'a>,
+        exchange: &'a mut Exchange,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
+        async move {
+            let Admitted {
+                agent, guard, conn, ..
+            } = admitted;
+            self.policy
+                .check_http_port(port)
+                .map_err(|reason| self.denied(reason, &host, port))?;
+            let policy = self.screen(&agent, &host, port, exchange).await?;
+            let target = OutboundTarget::Parsed(match req.uri().path_and_query() {
+                Some(path) => Uri::from(path.clone()),
+                None => Uri::from_static("/"),
+            });
+            let host_header = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
+            let mut outbound = Outbound::of(req, target, host_header, &guard, exchange);
+            let timeout = self.config.response_timeout;
+            if let Some(client) = outbound.client_upgrade.take() {
+                // Boxed, like the tunnel: rare, and large.
+                return Box::pin(async {
+                    let held = self.agent_limits.tunnel(agent.agent_id, Listener::Egress)?;
+                    let (io, addr) = self
+                        .connect(&host, port, policy.as_deref(), exchange)
+                        .await?;
+                    let relay = Relay {
+                        kind: TunnelKind::WebSocket,
+                        idle: self.config.tunnel_idle_timeout,
+                        guard,
+                        conn: conn.clone(),
+                        held,
+                        watch: Some(self.policies.watch(agent.clone(), &host, addr)),
+                    };
+                    let request = outbound.into_request()?;
+                    self.relays
+                        .upgrade(io, request, client, timeout, relay, exchange)
+                        .await
+                })
+                .await;
+            }
+            let judged_by = policy
+                .as_ref()
+                .filter(|p| p.judges_addresses)
+                .map_or(0, |p| p.generation);
+            let key: OriginKey = (host.clone(), port, judged_by);
+            let record = &mut *exchange;
+            let open =
+                move || async move { self.connect(&host, port, policy.as_deref(), record).await };
+            let (response, addr) = self
+                .pool
+                .exchange(key, agent.agent_id, outbound, timeout, guard, open)
+                .await?;
+            // A pooled connection was opened by an earlier exchange.
+            exchange.set_address(addr);
+            Ok(response)
         }
-        let judged_by = policy
-            .as_ref()
-            .filter(|p| p.judges_addresses)
-            .map_or(0, |p| p.generation);
-        let key: OriginKey = (host.clone(), port, judged_by);
-        let record = &mut *exchange;
-        let open =
-            move || async move { self.connect(&host, port, policy.as_deref(), record).await };
-        let (response, addr) = self
-            .pool
-            .exchange(key, agent.agent_id, outbound, timeout, guard, open)
-            .await?;
-        // A pooled connection was opened by an earlier exchange.
-        exchange.set_address(addr);
-        Ok(response)
     }
 }
 

@@ -12,6 +12,7 @@
 //!    metered connection (WebSocket upgrades on a dedicated one), streaming both
 //!    ways; connect failure 502, timeout 504.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -97,94 +98,100 @@ impl Stages for Ingress {
         &self.decision_log
     }
 
-    async fn proxy(
+    // Not an `async fn`: its future keeps `req` where it was given rather
+    // than copying it into the body's own variable.
+    #[allow(clippy::manual_async_fn)]
+    fn proxy(
         &self,
         req: Request<RequestBody>,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let route = Route::of(req.uri()).ok_or(ProxyError::NotFound)?;
-        let token =
-            auth::bearer(req.headers().get(header::AUTHORIZATION)).map_err(ProxyError::Auth)?;
-        let agent = auth::authenticate(&self.directory, route.agent_id, token).await?;
-        exchange.set_agent(&agent);
-        let guard = auth::guard(&agent, Listener::Ingress);
-        guard.admit(Listener::Ingress).await?;
-        exchange.hold(
-            self.agent_limits
-                .request(agent.agent_id, Listener::Ingress)?,
-        );
-        let vps = agent.vps.as_ref().ok_or(ProxyError::NoVps)?;
-        let gateway = agent
-            .gateway
-            .get_or_init(|| Gateway::of(vps, self.config.gateway_port))
-            .as_ref()
-            .map_err(|&reason| ProxyError::VpsUnavailable(reason))?;
-        exchange.set_destination_text(gateway.text.clone(), gateway.port);
-        let counter = agent.counter.clone().ok_or(ProxyError::NoVps)?;
-
-        // A cut of the client's target, which was parsed: written as it is.
-        let target = OutboundTarget::Cut(route.target);
-        let forwarded = Forwarded::of(&req, conn);
-        let mut outbound = Outbound::of(req, target, gateway.authority.clone(), &guard, exchange);
-        forwarded.apply(&mut outbound);
-
-        // The socket to the VPS is the one that counts.
-        let open = || async {
-            let (io, addr) = self
-                .connector
-                .open(
-                    &gateway.host,
-                    gateway.port,
-                    None,
-                    self.config.connect_timeout,
-                )
-                .await
-                .map_err(|e| match e {
-                    ProxyError::Resolve { .. }
-                    | ProxyError::Connect { .. }
-                    | ProxyError::UpstreamTimeout => e,
-                    _ => ProxyError::VpsUnavailable("vps_address_invalid"),
-                })?;
-            let io = MeteredIo::new(
-                io,
-                Arc::new(ConnTally::bound_to(counter.clone())),
-                Listener::Ingress,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send {
+        async move {
+            let route = Route::of(req.uri()).ok_or(ProxyError::NotFound)?;
+            let token =
+                auth::bearer(req.headers().get(header::AUTHORIZATION)).map_err(ProxyError::Auth)?;
+            let agent = auth::authenticate(&self.directory, route.agent_id, token).await?;
+            exchange.set_agent(&agent);
+            let guard = auth::guard(&agent, Listener::Ingress);
+            guard.admit(Listener::Ingress).await?;
+            exchange.hold(
+                self.agent_limits
+                    .request(agent.agent_id, Listener::Ingress)?,
             );
-            Ok::<_, ProxyError>((io, addr))
-        };
-        let timeout = self.config.response_timeout;
-        if let Some(client) = outbound.client_upgrade.take() {
-            // Boxed: rare, and large; the request future hyper keeps per
-            // connection stays the size the plain path needs.
-            return Box::pin(async {
-                let held = self
-                    .agent_limits
-                    .tunnel(agent.agent_id, Listener::Ingress)?;
-                let (io, addr) = open().await?;
-                exchange.set_address(addr);
-                let relay = Relay {
-                    kind: TunnelKind::WebSocket,
-                    idle: self.config.websocket_idle_timeout,
-                    guard,
-                    conn: conn.clone(),
-                    held,
-                    watch: None,
-                };
-                let request = outbound.into_request()?;
-                self.relays
-                    .upgrade(io, request, client, timeout, relay, exchange)
+            let vps = agent.vps.as_ref().ok_or(ProxyError::NoVps)?;
+            let gateway = agent
+                .gateway
+                .get_or_init(|| Gateway::of(vps, self.config.gateway_port))
+                .as_ref()
+                .map_err(|&reason| ProxyError::VpsUnavailable(reason))?;
+            exchange.set_destination_text(gateway.text.clone(), gateway.port);
+            let counter = agent.counter.clone().ok_or(ProxyError::NoVps)?;
+
+            // A cut of the client's target, which was parsed: written as it is.
+            let target = OutboundTarget::Cut(route.target);
+            let forwarded = Forwarded::of(&req, conn);
+            let mut outbound =
+                Outbound::of(req, target, gateway.authority.clone(), &guard, exchange);
+            forwarded.apply(&mut outbound);
+
+            // The socket to the VPS is the one that counts.
+            let open = || async {
+                let (io, addr) = self
+                    .connector
+                    .open(
+                        &gateway.host,
+                        gateway.port,
+                        None,
+                        self.config.connect_timeout,
+                    )
                     .await
-            })
-            .await;
+                    .map_err(|e| match e {
+                        ProxyError::Resolve { .. }
+                        | ProxyError::Connect { .. }
+                        | ProxyError::UpstreamTimeout => e,
+                        _ => ProxyError::VpsUnavailable("vps_address_invalid"),
+                    })?;
+                let io = MeteredIo::new(
+                    io,
+                    Arc::new(ConnTally::bound_to(counter.clone())),
+                    Listener::Ingress,
+                );
+                Ok::<_, ProxyError>((io, addr))
+            };
+            let timeout = self.config.response_timeout;
+            if let Some(client) = outbound.client_upgrade.take() {
+                // Boxed: rare, and large; the request future hyper keeps per
+                // connection stays the size the plain path needs.
+                return Box::pin(async {
+                    let held = self
+                        .agent_limits
+                        .tunnel(agent.agent_id, Listener::Ingress)?;
+                    let (io, addr) = open().await?;
+                    exchange.set_address(addr);
+                    let relay = Relay {
+                        kind: TunnelKind::WebSocket,
+                        idle: self.config.websocket_idle_timeout,
+                        guard,
+                        conn: conn.clone(),
+                        held,
+                        watch: None,
+                    };
+                    let request = outbound.into_request()?;
+                    self.relays
+                        .upgrade(io, request, client, timeout, relay, exchange)
+                        .await
+                })
+                .await;
+            }
+            let key: GatewayKey = (vps.id, gateway.authority.clone());
+            let (response, addr) = self
+                .pool
+                .exchange(key, agent.agent_id, outbound, timeout, guard, open)
+                .await?;
+            exchange.set_address(addr);
+            Ok(response)
         }
-        let key: GatewayKey = (vps.id, gateway.authority.clone());
-        let (response, addr) = self
-            .pool
-            .exchange(key, agent.agent_id, outbound, timeout, guard, open)
-            .await?;
-        exchange.set_address(addr);
-        Ok(response)
     }
 }
 

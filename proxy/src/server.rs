@@ -498,30 +498,35 @@ fn service<S: Stages>(
 /// Every request of every listener: framing check (`framing`, the smuggling
 /// guard's verdict on its head), the listener's stages, and the response that
 /// carries the exchange to its end.
-async fn handle<S: Stages>(
-    stages: &S,
+// Not an `async fn`: its future keeps `req` where it was given rather than
+// copying it into the body's own variable.
+#[allow(clippy::manual_async_fn)]
+fn handle<'a, S: Stages>(
+    stages: &'a S,
     req: Request<RequestBody>,
-    conn: &Arc<ClientConn>,
+    conn: &'a Arc<ClientConn>,
     framing: Framing,
-) -> Response<ExchangeBody> {
-    let mut exchange = Exchange::begin(S::SHAPE.listener, &req, stages.decision_log());
-    if let Some(tally) = &conn.tally {
-        // The client is the VPS (egress): its bytes go to the hosts it names.
-        exchange.attribute_bytes_of(tally.clone());
+) -> impl Future<Output = Response<ExchangeBody>> + 'a {
+    async move {
+        let mut exchange = Exchange::begin(S::SHAPE.listener, &req, stages.decision_log());
+        if let Some(tally) = &conn.tally {
+            // The client is the VPS (egress): its bytes go to the hosts it names.
+            exchange.attribute_bytes_of(tally.clone());
+        }
+        // Under way until its response body has been sent (for the HTTP/2 idle watch).
+        let busy = Busy::enter(&conn.in_flight);
+        conn.started.fetch_add(1, Ordering::AcqRel);
+        // A connection keeps room for one request future, busy or idle (hyper's
+        // and the fast path's alike); boxing the exchange keeps that room small (a
+        // few hundred bytes instead of kilobytes) at one allocation per request.
+        let result = match framing {
+            Framing::Ambiguous => Err(ProxyError::BadRequest(
+                "ambiguous message framing (content-length with transfer-encoding, or unparseable)",
+            )),
+            Framing::Clear => built_in_box(|| stages.proxy(req, conn, &mut exchange)).await,
+        };
+        exchange.respond(result, busy)
     }
-    // Under way until its response body has been sent (for the HTTP/2 idle watch).
-    let busy = Busy::enter(&conn.in_flight);
-    conn.started.fetch_add(1, Ordering::AcqRel);
-    // A connection keeps room for one request future, busy or idle (hyper's
-    // and the fast path's alike); boxing the exchange keeps that room small (a
-    // few hundred bytes instead of kilobytes) at one allocation per request.
-    let result = match framing {
-        Framing::Ambiguous => Err(ProxyError::BadRequest(
-            "ambiguous message framing (content-length with transfer-encoding, or unparseable)",
-        )),
-        Framing::Clear => built_in_box(|| stages.proxy(req, conn, &mut exchange)).await,
-    };
-    exchange.respond(result, busy)
 }
 
 /// The future `make` returns, on the heap. The box is allocated before the

@@ -386,66 +386,83 @@ where
     /// `timeout` (a link's own timer bounds its exchange; the rest is under a
     /// timeout). Returns the response and the address of the connection that
     /// carried it.
-    pub async fn send<F, Fut>(
-        self: &Arc<Self>,
+    ///
+    /// The future keeps its arguments where they were given (an `async fn`
+    /// would copy them into its body's own variables first, hundreds of bytes
+    /// per request for `req`).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send<'a, O, F, Fut>(
+        self: &'a Arc<Self>,
         key: K,
         owner: Uuid,
-        req: impl Outgoing,
+        req: O,
         connect: F,
         timeout: Duration,
-    ) -> Result<(Response<Source>, SocketAddr), ProxyError>
+    ) -> impl Future<Output = Result<(Response<Source>, SocketAddr), ProxyError>> + 'a
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(I, SocketAddr), ProxyError>>,
+        O: Outgoing + 'a,
+        F: FnOnce() -> Fut + 'a,
+        Fut: Future<Output = Result<(I, SocketAddr), ProxyError>> + 'a,
     {
-        // One reading of the clock serves the deadline and the pool's idle
-        // ages.
-        let now = Instant::now();
-        let due = now + timeout;
-        // The head a request without a body goes out with (made before any
-        // wait: the request itself is not shared across them).
-        let direct = req.head();
-        let req = match (self.checkout(&key, now), &direct) {
-            (Some((Conn::Link(link), addr, lease)), Some(direct)) => {
-                match self
-                    .direct(link, addr, direct, Some(lease), owner, due)
+        async move {
+            // One reading of the clock serves the deadline and the pool's idle
+            // ages.
+            let now = Instant::now();
+            let due = now + timeout;
+            // The head a request without a body goes out with (made before any
+            // wait: the request itself is not shared across them).
+            let direct = req.head();
+            let req = match (self.checkout(&key, now), &direct) {
+                (Some((Conn::Link(link), addr, lease)), Some(direct)) => {
+                    match self
+                        .direct(link, addr, direct, Some(lease), owner, due)
+                        .await
+                    {
+                        Err(Failure::Unanswered(_)) if direct.1.is_idempotent() => {
+                            Unsent::Given(req)
+                        }
+                        answered => return answered.map_err(upstream_broke),
+                    }
+                }
+                // Through hyper's client: boxed, so the common exchange's future
+                // (moved into a box per request by the server) stays small.
+                (Some((conn, addr, lease)), _) => {
+                    match by(
+                        due,
+                        Box::pin(self.through_pooled(
+                            conn,
+                            addr,
+                            req.into_request()?,
+                            lease,
+                            owner,
+                        )),
+                    )
+                    .await?
+                    {
+                        Ok(answered) => return answered,
+                        Err(unsent) => Unsent::Back(unsent),
+                    }
+                }
+                (None, _) => Unsent::Given(req),
+            };
+            let (io, addr) = by(due, connect()).await??;
+            let lease = self.lease(key, owner);
+            match &direct {
+                Some(direct) => self
+                    .direct(Link::new(io), addr, direct, lease, owner, due)
                     .await
-                {
-                    Err(Failure::Unanswered(_)) if direct.1.is_idempotent() => Unsent::Given(req),
-                    answered => return answered.map_err(upstream_broke),
+                    .map_err(upstream_broke),
+                None => {
+                    by(
+                        due,
+                        Box::pin(async {
+                            let sender =
+                                handshake(io, false).await.map_err(ProxyError::Upstream)?;
+                            through_hyper(sender, addr, req.into_request()?, lease, owner).await
+                        }),
+                    )
+                    .await?
                 }
-            }
-            // Through hyper's client: boxed, so the common exchange's future
-            // (moved into a box per request by the server) stays small.
-            (Some((conn, addr, lease)), _) => {
-                match by(
-                    due,
-                    Box::pin(self.through_pooled(conn, addr, req.into_request()?, lease, owner)),
-                )
-                .await?
-                {
-                    Ok(answered) => return answered,
-                    Err(unsent) => Unsent::Back(unsent),
-                }
-            }
-            (None, _) => Unsent::Given(req),
-        };
-        let (io, addr) = by(due, connect()).await??;
-        let lease = self.lease(key, owner);
-        match &direct {
-            Some(direct) => self
-                .direct(Link::new(io), addr, direct, lease, owner, due)
-                .await
-                .map_err(upstream_broke),
-            None => {
-                by(
-                    due,
-                    Box::pin(async {
-                        let sender = handshake(io, false).await.map_err(ProxyError::Upstream)?;
-                        through_hyper(sender, addr, req.into_request()?, lease, owner).await
-                    }),
-                )
-                .await?
             }
         }
     }
@@ -484,27 +501,31 @@ where
 
     /// A request without a body (its head, and its method) over `link`; the
     /// link comes back to the pool in `lease`'s places when the response has
-    /// been read to its end (without a lease, it is closed then).
-    async fn direct(
-        &self,
+    /// been read to its end (without a lease, it is closed then). (Its
+    /// arguments stay where they were given, as [`Pool::send`]'s.)
+    #[allow(clippy::manual_async_fn)]
+    fn direct<'a>(
+        &'a self,
         link: Link<I>,
         addr: SocketAddr,
-        (head, method): &(Vec<u8>, Method),
+        (head, method): &'a (Vec<u8>, Method),
         lease: Option<Lease<K, I>>,
         owner: Uuid,
         due: Instant,
-    ) -> Result<(Response<Source>, SocketAddr), Failure> {
-        let answer = link.exchange(head, method, due).await?;
-        let release = Box::new(move |link| {
-            if let Some(lease) = lease {
-                lease.give_back(Conn::Link(link), owner, addr);
-            }
-        });
-        let (parts, ()) = answer.head.into_parts();
-        Ok((
-            Response::from_parts(parts, answer.body.into_body(release)),
-            addr,
-        ))
+    ) -> impl Future<Output = Result<(Response<Source>, SocketAddr), Failure>> + 'a {
+        async move {
+            let answer = link.exchange(head, method, due).await?;
+            let release = Box::new(move |link| {
+                if let Some(lease) = lease {
+                    lease.give_back(Conn::Link(link), owner, addr);
+                }
+            });
+            let (parts, ()) = answer.head.into_parts();
+            Ok((
+                Response::from_parts(parts, answer.body.into_body(release)),
+                addr,
+            ))
+        }
     }
 
     /// One plain exchange, as both listeners make it: `req` over a pooled
@@ -512,26 +533,31 @@ where
     /// boxed: a new connection is the exception, and the pooled path's future
     /// stays small), its response head within `timeout`, passed on under
     /// `guard`; a failure is attributed to whoever caused it. Returns the
-    /// response and the address of the connection that carried it.
-    pub async fn exchange<F, Fut>(
-        self: &Arc<Self>,
+    /// response and the address of the connection that carried it. (Its
+    /// arguments stay where they were given, as [`Pool::send`]'s.)
+    #[allow(clippy::manual_async_fn)]
+    pub fn exchange<'a, O, F, Fut>(
+        self: &'a Arc<Self>,
         key: K,
         owner: Uuid,
-        req: impl Outgoing,
+        req: O,
         timeout: Duration,
         guard: StreamGuard,
         open: F,
-    ) -> Result<(Response<ProxyBody>, SocketAddr), ProxyError>
+    ) -> impl Future<Output = Result<(Response<ProxyBody>, SocketAddr), ProxyError>> + 'a
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(I, SocketAddr), ProxyError>>,
+        O: Outgoing + 'a,
+        F: FnOnce() -> Fut + 'a,
+        Fut: Future<Output = Result<(I, SocketAddr), ProxyError>> + 'a,
     {
-        let connect = || Box::pin(open());
-        let (response, addr) = self
-            .send(key, owner, req, connect, timeout)
-            .await
-            .map_err(|e| e.attributed(&guard))?;
-        Ok((passed_on(response, guard), addr))
+        async move {
+            let connect = || Box::pin(open());
+            let (response, addr) = self
+                .send(key, owner, req, connect, timeout)
+                .await
+                .map_err(|e| e.attributed(&guard))?;
+            Ok((passed_on(response, guard), addr))
+        }
     }
 
     /// Drop expired and closed connections, until `shutdown`.
