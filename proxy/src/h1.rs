@@ -117,21 +117,22 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
     ) -> Result<(Response<()>, Framing, bool), Failure> {
         self.io.write_all(head).await.map_err(Failure::Unanswered)?;
         self.io.flush().await.map_err(Failure::Unanswered)?;
-        let mut head = loop {
+        let mut parsed = loop {
             let parsed = match self.buf.is_empty() {
                 // An idle link holds no bytes: nothing to parse before a read.
                 true => None,
                 false => parse_head(&mut self.buf)?,
             };
-            if let Some(head) = parsed {
+            if let Some(parsed) = parsed {
+                let status = parsed.head.status();
                 // Interim responses (100, 103): the final one follows.
-                if head.status().is_informational() {
-                    if head.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if status.is_informational() {
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(Failure::invalid("101 to a request without an upgrade"));
                     }
                     continue;
                 }
-                break head;
+                break parsed;
             }
             if self.buf.len() >= MAX_HEAD {
                 return Err(Failure::invalid("response head too large"));
@@ -145,14 +146,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
                 Err(e) => return Err(Failure::Broken(e)),
             }
         };
-        let framing = Framing::of(method, &head)?;
-        if head.headers().contains_key(header::TRANSFER_ENCODING) {
+        let framing = Framing::of(method, &parsed)?;
+        if parsed.has(TRANSFER_ENCODING) && parsed.has(CONTENT_LENGTH) {
             // The transfer coding overrides a length, which must not be
             // forwarded with the decoded body (RFC 9112 §6.3).
-            head.headers_mut().remove(header::CONTENT_LENGTH);
+            parsed.head.headers_mut().remove(header::CONTENT_LENGTH);
         }
-        let keep = framing != Framing::Close && keeps_alive(&head);
-        Ok((head, framing, keep))
+        let keep = framing != Framing::Close && keeps_alive(&parsed);
+        Ok((parsed.head, framing, keep))
     }
 }
 
@@ -260,9 +261,41 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A response head, and which of the headers that decide its framing and the
+/// connection's reuse it carries: found as its names are parsed, so that the
+/// common response (a length, no `Connection`, no `Transfer-Encoding`) is not
+/// looked up again for the ones it lacks.
+pub struct ResponseHead {
+    pub head: Response<()>,
+    framing: u8,
+}
+
+const CONNECTION: u8 = 1;
+const CONTENT_LENGTH: u8 = 1 << 1;
+const TRANSFER_ENCODING: u8 = 1 << 2;
+
+impl ResponseHead {
+    fn has(&self, bit: u8) -> bool {
+        self.framing & bit != 0
+    }
+}
+
+/// Which framing bit `name` is, if any.
+fn framing_bit(name: &HeaderName) -> u8 {
+    if *name == header::CONTENT_LENGTH {
+        CONTENT_LENGTH
+    } else if *name == header::CONNECTION {
+        CONNECTION
+    } else if *name == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING
+    } else {
+        0
+    }
+}
+
 /// Parse a response head off the front of `buf`, if it holds a whole one.
 /// Its header values share the head's bytes.
-pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Failure> {
+pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Failure> {
     // Left uninitialised, as hyper does: httparse writes the entries it returns.
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
@@ -289,9 +322,11 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Failure> {
     // Names now; values once the head's bytes are split off, as slices of them.
     let base = buf.as_ptr() as usize;
     let mut spans = Vec::with_capacity(parsed.headers.len());
+    let mut framing = 0;
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Failure::invalid("invalid response header name"))?;
+        framing |= framing_bit(&name);
         let start = h.value.as_ptr() as usize - base;
         spans.push((name, start..start + h.value.len()));
     }
@@ -306,18 +341,21 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Failure> {
     *head.status_mut() = status;
     *head.version_mut() = version;
     *head.headers_mut() = map;
-    Ok(Some(head))
+    Ok(Some(ResponseHead { head, framing }))
 }
 
 /// Whether the upstream keeps the connection open after `head`'s response:
 /// HTTP/1.1 unless it says `close`, HTTP/1.0 only if it says `keep-alive`.
-fn keeps_alive(head: &Response<()>) -> bool {
+fn keeps_alive(parsed: &ResponseHead) -> bool {
+    let head = &parsed.head;
     let says = |token: &[u8]| {
-        head.headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        parsed.has(CONNECTION)
+            && head
+                .headers()
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
     };
     match head.version() {
         Version::HTTP_11 => !says(b"close"),
@@ -350,7 +388,8 @@ enum Chunk {
 }
 
 impl Framing {
-    fn of(method: &Method, head: &Response<()>) -> Result<Framing, Failure> {
+    fn of(method: &Method, parsed: &ResponseHead) -> Result<Framing, Failure> {
+        let head = &parsed.head;
         let status = head.status();
         if *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
@@ -359,7 +398,7 @@ impl Framing {
             return Ok(Framing::Done);
         }
         let headers = head.headers();
-        if headers.contains_key(header::TRANSFER_ENCODING) {
+        if parsed.has(TRANSFER_ENCODING) {
             let last = headers
                 .get_all(header::TRANSFER_ENCODING)
                 .iter()
@@ -370,6 +409,9 @@ impl Framing {
                 Some(c) if c.eq_ignore_ascii_case(b"chunked") => Framing::Chunked(Chunk::Size),
                 _ => Framing::Close,
             });
+        }
+        if !parsed.has(CONTENT_LENGTH) {
+            return Ok(Framing::Close);
         }
         let mut length = None;
         for value in headers.get_all(header::CONTENT_LENGTH) {
