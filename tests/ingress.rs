@@ -586,8 +586,8 @@ async fn blocked_users_get_403_and_their_websockets_and_streams_close() {
 }
 
 /// A gateway the test scripts byte for byte: `/conflict` answers with two
-/// different lengths, `/extra` with bytes past its length, anything else with
-/// `ok`. Returns its port and how many connections it accepted.
+/// different lengths, `/extra` with bytes past its length, `/cased` with
+/// header names in mixed case, anything else with `ok`. Returns its port and how many connections it accepted.
 async fn scripted_gateway() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -615,6 +615,10 @@ async fn scripted_gateway() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsi
                         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc"
                     } else if head.starts_with(b"GET /extra ") {
                         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nabXYZ"
+                    } else if head.starts_with(b"GET /cased ") {
+                        CASED
+                    } else if head.starts_with(b"GET /cased-hop ") {
+                        b"HTTP/1.1 200 OK\r\nX-Gateway-Case: Kept\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok"
                     } else {
                         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
                     };
@@ -626,6 +630,94 @@ async fn scripted_gateway() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsi
         }
     });
     (port, accepted)
+}
+
+/// `/cased`'s response as the scripted gateway sends it.
+const CASED: &[u8] = b"HTTP/1.1 200 OK\r\nX-Gateway-Case: Kept\r\nContent-Type: text/plain\r\nDate: Sat, 05 Dec 2026 03:00:00 GMT\r\nContent-Length: 2\r\n\r\nok";
+
+/// Send `head` to `addr` and read until a response ending in `ok` is in.
+async fn raw_exchange(addr: std::net::SocketAddr, head: String) -> String {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let read = async {
+        while !(seen.ends_with(b"\r\n\r\nok")) {
+            let mut chunk = [0u8; 4096];
+            let n = sock.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a response within 10 s");
+    String::from_utf8(seen).unwrap()
+}
+
+#[tokio::test]
+async fn a_gateways_response_head_reaches_every_client_whole() {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let (port, _) = scripted_gateway().await;
+    let mut config = test_config(&db.url);
+    config.proxy.ingress.gateway_port = port;
+    let proxy = TestProxy::start(config).await;
+    let addr = proxy.ingress.unwrap();
+    let head = |path: &str, version: &str| {
+        format!(
+            "GET /agents/{}/gateway{path} HTTP/{version}\r\nhost: x\r\nauthorization: Bearer {}\r\n\r\n",
+            f.agent, f.token
+        )
+    };
+
+    // An HTTP/1.1 client gets the gateway's lines as they came, names in
+    // their case, its own date and length kept, nothing added but the
+    // status line.
+    let got = raw_exchange(addr, head("/cased", "1.1")).await;
+    let sent = std::str::from_utf8(CASED).unwrap();
+    let lines = &sent[sent.find("\r\n").unwrap()..];
+    assert_eq!(got, format!("HTTP/1.1 200 OK{lines}"));
+
+    // A client hyper serves (HTTP/1.0 here) gets the same headers.
+    let got = raw_exchange(addr, head("/cased", "1.0"))
+        .await
+        .to_ascii_lowercase();
+    for line in [
+        "x-gateway-case: kept\r\n",
+        "content-type: text/plain\r\n",
+        "content-length: 2\r\n",
+        "date: sat, 05 dec 2026 03:00:00 gmt\r\n",
+    ] {
+        assert!(got.contains(line), "{line:?} missing from {got:?}");
+    }
+
+    // So does an HTTP/2 client.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let url = format!("http://{addr}/agents/{}/gateway/cased", f.agent);
+    let r = h2
+        .get(url)
+        .header("authorization", format!("Bearer {}", f.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-gateway-case"], "Kept");
+    assert_eq!(r.headers()["content-type"], "text/plain");
+    assert_eq!(r.headers()["date"], "Sat, 05 Dec 2026 03:00:00 GMT");
+    assert_eq!(r.text().await.unwrap(), "ok");
+
+    // A hop-by-hop header among them: it is dropped, the rest pass.
+    let got = raw_exchange(addr, head("/cased-hop", "1.1"))
+        .await
+        .to_ascii_lowercase();
+    assert!(
+        got.contains("x-gateway-case: kept\r\n") && got.contains("content-length: 2\r\n"),
+        "{got:?}"
+    );
+    assert!(!got.contains("keep-alive"), "{got:?}");
+    proxy.stop().await;
 }
 
 #[tokio::test]

@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::RequestBody;
-use crate::h1::{read, until};
+use crate::h1::{can_have_body, read, until, HeadLines};
 
 /// Most headers in a request head (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -485,22 +485,26 @@ struct Sending {
     last: bool,
 }
 
-fn can_have_body(status: StatusCode) -> bool {
-    !(status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED)
-}
-
 /// Write the head of a response to a GET-like HTTP/1.1 request into `out`,
 /// byte for byte as hyper's server does (`proto::h1::role::Server::encode`,
-/// lowercase names, date on). `length`: `None` for a body already ended,
-/// `Some(None)` for one of unknown length.
+/// lowercase names, date on), but for a gateway's header lines kept as they
+/// came ([`HeadLines`]), which go out as they are. `length`: `None` for a body
+/// already ended, `Some(None)` for one of unknown length.
 fn encode_head(
-    parts: Parts,
+    mut parts: Parts,
     length: Option<Option<u64>>,
     closing: bool,
     out: &mut Vec<u8>,
 ) -> io::Result<Sending> {
+    // Kept lines frame the body as it goes out, or go into the map (a body
+    // that ended before its length: hyper writes its own).
+    let lines = parts.extensions.remove::<HeadLines>().and_then(|lines| {
+        if lines.length().is_none() || length == Some(lines.length()) {
+            return Some(lines);
+        }
+        lines.into_headers(&mut parts.headers);
+        None
+    });
     let status = parts.status;
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
         return Err(io::Error::other(
@@ -510,7 +514,8 @@ fn encode_head(
     let mut last = closing || status == StatusCode::SWITCHING_PROTOCOLS;
     let http10 = parts.version == Version::HTTP_10;
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
-    out.reserve(30 + parts.headers.len() * 32);
+    let kept = lines.as_ref().map_or(0, |lines| lines.as_bytes().len());
+    out.reserve(30 + kept + parts.headers.len() * 32);
     if !http10 && status == StatusCode::OK && reason.is_none() {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
@@ -530,6 +535,14 @@ fn encode_head(
     let mut encoder = Encoder::Length(0);
     let mut wrote_len = false;
     let mut wrote_date = false;
+    if let Some(lines) = &lines {
+        out.extend_from_slice(lines.as_bytes());
+        wrote_date = lines.is_dated();
+        if let Some(n) = lines.length() {
+            encoder = Encoder::Length(n);
+            wrote_len = true;
+        }
+    }
     let mut must_chunk = false;
     let mut prev_len = None;
     // A header whose values are being joined on one line, unterminated.
@@ -746,6 +759,9 @@ mod tests {
         chunks: Vec<Vec<u8>>,
         exact: bool,
         stalls: bool,
+        /// Its head comes as a gateway's would, read by `h1::parse_head`
+        /// (which keeps the lines of a plain one as they came).
+        read: bool,
     }
 
     struct TestBody {
@@ -809,6 +825,19 @@ mod tests {
                 res.headers_mut()
                     .append(*name, HeaderValue::from_str(&value).unwrap());
             }
+            if self.read {
+                let mut wire = format!("HTTP/1.1 {} X\r\n", self.status);
+                for (name, value) in res.headers() {
+                    wire.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+                }
+                wire.push_str("\r\n");
+                // A head a gateway could not send stays as it was made.
+                if let Ok(Some(parsed)) = crate::h1::parse_head(&mut BytesMut::from(&wire[..])) {
+                    let (mut parts, ()) = parsed.head.into_parts();
+                    parts.version = res.version();
+                    res = Response::from_parts(parts, res.into_body());
+                }
+            }
             res
         }
     }
@@ -836,7 +865,10 @@ mod tests {
     {
         let service = service_fn(move |req: Request<hyper::body::Incoming>| {
             log.lock().unwrap().push(seen(&req));
-            std::future::ready(Ok::<_, Infallible>(reply.response()))
+            // As the listeners' service does for hyper.
+            let mut response = reply.response();
+            crate::h1::lines_into_headers(&mut response);
+            std::future::ready(Ok::<_, Infallible>(response))
         });
         let _ = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -944,15 +976,19 @@ mod tests {
             proptest::collection::vec(chunk, 0..4),
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
         )
-            .prop_map(|(status, http10, headers, chunks, exact, stalls)| Reply {
-                status,
-                http10,
-                headers,
-                chunks,
-                exact,
-                stalls,
-            })
+            .prop_map(
+                |(status, http10, headers, chunks, exact, stalls, read)| Reply {
+                    status,
+                    http10,
+                    headers,
+                    chunks,
+                    exact,
+                    stalls,
+                    read,
+                },
+            )
     }
 
     /// One request head (and its body, if it announces one).

@@ -42,6 +42,7 @@ use crate::body::{ProxyBody, RequestBody};
 use crate::decision_log::DecisionLog;
 use crate::exchange::{Busy, Exchange, ExchangeBody};
 use crate::framing::{Framing, FramingGuard, Verdicts};
+use crate::h1;
 use crate::h1_server::{self, Served};
 use crate::meter::{ConnTally, MeteredIo};
 use crate::rescue::ProxyError;
@@ -491,7 +492,12 @@ fn service<S: Stages>(
             false => Framing::Clear,
         };
         let req = req.map(RequestBody::Hyper);
-        async move { Ok::<_, Infallible>(handle(&*stages, req, &conn, framing).await) }
+        async move {
+            let mut response = handle(&*stages, req, &conn, framing).await;
+            // hyper writes only the header map.
+            h1::lines_into_headers(&mut response);
+            Ok::<_, Infallible>(response)
+        }
     })
 }
 
