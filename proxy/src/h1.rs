@@ -1259,7 +1259,7 @@ mod tests {
     fn parsed_names_and_values_are_valid_headers() {
         for byte in 0..=255u8 {
             let name = [b'x', byte, b'y'];
-            let mut value = vec![b'v'; 40];
+            let mut value = [b'v'; 40];
             value[20] = byte;
             for (name, value) in [
                 (&name[..], &b"v"[..]),
