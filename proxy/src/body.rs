@@ -19,6 +19,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::gate::{Pass, StreamGuard};
+use crate::h1::HeadLines;
 use crate::pacing::Way;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -38,11 +39,33 @@ pub enum Flow {
 }
 
 /// A body relayed from the other side: hyper's, a response read straight
-/// from its upstream connection (`h1`), or none.
+/// from its upstream connection (`h1`, with its head's lines when they were
+/// kept), or none.
 pub enum Source {
     Empty,
     Hyper(Incoming),
-    Read(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>),
+    Read(
+        Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>,
+        Option<HeadLines>,
+    ),
+}
+
+/// A response body that may carry its head's header lines as the gateway
+/// sent them ([`HeadLines`]), for the server that writes the head.
+pub trait KeptLines {
+    /// The lines, once; none for a body that never has them.
+    fn take_lines(&mut self) -> Option<HeadLines> {
+        None
+    }
+}
+
+impl KeptLines for Source {
+    fn take_lines(&mut self) -> Option<HeadLines> {
+        match self {
+            Source::Read(_, lines) => lines.take(),
+            _ => None,
+        }
+    }
 }
 
 /// A request's body as its client sends it: hyper's, or none (a request whose
@@ -90,7 +113,7 @@ impl Body for Source {
         match self.get_mut() {
             Source::Empty => Poll::Ready(None),
             Source::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Source::Read(body) => body.as_mut().poll_frame(cx),
+            Source::Read(body, _) => body.as_mut().poll_frame(cx),
         }
     }
 
@@ -98,7 +121,7 @@ impl Body for Source {
         match self {
             Source::Empty => true,
             Source::Hyper(body) => body.is_end_stream(),
-            Source::Read(body) => body.is_end_stream(),
+            Source::Read(body, _) => body.is_end_stream(),
         }
     }
 
@@ -106,7 +129,7 @@ impl Body for Source {
         match self {
             Source::Empty => SizeHint::with_exact(0),
             Source::Hyper(body) => body.size_hint(),
-            Source::Read(body) => body.size_hint(),
+            Source::Read(body, _) => body.size_hint(),
         }
     }
 }
@@ -155,6 +178,15 @@ impl ProxyBody {
             counted,
             waiting: None,
             paced: None,
+        }
+    }
+}
+
+impl KeptLines for ProxyBody {
+    fn take_lines(&mut self) -> Option<HeadLines> {
+        match self {
+            ProxyBody::Guarded { inner, .. } => inner.take_lines(),
+            _ => None,
         }
     }
 }

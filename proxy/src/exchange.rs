@@ -24,10 +24,11 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::agent_limits::Held;
-use crate::body::{BoxError, ProxyBody};
+use crate::body::{BoxError, KeptLines, ProxyBody};
 use crate::decision_log::{AgentIds, Decision, DecisionLog, Denial};
 use crate::directory::Agent;
 use crate::egress_policy::Host;
+use crate::h1::HeadLines;
 use crate::meter::{ConnTally, OTHER_HOST};
 use crate::rescue::{rescue, ProxyError};
 use crate::telemetry::{self, Listener};
@@ -378,6 +379,12 @@ impl ExchangeBody {
         if let Some(exchange) = self.end.take() {
             exchange.finish(ended, self.sent);
         }
+    }
+}
+
+impl KeptLines for ExchangeBody {
+    fn take_lines(&mut self) -> Option<HeadLines> {
+        self.body.take_lines()
     }
 }
 

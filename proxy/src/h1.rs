@@ -27,7 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::{BoxError, Source};
+use crate::body::{BoxError, KeptLines, Source};
 
 /// Largest response head, bytes (hyper's client allowed as much).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -97,9 +97,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
             () = until(timer.as_mut(), due) => Err(Failure::TimedOut),
         };
         self.timer = Some(timer);
-        let (head, framing, keep) = answered?;
+        let (parsed, framing, keep) = answered?;
         Ok(Answer {
-            head,
+            head: parsed.head,
+            lines: parsed.lines,
             body: Reading {
                 link: Some(self),
                 framing,
@@ -114,7 +115,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
         &mut self,
         head: &[u8],
         method: &Method,
-    ) -> Result<(Response<()>, Framing, bool), Failure> {
+    ) -> Result<(ResponseHead, Framing, bool), Failure> {
         self.io.write_all(head).await.map_err(Failure::Unanswered)?;
         self.io.flush().await.map_err(Failure::Unanswered)?;
         let mut parsed = loop {
@@ -153,7 +154,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
             parsed.head.headers_mut().remove(header::CONTENT_LENGTH);
         }
         let keep = framing != Framing::Close && keeps_alive(&parsed);
-        Ok((parsed.head, framing, keep))
+        Ok((parsed, framing, keep))
     }
 }
 
@@ -208,8 +209,26 @@ fn closed() -> io::Error {
 
 /// A response head, and its body still to be read from the connection.
 pub struct Answer<I> {
+    /// Its header map is empty when its lines are kept.
     pub head: Response<()>,
+    pub lines: Option<HeadLines>,
     pub body: Reading<I>,
+}
+
+impl<I> Answer<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// The response, its body carrying the head's kept lines, and giving its
+    /// connection to `release` as [`Reading::into_body`] does.
+    pub fn into_response(self, release: Release<I>) -> Response<Source> {
+        let body = self.body.into_body(release);
+        let body = match (body, self.lines) {
+            (Source::Read(body, _), lines) => Source::Read(body, lines),
+            (body, _) => body,
+        };
+        self.head.map(|()| body)
+    }
 }
 
 /// Read what `io` has into `buf`, growing it by `chunk` bytes when less
@@ -266,25 +285,25 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
 /// common response (a length, no `Connection`, no `Transfer-Encoding`) is not
 /// looked up again for the ones it lacks.
 pub struct ResponseHead {
-    /// Its headers are in its map, or (its extensions holding [`HeadLines`])
-    /// in the lines as they came.
+    /// Its header map is empty when its lines are kept.
     pub head: Response<()>,
+    pub lines: Option<HeadLines>,
     framing: u8,
-    /// The length its lines give, when it keeps them.
-    length: Option<u64>,
 }
 
-/// A response head's header lines exactly as the gateway sent them, kept in
-/// the response's extensions instead of a header map when they can go to an
-/// HTTP/1.1 client as they are (the common response): every line
-/// `name: value` and CRLF, no hop-by-hop header, at most one
-/// `Content-Length` with one value, a status that has a body. Parsing them
-/// into a map and writing the map out again was a tenth of the work of a
-/// proxied request.
+/// A response head's header lines exactly as the gateway sent them, kept
+/// instead of a header map when they can go to an HTTP/1.1 client as they are
+/// (the common response): every line `name: value` and CRLF, no hop-by-hop
+/// header, at most one `Content-Length` with one value, a status that has a
+/// body. Parsing them into a map and writing the map out again was a tenth of
+/// the work of a proxied request.
 ///
-/// A server that writes only a header map takes them back into it first
+/// They travel in the response's body ([`KeptLines`]) to the server that
+/// writes the head: `h1_server` writes them as they are. A server that
+/// writes only a header map takes them back into it first
 /// ([`lines_into_headers`]): hyper's, for HTTP/2 and unusual HTTP/1
-/// clients. Headers set in the map meanwhile go after the lines.
+/// clients. Headers set in the map meanwhile go after the lines. (The
+/// response's extensions would carry them at three allocations a response.)
 #[derive(Clone, Debug)]
 pub struct HeadLines {
     /// Every header line, each ending in CRLF; names in the case they came in.
@@ -342,8 +361,8 @@ impl HeadLines {
 }
 
 /// Put the header lines `response` kept ([`HeadLines`]) back into its map.
-pub fn lines_into_headers<B>(response: &mut Response<B>) {
-    if let Some(lines) = response.extensions_mut().remove::<HeadLines>() {
+pub fn lines_into_headers<B: KeptLines>(response: &mut Response<B>) {
+    if let Some(lines) = response.body_mut().take_lines() {
         lines.into_headers(response.headers_mut());
     }
 }
@@ -411,17 +430,15 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Failure> {
         dated,
     }) = lines
     {
-        let lines = buf.split_to(len).freeze().slice(span);
-        head.extensions_mut().insert(HeadLines {
-            lines,
+        let lines = HeadLines {
+            lines: buf.split_to(len).freeze().slice(span),
             length,
             dated,
-        });
-        let framing = length.map_or(0, |_| CONTENT_LENGTH);
+        };
         return Ok(Some(ResponseHead {
             head,
-            framing,
-            length,
+            lines: Some(lines),
+            framing: length.map_or(0, |_| CONTENT_LENGTH),
         }));
     }
     // Names now; values once the head's bytes are split off, as slices of them.
@@ -444,8 +461,8 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Failure> {
     *head.headers_mut() = map;
     Ok(Some(ResponseHead {
         head,
+        lines: None,
         framing,
-        length: None,
     }))
 }
 
@@ -604,7 +621,7 @@ impl Framing {
         if !parsed.has(CONTENT_LENGTH) {
             return Ok(Framing::Close);
         }
-        let mut length = parsed.length;
+        let mut length = parsed.lines.as_ref().and_then(HeadLines::length);
         for value in headers.get_all(header::CONTENT_LENGTH) {
             for part in value.as_bytes().split(|&b| b == b',') {
                 let n = parse_decimal(part.trim_ascii())
@@ -754,7 +771,7 @@ where
             release: Some(release),
         };
         body.end_if_done();
-        Source::Read(Box::pin(body))
+        Source::Read(Box::pin(body), None)
     }
 }
 
@@ -898,9 +915,7 @@ mod tests {
     /// headers, body (`None`: the exchange failed).
     type Seen = Option<(u16, Vec<(String, Vec<u8>)>, Vec<u8>)>;
 
-    fn seen(mut head: Response<()>, body: Vec<u8>) -> Seen {
-        // Lines kept as they came, as a client served by hyper gets them.
-        lines_into_headers(&mut head);
+    fn seen(head: Response<()>, body: Vec<u8>) -> Seen {
         let headers = head
             .headers()
             .iter()
@@ -936,9 +951,12 @@ mod tests {
             .exchange(head.as_bytes(), method, far())
             .await
             .ok()?;
-        let body = answer.body.into_body(Box::new(|_| {}));
+        let mut response = answer.into_response(Box::new(|_| {}));
+        // Lines kept as they came, as a client served by hyper gets them.
+        lines_into_headers(&mut response);
+        let (parts, body) = response.into_parts();
         let body = body.collect().await.ok()?.to_bytes().to_vec();
-        seen(answer.head, body)
+        seen(Response::from_parts(parts, ()), body)
     }
 
     async fn through_hyper(method: &Method, wire: Vec<u8>, pieces: usize, close: bool) -> Seen {
@@ -1183,7 +1201,7 @@ mod tests {
     /// The lines `wire`'s head keeps as they came, if it keeps them.
     fn kept_lines(wire: &[u8]) -> Option<HeadLines> {
         let parsed = parse_head(&mut BytesMut::from(wire)).unwrap().unwrap();
-        let kept = parsed.head.extensions().get::<HeadLines>().cloned();
+        let kept = parsed.lines;
         if kept.is_some() {
             assert!(parsed.head.headers().is_empty(), "kept lines and a map");
         }
@@ -1274,13 +1292,13 @@ mod tests {
                 let Ok(Some(parsed)) = parse_head(&mut BytesMut::from(&wire[..])) else {
                     continue;
                 };
-                let mut head = parsed.head;
-                if head.extensions().get::<HeadLines>().is_none() {
+                let Some(lines) = parsed.lines else {
                     continue;
-                }
-                lines_into_headers(&mut head);
+                };
+                let mut map = HeaderMap::new();
+                lines.into_headers(&mut map);
                 let lower = name.to_ascii_lowercase();
-                let got = head.headers().get(std::str::from_utf8(&lower).unwrap());
+                let got = map.get(std::str::from_utf8(&lower).unwrap());
                 assert_eq!(got.map(|v| v.as_bytes()), Some(value), "byte {byte:#x}");
             }
         }

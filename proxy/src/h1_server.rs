@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::RequestBody;
+use crate::body::{KeptLines, RequestBody};
 use crate::h1::{can_have_body, read, until, HeadLines};
 
 /// Most headers in a request head (hyper's limit too).
@@ -72,7 +72,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
     H: FnMut(Request<RequestBody>) -> F,
     F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + KeptLines,
     B::Error: fmt::Display,
 {
     let mut conn = Conn {
@@ -180,10 +180,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// Write `response`, its body as the body produces it.
     async fn respond<B>(&mut self, response: Response<B>, closing: bool) -> io::Result<Next>
     where
-        B: Body<Data = Bytes>,
+        B: Body<Data = Bytes> + KeptLines,
         B::Error: fmt::Display,
     {
-        let (mut parts, body) = response.into_parts();
+        let (mut parts, mut body) = response.into_parts();
+        let lines = body.take_lines();
         let mut body = pin!(body);
         let length = match body.is_end_stream() {
             true => None,
@@ -194,7 +195,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         }
         let mut out = std::mem::take(&mut self.out);
         out.clear();
-        let sending = encode_head(parts, length, closing, &mut out);
+        let sending = encode_head(parts, lines, length, closing, &mut out);
         let result = self.send(body.as_mut(), sending, &mut out).await;
         self.out = out;
         result
@@ -488,17 +489,18 @@ struct Sending {
 /// Write the head of a response to a GET-like HTTP/1.1 request into `out`,
 /// byte for byte as hyper's server does (`proto::h1::role::Server::encode`,
 /// lowercase names, date on), but for a gateway's header lines kept as they
-/// came ([`HeadLines`]), which go out as they are. `length`: `None` for a body
+/// came (`lines`), which go out as they are. `length`: `None` for a body
 /// already ended, `Some(None)` for one of unknown length.
 fn encode_head(
     mut parts: Parts,
+    lines: Option<HeadLines>,
     length: Option<Option<u64>>,
     closing: bool,
     out: &mut Vec<u8>,
 ) -> io::Result<Sending> {
     // Kept lines frame the body as it goes out, or go into the map (a body
     // that ended before its length: hyper writes its own).
-    let lines = parts.extensions.remove::<HeadLines>().and_then(|lines| {
+    let lines = lines.and_then(|lines| {
         if lines.length().is_none() || length == Some(lines.length()) {
             return Some(lines);
         }
@@ -769,6 +771,17 @@ mod tests {
         exact: bool,
         stalls: bool,
         stalled: bool,
+        /// Its head's lines, when a gateway's head kept them.
+        lines: Option<HeadLines>,
+    }
+
+    impl KeptLines for http_body_util::Full<Bytes> {}
+    impl KeptLines for http_body_util::Empty<Bytes> {}
+
+    impl KeptLines for TestBody {
+        fn take_lines(&mut self) -> Option<HeadLines> {
+            self.lines.take()
+        }
     }
 
     impl Body for TestBody {
@@ -811,6 +824,7 @@ mod tests {
                 exact: self.exact,
                 stalls: self.stalls,
                 stalled: false,
+                lines: None,
             });
             *res.status_mut() = StatusCode::from_u16(self.status).unwrap();
             if self.http10 {
@@ -835,7 +849,9 @@ mod tests {
                 if let Ok(Some(parsed)) = crate::h1::parse_head(&mut BytesMut::from(&wire[..])) {
                     let (mut parts, ()) = parsed.head.into_parts();
                     parts.version = res.version();
-                    res = Response::from_parts(parts, res.into_body());
+                    let mut body = res.into_body();
+                    body.lines = parsed.lines;
+                    res = Response::from_parts(parts, body);
                 }
             }
             res

@@ -520,11 +520,7 @@ where
                     lease.give_back(Conn::Link(link), owner, addr);
                 }
             });
-            let (parts, ()) = answer.head.into_parts();
-            Ok((
-                Response::from_parts(parts, answer.body.into_body(release)),
-                addr,
-            ))
+            Ok((answer.into_response(release), addr))
         }
     }
 
