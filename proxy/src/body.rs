@@ -44,10 +44,14 @@ pub enum Flow {
 pub enum Source {
     Empty,
     Hyper(Incoming),
-    Read(
-        Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>,
-        Option<HeadLines>,
-    ),
+    Read(Box<dyn ReadBody>),
+}
+
+/// A response body read straight from its upstream connection, which may
+/// carry its head's lines.
+pub trait ReadBody: Body<Data = Bytes, Error = BoxError> + Send + Unpin {
+    /// Its head's header lines as they came ([`HeadLines`]), once.
+    fn take_lines(&mut self) -> Option<HeadLines>;
 }
 
 /// A response body that may carry its head's header lines as the gateway
@@ -62,7 +66,7 @@ pub trait KeptLines {
 impl KeptLines for Source {
     fn take_lines(&mut self) -> Option<HeadLines> {
         match self {
-            Source::Read(_, lines) => lines.take(),
+            Source::Read(body) => body.take_lines(),
             _ => None,
         }
     }
@@ -113,7 +117,7 @@ impl Body for Source {
         match self.get_mut() {
             Source::Empty => Poll::Ready(None),
             Source::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Source::Read(body, _) => body.as_mut().poll_frame(cx),
+            Source::Read(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -121,7 +125,7 @@ impl Body for Source {
         match self {
             Source::Empty => true,
             Source::Hyper(body) => body.is_end_stream(),
-            Source::Read(body, _) => body.is_end_stream(),
+            Source::Read(body) => body.is_end_stream(),
         }
     }
 
@@ -129,7 +133,7 @@ impl Body for Source {
         match self {
             Source::Empty => SizeHint::with_exact(0),
             Source::Hyper(body) => body.size_hint(),
-            Source::Read(body, _) => body.size_hint(),
+            Source::Read(body) => body.size_hint(),
         }
     }
 }

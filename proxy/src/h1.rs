@@ -27,7 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::{BoxError, KeptLines, Source};
+use crate::body::{BoxError, KeptLines, ReadBody, Source};
 
 /// Largest response head, bytes (hyper's client allowed as much).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -222,11 +222,7 @@ where
     /// The response, its body carrying the head's kept lines, and giving its
     /// connection to `release` as [`Reading::into_body`] does.
     pub fn into_response(self, release: Release<I>) -> Response<Source> {
-        let body = self.body.into_body(release);
-        let body = match (body, self.lines) {
-            (Source::Read(body, _), lines) => Source::Read(body, lines),
-            (body, _) => body,
-        };
+        let body = self.body.streamed(release, self.lines);
         self.head.map(|()| body)
     }
 }
@@ -766,18 +762,35 @@ where
     /// The body, giving its connection to `release` when read to the end with
     /// nothing left over (a close-delimited body's connection is spent).
     pub fn into_body(self, release: Release<I>) -> Source {
+        self.streamed(release, None)
+    }
+
+    fn streamed(self, release: Release<I>, lines: Option<HeadLines>) -> Source {
         let mut body = Streamed {
             reading: self,
             release: Some(release),
+            lines,
         };
         body.end_if_done();
-        Source::Read(Box::pin(body), None)
+        Source::Read(Box::new(body))
     }
 }
 
 struct Streamed<I> {
     reading: Reading<I>,
     release: Option<Release<I>>,
+    /// The head's lines, until the server writing the head takes them (here,
+    /// in the box the body is anyway: the response that moves on stays small).
+    lines: Option<HeadLines>,
+}
+
+impl<I> ReadBody for Streamed<I>
+where
+    I: AsyncRead + Unpin + Send + 'static,
+{
+    fn take_lines(&mut self) -> Option<HeadLines> {
+        self.lines.take()
+    }
 }
 
 impl<I> Streamed<I> {
