@@ -53,6 +53,7 @@ use crate::ingress::Gateway;
 use crate::meter::{Meter, VpsCounter};
 use crate::pacing::AgentBandwidth;
 use crate::telemetry;
+use crate::CappedMap;
 
 /// Database reads for unknown ids at once.
 const MAX_CONCURRENT_FILLS: usize = 4;
@@ -197,10 +198,12 @@ struct Prepared {
 
 #[derive(Debug)]
 pub struct Directory {
-    entries: DashMap<Uuid, Arc<Agent>>,
+    /// Agents the database has (looked up on every request; no other id gets
+    /// in, so it is a map the fleet's size bounds).
+    entries: CappedMap<Uuid, Arc<Agent>>,
     /// Entries a change notification evicted, until a re-read says whether their
     /// credential still holds (their relays live on meanwhile).
-    suspended: DashMap<Uuid, Arc<Agent>>,
+    suspended: CappedMap<Uuid, Arc<Agent>>,
     /// Ids being read from the database. Lock order: an `entries` shard, then a
     /// `reads` or `suspended` shard, never the other way round.
     reads: DashMap<Uuid, ReadState>,
@@ -224,8 +227,8 @@ impl Directory {
         config: DirectoryConfig,
     ) -> Self {
         let directory = Self {
-            entries: DashMap::new(),
-            suspended: DashMap::new(),
+            entries: CappedMap::default(),
+            suspended: CappedMap::default(),
             reads: DashMap::new(),
             recheck: Notify::new(),
             unknown: DashMap::new(),

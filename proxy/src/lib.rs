@@ -56,8 +56,9 @@ pub mod upstream;
 pub mod usage_api;
 pub mod workers;
 
-/// A concurrent map on the request path whose size the proxy's own caps bound
-/// (pooled connections and their places, agents holding connections), hashed
+/// A concurrent map on the request path whose size the proxy's own caps or
+/// the fleet bound (pooled connections and their places, agents holding
+/// connections, the directory's agents), hashed
 /// with foldhash: seeded at random per map, a fraction of SipHash's cost on a
 /// short key. A map a client can fill with keys of its choosing keeps std's
 /// SipHash.
