@@ -39,15 +39,11 @@ const READ_CHUNK: usize = 16 * 1024;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// Most trailer bytes after the last chunk (read and dropped).
 const MAX_TRAILERS: usize = 16 * 1024;
-/// Largest request head buffer a link keeps between exchanges, bytes.
-const MAX_KEPT_OUT: usize = 4 * 1024;
 
 /// An HTTP/1.1 connection upstream with no exchange under way.
 pub struct Link<I> {
     io: I,
     buf: BytesMut,
-    /// The request head being written (its capacity kept for the next).
-    out: Vec<u8>,
     /// Bounds each exchange's wait for its response head: one timer for the
     /// connection's life, set on its first exchange and moved on lazily
     /// ([`until`]).
@@ -59,7 +55,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
         Link {
             io,
             buf: BytesMut::new(),
-            out: Vec::new(),
             timer: None,
         }
     }
@@ -81,25 +76,24 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
             .is_ready()
     }
 
-    /// The buffer the next exchange's request head goes in, empty.
-    pub fn head_buffer(&mut self) -> &mut Vec<u8> {
-        self.out.clear();
-        &mut self.out
-    }
-
-    /// Write the request head in [`head_buffer`](Link::head_buffer) (a whole
-    /// head, no body follows) and read the response head. `Err(Unanswered)` when the connection closed before any
+    /// Write `head` (a whole request head, no body follows) and read the
+    /// response head. `Err(Unanswered)` when the connection closed before any
     /// byte of a response: on a reused connection, the peer closed it while it
     /// was idle, and the request may be sent again on a fresh one.
     /// `Err(TimedOut)` when no response head has come by `due`.
-    pub async fn exchange(mut self, method: &Method, due: Instant) -> Result<Answer<I>, Failure> {
+    pub async fn exchange(
+        mut self,
+        head: &[u8],
+        method: &Method,
+        due: Instant,
+    ) -> Result<Answer<I>, Failure> {
         let mut timer = match self.timer.take() {
             Some(timer) => timer,
             None => Box::pin(tokio::time::sleep_until(due)),
         };
         let answered = tokio::select! {
             biased;
-            answered = self.answer(method) => answered,
+            answered = self.answer(head, method) => answered,
             () = until(timer.as_mut(), due) => Err(Failure::TimedOut),
         };
         self.timer = Some(timer);
@@ -117,13 +111,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
 
     /// The response head to `head`, how its body is framed, and whether the
     /// connection carries another exchange after it.
-    async fn answer(&mut self, method: &Method) -> Result<(ResponseHead, Framing, bool), Failure> {
-        let written = self.io.write_all(&self.out).await;
-        // An idle link keeps a buffer for a usual head, not for the largest.
-        if self.out.capacity() > MAX_KEPT_OUT {
-            self.out = Vec::new();
-        }
-        written.map_err(Failure::Unanswered)?;
+    async fn answer(
+        &mut self,
+        head: &[u8],
+        method: &Method,
+    ) -> Result<(ResponseHead, Framing, bool), Failure> {
+        self.io.write_all(head).await.map_err(Failure::Unanswered)?;
         self.io.flush().await.map_err(Failure::Unanswered)?;
         let mut parsed = loop {
             let parsed = match self.buf.is_empty() {
@@ -895,12 +888,6 @@ mod tests {
             .block_on(f)
     }
 
-    /// `link`, its next request head `head`.
-    fn asking<I: AsyncRead + AsyncWrite + Unpin>(mut link: Link<I>, head: &[u8]) -> Link<I> {
-        link.head_buffer().extend_from_slice(head);
-        link
-    }
-
     /// Read a request head off `server`.
     async fn read_head_of(server: &mut DuplexStream) -> Vec<u8> {
         let mut seen = Vec::new();
@@ -973,8 +960,8 @@ mod tests {
         let (client, server) = tokio::io::duplex(1 << 20);
         answer(server, wire, pieces, close);
         let head = format!("{method} / HTTP/1.1\r\nhost: x\r\n\r\n");
-        let answer = asking(Link::new(client), head.as_bytes())
-            .exchange(method, far())
+        let answer = Link::new(client)
+            .exchange(head.as_bytes(), method, far())
             .await
             .ok()?;
         let mut response = answer.into_response(Box::new(|_| {}));
@@ -1156,8 +1143,8 @@ mod tests {
         // first started, past the first's due time, and still in time.
         let mut link = Link::new(client);
         for n in 1..=2 {
-            let answer = asking(link, GET)
-                .exchange(&Method::GET, Instant::now() + Duration::from_secs(7))
+            let answer = link
+                .exchange(GET, &Method::GET, Instant::now() + Duration::from_secs(7))
                 .await
                 .unwrap_or_else(|e| panic!("exchange {n}: {e:?}"));
             assert_eq!(answer.head.status(), StatusCode::OK);
@@ -1171,8 +1158,8 @@ mod tests {
             assert_eq!(started.elapsed(), Duration::from_secs(5 * n));
         }
         // The third is never answered: it fails when due, not before.
-        let failed = asking(link, GET)
-            .exchange(&Method::GET, Instant::now() + Duration::from_secs(7))
+        let failed = link
+            .exchange(GET, &Method::GET, Instant::now() + Duration::from_secs(7))
             .await;
         assert!(matches!(failed, Err(Failure::TimedOut)));
         assert_eq!(started.elapsed(), Duration::from_secs(17));
@@ -1185,8 +1172,8 @@ mod tests {
         block_on(async move {
             let (client, server) = tokio::io::duplex(1 << 16);
             answer(server, wire.to_vec(), 7, false);
-            let answer = asking(Link::new(client), b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                .exchange(&Method::GET, far())
+            let answer = Link::new(client)
+                .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET, far())
                 .await
                 .unwrap();
             let back = Arc::new(Mutex::new(false));
@@ -1336,8 +1323,8 @@ mod tests {
             let (client, server) = tokio::io::duplex(1 << 16);
             let wire = b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
             answer(server, wire.to_vec(), 4, false);
-            let answer = asking(Link::new(client), b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                .exchange(&Method::GET, far())
+            let answer = Link::new(client)
+                .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET, far())
                 .await
                 .unwrap();
             assert!(!answer.head.headers().contains_key(header::CONTENT_LENGTH));
@@ -1352,8 +1339,8 @@ mod tests {
             block_on(async move {
                 let (client, server) = tokio::io::duplex(1 << 16);
                 answer(server, wire.to_vec(), 5, true);
-                match asking(Link::new(client), b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                    .exchange(&Method::GET, far())
+                match Link::new(client)
+                    .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET, far())
                     .await
                 {
                     Ok(answer) => answer

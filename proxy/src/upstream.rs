@@ -409,15 +409,18 @@ where
             // ages.
             let now = Instant::now();
             let due = now + timeout;
-            // A request without a body goes out as a head this task writes.
-            let direct = req.head_only().cloned();
+            // The head a request without a body goes out with (made before any
+            // wait: the request itself is not shared across them).
+            let direct = req.head();
             let req = match (self.checkout(&key, now), &direct) {
-                (Some((Conn::Link(link), addr, lease)), Some(method)) => {
+                (Some((Conn::Link(link), addr, lease)), Some(direct)) => {
                     match self
-                        .direct(link, addr, &req, method, Some(lease), owner, due)
+                        .direct(link, addr, direct, Some(lease), owner, due)
                         .await
                     {
-                        Err(Failure::Unanswered(_)) if method.is_idempotent() => Unsent::Given(req),
+                        Err(Failure::Unanswered(_)) if direct.1.is_idempotent() => {
+                            Unsent::Given(req)
+                        }
                         answered => return answered.map_err(upstream_broke),
                     }
                 }
@@ -445,8 +448,8 @@ where
             let (io, addr) = by(due, connect()).await??;
             let lease = self.lease(key, owner);
             match &direct {
-                Some(method) => self
-                    .direct(Link::new(io), addr, &req, method, lease, owner, due)
+                Some(direct) => self
+                    .direct(Link::new(io), addr, direct, lease, owner, due)
                     .await
                     .map_err(upstream_broke),
                 None => {
@@ -496,26 +499,22 @@ where
         }
     }
 
-    /// `req`, a request without a body (`method` its method), over `link`,
-    /// its head written into the link's buffer; the link comes back to the
-    /// pool in `lease`'s places when the response has been read to its end
-    /// (without a lease, it is closed then). (Its arguments stay where they
-    /// were given, as [`Pool::send`]'s.)
-    #[allow(clippy::manual_async_fn, clippy::too_many_arguments)]
+    /// A request without a body (its head, and its method) over `link`; the
+    /// link comes back to the pool in `lease`'s places when the response has
+    /// been read to its end (without a lease, it is closed then). (Its
+    /// arguments stay where they were given, as [`Pool::send`]'s.)
+    #[allow(clippy::manual_async_fn)]
     fn direct<'a>(
         &'a self,
-        mut link: Link<I>,
+        link: Link<I>,
         addr: SocketAddr,
-        req: &impl Outgoing,
-        method: &'a Method,
+        (head, method): &'a (Vec<u8>, Method),
         lease: Option<Lease<K, I>>,
         owner: Uuid,
         due: Instant,
     ) -> impl Future<Output = Result<(Response<Source>, SocketAddr), Failure>> + 'a {
-        // Written now: the future holds no reference to the request.
-        req.write_head(link.head_buffer());
         async move {
-            let answer = link.exchange(method, due).await?;
+            let answer = link.exchange(head, method, due).await?;
             let release = Box::new(move |link| {
                 if let Some(lease) = lease {
                     lease.give_back(Conn::Link(link), owner, addr);
@@ -594,23 +593,21 @@ where
 /// A request the pool sends: without a body, as a head this task writes (no
 /// hyper); otherwise as a request hyper's client sends.
 pub trait Outgoing {
-    /// The request's method, for a request that is all head.
-    fn head_only(&self) -> Option<&Method>;
-
-    /// Write the head of a request that is all head into `out`.
-    fn write_head(&self, out: &mut Vec<u8>);
+    /// The head to write and the request's method, for a request that is
+    /// all head.
+    fn head(&self) -> Option<(Vec<u8>, Method)>;
 
     /// The request for hyper's client (an error if it cannot be made).
     fn into_request(self) -> Result<Request<ProxyBody>, ProxyError>;
 }
 
 impl Outgoing for Outbound {
-    fn head_only(&self) -> Option<&Method> {
-        self.is_head_only().then(|| self.method())
-    }
-
-    fn write_head(&self, out: &mut Vec<u8>) {
-        Outbound::write_head(self, out)
+    fn head(&self) -> Option<(Vec<u8>, Method)> {
+        self.is_head_only().then(|| {
+            let mut head = Vec::new();
+            self.write_head(&mut head);
+            (head, self.method().clone())
+        })
     }
 
     fn into_request(self) -> Result<Request<ProxyBody>, ProxyError> {
@@ -620,12 +617,12 @@ impl Outgoing for Outbound {
 
 /// A request made elsewhere, sent as it is.
 impl Outgoing for Request<ProxyBody> {
-    fn head_only(&self) -> Option<&Method> {
-        matches!(self.body(), ProxyBody::Empty).then(|| self.method())
-    }
-
-    fn write_head(&self, out: &mut Vec<u8>) {
-        h1::encode_head(self, out)
+    fn head(&self) -> Option<(Vec<u8>, Method)> {
+        matches!(self.body(), ProxyBody::Empty).then(|| {
+            let mut head = Vec::new();
+            h1::encode_head(self, &mut head);
+            (head, self.method().clone())
+        })
     }
 
     fn into_request(self) -> Result<Request<ProxyBody>, ProxyError> {
@@ -642,21 +639,7 @@ enum Unsent<R> {
     Back(Request<ProxyBody>),
 }
 
-impl<R: Outgoing> Outgoing for Unsent<R> {
-    fn head_only(&self) -> Option<&Method> {
-        match self {
-            Unsent::Given(req) => req.head_only(),
-            Unsent::Back(req) => req.head_only(),
-        }
-    }
-
-    fn write_head(&self, out: &mut Vec<u8>) {
-        match self {
-            Unsent::Given(req) => req.write_head(out),
-            Unsent::Back(req) => req.write_head(out),
-        }
-    }
-
+impl<R: Outgoing> Unsent<R> {
     fn into_request(self) -> Result<Request<ProxyBody>, ProxyError> {
         match self {
             Unsent::Given(req) => req.into_request(),
