@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{KeptLines, RequestBody};
-use crate::h1::{can_have_body, read, until, HeadLines};
+use crate::h1::{can_have_body, parsed_value, read, until, HeadLines};
 
 /// Most headers in a request head (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -361,24 +361,20 @@ fn parse_request(buf: &mut BytesMut) -> Parsed {
         spans.push((name, span(h.value)));
     }
     let head = buf.split_to(len).freeze();
-    // Room for what the proxy adds, so the map never grows on the way out.
-    let mut headers = HeaderMap::with_capacity(spans.len() + crate::headers::ROOM);
-    let uri = Uri::from_maybe_shared(head.slice(target));
-    let values = spans.into_iter().try_for_each(|(name, span)| {
-        let value = HeaderValue::from_maybe_shared(head.slice(span))?;
-        headers.append(name, value);
-        Ok::<_, http::header::InvalidHeaderValue>(())
-    });
-    let (Ok(uri), Ok(())) = (uri, values) else {
-        // hyper answers 400 (a target it cannot take) or takes a value
-        // `HeaderValue` refuses (DEL, which httparse lets through) as its own:
-        // it reads the head again from the start.
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
+        // hyper answers 400 (a target it cannot take): it reads the head
+        // again from the start.
         let mut whole = BytesMut::with_capacity(head.len() + buf.len());
         whole.extend_from_slice(&head);
         whole.extend_from_slice(buf);
         *buf = whole;
         return Parsed::Unusual;
     };
+    // Room for what the proxy adds, so the map never grows on the way out.
+    let mut headers = HeaderMap::with_capacity(spans.len() + crate::headers::ROOM);
+    for (name, span) in spans {
+        headers.append(name, parsed_value(head.slice(span)));
+    }
     let mut req = Request::new(RequestBody::Empty);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -1079,6 +1075,27 @@ mod tests {
                 String::from_utf8_lossy(&hyper.1),
                 "bytes the client read"
             );
+        }
+    }
+
+    /// Every value byte httparse takes in a request head is one
+    /// `HeaderValue` takes, whichever of its scanners reads it: the values
+    /// need no second scan (`h1::parsed_value`).
+    #[test]
+    fn parsed_request_values_are_valid_header_values() {
+        for byte in 0..=255u8 {
+            let mut long = [b'v'; 40];
+            long[20] = byte;
+            for value in [&long[..], &[byte][..]] {
+                let mut wire = b"GET / HTTP/1.1\r\nx-a: ".to_vec();
+                wire.extend_from_slice(value);
+                wire.extend_from_slice(b"\r\n\r\n");
+                if let Parsed::Request(req) = parse_request(&mut BytesMut::from(&wire[..])) {
+                    let got = req.headers()["x-a"].as_bytes();
+                    assert!(HeaderValue::from_bytes(got).is_ok(), "byte {byte:#x}");
+                    assert_eq!(got, value.trim_ascii(), "byte {byte:#x}");
+                }
+            }
         }
     }
 

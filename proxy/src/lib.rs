@@ -21,7 +21,7 @@
 //!
 //! `docs/request-path.md` walks through the stages. [`run`] takes its listeners
 //! and shutdown token from the caller, so tests bind port 0 and stop it at will.
-#![deny(unsafe_code)] // but `splice`, the system calls std does not wrap, and `allocator`
+#![deny(unsafe_code)] // but `splice`, the system calls std does not wrap, `allocator`, and `h1::parsed_value`
 
 pub mod agent_limits;
 pub mod agent_policy;
