@@ -632,6 +632,23 @@ async fn scripted_gateway() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsi
     (port, accepted)
 }
 
+/// A database with one agent, and a proxy whose ingress reaches the scripted
+/// gateway; with how many connections the gateway accepted.
+async fn behind_scripted_gateway() -> (
+    TestDb,
+    Fixture,
+    TestProxy,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let (port, accepted) = scripted_gateway().await;
+    let mut config = test_config(&db.url);
+    config.proxy.ingress.gateway_port = port;
+    let proxy = TestProxy::start(config).await;
+    (db, f, proxy, accepted)
+}
+
 /// `/cased`'s response as the scripted gateway sends it.
 const CASED: &[u8] = b"HTTP/1.1 200 OK\r\nX-Gateway-Case: Kept\r\nContent-Type: text/plain\r\nDate: Sat, 05 Dec 2026 03:00:00 GMT\r\nContent-Length: 2\r\n\r\nok";
 
@@ -656,12 +673,7 @@ async fn raw_exchange(addr: std::net::SocketAddr, head: String) -> String {
 
 #[tokio::test]
 async fn a_gateways_response_head_reaches_every_client_whole() {
-    let db = TestDb::new().await;
-    let f = db.fixture("k8s").await;
-    let (port, _) = scripted_gateway().await;
-    let mut config = test_config(&db.url);
-    config.proxy.ingress.gateway_port = port;
-    let proxy = TestProxy::start(config).await;
+    let (_db, f, proxy, _) = behind_scripted_gateway().await;
     let addr = proxy.ingress.unwrap();
     let head = |path: &str, version: &str| {
         format!(
@@ -723,12 +735,7 @@ async fn a_gateways_response_head_reaches_every_client_whole() {
 #[tokio::test]
 async fn a_gateway_that_breaks_framing_gets_502_and_its_connection_is_never_reused() {
     use std::sync::atomic::Ordering;
-    let db = TestDb::new().await;
-    let f = db.fixture("k8s").await;
-    let (port, accepted) = scripted_gateway().await;
-    let mut config = test_config(&db.url);
-    config.proxy.ingress.gateway_port = port;
-    let proxy = TestProxy::start(config).await;
+    let (_db, f, proxy, accepted) = behind_scripted_gateway().await;
     let http = http1();
     let get = |path: &str| {
         http.get(format!(
