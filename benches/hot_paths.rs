@@ -232,19 +232,24 @@ fn lookups(c: &mut Criterion) {
         health,
         config.proxy.directory.clone(),
     );
-    let Lookup::Found(entry) = runtime.block_on(directory.lookup(agent.agent_id)) else {
+    let Lookup::Found(entry) =
+        runtime.block_on(directory.lookup(agent.agent_id, tokio::time::Instant::now()))
+    else {
         panic!("the seeded agent is not found");
     };
     let mut group = c.benchmark_group("request");
     group.throughput(Throughput::Elements(1));
     // A warm lookup completes on its first poll.
     group.bench_function("directory_lookup_warm", |b| {
-        b.iter(
-            || match directory.lookup(black_box(agent.agent_id)).now_or_never() {
+        b.iter(|| {
+            match directory
+                .lookup(black_box(agent.agent_id), tokio::time::Instant::now())
+                .now_or_never()
+            {
                 Some(Lookup::Found(agent)) => agent,
                 other => panic!("{other:?}"),
-            },
-        )
+            }
+        })
     });
     group.bench_function("decision_check", |b| b.iter(|| entry.gate.check()));
     group.bench_function("decision_guard_and_check", |b| {

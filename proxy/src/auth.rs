@@ -11,6 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use http::HeaderValue;
 use subtle::{Choice, ConstantTimeEq};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::agent_limits::AgentLimits;
@@ -21,13 +22,15 @@ use crate::server::ClientConn;
 use crate::telemetry::Listener;
 
 /// The agent `agent_id` if `token` is its gateway token: 407/401 for unknown
-/// agents and wrong tokens alike, 503 when the directory cannot tell.
+/// agents and wrong tokens alike, 503 when the directory cannot tell. `now`:
+/// the request's arrival.
 pub async fn authenticate(
     directory: &Directory,
     agent_id: Uuid,
     token: &[u8],
+    now: Instant,
 ) -> Result<Arc<Agent>, ProxyError> {
-    let agent = match directory.lookup(agent_id).await {
+    let agent = match directory.lookup(agent_id, now).await {
         Lookup::Found(agent) => agent,
         Lookup::Unknown => return Err(ProxyError::Auth(AuthFailure::UnknownAgent)),
         Lookup::Unavailable => return Err(ProxyError::DirectoryUnavailable),

@@ -243,9 +243,10 @@ impl Directory {
         directory
     }
 
-    /// Find an agent: from memory when possible, else from the database.
-    pub async fn lookup(&self, agent_id: Uuid) -> Lookup {
-        if let Some(found) = self.cached(agent_id) {
+    /// Find an agent: from memory when possible (fresh as of `now`, the
+    /// request's clock reading), else from the database.
+    pub async fn lookup(&self, agent_id: Uuid, now: Instant) -> Lookup {
+        if let Some(found) = self.cached(agent_id, now) {
             return found;
         }
         // Boxed: the database read is large, and a request future that held it
@@ -260,7 +261,7 @@ impl Directory {
             return Lookup::Unavailable;
         };
         // Another task may have filled it while we waited.
-        if let Some(found) = self.cached(agent_id) {
+        if let Some(found) = self.cached(agent_id, Instant::now()) {
             return found;
         }
         let mut outcome = Lookup::Unavailable;
@@ -296,15 +297,15 @@ impl Directory {
         }
     }
 
-    fn cached(&self, agent_id: Uuid) -> Option<Lookup> {
+    fn cached(&self, agent_id: Uuid, now: Instant) -> Option<Lookup> {
         if let Some(agent) = self.entries.get(&agent_id) {
             // Served while fresh enough; past max_stale the database must confirm.
-            if agent.fetched_at.elapsed() <= self.config.max_stale {
+            if now.saturating_duration_since(agent.fetched_at) <= self.config.max_stale {
                 return Some(Lookup::Found(agent.clone()));
             }
         }
         if let Some(at) = self.unknown.get(&agent_id) {
-            if at.elapsed() < self.config.negative_ttl {
+            if now.saturating_duration_since(*at) < self.config.negative_ttl {
                 return Some(Lookup::Unknown);
             }
         }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use tokio::time::Instant;
 
 use tollgate_core::config::EgressConfig;
 
@@ -35,7 +36,7 @@ use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
 use crate::server::{ClientConn, Shape, Stages};
 use crate::telemetry::{self, Listener, TunnelKind};
-use crate::upstream::{Connector, Pool};
+use crate::upstream::{Connector, Due, Pool};
 
 /// Pool key: an origin's host, as parsed from whatever spelling the request
 /// used (`0x7f.1` and `127.0.0.1` are one origin; names lowercase), its port,
@@ -92,7 +93,7 @@ impl Stages for Egress {
             let target = Target::of(&req)?;
             let (host, port) = target.host_port();
             exchange.set_destination(host, port);
-            let agent = match self.authenticate(&req, conn).await {
+            let agent = match self.authenticate(&req, conn, exchange.started()).await {
                 Ok(agent) => agent,
                 Err(e) => {
                     // A connection no agent has bound is not counted under any
@@ -145,11 +146,13 @@ impl Egress {
         &self,
         req: &Request<RequestBody>,
         conn: &ClientConn,
+        started: Instant,
     ) -> Result<Arc<Agent>, ProxyError> {
         let creds = auth::basic(req.headers().get(header::PROXY_AUTHORIZATION))
             .map_err(ProxyError::Auth)?;
         auth::check_binding(conn, creds.agent_id)?;
-        let agent = auth::authenticate(&self.directory, creds.agent_id, creds.token()).await?;
+        let agent =
+            auth::authenticate(&self.directory, creds.agent_id, creds.token(), started).await?;
         auth::bind(conn, &agent, &self.agent_limits, Listener::Egress)?;
         Ok(agent)
     }
@@ -308,12 +311,13 @@ impl Egress {
                 .filter(|p| p.judges_addresses)
                 .map_or(0, |p| p.generation);
             let key: OriginKey = (host.clone(), port, judged_by);
+            let due = Due::after(exchange.started(), timeout);
             let record = &mut *exchange;
             let open =
                 move || async move { self.connect(&host, port, policy.as_deref(), record).await };
             let (response, addr) = self
                 .pool
-                .exchange(key, agent.agent_id, outbound, timeout, guard, open)
+                .exchange(key, agent.agent_id, outbound, due, guard, open)
                 .await?;
             // A pooled connection was opened by an earlier exchange.
             exchange.set_address(addr);

@@ -128,6 +128,12 @@ impl Exchange {
         self.listener
     }
 
+    /// When the request arrived: the clock reading its stages share (the
+    /// directory's freshness, the pool's deadline and idle ages).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Attribute the bytes of the client connection `tally` counts, the VPS's
     /// own socket, to the destination this exchange names.
     pub fn attribute_bytes_of(&mut self, tally: Arc<ConnTally>) {

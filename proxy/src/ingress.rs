@@ -36,7 +36,7 @@ use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
 use crate::server::{ClientConn, Shape, Stages};
 use crate::telemetry::{Listener, TunnelKind};
-use crate::upstream::{Connector, Pool};
+use crate::upstream::{Connector, Due, Pool};
 
 /// Pool key: the VPS and the gateway address its connections go to, as the
 /// `host:port` its requests name (shared bytes: a clone allocates nothing).
@@ -111,7 +111,8 @@ impl Stages for Ingress {
             let route = Route::of(req.uri()).ok_or(ProxyError::NotFound)?;
             let token =
                 auth::bearer(req.headers().get(header::AUTHORIZATION)).map_err(ProxyError::Auth)?;
-            let agent = auth::authenticate(&self.directory, route.agent_id, token).await?;
+            let started = exchange.started();
+            let agent = auth::authenticate(&self.directory, route.agent_id, token, started).await?;
             exchange.set_agent(&agent);
             let guard = auth::guard(&agent, Listener::Ingress);
             guard.admit(Listener::Ingress).await?;
@@ -187,7 +188,14 @@ impl Stages for Ingress {
             let key: GatewayKey = (vps.id, gateway.authority.clone());
             let (response, addr) = self
                 .pool
-                .exchange(key, agent.agent_id, outbound, timeout, guard, open)
+                .exchange(
+                    key,
+                    agent.agent_id,
+                    outbound,
+                    Due::after(started, timeout),
+                    guard,
+                    open,
+                )
                 .await?;
             exchange.set_address(addr);
             Ok(response)

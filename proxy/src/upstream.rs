@@ -44,6 +44,25 @@ pub fn passed_on(response: Response<impl Into<Source>>, guard: StreamGuard) -> R
     Response::from_parts(parts, ProxyBody::guarded(body, guard, Flow::ToClient))
 }
 
+/// When an exchange's response head is due, and the clock reading that
+/// deadline was made from (the request's arrival), which the pool's idle ages
+/// share: one reading for both.
+#[derive(Debug, Clone, Copy)]
+pub struct Due {
+    now: Instant,
+    at: Instant,
+}
+
+impl Due {
+    /// `timeout` after `now`.
+    pub fn after(now: Instant, timeout: Duration) -> Due {
+        Due {
+            now,
+            at: now + timeout,
+        }
+    }
+}
+
 /// How upstream connections are opened: the resolver and dialer (tests put in
 /// ones that can only ever reach loopback).
 #[derive(Clone)]
@@ -397,7 +416,7 @@ where
         owner: Uuid,
         req: O,
         connect: F,
-        timeout: Duration,
+        due: Due,
     ) -> impl Future<Output = Result<(Response<Source>, SocketAddr), ProxyError>> + 'a
     where
         O: Outgoing + 'a,
@@ -405,10 +424,9 @@ where
         Fut: Future<Output = Result<(I, SocketAddr), ProxyError>> + 'a,
     {
         async move {
-            // One reading of the clock serves the deadline and the pool's idle
-            // ages.
-            let now = Instant::now();
-            let due = now + timeout;
+            // The request's one clock reading serves the deadline and the
+            // pool's idle ages.
+            let Due { now, at: due } = due;
             // The head a request without a body goes out with (made before any
             // wait: the request itself is not shared across them).
             let direct = req.head();
@@ -537,7 +555,7 @@ where
         key: K,
         owner: Uuid,
         req: O,
-        timeout: Duration,
+        due: Due,
         guard: StreamGuard,
         open: F,
     ) -> impl Future<Output = Result<(Response<ProxyBody>, SocketAddr), ProxyError>> + 'a
@@ -549,7 +567,7 @@ where
         async move {
             let connect = || Box::pin(open());
             let (response, addr) = self
-                .send(key, owner, req, connect, timeout)
+                .send(key, owner, req, connect, due)
                 .await
                 .map_err(|e| e.attributed(&guard))?;
             Ok((passed_on(response, guard), addr))
@@ -812,7 +830,10 @@ mod tests {
             .unwrap()
     }
 
-    const TIMEOUT: Duration = Duration::from_secs(5);
+    /// A response head due 5 s from now.
+    fn due() -> Due {
+        Due::after(Instant::now(), Duration::from_secs(5))
+    }
 
     const ADDR: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
@@ -825,10 +846,7 @@ mod tests {
         // connection's places go with it.
         for _ in 0..3 * LIMITS.total {
             let connect = || async { Ok((upstream(1 << 20), ADDR)) };
-            let (response, _) = pool
-                .send("origin", a, get(), connect, TIMEOUT)
-                .await
-                .unwrap();
+            let (response, _) = pool.send("origin", a, get(), connect, due()).await.unwrap();
             assert_eq!(
                 pool.idle_count(),
                 1,
@@ -846,17 +864,11 @@ mod tests {
         // Read to its end, a connection stays, and the next request (another
         // agent's) reuses it without connecting: the agent's place moves.
         let connect = || async { Ok((upstream(2), ADDR)) };
-        let (response, _) = pool
-            .send("origin", a, get(), connect, TIMEOUT)
-            .await
-            .unwrap();
+        let (response, _) = pool.send("origin", a, get(), connect, due()).await.unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1);
         let refuse = || async { Err::<(DuplexStream, SocketAddr), _>(ProxyError::UpstreamTimeout) };
-        let (response, _) = pool
-            .send("origin", b, get(), refuse, TIMEOUT)
-            .await
-            .unwrap();
+        let (response, _) = pool.send("origin", b, get(), refuse, due()).await.unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1);
         assert!(pool.per_agent.get(&a).is_none());
@@ -881,7 +893,7 @@ mod tests {
         for _ in 0..limits.per_key {
             let connect = || async { Ok((upstream(1 << 20), ADDR)) };
             let (response, _) = pool
-                .send("origin", slow, get(), connect, TIMEOUT)
+                .send("origin", slow, get(), connect, due())
                 .await
                 .unwrap();
             streaming.push(response);
@@ -893,7 +905,7 @@ mod tests {
         };
         for _ in 0..3 {
             let (response, _) = pool
-                .send("origin", other, get(), connect, TIMEOUT)
+                .send("origin", other, get(), connect, due())
                 .await
                 .unwrap();
             response.into_body().collect().await.unwrap();
