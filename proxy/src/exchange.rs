@@ -128,8 +128,8 @@ impl Exchange {
         self.listener
     }
 
-    /// When the request arrived: the clock reading its stages share (the
-    /// directory's freshness, the pool's deadline and idle ages).
+    /// When the request arrived: the clock reading the directory's freshness
+    /// check shares.
     pub fn started(&self) -> Instant {
         self.started
     }

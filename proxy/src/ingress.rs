@@ -36,7 +36,7 @@ use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
 use crate::server::{ClientConn, Shape, Stages};
 use crate::telemetry::{Listener, TunnelKind};
-use crate::upstream::{Connector, Due, Pool};
+use crate::upstream::{Connector, Pool};
 
 /// Pool key: the VPS and the gateway address its connections go to, as the
 /// `host:port` its requests name (shared bytes: a clone allocates nothing).
@@ -188,14 +188,7 @@ impl Stages for Ingress {
             let key: GatewayKey = (vps.id, gateway.authority.clone());
             let (response, addr) = self
                 .pool
-                .exchange(
-                    key,
-                    agent.agent_id,
-                    outbound,
-                    Due::after(started, timeout),
-                    guard,
-                    open,
-                )
+                .exchange(key, agent.agent_id, outbound, timeout, guard, open)
                 .await?;
             exchange.set_address(addr);
             Ok(response)

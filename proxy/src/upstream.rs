@@ -44,25 +44,6 @@ pub fn passed_on(response: Response<impl Into<Source>>, guard: StreamGuard) -> R
     Response::from_parts(parts, ProxyBody::guarded(body, guard, Flow::ToClient))
 }
 
-/// When an exchange's response head is due, and the clock reading that
-/// deadline was made from (the request's arrival), which the pool's idle ages
-/// share: one reading for both.
-#[derive(Debug, Clone, Copy)]
-pub struct Due {
-    now: Instant,
-    at: Instant,
-}
-
-impl Due {
-    /// `timeout` after `now`.
-    pub fn after(now: Instant, timeout: Duration) -> Due {
-        Due {
-            now,
-            at: now + timeout,
-        }
-    }
-}
-
 /// How upstream connections are opened: the resolver and dialer (tests put in
 /// ones that can only ever reach loopback).
 #[derive(Clone)]
@@ -416,7 +397,7 @@ where
         owner: Uuid,
         req: O,
         connect: F,
-        due: Due,
+        timeout: Duration,
     ) -> impl Future<Output = Result<(Response<Source>, SocketAddr), ProxyError>> + 'a
     where
         O: Outgoing + 'a,
@@ -424,9 +405,10 @@ where
         Fut: Future<Output = Result<(I, SocketAddr), ProxyError>> + 'a,
     {
         async move {
-            // The request's one clock reading serves the deadline and the
-            // pool's idle ages.
-            let Due { now, at: due } = due;
+            // One reading of the clock serves the deadline and the pool's idle
+            // ages.
+            let now = Instant::now();
+            let due = now + timeout;
             // The head a request without a body goes out with (made before any
             // wait: the request itself is not shared across them).
             let direct = req.head();
@@ -555,7 +537,7 @@ where
         key: K,
         owner: Uuid,
         req: O,
-        due: Due,
+        timeout: Duration,
         guard: StreamGuard,
         open: F,
     ) -> impl Future<Output = Result<(Response<ProxyBody>, SocketAddr), ProxyError>> + 'a
@@ -567,7 +549,7 @@ where
         async move {
             let connect = || Box::pin(open());
             let (response, addr) = self
-                .send(key, owner, req, connect, due)
+                .send(key, owner, req, connect, timeout)
                 .await
                 .map_err(|e| e.attributed(&guard))?;
             Ok((passed_on(response, guard), addr))
@@ -830,10 +812,7 @@ mod tests {
             .unwrap()
     }
 
-    /// A response head due 5 s from now.
-    fn due() -> Due {
-        Due::after(Instant::now(), Duration::from_secs(5))
-    }
+    const TIMEOUT: Duration = Duration::from_secs(5);
 
     const ADDR: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
@@ -846,7 +825,10 @@ mod tests {
         // connection's places go with it.
         for _ in 0..3 * LIMITS.total {
             let connect = || async { Ok((upstream(1 << 20), ADDR)) };
-            let (response, _) = pool.send("origin", a, get(), connect, due()).await.unwrap();
+            let (response, _) = pool
+                .send("origin", a, get(), connect, TIMEOUT)
+                .await
+                .unwrap();
             assert_eq!(
                 pool.idle_count(),
                 1,
@@ -864,11 +846,17 @@ mod tests {
         // Read to its end, a connection stays, and the next request (another
         // agent's) reuses it without connecting: the agent's place moves.
         let connect = || async { Ok((upstream(2), ADDR)) };
-        let (response, _) = pool.send("origin", a, get(), connect, due()).await.unwrap();
+        let (response, _) = pool
+            .send("origin", a, get(), connect, TIMEOUT)
+            .await
+            .unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1);
         let refuse = || async { Err::<(DuplexStream, SocketAddr), _>(ProxyError::UpstreamTimeout) };
-        let (response, _) = pool.send("origin", b, get(), refuse, due()).await.unwrap();
+        let (response, _) = pool
+            .send("origin", b, get(), refuse, TIMEOUT)
+            .await
+            .unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1);
         assert!(pool.per_agent.get(&a).is_none());
@@ -893,7 +881,7 @@ mod tests {
         for _ in 0..limits.per_key {
             let connect = || async { Ok((upstream(1 << 20), ADDR)) };
             let (response, _) = pool
-                .send("origin", slow, get(), connect, due())
+                .send("origin", slow, get(), connect, TIMEOUT)
                 .await
                 .unwrap();
             streaming.push(response);
@@ -905,7 +893,7 @@ mod tests {
         };
         for _ in 0..3 {
             let (response, _) = pool
-                .send("origin", other, get(), connect, due())
+                .send("origin", other, get(), connect, TIMEOUT)
                 .await
                 .unwrap();
             response.into_body().collect().await.unwrap();
