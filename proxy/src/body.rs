@@ -49,10 +49,9 @@ pub enum Source {
 
 /// A response body read straight from its upstream connection, which may
 /// carry its head's lines.
-pub trait ReadBody: Body<Data = Bytes, Error = BoxError> + Send + Unpin {
-    /// Its head's header lines as they came ([`HeadLines`]), once.
-    fn take_lines(&mut self) -> Option<HeadLines>;
-}
+pub trait ReadBody: Body<Data = Bytes, Error = BoxError> + KeptLines + Send + Unpin {}
+
+impl<T> ReadBody for T where T: Body<Data = Bytes, Error = BoxError> + KeptLines + Send + Unpin {}
 
 /// A response body that may carry its head's header lines as the gateway
 /// sent them ([`HeadLines`]), for the server that writes the head.

@@ -27,7 +27,8 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::{BoxError, KeptLines, ReadBody, Source};
+use crate::body::{BoxError, KeptLines, Source};
+use crate::headers::{is_named, names_hop_by_hop};
 
 /// Largest response head, bytes (hyper's client allowed as much).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -329,7 +330,7 @@ impl HeadLines {
     /// The headers the lines hold, in order, in front of those of `map`.
     pub fn into_headers(self, map: &mut HeaderMap) {
         let mut headers = HeaderMap::with_capacity(map.len() + 8);
-        let mut rest = self.lines.clone();
+        let mut rest = self.lines;
         while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
             let line = rest.split_to(end + 2);
             let colon = line
@@ -522,7 +523,7 @@ impl Lines {
                     }
                     length = Some(parse_decimal(h.value)?);
                 }
-                _ if is_hop_by_hop(name) => return None,
+                _ if names_hop_by_hop(name) => return None,
                 _ => {}
             }
         }
@@ -533,30 +534,6 @@ impl Lines {
             dated,
         })
     }
-}
-
-/// Whether `name` is a header that describes one connection and is never
-/// passed on (`headers::strip_hop_by_hop`'s list).
-fn is_hop_by_hop(name: &[u8]) -> bool {
-    const NAMES: [&[u8]; 9] = [
-        b"connection",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"keep-alive",
-        b"proxy-connection",
-    ];
-    NAMES.iter().any(|n| is_named(name, n))
-}
-
-/// Whether `name`, a token, is `lower` (lowercase letters and dashes) in any
-/// case: setting a token's 0x20 bit makes a letter lowercase and leaves a
-/// dash as it is (the other byte it maps to a dash is CR, no token's).
-fn is_named(name: &[u8], lower: &[u8]) -> bool {
-    name.len() == lower.len() && name.iter().zip(lower).all(|(&b, &l)| b | 0x20 == l)
 }
 
 /// Whether the upstream keeps the connection open after `head`'s response:
@@ -795,10 +772,7 @@ struct Streamed<I> {
     lines: Option<HeadLines>,
 }
 
-impl<I> ReadBody for Streamed<I>
-where
-    I: AsyncRead + Unpin + Send + 'static,
-{
+impl<I> KeptLines for Streamed<I> {
     fn take_lines(&mut self) -> Option<HeadLines> {
         self.lines.take()
     }

@@ -238,6 +238,22 @@ const UPGRADE: u16 = 1 << 6;
 const PROXY_CONNECTION_BIT: u16 = 1 << 8;
 const EXPECT: u16 = 1 << 9;
 
+/// Whether `name`, as it came (in any case), is one of [`HOP_BY_HOP`] or
+/// `Proxy-Connection`: a header [`strip_hop_by_hop`] removes by its name.
+pub(crate) fn names_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .chain([&PROXY_CONNECTION])
+        .any(|h| is_named(name, h.as_str().as_bytes()))
+}
+
+/// Whether `name`, a token, is `lower` (lowercase letters and dashes) in any
+/// case: setting a token's 0x20 bit makes a letter lowercase and leaves a
+/// dash as it is (the other byte it maps to a dash is CR, no token's).
+pub(crate) fn is_named(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len() && name.iter().zip(lower).all(|(&b, &l)| b | 0x20 == l)
+}
+
 /// Whether `name` is one of [`HOP_BY_HOP`], `Proxy-Connection` or `Expect`.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || *name == PROXY_CONNECTION || *name == header::EXPECT
