@@ -35,8 +35,12 @@ impl EchoServer {
                     _ = st.cancelled() => return,
                 };
                 tokio::spawn(async move {
-                    let (mut r, mut w) = stream.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    // Echo as a bulk sender would: each read, up to 256 KiB,
+                    // goes back in one write (`tokio::io::copy` would cut it
+                    // into 8 KiB writes).
+                    let (r, mut w) = stream.split();
+                    let mut r = tokio::io::BufReader::with_capacity(256 * 1024, r);
+                    let _ = tokio::io::copy_buf(&mut r, &mut w).await;
                     use tokio::io::AsyncWriteExt;
                     let _ = w.shutdown().await;
                 });
