@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use http::{Method, Request};
+use http::Method;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::task::JoinHandle;
@@ -42,6 +42,7 @@ use uuid::Uuid;
 use tollgate_core::config::{DecisionLogConfig, DecisionLogSink};
 
 use crate::exchange::{Destination, Ended};
+use crate::inbound::Inbound;
 use crate::telemetry::{self, Listener};
 
 /// Longest `path` kept in an event, bytes; longer ones are cut (at a character
@@ -234,15 +235,15 @@ impl DecisionLog {
     /// The `path` to record for `req`, when the log is on: the request target's
     /// path as received (with its query string only if configured), cut to
     /// [`MAX_PATH_BYTES`]; none for CONNECT, which names no path.
-    pub fn path_of<B>(&self, req: &Request<B>) -> Option<Box<str>> {
+    pub fn path_of(&self, req: &Inbound) -> Option<Box<str>> {
         let queue = self.0.as_ref()?;
-        if req.method() == Method::CONNECT {
+        if req.method == Method::CONNECT {
             return None;
         }
-        let uri = req.uri();
-        let text = match (queue.include_query, uri.path_and_query()) {
-            (true, Some(pq)) => pq.as_str(),
-            _ => uri.path(),
+        let target = &req.target;
+        let text = match (queue.include_query, target.path_and_query()) {
+            (true, Some(pq)) => pq,
+            _ => target.path(),
         };
         let mut end = text.len().min(MAX_PATH_BYTES);
         while !text.is_char_boundary(end) {
@@ -437,6 +438,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
+    use crate::inbound::Target;
 
     fn decision() -> Decision {
         Decision {
@@ -544,11 +546,19 @@ mod tests {
         let (without, _rx) = DecisionLog::with_queue(1, false);
         let (with, _rx2) = DecisionLog::with_queue(1, true);
         let req = |method: Method, uri: &str| {
-            Request::builder().method(method).uri(uri).body(()).unwrap()
+            let req = http::Request::builder().method(method).uri(uri);
+            Inbound::from(req.body(crate::body::RequestBody::Empty).unwrap())
         };
         let get = req(Method::GET, "http://example.com/p/q?token=secret");
         assert_eq!(without.path_of(&get).as_deref(), Some("/p/q"));
         assert_eq!(with.path_of(&get).as_deref(), Some("/p/q?token=secret"));
+        // A target the fast path kept as its bytes reads the same.
+        let kept = Inbound {
+            target: Target::origin("/p/q?token=secret".into()).unwrap(),
+            ..req(Method::GET, "/")
+        };
+        assert_eq!(without.path_of(&kept).as_deref(), Some("/p/q"));
+        assert_eq!(with.path_of(&kept).as_deref(), Some("/p/q?token=secret"));
         let connect = req(Method::CONNECT, "example.com:443");
         assert_eq!(with.path_of(&connect), None);
         assert_eq!(DecisionLog::off().path_of(&get), None);

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{header, HeaderValue, Method, Response, StatusCode, Uri};
 use tokio::time::Instant;
 
 use tollgate_core::config::EgressConfig;
@@ -25,13 +25,14 @@ use tollgate_core::config::EgressConfig;
 use crate::agent_limits::AgentLimits;
 use crate::agent_policy::{self, Applied, Denial, Mode, Policy};
 use crate::auth;
-use crate::body::{ProxyBody, RequestBody};
+use crate::body::ProxyBody;
 use crate::decision_log::DecisionLog;
 use crate::directory::{Agent, Directory};
 use crate::egress_policy::{parse_host, DenyReason, EgressPolicy, Host};
 use crate::exchange::Exchange;
 use crate::gate::StreamGuard;
 use crate::headers::{Outbound, OutboundTarget};
+use crate::inbound::Inbound;
 use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
 use crate::server::{ClientConn, Shape, Stages};
@@ -85,7 +86,7 @@ impl Stages for Egress {
     #[allow(clippy::manual_async_fn)]
     fn proxy(
         &self,
-        req: Request<RequestBody>,
+        req: Inbound,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send {
@@ -144,12 +145,12 @@ impl Egress {
     /// Stage 2: the agent these credentials name, bound to this connection.
     async fn authenticate(
         &self,
-        req: &Request<RequestBody>,
+        req: &Inbound,
         conn: &ClientConn,
         started: Instant,
     ) -> Result<Arc<Agent>, ProxyError> {
-        let creds = auth::basic(req.headers().get(header::PROXY_AUTHORIZATION))
-            .map_err(ProxyError::Auth)?;
+        let creds =
+            auth::basic(req.headers.get(header::PROXY_AUTHORIZATION)).map_err(ProxyError::Auth)?;
         auth::check_binding(conn, creds.agent_id)?;
         let agent =
             auth::authenticate(&self.directory, creds.agent_id, creds.token(), started).await?;
@@ -223,7 +224,7 @@ impl Egress {
     /// CONNECT: open the tunnel, answer 200, relay both ways.
     async fn tunnel(
         &self,
-        req: Request<RequestBody>,
+        mut req: Inbound,
         host: Host,
         port: u16,
         admitted: Admitted<'_>,
@@ -251,8 +252,9 @@ impl Egress {
             }),
         };
         let exchange = exchange.hand_off("tunnel", StatusCode::OK);
+        let upgrade = req.on_upgrade();
         self.relays.spawn(relay, exchange, async move {
-            let client = hyper::upgrade::on(req).await?;
+            let client = upgrade.await?;
             Ok::<_, hyper::Error>((crate::server::upgraded_client(client), upstream))
         });
         Ok(Response::new(ProxyBody::Empty))
@@ -263,7 +265,7 @@ impl Egress {
     #[allow(clippy::manual_async_fn)]
     fn forward<'a>(
         &'a self,
-        req: Request<RequestBody>,
+        req: Inbound,
         (authority, host, port): (Authority, Host, u16),
         admitted: Admitted<'a>,
         exchange: &'a mut Exchange,
@@ -276,10 +278,11 @@ impl Egress {
                 .check_http_port(port)
                 .map_err(|reason| self.denied(reason, &host, port))?;
             let policy = self.screen(&agent, &host, port, exchange).await?;
-            let target = OutboundTarget::Parsed(match req.uri().path_and_query() {
-                Some(path) => Uri::from(path.clone()),
-                None => Uri::from_static("/"),
-            });
+            let target =
+                OutboundTarget::Parsed(match req.target.uri().and_then(Uri::path_and_query) {
+                    Some(path) => Uri::from(path.clone()),
+                    None => Uri::from_static("/"),
+                });
             let host_header = HeaderValue::from_str(authority.as_str())
                 .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
             let mut outbound = Outbound::of(req, target, host_header, &guard, exchange);
@@ -374,9 +377,15 @@ impl Target {
         }
     }
 
-    fn of(req: &Request<RequestBody>) -> Result<Target, ProxyError> {
-        let uri = req.uri();
-        if req.method() == Method::CONNECT {
+    fn of(req: &Inbound) -> Result<Target, ProxyError> {
+        // The fast path keeps only origin-form targets unparsed, which are
+        // refused here, below, as a `Uri` without a scheme would be.
+        let Some(uri) = req.target.uri() else {
+            return Err(ProxyError::BadRequest(
+                "absolute-form request target required (this is a proxy)",
+            ));
+        };
+        if req.method == Method::CONNECT {
             // authority-form: host:port, nothing else.
             let authority = uri
                 .authority()

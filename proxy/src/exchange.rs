@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
@@ -29,6 +29,7 @@ use crate::decision_log::{AgentIds, Decision, DecisionLog, Denial};
 use crate::directory::Agent;
 use crate::egress_policy::Host;
 use crate::h1::HeadLines;
+use crate::inbound::Inbound;
 use crate::meter::{ConnTally, OTHER_HOST};
 use crate::rescue::{rescue, ProxyError};
 use crate::telemetry::{self, Listener};
@@ -104,10 +105,10 @@ pub struct Exchange {
 
 impl Exchange {
     /// Open the record of `req`, arrived on `listener`, whose end goes to `log`.
-    pub fn begin<B>(listener: Listener, req: &Request<B>, log: &DecisionLog) -> Self {
+    pub fn begin(listener: Listener, req: &Inbound, log: &DecisionLog) -> Self {
         Self {
             listener,
-            method: req.method().clone(),
+            method: req.method.clone(),
             started: Instant::now(),
             agent: None,
             destination: None,

@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::response::Parts;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Extensions, Method, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{KeptLines, RequestBody};
 use crate::h1::{can_have_body, parsed_value, read, until, HeadLines};
+use crate::inbound::{Inbound, Target};
 
 /// Most headers in a request head (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -70,7 +71,7 @@ pub async fn serve<I, H, F, B>(
 ) -> Served<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
-    H: FnMut(Request<RequestBody>) -> F,
+    H: FnMut(Inbound) -> F,
     F: Future<Output = Response<B>>,
     B: Body<Data = Bytes> + KeptLines,
     B::Error: fmt::Display,
@@ -126,7 +127,7 @@ where
 /// request and moved on: boxing the request would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
 enum Head {
-    Request(Request<RequestBody>),
+    Request(Inbound),
     Unusual,
     /// The client closed (mid-head or between requests).
     Closed,
@@ -295,7 +296,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
 
 #[allow(clippy::large_enum_variant)]
 enum Parsed {
-    Request(Request<RequestBody>),
+    Request(Inbound),
     Partial,
     Unusual,
 }
@@ -361,26 +362,36 @@ fn parse_request(buf: &mut BytesMut) -> Parsed {
         spans.push((name, span(h.value)));
     }
     let head = buf.split_to(len).freeze();
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
-        // hyper answers 400 (a target it cannot take): it reads the head
-        // again from the start.
-        let mut whole = BytesMut::with_capacity(head.len() + buf.len());
-        whole.extend_from_slice(&head);
-        whole.extend_from_slice(buf);
-        *buf = whole;
-        return Parsed::Unusual;
+    let target = match Target::origin(head.slice(target)) {
+        Ok(origin) => origin,
+        Err(other) => match Uri::from_maybe_shared(other) {
+            Ok(uri) => Target::Uri(uri),
+            Err(_) => return hyper_reads_again(head, buf),
+        },
     };
     // Room for what the proxy adds, so the map never grows on the way out.
     let mut headers = HeaderMap::with_capacity(spans.len() + crate::headers::ROOM);
     for (name, span) in spans {
         headers.append(name, parsed_value(head.slice(span)));
     }
-    let mut req = Request::new(RequestBody::Empty);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
-    Parsed::Request(req)
+    Parsed::Request(Inbound {
+        method,
+        target,
+        version: Version::HTTP_11,
+        headers,
+        extensions: Extensions::new(),
+        body: RequestBody::Empty,
+    })
+}
+
+/// A head the fast path parsed but hyper is to answer (a target it cannot
+/// take: 400): hyper reads it again from the start.
+fn hyper_reads_again(head: Bytes, buf: &mut BytesMut) -> Parsed {
+    let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+    whole.extend_from_slice(&head);
+    whole.extend_from_slice(buf);
+    *buf = whole;
+    Parsed::Unusual
 }
 
 /// `connection: close` on a response, as hyper adds it when the connection
@@ -737,6 +748,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
+    use http::Request;
     use http_body::{Frame, SizeHint};
     use hyper::server::conn::http1;
     use hyper::service::service_fn;
@@ -855,20 +867,19 @@ mod tests {
     }
 
     /// What the service saw of a request.
-    type Seen = (Method, Uri, Version, Vec<(String, Vec<u8>)>);
+    type Seen = (Method, String, Version, Vec<(String, Vec<u8>)>);
 
-    fn seen<B>(req: &Request<B>) -> Seen {
+    fn seen(req: &Inbound) -> Seen {
         let headers = req
-            .headers()
+            .headers
             .iter()
             .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
             .collect();
-        (
-            req.method().clone(),
-            req.uri().clone(),
-            req.version(),
-            headers,
-        )
+        let target = match &req.target {
+            Target::Uri(uri) => uri.to_string(),
+            Target::Origin(_) => req.target.path_and_query().unwrap().to_owned(),
+        };
+        (req.method.clone(), target, req.version, headers)
     }
 
     async fn by_hyper<I>(io: I, reply: Reply, log: Arc<Mutex<Vec<Seen>>>)
@@ -876,6 +887,7 @@ mod tests {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+            let req = Inbound::from(req.map(|_| RequestBody::Empty));
             log.lock().unwrap().push(seen(&req));
             // As the listeners' service does for hyper.
             let mut response = reply.response();
@@ -1027,7 +1039,14 @@ mod tests {
         ];
         (
             method,
-            "/[a-z0-9/._~%-]{0,24}(\\?[a-z0-9=&%]{0,16})?",
+            // Plain targets, any printable byte (a fragment, bytes a URI
+            // refuses), non-ASCII, absolute-form.
+            prop_oneof![
+                4 => "/[a-z0-9/._~%-]{0,24}(\\?[a-z0-9=&%]{0,16})?",
+                2 => "/[!-~]{0,24}",
+                1 => "/caf\u{e9}(\\?[a-z]{0,4})?",
+                1 => "http://example\\.test/[a-z?=]{0,8}",
+            ],
             proptest::bool::weighted(0.1),
             proptest::collection::vec((name, value), 0..6),
             proptest::collection::vec(any::<u8>(), 0..12),
@@ -1091,7 +1110,7 @@ mod tests {
                 wire.extend_from_slice(value);
                 wire.extend_from_slice(b"\r\n\r\n");
                 if let Parsed::Request(req) = parse_request(&mut BytesMut::from(&wire[..])) {
-                    let got = req.headers()["x-a"].as_bytes();
+                    let got = req.headers["x-a"].as_bytes();
                     assert!(HeaderValue::from_bytes(got).is_ok(), "byte {byte:#x}");
                     assert_eq!(got, value.trim_ascii(), "byte {byte:#x}");
                 }

@@ -6,9 +6,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 
-use crate::body::{Flow, ProxyBody, RequestBody};
+use crate::body::{Flow, ProxyBody};
 use crate::exchange::Exchange;
 use crate::gate::StreamGuard;
+use crate::inbound::Inbound;
 use crate::rescue::ProxyError;
 
 /// A request on its way upstream, kept as the client sent it until it goes
@@ -44,7 +45,7 @@ impl Outbound {
     /// `req` for `target` (origin-form) on the upstream `host`, HTTP/1.1; a
     /// body is streamed under `guard`, its bytes counted in `exchange`.
     pub fn of(
-        mut req: Request<RequestBody>,
+        mut req: Inbound,
         target: OutboundTarget,
         host: HeaderValue,
         guard: &StreamGuard,
@@ -52,27 +53,26 @@ impl Outbound {
     ) -> Outbound {
         // One pass over the names finds what is to go; a header looked up
         // only when it is there (most requests carry none of them).
-        let present = present(req.headers());
-        let upgrade = req.version() < Version::HTTP_2
+        let present = present(&req.headers);
+        let upgrade = req.version < Version::HTTP_2
             && present & (UPGRADE | CONNECTION) == UPGRADE | CONNECTION
-            && wants_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        if req.version() == Version::HTTP_2 {
-            join_cookies(req.headers_mut());
+            && wants_upgrade(&req.headers);
+        let client_upgrade = upgrade.then(|| req.on_upgrade());
+        if req.version == Version::HTTP_2 {
+            join_cookies(&mut req.headers);
         }
-        let (parts, body) = req.into_parts();
-        let body = match body.is_end_stream() {
+        let body = match req.body.is_end_stream() {
             true => ProxyBody::Empty,
             false => ProxyBody::guarded(
-                body,
+                req.body,
                 guard.clone(),
                 Flow::FromClient(exchange.upload_counter()),
             ),
         };
         Outbound {
-            method: parts.method,
+            method: req.method,
             target,
-            headers: parts.headers,
+            headers: req.headers,
             present,
             host,
             set: Vec::new(),
@@ -378,6 +378,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::body::RequestBody;
     use crate::decision_log::DecisionLog;
     use crate::gate::UserGate;
     use crate::telemetry::Listener;
@@ -458,6 +459,7 @@ mod tests {
 
     /// `req` on its way to `target` on the upstream `host`.
     fn outbound_of(req: Request<RequestBody>, target: &str, host: &'static str) -> Outbound {
+        let req = Inbound::from(req);
         let gate = Arc::new(UserGate::new(Uuid::new_v4(), None));
         let mut exchange = Exchange::begin(Listener::Ingress, &req, &DecisionLog::off());
         Outbound::of(

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, Uri};
+use http::Response;
 use uuid::Uuid;
 
 use tollgate_core::config::IngressConfig;
@@ -25,12 +25,13 @@ use tollgate_core::db::agents::{VpsRecord, VpsState};
 
 use crate::agent_limits::AgentLimits;
 use crate::auth;
-use crate::body::{ProxyBody, RequestBody};
+use crate::body::ProxyBody;
 use crate::decision_log::DecisionLog;
 use crate::directory::Directory;
 use crate::egress_policy::{parse_host, Host};
 use crate::exchange::Exchange;
 use crate::headers::{Outbound, OutboundTarget};
+use crate::inbound::{Inbound, Target};
 use crate::meter::{ConnTally, MeteredIo};
 use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
@@ -66,8 +67,8 @@ struct Route {
 
 impl Route {
     /// `/agents/{agent_id}/gateway/{path}?{query}`; `None` for anything else.
-    fn of(uri: &Uri) -> Option<Route> {
-        let rest = uri.path().strip_prefix("/agents/")?;
+    fn of(target: &Target) -> Option<Route> {
+        let rest = target.path().strip_prefix("/agents/")?;
         let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
         let agent_id = Uuid::try_parse(id).ok()?;
         let path = match rest.strip_prefix("gateway")? {
@@ -75,7 +76,7 @@ impl Route {
             p if p.starts_with('/') => p,
             _ => return None,
         };
-        let query = uri.query();
+        let query = target.query();
         // Built in place, sized once: this runs for every request.
         let mut target = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
         target.push_str(path);
@@ -103,14 +104,14 @@ impl Stages for Ingress {
     #[allow(clippy::manual_async_fn)]
     fn proxy(
         &self,
-        req: Request<RequestBody>,
+        req: Inbound,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send {
         async move {
-            let route = Route::of(req.uri()).ok_or(ProxyError::NotFound)?;
+            let route = Route::of(&req.target).ok_or(ProxyError::NotFound)?;
             let token =
-                auth::bearer(req.headers().get(header::AUTHORIZATION)).map_err(ProxyError::Auth)?;
+                auth::bearer(req.headers.get(header::AUTHORIZATION)).map_err(ProxyError::Auth)?;
             let started = exchange.started();
             let agent = auth::authenticate(&self.directory, route.agent_id, token, started).await?;
             exchange.set_agent(&agent);
@@ -252,11 +253,11 @@ impl Forwarded {
     /// How many headers `apply` sets, at most.
     const HEADERS: usize = 3;
 
-    fn of(req: &Request<RequestBody>, conn: &ClientConn) -> Forwarded {
+    fn of(req: &Inbound, conn: &ClientConn) -> Forwarded {
         // The client's address as text, made once per connection.
         let peer = conn.peer_text();
         let for_ = match req
-            .headers()
+            .headers
             .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
         {
@@ -271,9 +272,10 @@ impl Forwarded {
             }
             None => peer.clone(),
         };
-        let host = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
+        let host = req.headers.get(header::HOST).cloned().or_else(|| {
+            req.target
+                .uri()
+                .and_then(|uri| uri.authority())
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         Forwarded {
@@ -294,10 +296,20 @@ impl Forwarded {
 
 #[cfg(test)]
 mod tests {
+    use http::Uri;
+
     use super::*;
 
+    /// The route of `s`, parsed, and kept as its bytes where it can be: the
+    /// two must agree.
     fn route(s: &str) -> Option<(Uuid, String)> {
-        Route::of(&s.parse::<Uri>().unwrap()).map(|r| (r.agent_id, r.target))
+        let parsed = Target::Uri(s.parse::<Uri>().unwrap());
+        let route = Route::of(&parsed).map(|r| (r.agent_id, r.target));
+        if let Ok(kept) = Target::origin(Bytes::copy_from_slice(s.as_bytes())) {
+            let kept = Route::of(&kept).map(|r| (r.agent_id, r.target));
+            assert_eq!(kept, route, "{s}");
+        }
+        route
     }
 
     proptest::proptest! {
@@ -326,7 +338,7 @@ mod tests {
             let Ok(uri) = uri.parse::<Uri>() else {
                 return Ok(());
             };
-            if let Some(route) = Route::of(&uri) {
+            if let Some(route) = Route::of(&Target::Uri(uri.clone())) {
                 let parsed = Uri::try_from(route.target.as_str());
                 proptest::prop_assert!(parsed.is_ok(), "{:?} from {}", route.target, uri);
                 let parsed = parsed.unwrap();

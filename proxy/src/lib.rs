@@ -21,7 +21,7 @@
 //!
 //! `docs/request-path.md` walks through the stages. [`run`] takes its listeners
 //! and shutdown token from the caller, so tests bind port 0 and stop it at will.
-#![deny(unsafe_code)] // but `splice`, the system calls std does not wrap, `allocator`, and `h1::parsed_value`
+#![deny(unsafe_code)] // but `splice`, the system calls std does not wrap, `allocator`, `h1::parsed_value` and `inbound::Origin::text`
 
 pub mod agent_limits;
 pub mod agent_policy;
@@ -41,6 +41,7 @@ pub mod h1;
 pub mod h1_server;
 pub mod headers;
 pub mod health;
+pub mod inbound;
 pub mod ingress;
 pub mod leases;
 pub mod meter;

@@ -44,6 +44,7 @@ use crate::exchange::{Busy, Exchange, ExchangeBody};
 use crate::framing::{Framing, FramingGuard, Verdicts};
 use crate::h1;
 use crate::h1_server::{self, Served};
+use crate::inbound::Inbound;
 use crate::meter::{ConnTally, MeteredIo};
 use crate::rescue::ProxyError;
 use crate::splice::Prefixed;
@@ -83,7 +84,7 @@ pub trait Stages: Send + Sync + Sized + 'static {
     /// Run the stages for `req`, arrived on `conn`.
     fn proxy(
         &self,
-        req: Request<RequestBody>,
+        req: Inbound,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send;
@@ -491,7 +492,7 @@ fn service<S: Stages>(
             true => conn.framing.next(),
             false => Framing::Clear,
         };
-        let req = req.map(RequestBody::Hyper);
+        let req = Inbound::from(req.map(RequestBody::Hyper));
         async move {
             let mut response = handle(&*stages, req, &conn, framing).await;
             // hyper writes only the header map.
@@ -509,7 +510,7 @@ fn service<S: Stages>(
 #[allow(clippy::manual_async_fn)]
 fn handle<'a, S: Stages>(
     stages: &'a S,
-    req: Request<RequestBody>,
+    req: Inbound,
     conn: &'a Arc<ClientConn>,
     framing: Framing,
 ) -> impl Future<Output = Response<ExchangeBody>> + 'a {
