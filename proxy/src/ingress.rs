@@ -69,7 +69,14 @@ impl Route {
     /// `/agents/{agent_id}/gateway/{path}?{query}`; `None` for anything else.
     fn of(target: &Target) -> Option<Route> {
         let rest = target.path().strip_prefix("/agents/")?;
-        let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        // The id ends at the first `/`. A hyphenated UUID, the form every
+        // link carries, is 36 bytes and holds none: looked at there first,
+        // without a search.
+        let (id, rest) = match (rest.get(..36), rest.as_bytes().get(36)) {
+            (Some(id), Some(b'/')) => (id, &rest[37..]),
+            (Some(id), None) => (id, ""),
+            _ => rest.split_once('/').unwrap_or((rest, "")),
+        };
         let agent_id = Uuid::try_parse(id).ok()?;
         let path = match rest.strip_prefix("gateway")? {
             "" => "/",
@@ -373,6 +380,12 @@ mod tests {
             route(&format!("/agents/{id}/gateway//double")),
             Some((id, "//double".into()))
         );
+        // The id's other forms route too.
+        for other in [id.simple().to_string(), id.braced().to_string()] {
+            let path = format!("/agents/{other}/gateway/x");
+            assert_eq!(route(&path), Some((id, "/x".into())), "{path}");
+        }
+        assert_eq!(route(&format!("/agents/{id}")), None);
         for bad in [
             "/",
             "/agents/",
