@@ -16,7 +16,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Method, Response, StatusCode, Uri};
 use tokio::time::Instant;
 
@@ -280,8 +280,8 @@ impl Egress {
             let policy = self.screen(&agent, &host, port, exchange).await?;
             let target =
                 OutboundTarget::Parsed(match req.target.uri().and_then(Uri::path_and_query) {
-                    Some(path) => Uri::from(path.clone()),
-                    None => Uri::from_static("/"),
+                    Some(path) => path.clone(),
+                    None => PathAndQuery::from_static("/"),
                 });
             let host_header = HeaderValue::from_str(authority.as_str())
                 .map_err(|_| ProxyError::BadRequest("invalid authority"))?;

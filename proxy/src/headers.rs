@@ -3,6 +3,7 @@
 //! body is streamed under its user's guard.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 
@@ -29,7 +30,9 @@ pub struct Outbound {
     present: u16,
     host: HeaderValue,
     set: Vec<(HeaderName, HeaderValue)>,
-    body: ProxyBody,
+    /// The client's body, if it has one: on the heap, as the request
+    /// future moves an `Outbound` and most requests have none.
+    body: Option<Box<ProxyBody>>,
     /// Whether the request asks for an upgrade (its headers for it kept).
     upgrade: bool,
     /// The client's side of that upgrade.
@@ -62,12 +65,12 @@ impl Outbound {
             join_cookies(&mut req.headers);
         }
         let body = match req.body.is_end_stream() {
-            true => ProxyBody::Empty,
-            false => ProxyBody::guarded(
+            true => None,
+            false => Some(Box::new(ProxyBody::guarded(
                 req.body,
                 guard.clone(),
                 Flow::FromClient(exchange.upload_counter()),
-            ),
+            ))),
         };
         Outbound {
             method: req.method,
@@ -99,7 +102,7 @@ impl Outbound {
     /// Whether the request goes without a body, and asks for no upgrade:
     /// its head is all there is to send ([`Outbound::write_head`]).
     pub fn is_head_only(&self) -> bool {
-        matches!(self.body, ProxyBody::Empty) && !self.upgrade
+        self.body.is_none() && !self.upgrade
     }
 
     /// Write the request's head into `out`, as hyper's client writes the
@@ -160,7 +163,7 @@ impl Outbound {
         for (name, value) in self.set {
             headers.insert(name, value);
         }
-        let mut request = Request::new(self.body);
+        let mut request = Request::new(self.body.map_or(ProxyBody::Empty, |body| *body));
         *request.method_mut() = self.method;
         *request.uri_mut() = target;
         *request.version_mut() = Version::HTTP_11;
@@ -172,7 +175,7 @@ impl Outbound {
 /// Where a request goes on its upstream, in origin-form.
 pub enum OutboundTarget {
     /// One parsed already (egress: the client's own path and query).
-    Parsed(Uri),
+    Parsed(PathAndQuery),
     /// Text cut from a parsed target (ingress: the path after the route and
     /// the query), a target by construction: written as it is, and parsed only
     /// for hyper's client.
@@ -182,14 +185,14 @@ pub enum OutboundTarget {
 impl OutboundTarget {
     fn as_str(&self) -> &str {
         match self {
-            OutboundTarget::Parsed(uri) => uri.path_and_query().map_or("/", |p| p.as_str()),
+            OutboundTarget::Parsed(path) => path.as_str(),
             OutboundTarget::Cut(text) => text,
         }
     }
 
     fn into_uri(self) -> Result<Uri, ProxyError> {
         match self {
-            OutboundTarget::Parsed(uri) => Ok(uri),
+            OutboundTarget::Parsed(path) => Ok(Uri::from(path)),
             OutboundTarget::Cut(text) => {
                 Uri::try_from(text).map_err(|_| ProxyError::BadRequest("invalid path"))
             }
