@@ -137,6 +137,9 @@ impl Body for Source {
     }
 }
 
+/// A paced data frame's bytes, and when they are paid for.
+type Paced = (Bytes, Pin<Box<Sleep>>);
+
 pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
@@ -156,9 +159,9 @@ pub enum ProxyBody {
         /// Set while the user's lease is spent and a grant is on its way.
         waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
         /// A data frame's bytes in hand, until they are paid for (the bytes
-        /// alone: a frame, which may be trailers, would double the body's
-        /// size, and every response moves it).
-        paced: Option<(Bytes, Pin<Box<Sleep>>)>,
+        /// alone, on the heap: only a paced body holds any, and every
+        /// response moves this one).
+        paced: Option<Box<Paced>>,
     },
 }
 
@@ -268,15 +271,15 @@ fn poll_guarded(
     way: Way,
     counted: &Option<Arc<AtomicU64>>,
     waiting: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    paced: &mut Option<(Bytes, Pin<Box<Sleep>>)>,
+    paced: &mut Option<Box<Paced>>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     if guard.stopped_now() {
         return Poll::Ready(Some(Err(StreamCut.into())));
     }
-    if let Some((_, until)) = paced {
-        std::task::ready!(until.as_mut().poll(cx));
-        let (data, _) = paced.take().expect("in hand");
+    if let Some(held) = paced {
+        std::task::ready!(held.1.as_mut().poll(cx));
+        let (data, _) = *paced.take().expect("in hand");
         return Poll::Ready(Some(Ok(Frame::data(data))));
     }
     let slow = loop {
@@ -305,7 +308,7 @@ fn poll_guarded(
         let mut until = Box::pin(tokio::time::sleep_until(at));
         if until.as_mut().poll(cx).is_pending() {
             let data = frame.into_data().expect("a data frame");
-            *paced = Some((data, until));
+            *paced = Some(Box::new((data, until)));
             return Poll::Pending;
         }
     }
