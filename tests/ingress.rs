@@ -276,6 +276,15 @@ async fn http2_clients_work_end_to_end() {
         echo["version"], "HTTP/1.1",
         "gateways are spoken to in HTTP/1.1"
     );
+    // An HTTP/2 client names its host in `:authority`, not `Host`.
+    assert_eq!(
+        echo["headers"]["x-forwarded-host"],
+        serde_json::json!([s.proxy.ingress.unwrap().to_string()])
+    );
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"],
+        serde_json::json!(["127.0.0.1"])
+    );
     // Cookies sent as separate HTTP/2 fields reach the gateway as one line
     // (RFC 9113 §8.2.3).
     let echo: Value = h2

@@ -95,6 +95,20 @@ impl Outbound {
         self.set.push((name, value));
     }
 
+    /// The client's `X-Forwarded-For` (the first, if it sent several),
+    /// looked up only if it sent one.
+    pub fn forwarded_for(&self) -> Option<&HeaderValue> {
+        match self.present & FORWARDED_FOR {
+            0 => None,
+            _ => self.headers.get(X_FORWARDED_FOR),
+        }
+    }
+
+    /// The client's `Host`.
+    pub fn client_host(&self) -> Option<&HeaderValue> {
+        self.headers.get(header::HOST)
+    }
+
     pub fn method(&self) -> &Method {
         &self.method
     }
@@ -121,7 +135,8 @@ impl Outbound {
         let goes = |name: &HeaderName| {
             *name == header::HOST
                 || self.set.iter().any(|(set, _)| set == name)
-                || (self.present != 0 && (is_hop_by_hop(name) || named.contains(name)))
+                || (self.present & !FORWARDED_FOR != 0
+                    && (is_hop_by_hop(name) || named.contains(name)))
         };
         let target = self.target.as_str().as_bytes();
         let size: usize = self
@@ -235,11 +250,15 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Bits of [`present`]'s answer: one per entry of [`HOP_BY_HOP`] (in its
-/// order), then `Proxy-Connection` and `Expect`.
+/// order), then `Proxy-Connection`, `Expect` and `X-Forwarded-For`.
 const CONNECTION: u16 = 1;
 const UPGRADE: u16 = 1 << 6;
 const PROXY_CONNECTION_BIT: u16 = 1 << 8;
 const EXPECT: u16 = 1 << 9;
+const FORWARDED_FOR: u16 = 1 << 10;
+
+/// The header ingress appends the client's address to.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Whether `name`, as it came (in any case), is one of [`HOP_BY_HOP`] or
 /// `Proxy-Connection`: a header [`strip_hop_by_hop`] removes by its name.
@@ -287,8 +306,8 @@ fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
     named
 }
 
-/// Which of [`HOP_BY_HOP`], `Proxy-Connection` and `Expect` `headers` carries,
-/// from one pass over its names.
+/// Which of [`HOP_BY_HOP`], `Proxy-Connection`, `Expect` and
+/// `X-Forwarded-For` `headers` carries, from one pass over its names.
 fn present(headers: &HeaderMap) -> u16 {
     let mut present = 0;
     for name in headers.keys() {
@@ -298,6 +317,8 @@ fn present(headers: &HeaderMap) -> u16 {
             present |= PROXY_CONNECTION_BIT;
         } else if *name == header::EXPECT {
             present |= EXPECT;
+        } else if *name == X_FORWARDED_FOR {
+            present |= FORWARDED_FOR;
         }
     }
     present
@@ -315,7 +336,7 @@ fn strip_present(headers: &mut HeaderMap, present: u16, keep_upgrade: bool) {
     // Most messages carry none (any named by `Connection` need `Connection`),
     // and most others only `Connection: keep-alive`: only those there are
     // looked up again.
-    if present & !EXPECT == 0 {
+    if present & !(EXPECT | FORWARDED_FOR) == 0 {
         return;
     }
     // The values naming other headers (cheap clones: they share their bytes),
@@ -630,6 +651,7 @@ mod tests {
             all |= bit;
         }
         assert_eq!(present(&map(&[("connection", "x")])), CONNECTION);
+        assert_eq!(present(&map(&[("x-forwarded-for", "x")])), FORWARDED_FOR);
         assert_eq!(present(&map(&[("upgrade", "x")])), UPGRADE);
         assert_eq!(all, (1 << 10) - 1);
     }

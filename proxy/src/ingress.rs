@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::Response;
+use http::uri::Authority;
+use http::{Response, Uri};
 use uuid::Uuid;
 
 use tollgate_core::config::IngressConfig;
@@ -30,7 +31,7 @@ use crate::decision_log::DecisionLog;
 use crate::directory::Directory;
 use crate::egress_policy::{parse_host, Host};
 use crate::exchange::Exchange;
-use crate::headers::{Outbound, OutboundTarget};
+use crate::headers::{Outbound, OutboundTarget, X_FORWARDED_FOR};
 use crate::inbound::{Inbound, Target};
 use crate::meter::{ConnTally, MeteredIo};
 use crate::relay::{Relay, Relays};
@@ -43,7 +44,6 @@ use crate::upstream::{Connector, Pool};
 /// `host:port` its requests name (shared bytes: a clone allocates nothing).
 type GatewayKey = (Uuid, HeaderValue);
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
@@ -139,10 +139,11 @@ impl Stages for Ingress {
 
             // A cut of the client's target, which was parsed: written as it is.
             let target = OutboundTarget::Cut(route.target);
-            let forwarded = Forwarded::of(&req, conn);
+            // An HTTP/2 client names the host it asked for here, not in `Host`.
+            let authority = req.target.uri().and_then(Uri::authority).cloned();
             let mut outbound =
                 Outbound::of(req, target, gateway.authority.clone(), &guard, exchange);
-            forwarded.apply(&mut outbound);
+            Forwarded::of(&outbound, authority, conn).apply(&mut outbound);
 
             // The socket to the VPS is the one that counts.
             let open = || async {
@@ -260,14 +261,12 @@ impl Forwarded {
     /// How many headers `apply` sets, at most.
     const HEADERS: usize = 3;
 
-    fn of(req: &Inbound, conn: &ClientConn) -> Forwarded {
+    /// For `outbound`, from the client that asked for `authority` (if its
+    /// target named one) on `conn`.
+    fn of(outbound: &Outbound, authority: Option<Authority>, conn: &ClientConn) -> Forwarded {
         // The client's address as text, made once per connection.
         let peer = conn.peer_text();
-        let for_ = match req
-            .headers
-            .get(&X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-        {
+        let for_ = match outbound.forwarded_for().and_then(|v| v.to_str().ok()) {
             Some(prior) => {
                 let peer = peer.to_str().expect("ip text is ASCII");
                 let mut text = String::with_capacity(prior.len() + 2 + peer.len());
@@ -279,12 +278,10 @@ impl Forwarded {
             }
             None => peer.clone(),
         };
-        let host = req.headers.get(header::HOST).cloned().or_else(|| {
-            req.target
-                .uri()
-                .and_then(|uri| uri.authority())
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let host = outbound
+            .client_host()
+            .cloned()
+            .or_else(|| authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         Forwarded {
             for_,
             proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
@@ -303,8 +300,6 @@ impl Forwarded {
 
 #[cfg(test)]
 mod tests {
-    use http::Uri;
-
     use super::*;
 
     /// The route of `s`, parsed, and kept as its bytes where it can be: the
