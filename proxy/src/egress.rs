@@ -378,8 +378,8 @@ impl Target {
     }
 
     fn of(req: &Inbound) -> Result<Target, ProxyError> {
-        // The fast path keeps only origin-form targets unparsed, which are
-        // refused here, below, as a `Uri` without a scheme would be.
+        // A target the fast path kept unparsed is origin-form: it names no
+        // scheme, and is refused as a parsed target without one is, below.
         let Some(uri) = req.target.uri() else {
             return Err(ProxyError::BadRequest(
                 "absolute-form request target required (this is a proxy)",
