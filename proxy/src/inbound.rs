@@ -46,7 +46,7 @@ impl Inbound {
 }
 
 /// A request's target.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Target {
     /// Parsed (every form; hyper's requests, and the fast path's that are
     /// not [`Target::Origin`]).
@@ -58,7 +58,7 @@ pub enum Target {
 /// An origin-form target that [`Target::origin`] checked: ASCII, no
 /// fragment, and only bytes that [`Uri`] takes as they are, so it parses as
 /// itself. Not parsed: its path and query are read straight from its bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Origin {
     bytes: Bytes,
     /// Where the query starts (its `?`), if there is one.
@@ -143,7 +143,7 @@ fn scan(bytes: &[u8]) -> (bool, bool) {
     // overlaps the one before it (or is padded), so no byte is looked at on
     // its own: a loop over the few left over cost more than the blocks.
     let (mut odd, mut query) = ([0u8; 16], [0u8; 16]);
-    let mut block = |block: &[u8; 16]| {
+    let mut look = |block: &[u8; 16]| {
         for ((odd, query), &b) in odd.iter_mut().zip(&mut query).zip(block) {
             let refused = (b == b'#') | (b == b'<') | (b == b'>') | (b == b'`') | (b == b'"');
             *odd |= (refused | (b >= 0x80)) as u8;
@@ -154,15 +154,15 @@ fn scan(bytes: &[u8]) -> (bool, bool) {
         len @ 0..16 => {
             let mut padded = [b'/'; 16];
             padded[..len].copy_from_slice(bytes);
-            block(&padded);
+            look(&padded);
         }
         len => {
             let mut blocks = bytes.chunks_exact(16);
             for full in &mut blocks {
-                block(full.try_into().expect("16 bytes"));
+                look(full.try_into().expect("16 bytes"));
             }
             if !blocks.remainder().is_empty() {
-                block(bytes[len - 16..].try_into().expect("16 bytes"));
+                look(bytes[len - 16..].try_into().expect("16 bytes"));
             }
         }
     }
