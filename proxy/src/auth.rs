@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use http::HeaderValue;
 use subtle::{Choice, ConstantTimeEq};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -122,8 +121,8 @@ impl BasicCredentials {
 }
 
 /// Parse `Basic base64(agent_id:token)`.
-pub fn basic(header: Option<&HeaderValue>) -> Result<BasicCredentials, AuthFailure> {
-    let value = header.ok_or(AuthFailure::Missing)?.as_bytes();
+pub fn basic(value: Option<&[u8]>) -> Result<BasicCredentials, AuthFailure> {
+    let value = value.ok_or(AuthFailure::Missing)?;
     let (scheme, rest) = split_scheme(value).ok_or(AuthFailure::Malformed)?;
     if !scheme.eq_ignore_ascii_case(b"basic") {
         return Err(AuthFailure::Scheme);
@@ -156,8 +155,8 @@ pub fn basic(header: Option<&HeaderValue>) -> Result<BasicCredentials, AuthFailu
 }
 
 /// Parse `Bearer token`; returns the token bytes.
-pub fn bearer(header: Option<&HeaderValue>) -> Result<&[u8], AuthFailure> {
-    let value = header.ok_or(AuthFailure::Missing)?.as_bytes();
+pub fn bearer(value: Option<&[u8]>) -> Result<&[u8], AuthFailure> {
+    let value = value.ok_or(AuthFailure::Missing)?;
     let (scheme, rest) = split_scheme(value).ok_or(AuthFailure::Malformed)?;
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Err(AuthFailure::Scheme);
@@ -188,6 +187,7 @@ fn trim(mut s: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn header(s: &str) -> HeaderValue {
         HeaderValue::from_str(s).unwrap()
@@ -201,7 +201,7 @@ mod tests {
     fn basic_credentials_parse() {
         let id = Uuid::new_v4();
         let h = header(&encode(&format!("{id}:{}", "a".repeat(64))));
-        let c = basic(Some(&h)).unwrap();
+        let c = basic(Some(h.as_bytes())).unwrap();
         assert_eq!(c.agent_id, id);
         assert_eq!(c.token(), "a".repeat(64).as_bytes());
         // Scheme is case-insensitive; surrounding blanks are tolerated.
@@ -209,7 +209,7 @@ mod tests {
             "  bAsIc   {}  ",
             STANDARD.encode(format!("{id}:tok"))
         ));
-        assert_eq!(basic(Some(&h)).unwrap().token(), b"tok");
+        assert_eq!(basic(Some(h.as_bytes())).unwrap().token(), b"tok");
     }
 
     #[test]
@@ -217,32 +217,32 @@ mod tests {
         let id = Uuid::new_v4();
         assert_eq!(basic(None).err(), Some(AuthFailure::Missing));
         assert_eq!(
-            basic(Some(&header("Bearer abc"))).err(),
+            basic(Some(header("Bearer abc").as_bytes())).err(),
             Some(AuthFailure::Scheme)
         );
         assert_eq!(
-            basic(Some(&header("Basic"))).err(),
+            basic(Some(header("Basic").as_bytes())).err(),
             Some(AuthFailure::Malformed)
         );
         assert_eq!(
-            basic(Some(&header("Basic !!!notbase64"))).err(),
+            basic(Some(header("Basic !!!notbase64").as_bytes())).err(),
             Some(AuthFailure::Malformed)
         );
         assert_eq!(
-            basic(Some(&header(&encode(&format!("{id}tok"))))).err(),
+            basic(Some(header(&encode(&format!("{id}tok"))).as_bytes())).err(),
             Some(AuthFailure::Malformed)
         );
         assert_eq!(
-            basic(Some(&header(&encode("not-a-uuid:tok")))).err(),
+            basic(Some(header(&encode("not-a-uuid:tok")).as_bytes())).err(),
             Some(AuthFailure::Malformed)
         );
         assert_eq!(
-            basic(Some(&header(&encode(&format!("{id}:"))))).err(),
+            basic(Some(header(&encode(&format!("{id}:"))).as_bytes())).err(),
             Some(AuthFailure::Malformed)
         );
         let long = encode(&format!("{id}:{}", "x".repeat(1000)));
         assert_eq!(
-            basic(Some(&header(&long))).err(),
+            basic(Some(header(&long).as_bytes())).err(),
             Some(AuthFailure::Malformed)
         );
     }
@@ -271,8 +271,8 @@ mod tests {
         #[test]
         fn arbitrary_headers_never_panic(raw in proptest::collection::vec(32u8..127, 0..600)) {
             if let Ok(h) = HeaderValue::from_bytes(&raw) {
-                let _ = basic(Some(&h));
-                let _ = bearer(Some(&h));
+                let _ = basic(Some(h.as_bytes()));
+                let _ = bearer(Some(h.as_bytes()));
             }
         }
 
@@ -280,22 +280,28 @@ mod tests {
         fn any_encoded_credentials_round_trip(token in "[0-9a-f]{1,150}") {
             let id = Uuid::new_v4();
             let h = header(&encode(&format!("{id}:{token}")));
-            let c = basic(Some(&h)).unwrap();
+            let c = basic(Some(h.as_bytes())).unwrap();
             proptest::prop_assert_eq!((c.agent_id, c.token()), (id, token.as_bytes()));
         }
     }
 
     #[test]
     fn bearer_tokens_parse() {
-        assert_eq!(bearer(Some(&header("Bearer abc"))).unwrap(), b"abc");
-        assert_eq!(bearer(Some(&header("bearer   abc "))).unwrap(), b"abc");
+        assert_eq!(
+            bearer(Some(header("Bearer abc").as_bytes())).unwrap(),
+            b"abc"
+        );
+        assert_eq!(
+            bearer(Some(header("bearer   abc ").as_bytes())).unwrap(),
+            b"abc"
+        );
         assert_eq!(bearer(None).err(), Some(AuthFailure::Missing));
         assert_eq!(
-            bearer(Some(&header("Basic abc"))).err(),
+            bearer(Some(header("Basic abc").as_bytes())).err(),
             Some(AuthFailure::Scheme)
         );
         assert_eq!(
-            bearer(Some(&header("Bearer "))).err(),
+            bearer(Some(header("Bearer ").as_bytes())).err(),
             Some(AuthFailure::Malformed)
         );
     }

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{header, HeaderValue, Method, Response, StatusCode, Uri};
+use http::{HeaderValue, Method, Response, StatusCode, Uri};
 use tokio::time::Instant;
 
 use tollgate_core::config::EgressConfig;
@@ -30,6 +30,7 @@ use crate::decision_log::DecisionLog;
 use crate::directory::{Agent, Directory};
 use crate::egress_policy::{parse_host, DenyReason, EgressPolicy, Host};
 use crate::exchange::Exchange;
+use crate::fields::Named;
 use crate::gate::StreamGuard;
 use crate::headers::{Outbound, OutboundTarget};
 use crate::inbound::Inbound;
@@ -150,7 +151,7 @@ impl Egress {
         started: Instant,
     ) -> Result<Arc<Agent>, ProxyError> {
         let creds =
-            auth::basic(req.headers.get(header::PROXY_AUTHORIZATION)).map_err(ProxyError::Auth)?;
+            auth::basic(req.fields.get(Named::ProxyAuthorization)).map_err(ProxyError::Auth)?;
         auth::check_binding(conn, creds.agent_id)?;
         let agent =
             auth::authenticate(&self.directory, creds.agent_id, creds.token(), started).await?;

@@ -36,6 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{KeptLines, RequestBody};
+use crate::fields::{self, Fields, Lines, Scanned};
 use crate::h1::{can_have_body, parsed_value, read, until, HeadLines};
 use crate::inbound::{Inbound, Target};
 
@@ -295,27 +296,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
 }
 
 #[allow(clippy::large_enum_variant)]
-enum Parsed {
+pub(crate) enum Parsed {
     Request(Inbound),
     Partial,
     Unusual,
 }
 
-/// Headers that change how hyper reads the message or treats the connection.
-fn unusual_header(name: &HeaderName) -> bool {
-    [
-        header::CONTENT_LENGTH,
-        header::TRANSFER_ENCODING,
-        header::CONNECTION,
-        header::UPGRADE,
-        header::EXPECT,
-    ]
-    .contains(name)
-}
-
 /// Parse a request head off the front of `buf`, if it holds a whole one the
 /// fast path serves. Its URI and header values share the head's bytes.
-fn parse_request(buf: &mut BytesMut) -> Parsed {
+pub(crate) fn parse_request(buf: &mut BytesMut) -> Parsed {
     // Left uninitialised, as hyper does: httparse writes the entries it returns.
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
@@ -351,15 +340,20 @@ fn parse_request(buf: &mut BytesMut) -> Parsed {
         start..start + s.len()
     };
     let target = span(path.as_bytes());
-    let mut spans = Vec::with_capacity(parsed.headers.len());
-    for h in parsed.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
-            return Parsed::Unusual;
-        };
-        if unusual_header(&name) {
-            return Parsed::Unusual;
+    let scanned = fields::scan(parsed.headers, base, &buf[..len]);
+    let mut spans = Vec::new();
+    match scanned {
+        Scanned::Unusual => return Parsed::Unusual,
+        Scanned::Lines(..) => {}
+        Scanned::Map => {
+            spans.reserve_exact(parsed.headers.len());
+            for h in parsed.headers.iter() {
+                let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+                    return Parsed::Unusual;
+                };
+                spans.push((name, span(h.value)));
+            }
         }
-        spans.push((name, span(h.value)));
     }
     let head = buf.split_to(len).freeze();
     let target = match Target::origin(head.slice(target)) {
@@ -369,16 +363,22 @@ fn parse_request(buf: &mut BytesMut) -> Parsed {
             Err(_) => return hyper_reads_again(head, buf),
         },
     };
-    // Room for what the proxy adds, so the map never grows on the way out.
-    let mut headers = HeaderMap::with_capacity(spans.len() + crate::headers::ROOM);
-    for (name, span) in spans {
-        headers.append(name, parsed_value(head.slice(span)));
-    }
+    let fields = match scanned {
+        Scanned::Lines(lines, marks) => Fields::Lines(Lines::new(head.slice(lines), marks)),
+        _ => {
+            // Room for what the proxy adds, so the map never grows on the way out.
+            let mut headers = HeaderMap::with_capacity(spans.len() + crate::headers::ROOM);
+            for (name, span) in spans {
+                headers.append(name, parsed_value(head.slice(span)));
+            }
+            Fields::Map(headers)
+        }
+    };
     Parsed::Request(Inbound {
         method,
         target,
         version: Version::HTTP_11,
-        headers,
+        fields,
         extensions: Extensions::new(),
         body: RequestBody::Empty,
     })
@@ -871,7 +871,9 @@ mod tests {
 
     fn seen(req: &Inbound) -> Seen {
         let headers = req
-            .headers
+            .fields
+            .clone()
+            .into_map()
             .iter()
             .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
             .collect();
@@ -1110,7 +1112,8 @@ mod tests {
                 wire.extend_from_slice(value);
                 wire.extend_from_slice(b"\r\n\r\n");
                 if let Parsed::Request(req) = parse_request(&mut BytesMut::from(&wire[..])) {
-                    let got = req.headers["x-a"].as_bytes();
+                    let map = req.fields.into_map();
+                    let got = map["x-a"].as_bytes();
                     assert!(HeaderValue::from_bytes(got).is_ok(), "byte {byte:#x}");
                     assert_eq!(got, value.trim_ascii(), "byte {byte:#x}");
                 }

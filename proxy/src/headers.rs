@@ -9,6 +9,7 @@ use hyper::upgrade::OnUpgrade;
 
 use crate::body::{Flow, ProxyBody};
 use crate::exchange::Exchange;
+use crate::fields::{Fields, Lines, Named};
 use crate::gate::StreamGuard;
 use crate::inbound::Inbound;
 use crate::rescue::ProxyError;
@@ -25,11 +26,11 @@ pub struct Outbound {
     method: Method,
     target: OutboundTarget,
     /// The client's, unedited.
-    headers: HeaderMap,
-    /// What [`present`] found in `headers`.
+    fields: Fields,
+    /// What [`present`] found in `fields`.
     present: u16,
     host: HeaderValue,
-    set: Vec<(HeaderName, HeaderValue)>,
+    set: Vec<(Named, HeaderValue)>,
     /// The client's body, if it has one: on the heap, as the request
     /// future moves an `Outbound` and most requests have none.
     body: Option<Box<ProxyBody>>,
@@ -56,13 +57,13 @@ impl Outbound {
     ) -> Outbound {
         // One pass over the names finds what is to go; a header looked up
         // only when it is there (most requests carry none of them).
-        let present = present(&req.headers);
+        let present = present_in(&req.fields);
         let upgrade = req.version < Version::HTTP_2
             && present & (UPGRADE | CONNECTION) == UPGRADE | CONNECTION
-            && wants_upgrade(&req.headers);
+            && matches!(&req.fields, Fields::Map(map) if wants_upgrade(map));
         let client_upgrade = upgrade.then(|| req.on_upgrade());
-        if req.version == Version::HTTP_2 {
-            join_cookies(&mut req.headers);
+        if let (Version::HTTP_2, Fields::Map(map)) = (req.version, &mut req.fields) {
+            join_cookies(map);
         }
         let body = match req.body.is_end_stream() {
             true => None,
@@ -75,7 +76,7 @@ impl Outbound {
         Outbound {
             method: req.method,
             target,
-            headers: req.headers,
+            fields: req.fields,
             present,
             host,
             set: Vec::new(),
@@ -87,8 +88,8 @@ impl Outbound {
 
     /// Send `value` as the request's only `name` header. At most
     /// [`ROOM`] − 1 names.
-    pub fn set(&mut self, name: HeaderName, value: HeaderValue) {
-        debug_assert!(self.set.len() < ROOM - 1 && name != header::HOST);
+    pub fn set(&mut self, name: Named, value: HeaderValue) {
+        debug_assert!(self.set.len() < ROOM - 1 && name != Named::Host);
         if self.set.capacity() == 0 {
             self.set.reserve_exact(ROOM - 1);
         }
@@ -97,16 +98,16 @@ impl Outbound {
 
     /// The client's `X-Forwarded-For` (the first, if it sent several),
     /// looked up only if it sent one.
-    pub fn forwarded_for(&self) -> Option<&HeaderValue> {
+    pub fn forwarded_for(&self) -> Option<HeaderValue> {
         match self.present & FORWARDED_FOR {
             0 => None,
-            _ => self.headers.get(X_FORWARDED_FOR),
+            _ => self.fields.value(Named::XForwardedFor),
         }
     }
 
     /// The client's `Host`.
-    pub fn client_host(&self) -> Option<&HeaderValue> {
-        self.headers.get(header::HOST)
+    pub fn client_host(&self) -> Option<HeaderValue> {
+        self.fields.value(Named::Host)
     }
 
     pub fn method(&self) -> &Method {
@@ -126,46 +127,78 @@ impl Outbound {
     /// [`is_head_only`](Outbound::is_head_only): an upgrade keeps headers this
     /// drops.
     pub fn write_head(&self, out: &mut Vec<u8>) {
-        // Names the `Connection` headers give: looked up once (each a hash
-        // probe, as for their removal), not once per header.
-        let named = match self.present & (CONNECTION | PROXY_CONNECTION_BIT) {
-            0 => Vec::new(),
-            _ => named_by_connection(&self.headers),
-        };
-        let goes = |name: &HeaderName| {
-            *name == header::HOST
-                || self.set.iter().any(|(set, _)| set == name)
-                || (self.present & !FORWARDED_FOR != 0
-                    && (is_hop_by_hop(name) || named.contains(name)))
-        };
         let target = self.target.as_str().as_bytes();
-        let size: usize = self
-            .headers
+        let set: usize = self
+            .set
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .chain(self.set.iter().map(|(n, v)| n.as_str().len() + v.len() + 4))
             .sum();
-        out.reserve(self.method.as_str().len() + target.len() + self.host.len() + size + 24);
+        let fields = match &self.fields {
+            Fields::Lines(lines) => lines.as_bytes().len(),
+            Fields::Map(map) => map
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum(),
+        };
+        out.reserve(
+            self.method.as_str().len() + target.len() + self.host.len() + fields + set + 24,
+        );
         out.extend_from_slice(self.method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(target);
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         out.extend_from_slice(self.host.as_bytes());
         out.extend_from_slice(b"\r\n");
-        let kept = self.headers.iter().filter(|(name, _)| !goes(name));
-        for (name, value) in kept.chain(self.set.iter().map(|(n, v)| (n, v))) {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+        match &self.fields {
+            Fields::Lines(lines) => self.write_lines(lines, out),
+            Fields::Map(map) => self.write_map(map, out),
+        }
+        for (name, value) in &self.set {
+            write_line(name.as_str(), value, out);
         }
         out.extend_from_slice(b"\r\n");
+    }
+
+    /// The client's lines as they came, but for the marked ones that go.
+    fn write_lines(&self, lines: &Lines, out: &mut Vec<u8>) {
+        let bytes = lines.as_bytes();
+        let mut at = 0;
+        for mark in lines.marks() {
+            let goes = mark.name == Named::Host
+                || bit_of(mark.name) & !FORWARDED_FOR != 0
+                || self.set.iter().any(|(set, _)| *set == mark.name);
+            if goes {
+                out.extend_from_slice(&bytes[at..mark.start as usize]);
+                at = mark.end as usize;
+            }
+        }
+        out.extend_from_slice(&bytes[at..]);
+    }
+
+    /// The client's headers in their order, but for those that go; names in
+    /// lowercase.
+    fn write_map(&self, map: &HeaderMap, out: &mut Vec<u8>) {
+        // Names the `Connection` headers give: looked up once (each a hash
+        // probe, as for their removal), not once per header.
+        let named = match self.present & (CONNECTION | PROXY_CONNECTION_BIT) {
+            0 => Vec::new(),
+            _ => named_by_connection(map),
+        };
+        let goes = |name: &HeaderName| {
+            *name == header::HOST
+                || self.set.iter().any(|(set, _)| set.header() == name)
+                || (self.present & !FORWARDED_FOR != 0
+                    && (is_hop_by_hop(name) || named.contains(name)))
+        };
+        for (name, value) in map.iter().filter(|(name, _)| !goes(name)) {
+            write_line(name.as_str(), value, out);
+        }
     }
 
     /// The request as hyper's client is to send it, its headers edited.
     pub fn into_request(self) -> Result<Request<ProxyBody>, ProxyError> {
         let target = self.target.into_uri()?;
-        let mut headers = self.headers;
+        let mut headers = self.fields.into_map();
         strip_present(&mut headers, self.present, self.upgrade);
         if self.present & EXPECT != 0 {
             headers.remove(header::EXPECT);
@@ -176,7 +209,7 @@ impl Outbound {
         headers.reserve(self.set.len() + 1);
         headers.insert(header::HOST, self.host);
         for (name, value) in self.set {
-            headers.insert(name, value);
+            headers.insert(name.header().clone(), value);
         }
         let mut request = Request::new(self.body.map_or(ProxyBody::Empty, |body| *body));
         *request.method_mut() = self.method;
@@ -257,9 +290,6 @@ const PROXY_CONNECTION_BIT: u16 = 1 << 8;
 const EXPECT: u16 = 1 << 9;
 const FORWARDED_FOR: u16 = 1 << 10;
 
-/// The header ingress appends the client's address to.
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-
 /// Whether `name`, as it came (in any case), is one of [`HOP_BY_HOP`] or
 /// `Proxy-Connection`: a header [`strip_hop_by_hop`] removes by its name.
 pub(crate) fn names_hop_by_hop(name: &[u8]) -> bool {
@@ -306,6 +336,43 @@ fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
     named
 }
 
+fn write_line(name: &str, value: &HeaderValue, out: &mut Vec<u8>) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// [`present`] for either form of fields: the lines' from their marks.
+fn present_in(fields: &Fields) -> u16 {
+    match fields {
+        Fields::Map(map) => present(map),
+        Fields::Lines(lines) => lines.marks().iter().fold(0, |p, m| p | bit_of(m.name)),
+    }
+}
+
+/// `name`'s bit in [`present`]'s answer (none for most).
+fn bit_of(name: Named) -> u16 {
+    match name {
+        Named::Connection => CONNECTION,
+        Named::ProxyAuthorization => 1 << 1,
+        Named::ProxyAuthenticate => 1 << 2,
+        Named::Te => 1 << 3,
+        Named::Trailer => 1 << 4,
+        Named::TransferEncoding => 1 << 5,
+        Named::Upgrade => UPGRADE,
+        Named::KeepAlive => 1 << 7,
+        Named::ProxyConnection => PROXY_CONNECTION_BIT,
+        Named::Expect => EXPECT,
+        Named::XForwardedFor => FORWARDED_FOR,
+        Named::Host
+        | Named::Authorization
+        | Named::XForwardedHost
+        | Named::XForwardedProto
+        | Named::ContentLength => 0,
+    }
+}
+
 /// Which of [`HOP_BY_HOP`], `Proxy-Connection`, `Expect` and
 /// `X-Forwarded-For` `headers` carries, from one pass over its names.
 fn present(headers: &HeaderMap) -> u16 {
@@ -317,7 +384,7 @@ fn present(headers: &HeaderMap) -> u16 {
             present |= PROXY_CONNECTION_BIT;
         } else if *name == header::EXPECT {
             present |= EXPECT;
-        } else if *name == X_FORWARDED_FOR {
+        } else if name == Named::XForwardedFor.header() {
             present |= FORWARDED_FOR;
         }
     }
@@ -404,6 +471,7 @@ mod tests {
     use super::*;
     use crate::body::RequestBody;
     use crate::decision_log::DecisionLog;
+    use crate::fields::Marks;
     use crate::gate::UserGate;
     use crate::telemetry::Listener;
 
@@ -482,8 +550,8 @@ mod tests {
     }
 
     /// `req` on its way to `target` on the upstream `host`.
-    fn outbound_of(req: Request<RequestBody>, target: &str, host: &'static str) -> Outbound {
-        let req = Inbound::from(req);
+    fn outbound_of(req: impl Into<Inbound>, target: &str, host: &'static str) -> Outbound {
+        let req = req.into();
         let gate = Arc::new(UserGate::new(Uuid::new_v4(), None));
         let mut exchange = Exchange::begin(Listener::Ingress, &req, &DecisionLog::off());
         Outbound::of(
@@ -517,12 +585,13 @@ mod tests {
             );
         }
         let mut outbound = outbound_of(req, "/a?b=c", "10.0.0.1:18789");
-        let settable = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"];
+        let settable = [
+            Named::XForwardedFor,
+            Named::XForwardedProto,
+            Named::XForwardedHost,
+        ];
         for &i in set {
-            outbound.set(
-                HeaderName::from_static(settable[i]),
-                HeaderValue::from_static("set"),
-            );
+            outbound.set(settable[i], HeaderValue::from_static("set"));
         }
         outbound
     }
@@ -542,6 +611,100 @@ mod tests {
             prop_assume!(outbound.is_head_only());
             written(outbound);
         }
+    }
+
+    /// `headers` as a client's HTTP/1.1 head, read by the fast path: twice,
+    /// its fields once kept as lines and once in a map; `None` if the fast
+    /// path would not keep them as lines.
+    fn read_twice(headers: &[(usize, String)], set: &[usize]) -> Option<(Outbound, Outbound)> {
+        let mut wire = String::from("GET /agents/x/gateway/a?b=c HTTP/1.1\r\n");
+        for (name, value) in headers {
+            wire.push_str(&format!("{}: {value}\r\n", NAMES[*name]));
+        }
+        wire.push_str("\r\n");
+        let read = || match crate::h1_server::parse_request(&mut wire.as_str().into()) {
+            crate::h1_server::Parsed::Request(req) => Some(req),
+            _ => None,
+        };
+        let (kept, mut mapped) = (read()?, read()?);
+        if !matches!(kept.fields, Fields::Lines(_)) {
+            return None;
+        }
+        mapped.fields = Fields::Map(mapped.fields.into_map());
+        let settable = [
+            Named::XForwardedFor,
+            Named::XForwardedProto,
+            Named::XForwardedHost,
+        ];
+        let outbound = |req| {
+            let mut outbound = outbound_of(req, "/a?b=c", "10.0.0.1:18789");
+            for &i in set {
+                outbound.set(settable[i], HeaderValue::from_static("set"));
+            }
+            outbound
+        };
+        Some((outbound(kept), outbound(mapped)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A client's header lines kept as they came go upstream as the map
+        /// of them does, header for header (the names here are in
+        /// lowercase, as the map writes them).
+        #[test]
+        fn kept_lines_go_out_as_their_map_does(
+            // All but those that send the request to hyper, or into a map.
+            headers in prop::collection::vec(
+                (prop::sample::select(vec![0usize, 3, 4, 5, 9, 10, 11, 12, 13]), value()),
+                0..=Marks::MAX,
+            ),
+            set in prop::sample::subsequence(vec![0usize, 1, 2], 0..=3),
+        ) {
+            // A value with blanks around it is not kept as it came.
+            let plain = headers.iter().all(|(_, v)| !v.is_empty() && v.trim() == v);
+            let Some((kept, mapped)) = read_twice(&headers, &set) else {
+                prop_assert!(!plain, "not kept as lines");
+                return Ok(());
+            };
+            prop_assert_eq!(kept.forwarded_for(), mapped.forwarded_for());
+            prop_assert_eq!(kept.client_host(), mapped.client_host());
+            prop_assert!(kept.is_head_only() && mapped.is_head_only());
+            let (mut from_lines, mut from_map) = (Vec::new(), Vec::new());
+            kept.write_head(&mut from_lines);
+            mapped.write_head(&mut from_map);
+            // The map's order of different names is its own (RFC 9110 §5.3).
+            prop_assert_eq!(lines(&from_lines), lines(&written(mapped)));
+            prop_assert_eq!(lines(&written(kept)), lines(&from_map));
+        }
+    }
+
+    #[test]
+    fn a_common_clients_lines_are_kept_and_go_out_in_their_own_case() {
+        let mut wire = bytes::BytesMut::from(
+            "GET /agents/x/gateway/a HTTP/1.1\r\nHost: client.example\r\nUser-Agent: t\r\n\
+             Authorization: Bearer k\r\nTE: trailers\r\nX-Forwarded-For: 198.51.100.7\r\n\
+             proxy-authorization: Basic c2VjcmV0\r\n\r\n",
+        );
+        let crate::h1_server::Parsed::Request(req) = crate::h1_server::parse_request(&mut wire)
+        else {
+            panic!("the fast path serves it");
+        };
+        assert!(matches!(req.fields, Fields::Lines(_)));
+        let mut outbound = outbound_of(req, "/a", "10.0.0.1:18789");
+        assert_eq!(outbound.client_host().unwrap(), "client.example");
+        assert_eq!(outbound.forwarded_for().unwrap(), "198.51.100.7");
+        outbound.set(
+            Named::XForwardedFor,
+            HeaderValue::from_static("198.51.100.7, 10.1.1.1"),
+        );
+        let mut head = Vec::new();
+        outbound.write_head(&mut head);
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "GET /a HTTP/1.1\r\nhost: 10.0.0.1:18789\r\nUser-Agent: t\r\n\
+             Authorization: Bearer k\r\nx-forwarded-for: 198.51.100.7, 10.1.1.1\r\n\r\n"
+        );
     }
 
     #[test]

@@ -4,17 +4,17 @@
 //! ([`Target::Origin`]) when they need no parsing.
 
 use bytes::Bytes;
-use http::header::HeaderMap;
 use http::{Extensions, Method, Request, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 
 use crate::body::RequestBody;
+use crate::fields::Fields;
 
 pub struct Inbound {
     pub method: Method,
     pub target: Target,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub fields: Fields,
     /// hyper's extensions of the request (its upgrade among them); none for
     /// a request the fast path read.
     pub extensions: Extensions,
@@ -28,7 +28,7 @@ impl From<Request<RequestBody>> for Inbound {
             method: parts.method,
             target: Target::Uri(parts.uri),
             version: parts.version,
-            headers: parts.headers,
+            fields: Fields::Map(parts.headers),
             extensions: parts.extensions,
             body,
         }

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::uri::Authority;
 use http::{Response, Uri};
 use uuid::Uuid;
@@ -31,7 +31,8 @@ use crate::decision_log::DecisionLog;
 use crate::directory::Directory;
 use crate::egress_policy::{parse_host, Host};
 use crate::exchange::Exchange;
-use crate::headers::{Outbound, OutboundTarget, X_FORWARDED_FOR};
+use crate::fields::Named;
+use crate::headers::{Outbound, OutboundTarget};
 use crate::inbound::{Inbound, Target};
 use crate::meter::{ConnTally, MeteredIo};
 use crate::relay::{Relay, Relays};
@@ -43,9 +44,6 @@ use crate::upstream::{Connector, Pool};
 /// Pool key: the VPS and the gateway address its connections go to, as the
 /// `host:port` its requests name (shared bytes: a clone allocates nothing).
 type GatewayKey = (Uuid, HeaderValue);
-
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Shared state of the ingress listener.
 pub struct Ingress {
@@ -118,7 +116,7 @@ impl Stages for Ingress {
         async move {
             let route = Route::of(&req.target).ok_or(ProxyError::NotFound)?;
             let token =
-                auth::bearer(req.headers.get(header::AUTHORIZATION)).map_err(ProxyError::Auth)?;
+                auth::bearer(req.fields.get(Named::Authorization)).map_err(ProxyError::Auth)?;
             let started = exchange.started();
             let agent = auth::authenticate(&self.directory, route.agent_id, token, started).await?;
             exchange.set_agent(&agent);
@@ -266,7 +264,8 @@ impl Forwarded {
     fn of(outbound: &Outbound, authority: Option<Authority>, conn: &ClientConn) -> Forwarded {
         // The client's address as text, made once per connection.
         let peer = conn.peer_text();
-        let for_ = match outbound.forwarded_for().and_then(|v| v.to_str().ok()) {
+        let prior = outbound.forwarded_for();
+        let for_ = match prior.as_ref().and_then(|v| v.to_str().ok()) {
             Some(prior) => {
                 let peer = peer.to_str().expect("ip text is ASCII");
                 let mut text = String::with_capacity(prior.len() + 2 + peer.len());
@@ -280,7 +279,6 @@ impl Forwarded {
         };
         let host = outbound
             .client_host()
-            .cloned()
             .or_else(|| authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         Forwarded {
             for_,
@@ -290,10 +288,10 @@ impl Forwarded {
     }
 
     fn apply(self, outbound: &mut Outbound) {
-        outbound.set(X_FORWARDED_FOR, self.for_);
-        outbound.set(X_FORWARDED_PROTO, self.proto);
+        outbound.set(Named::XForwardedFor, self.for_);
+        outbound.set(Named::XForwardedProto, self.proto);
         if let Some(host) = self.host {
-            outbound.set(X_FORWARDED_HOST, host);
+            outbound.set(Named::XForwardedHost, host);
         }
     }
 }

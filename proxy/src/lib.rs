@@ -34,6 +34,7 @@ pub mod egress;
 pub mod egress_policy;
 pub mod enforcement;
 pub mod exchange;
+pub mod fields;
 pub mod flusher;
 pub mod framing;
 pub mod gate;
