@@ -287,6 +287,11 @@ impl Named {
             .find(|candidate| is_named(name, candidate.as_str().as_bytes()))
     }
 
+    /// Its bit in a set of names.
+    pub fn bit(self) -> u32 {
+        1 << self as u32
+    }
+
     pub fn header(self) -> &'static HeaderName {
         &NAMES[self as usize]
     }

@@ -3,7 +3,7 @@
 //! body is streamed under its user's guard.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 
@@ -31,6 +31,9 @@ pub struct Outbound {
     present: u16,
     host: HeaderValue,
     set: Vec<(Named, HeaderValue)>,
+    /// The client the request's `X-Forwarded-*` say it came from, if it is
+    /// to carry them ([`Outbound::forward`]).
+    forwarding: Option<Forwarding>,
     /// The client's body, if it has one: on the heap, as the request
     /// future moves an `Outbound` and most requests have none.
     body: Option<Box<ProxyBody>>,
@@ -80,6 +83,7 @@ impl Outbound {
             present,
             host,
             set: Vec::new(),
+            forwarding: None,
             body,
             upgrade,
             client_upgrade,
@@ -96,18 +100,49 @@ impl Outbound {
         self.set.push((name, value));
     }
 
-    /// The client's `X-Forwarded-For` (the first, if it sent several),
-    /// looked up only if it sent one.
-    pub fn forwarded_for(&self) -> Option<HeaderValue> {
+    /// Send the `X-Forwarded-*` headers of a request from `client`, each in
+    /// place of any the client sent: `X-Forwarded-For`, the client's address
+    /// after the first `X-Forwarded-For` it sent (if that is text);
+    /// `X-Forwarded-Proto`, its scheme; `X-Forwarded-Host`, the host it asked
+    /// for: its `Host`, else `authority`, the one its target named (HTTP/2).
+    /// Written with the head from the client's own fields; made as header
+    /// values only for hyper's client.
+    pub fn forward(&mut self, client: Forwarding, authority: Option<&Authority>) {
+        if self.fields.get(Named::Host).is_none() {
+            if let Some(host) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                self.set(Named::XForwardedHost, host);
+            }
+        }
+        self.forwarding = Some(client);
+    }
+
+    /// The client's `X-Forwarded-For` (the first, if it sent several), if it
+    /// is text; looked up only if it sent one.
+    fn prior_forwarded_for(&self) -> Option<HeaderValue> {
         match self.present & FORWARDED_FOR {
             0 => None,
-            _ => self.fields.value(Named::XForwardedFor),
+            _ => self
+                .fields
+                .value(Named::XForwardedFor)
+                .filter(|v| v.to_str().is_ok()),
         }
     }
 
-    /// The client's `Host`.
-    pub fn client_host(&self) -> Option<HeaderValue> {
-        self.fields.value(Named::Host)
+    /// The names whose client headers go, as they are sent here
+    /// ([`Outbound::set`], [`Outbound::forward`]): a bit per [`Named`].
+    fn replaced(&self) -> u32 {
+        let set = self.set.iter().fold(0, |bits, (name, _)| bits | name.bit());
+        let forwarded = match self.forwarding {
+            None => 0,
+            Some(_) => {
+                let host = match self.fields.get(Named::Host) {
+                    Some(_) => Named::XForwardedHost.bit(),
+                    None => 0,
+                };
+                Named::XForwardedFor.bit() | Named::XForwardedProto.bit() | host
+            }
+        };
+        set | forwarded
     }
 
     pub fn method(&self) -> &Method {
@@ -140,8 +175,20 @@ impl Outbound {
                 .map(|(n, v)| n.as_str().len() + v.len() + 4)
                 .sum(),
         };
+        let forwarded = match &self.forwarding {
+            Some(client) => {
+                80 + client.peer.len() + self.fields.get(Named::Host).map_or(0, <[u8]>::len)
+            }
+            None => 0,
+        };
         out.reserve(
-            self.method.as_str().len() + target.len() + self.host.len() + fields + set + 24,
+            self.method.as_str().len()
+                + target.len()
+                + self.host.len()
+                + fields
+                + set
+                + forwarded
+                + 24,
         );
         out.extend_from_slice(self.method.as_str().as_bytes());
         out.push(b' ');
@@ -149,35 +196,23 @@ impl Outbound {
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         out.extend_from_slice(self.host.as_bytes());
         out.extend_from_slice(b"\r\n");
+        let replaced = self.replaced();
         match &self.fields {
-            Fields::Lines(lines) => self.write_lines(lines, out),
-            Fields::Map(map) => self.write_map(map, out),
+            Fields::Lines(lines) => write_lines(lines, replaced, out),
+            Fields::Map(map) => self.write_map(map, replaced, out),
         }
         for (name, value) in &self.set {
-            write_line(name.as_str(), value, out);
+            write_line(name.as_str(), value.as_bytes(), out);
+        }
+        if let Some(client) = &self.forwarding {
+            self.write_forwarded(client, out);
         }
         out.extend_from_slice(b"\r\n");
     }
 
-    /// The client's lines as they came, but for the marked ones that go.
-    fn write_lines(&self, lines: &Lines, out: &mut Vec<u8>) {
-        let bytes = lines.as_bytes();
-        let mut at = 0;
-        for mark in lines.marks() {
-            let goes = mark.name == Named::Host
-                || bit_of(mark.name) & !FORWARDED_FOR != 0
-                || self.set.iter().any(|(set, _)| *set == mark.name);
-            if goes {
-                out.extend_from_slice(&bytes[at..mark.start as usize]);
-                at = mark.end as usize;
-            }
-        }
-        out.extend_from_slice(&bytes[at..]);
-    }
-
     /// The client's headers in their order, but for those that go; names in
     /// lowercase.
-    fn write_map(&self, map: &HeaderMap, out: &mut Vec<u8>) {
+    fn write_map(&self, map: &HeaderMap, replaced: u32, out: &mut Vec<u8>) {
         // Names the `Connection` headers give: looked up once (each a hash
         // probe, as for their removal), not once per header.
         let named = match self.present & (CONNECTION | PROXY_CONNECTION_BIT) {
@@ -186,17 +221,64 @@ impl Outbound {
         };
         let goes = |name: &HeaderName| {
             *name == header::HOST
-                || self.set.iter().any(|(set, _)| set.header() == name)
+                || (replaced != 0
+                    && Named::of(name.as_str().as_bytes()).is_some_and(|n| replaced & n.bit() != 0))
                 || (self.present & !FORWARDED_FOR != 0
                     && (is_hop_by_hop(name) || named.contains(name)))
         };
         for (name, value) in map.iter().filter(|(name, _)| !goes(name)) {
-            write_line(name.as_str(), value, out);
+            write_line(name.as_str(), value.as_bytes(), out);
+        }
+    }
+
+    /// The `X-Forwarded-*` headers for `client` ([`Outbound::forward`]), as
+    /// header values.
+    fn forwarded(&self, client: &Forwarding) -> [Option<(Named, HeaderValue)>; 3] {
+        let for_ = match self.prior_forwarded_for() {
+            Some(prior) => {
+                let mut text = Vec::with_capacity(prior.len() + 2 + client.peer.len());
+                text.extend_from_slice(prior.as_bytes());
+                text.extend_from_slice(b", ");
+                text.extend_from_slice(client.peer.as_bytes());
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+                    .expect("a header value, a comma and ip text make a header value")
+            }
+            None => client.peer.clone(),
+        };
+        [
+            Some((Named::XForwardedFor, for_)),
+            Some((
+                Named::XForwardedProto,
+                HeaderValue::from_static(client.scheme()),
+            )),
+            self.fields
+                .value(Named::Host)
+                .map(|host| (Named::XForwardedHost, host)),
+        ]
+    }
+
+    /// The `X-Forwarded-*` lines for `client` ([`Outbound::forward`]).
+    fn write_forwarded(&self, client: &Forwarding, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(prior) = self.prior_forwarded_for() {
+            out.extend_from_slice(prior.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(client.peer.as_bytes());
+        out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+        out.extend_from_slice(client.scheme().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if let Some(host) = self.fields.get(Named::Host) {
+            write_line("x-forwarded-host", host, out);
         }
     }
 
     /// The request as hyper's client is to send it, its headers edited.
     pub fn into_request(self) -> Result<Request<ProxyBody>, ProxyError> {
+        let forwarded = self
+            .forwarding
+            .as_ref()
+            .map(|client| self.forwarded(client));
         let target = self.target.into_uri()?;
         let mut headers = self.fields.into_map();
         strip_present(&mut headers, self.present, self.upgrade);
@@ -206,7 +288,10 @@ impl Outbound {
         // The map, sized by the parser for what it read, grows once here
         // rather than on each insert (an insert makes room first, even for a
         // name already there).
-        headers.reserve(self.set.len() + 1);
+        headers.reserve(ROOM);
+        for (name, value) in forwarded.into_iter().flatten().flatten() {
+            headers.insert(name.header().clone(), value);
+        }
         headers.insert(header::HOST, self.host);
         for (name, value) in self.set {
             headers.insert(name.header().clone(), value);
@@ -336,11 +421,45 @@ fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
     named
 }
 
-fn write_line(name: &str, value: &HeaderValue, out: &mut Vec<u8>) {
+/// The client's lines as they came, but for the marked ones that go: `Host`,
+/// hop-by-hop, and those `replaced` (a bit per [`Named`]).
+fn write_lines(lines: &Lines, replaced: u32, out: &mut Vec<u8>) {
+    let bytes = lines.as_bytes();
+    let mut at = 0;
+    for mark in lines.marks() {
+        let goes = mark.name == Named::Host
+            || bit_of(mark.name) & !FORWARDED_FOR != 0
+            || replaced & mark.name.bit() != 0;
+        if goes {
+            out.extend_from_slice(&bytes[at..mark.start as usize]);
+            at = mark.end as usize;
+        }
+    }
+    out.extend_from_slice(&bytes[at..]);
+}
+
+fn write_line(name: &str, value: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+/// The client a request's `X-Forwarded-*` name ([`Outbound::forward`]).
+pub struct Forwarding {
+    /// Its address as text.
+    pub peer: HeaderValue,
+    /// Whether it came over TLS.
+    pub tls: bool,
+}
+
+impl Forwarding {
+    fn scheme(&self) -> &'static str {
+        match self.tls {
+            true => "https",
+            false => "http",
+        }
+    }
 }
 
 /// [`present`] for either form of fields: the lines' from their marks.
@@ -529,8 +648,8 @@ mod tests {
     }
 
     /// A head as lines: the request line, then each header's values under
-    /// its name, in order (the order of different names carries no meaning,
-    /// RFC 9110 §5.3).
+    /// its name (in lowercase), in order (the order of different names
+    /// carries no meaning, RFC 9110 §5.3).
     fn lines(head: &[u8]) -> (String, BTreeMap<String, Vec<String>>) {
         let head = std::str::from_utf8(head).unwrap();
         let head = head
@@ -542,7 +661,7 @@ mod tests {
         for line in lines {
             let (name, value) = line.split_once(": ").unwrap();
             headers
-                .entry(name.to_owned())
+                .entry(name.to_ascii_lowercase())
                 .or_default()
                 .push(value.to_owned());
         }
@@ -574,7 +693,34 @@ mod tests {
         written
     }
 
-    fn outbound(method: &str, headers: &[(usize, String)], set: &[usize]) -> Outbound {
+    /// Each of `set` (indices of the `X-Forwarded-*` names) set to "set";
+    /// or, with `forward` (whether the client came over TLS), all three made
+    /// for a client at 192.0.2.9.
+    fn edit(outbound: &mut Outbound, set: &[usize], forward: Option<bool>) {
+        let settable = [
+            Named::XForwardedFor,
+            Named::XForwardedProto,
+            Named::XForwardedHost,
+        ];
+        match forward {
+            Some(tls) => {
+                let peer = HeaderValue::from_static("192.0.2.9");
+                outbound.forward(Forwarding { peer, tls }, None);
+            }
+            None => {
+                for &i in set {
+                    outbound.set(settable[i], HeaderValue::from_static("set"));
+                }
+            }
+        }
+    }
+
+    fn outbound(
+        method: &str,
+        headers: &[(usize, String)],
+        set: &[usize],
+        forward: Option<bool>,
+    ) -> Outbound {
         let mut req = Request::new(RequestBody::Empty);
         *req.method_mut() = Method::from_bytes(method.as_bytes()).unwrap();
         *req.uri_mut() = "/agents/x/gateway/a?b=c".parse().unwrap();
@@ -585,14 +731,7 @@ mod tests {
             );
         }
         let mut outbound = outbound_of(req, "/a?b=c", "10.0.0.1:18789");
-        let settable = [
-            Named::XForwardedFor,
-            Named::XForwardedProto,
-            Named::XForwardedHost,
-        ];
-        for &i in set {
-            outbound.set(settable[i], HeaderValue::from_static("set"));
-        }
+        edit(&mut outbound, set, forward);
         outbound
     }
 
@@ -606,8 +745,9 @@ mod tests {
             method in prop::sample::select(vec!["GET", "DELETE", "OPTIONS", "PURGE"]),
             headers in prop::collection::vec((0..NAMES.len(), value()), 0..10),
             set in prop::sample::subsequence(vec![0usize, 1, 2], 0..=3),
+            forward in prop::option::of(any::<bool>()),
         ) {
-            let outbound = outbound(method, &headers, &set);
+            let outbound = outbound(method, &headers, &set, forward);
             prop_assume!(outbound.is_head_only());
             written(outbound);
         }
@@ -616,7 +756,11 @@ mod tests {
     /// `headers` as a client's HTTP/1.1 head, read by the fast path: twice,
     /// its fields once kept as lines and once in a map; `None` if the fast
     /// path would not keep them as lines.
-    fn read_twice(headers: &[(usize, String)], set: &[usize]) -> Option<(Outbound, Outbound)> {
+    fn read_twice(
+        headers: &[(usize, String)],
+        set: &[usize],
+        forward: Option<bool>,
+    ) -> Option<(Outbound, Outbound)> {
         let mut wire = String::from("GET /agents/x/gateway/a?b=c HTTP/1.1\r\n");
         for (name, value) in headers {
             wire.push_str(&format!("{}: {value}\r\n", NAMES[*name]));
@@ -631,16 +775,9 @@ mod tests {
             return None;
         }
         mapped.fields = Fields::Map(mapped.fields.into_map());
-        let settable = [
-            Named::XForwardedFor,
-            Named::XForwardedProto,
-            Named::XForwardedHost,
-        ];
         let outbound = |req| {
             let mut outbound = outbound_of(req, "/a?b=c", "10.0.0.1:18789");
-            for &i in set {
-                outbound.set(settable[i], HeaderValue::from_static("set"));
-            }
+            edit(&mut outbound, set, forward);
             outbound
         };
         Some((outbound(kept), outbound(mapped)))
@@ -660,15 +797,14 @@ mod tests {
                 0..=Marks::MAX,
             ),
             set in prop::sample::subsequence(vec![0usize, 1, 2], 0..=3),
+            forward in prop::option::of(any::<bool>()),
         ) {
             // A value with blanks around it is not kept as it came.
             let plain = headers.iter().all(|(_, v)| !v.is_empty() && v.trim() == v);
-            let Some((kept, mapped)) = read_twice(&headers, &set) else {
+            let Some((kept, mapped)) = read_twice(&headers, &set, forward) else {
                 prop_assert!(!plain, "not kept as lines");
                 return Ok(());
             };
-            prop_assert_eq!(kept.forwarded_for(), mapped.forwarded_for());
-            prop_assert_eq!(kept.client_host(), mapped.client_host());
             prop_assert!(kept.is_head_only() && mapped.is_head_only());
             let (mut from_lines, mut from_map) = (Vec::new(), Vec::new());
             kept.write_head(&mut from_lines);
@@ -692,18 +828,13 @@ mod tests {
         };
         assert!(matches!(req.fields, Fields::Lines(_)));
         let mut outbound = outbound_of(req, "/a", "10.0.0.1:18789");
-        assert_eq!(outbound.client_host().unwrap(), "client.example");
-        assert_eq!(outbound.forwarded_for().unwrap(), "198.51.100.7");
-        outbound.set(
-            Named::XForwardedFor,
-            HeaderValue::from_static("198.51.100.7, 10.1.1.1"),
-        );
-        let mut head = Vec::new();
-        outbound.write_head(&mut head);
+        let peer = HeaderValue::from_static("10.1.1.1");
+        outbound.forward(Forwarding { peer, tls: true }, None);
         assert_eq!(
-            String::from_utf8(head).unwrap(),
+            String::from_utf8(written(outbound)).unwrap(),
             "GET /a HTTP/1.1\r\nhost: 10.0.0.1:18789\r\nUser-Agent: t\r\n\
-             Authorization: Bearer k\r\nx-forwarded-for: 198.51.100.7, 10.1.1.1\r\n\r\n"
+             Authorization: Bearer k\r\nx-forwarded-for: 198.51.100.7, 10.1.1.1\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: client.example\r\n\r\n"
         );
     }
 
@@ -720,6 +851,7 @@ mod tests {
                 (9, "198.51.100.7".into()),
             ],
             &[0],
+            None,
         );
         let mut written = Vec::new();
         outbound.write_head(&mut written);

@@ -15,9 +15,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::header::HeaderValue;
-use http::uri::Authority;
 use http::{Response, Uri};
 use uuid::Uuid;
 
@@ -32,7 +30,7 @@ use crate::directory::Directory;
 use crate::egress_policy::{parse_host, Host};
 use crate::exchange::Exchange;
 use crate::fields::Named;
-use crate::headers::{Outbound, OutboundTarget};
+use crate::headers::{Forwarding, Outbound, OutboundTarget};
 use crate::inbound::{Inbound, Target};
 use crate::meter::{ConnTally, MeteredIo};
 use crate::relay::{Relay, Relays};
@@ -141,7 +139,11 @@ impl Stages for Ingress {
             let authority = req.target.uri().and_then(Uri::authority).cloned();
             let mut outbound =
                 Outbound::of(req, target, gateway.authority.clone(), &guard, exchange);
-            Forwarded::of(&outbound, authority, conn).apply(&mut outbound);
+            let client = Forwarding {
+                peer: conn.peer_text().clone(),
+                tls: conn.tls,
+            };
+            outbound.forward(client, authority.as_ref());
 
             // The socket to the VPS is the one that counts.
             let open = || async {
@@ -244,58 +246,6 @@ impl Gateway {
     }
 }
 
-/// The `X-Forwarded-*` headers a gateway gets: the client's address appended
-/// to any it sent, the scheme it used, the host it asked for.
-struct Forwarded {
-    for_: HeaderValue,
-    proto: HeaderValue,
-    host: Option<HeaderValue>,
-}
-
-// With `Host`, they fit the room a parsed head is given.
-const _: () = assert!(Forwarded::HEADERS < crate::headers::ROOM);
-
-impl Forwarded {
-    /// How many headers `apply` sets, at most.
-    const HEADERS: usize = 3;
-
-    /// For `outbound`, from the client that asked for `authority` (if its
-    /// target named one) on `conn`.
-    fn of(outbound: &Outbound, authority: Option<Authority>, conn: &ClientConn) -> Forwarded {
-        // The client's address as text, made once per connection.
-        let peer = conn.peer_text();
-        let prior = outbound.forwarded_for();
-        let for_ = match prior.as_ref().and_then(|v| v.to_str().ok()) {
-            Some(prior) => {
-                let peer = peer.to_str().expect("ip text is ASCII");
-                let mut text = String::with_capacity(prior.len() + 2 + peer.len());
-                text.push_str(prior);
-                text.push_str(", ");
-                text.push_str(peer);
-                HeaderValue::from_maybe_shared(Bytes::from(text))
-                    .expect("a header value and ip text make a header value")
-            }
-            None => peer.clone(),
-        };
-        let host = outbound
-            .client_host()
-            .or_else(|| authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-        Forwarded {
-            for_,
-            proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-            host,
-        }
-    }
-
-    fn apply(self, outbound: &mut Outbound) {
-        outbound.set(Named::XForwardedFor, self.for_);
-        outbound.set(Named::XForwardedProto, self.proto);
-        if let Some(host) = self.host {
-            outbound.set(Named::XForwardedHost, host);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,7 +255,7 @@ mod tests {
     fn route(s: &str) -> Option<(Uuid, String)> {
         let parsed = Target::Uri(s.parse::<Uri>().unwrap());
         let route = Route::of(&parsed).map(|r| (r.agent_id, r.target));
-        if let Ok(kept) = Target::origin(Bytes::copy_from_slice(s.as_bytes())) {
+        if let Ok(kept) = Target::origin(bytes::Bytes::copy_from_slice(s.as_bytes())) {
             let kept = Route::of(&kept).map(|r| (r.agent_id, r.target));
             assert_eq!(kept, route, "{s}");
         }
