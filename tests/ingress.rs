@@ -596,7 +596,8 @@ async fn blocked_users_get_403_and_their_websockets_and_streams_close() {
 
 /// A gateway the test scripts byte for byte: `/conflict` answers with two
 /// different lengths, `/extra` with bytes past its length, `/cased` with
-/// header names in mixed case, anything else with `ok`. Returns its port and how many connections it accepted.
+/// header names in mixed case, `/head` with the request head it got,
+/// anything else with `ok`. Returns its port and how many connections it accepted.
 async fn scripted_gateway() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -628,6 +629,17 @@ async fn scripted_gateway() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsi
                         CASED
                     } else if head.starts_with(b"GET /cased-hop ") {
                         b"HTTP/1.1 200 OK\r\nX-Gateway-Case: Kept\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok"
+                    } else if head.starts_with(b"GET /head ") {
+                        // The request's head as it arrived, then `ok`.
+                        let mut echo =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len() + 2)
+                                .into_bytes();
+                        echo.extend_from_slice(&head);
+                        echo.extend_from_slice(b"ok");
+                        if sock.write_all(&echo).await.is_err() {
+                            return;
+                        }
+                        continue;
                     } else {
                         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
                     };
@@ -678,6 +690,55 @@ async fn raw_exchange(addr: std::net::SocketAddr, head: String) -> String {
         .await
         .expect("a response within 10 s");
     String::from_utf8(seen).unwrap()
+}
+
+#[tokio::test]
+async fn a_clients_request_head_reaches_the_gateway_as_it_was_sent_but_for_what_the_proxy_owns() {
+    let (_db, f, proxy, _) = behind_scripted_gateway().await;
+    let addr = proxy.ingress.unwrap();
+    let head = |version: &str| {
+        format!(
+            "GET /agents/{}/gateway/head HTTP/{version}\r\nHost: Client.Example\r\n\
+             X-Mixed-Case: Value\r\nAuthorization: Bearer {}\r\nTE: trailers\r\n\
+             Proxy-Authorization: Basic c2VjcmV0\r\nX-Forwarded-For: 203.0.113.9\r\n\
+             X-Forwarded-Proto: gopher\r\nUser-Agent: raw\r\n\r\n",
+            f.agent, f.token
+        )
+    };
+    // What the gateway got: its request line and header lines.
+    let got = |response: String| -> Vec<String> {
+        let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
+        let head = body.strip_suffix("\r\n\r\nok").expect("the echoed head");
+        head.split("\r\n").map(str::to_owned).collect()
+    };
+
+    // The fast path: the client's lines in their order and case, but for
+    // its Host (the gateway's instead), the hop-by-hop ones and the
+    // X-Forwarded-* the proxy makes.
+    let lines = got(raw_exchange(addr, head("1.1")).await);
+    assert_eq!(lines[0], "GET /head HTTP/1.1");
+    assert!(lines[1].starts_with("host: 127.0.0.1:"), "{lines:?}");
+    assert_eq!(
+        lines[2..],
+        [
+            "X-Mixed-Case: Value".to_owned(),
+            format!("Authorization: Bearer {}", f.token),
+            "User-Agent: raw".to_owned(),
+            "x-forwarded-for: 203.0.113.9, 127.0.0.1".to_owned(),
+            "x-forwarded-proto: http".to_owned(),
+            "x-forwarded-host: Client.Example".to_owned(),
+        ]
+    );
+
+    // hyper's path (an HTTP/1.0 client) sends the same headers.
+    let lowercase = |lines: &[String]| -> Vec<String> {
+        let mut lines: Vec<String> = lines.iter().map(|l| l.to_ascii_lowercase()).collect();
+        lines.sort();
+        lines
+    };
+    let by_hyper = got(raw_exchange(addr, head("1.0")).await);
+    assert_eq!(lowercase(&by_hyper[1..]), lowercase(&lines[1..]));
+    proxy.stop().await;
 }
 
 #[tokio::test]
