@@ -631,9 +631,11 @@ async fn scripted_gateway() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsi
                         b"HTTP/1.1 200 OK\r\nX-Gateway-Case: Kept\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok"
                     } else if head.starts_with(b"GET /head ") {
                         // The request's head as it arrived, then `ok`.
-                        let mut echo =
-                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len() + 2)
-                                .into_bytes();
+                        let mut echo = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                            head.len() + 2
+                        )
+                        .into_bytes();
                         echo.extend_from_slice(&head);
                         echo.extend_from_slice(b"ok");
                         if sock.write_all(&echo).await.is_err() {
