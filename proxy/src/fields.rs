@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::h1::parsed_value;
+use crate::h1::{append_lines, parsed_value};
 use crate::headers::is_named;
 
 #[derive(Clone)]
@@ -86,18 +86,7 @@ impl Lines {
 
     fn into_map(self) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.bytes.len() / 16 + crate::headers::ROOM);
-        let mut rest = self.bytes;
-        while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
-            let line = rest.split_to(end + 2);
-            let colon = line
-                .iter()
-                .position(|&b| b == b':')
-                .expect("a line has a colon");
-            // Checked as the head was read: every name and value byte httparse
-            // takes is one `HeaderName` and `HeaderValue` take.
-            let name = HeaderName::from_bytes(&line[..colon]).expect("a checked header name");
-            map.append(name, parsed_value(line.slice(colon + 2..end)));
-        }
+        append_lines(self.bytes, &mut map);
         map
     }
 }

@@ -330,20 +330,7 @@ impl HeadLines {
     /// The headers the lines hold, in order, in front of those of `map`.
     pub fn into_headers(self, map: &mut HeaderMap) {
         let mut headers = HeaderMap::with_capacity(map.len() + 8);
-        let mut rest = self.lines;
-        while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
-            let line = rest.split_to(end + 2);
-            let colon = line
-                .iter()
-                .position(|&b| b == b':')
-                .expect("a line has a colon");
-            // Checked as the head was read: every name and value byte httparse
-            // takes is one `HeaderName` and `HeaderValue` take
-            // (`parsed_names_and_values_are_valid_headers` tries each byte).
-            let name = HeaderName::from_bytes(&line[..colon]).expect("a checked header name");
-            let value = parsed_value(line.slice(colon + 2..end));
-            headers.append(name, value);
-        }
+        append_lines(self.lines, &mut headers);
         let mut last = None;
         for (name, value) in std::mem::take(map) {
             let name = match name {
@@ -353,6 +340,24 @@ impl HeadLines {
             headers.append(name, value);
         }
         *map = headers;
+    }
+}
+
+/// Append to `map` the headers of `lines`, header lines a head was read with
+/// (each `name: value` CRLF), in order.
+pub(crate) fn append_lines(mut lines: Bytes, map: &mut HeaderMap) {
+    while let Some(end) = lines.windows(2).position(|w| w == b"\r\n") {
+        let line = lines.split_to(end + 2);
+        let colon = line
+            .iter()
+            .position(|&b| b == b':')
+            .expect("a line has a colon");
+        // Checked as the head was read: every name and value byte httparse
+        // takes is one `HeaderName` and `HeaderValue` take
+        // (`parsed_names_and_values_are_valid_headers` tries each byte, and
+        // `h1_server`'s `parsed_request_values_are_valid_header_values`).
+        let name = HeaderName::from_bytes(&line[..colon]).expect("a checked header name");
+        map.append(name, parsed_value(line.slice(colon + 2..end)));
     }
 }
 
