@@ -72,7 +72,7 @@ pub async fn serve<I, H, F, B>(
 ) -> Served<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
-    H: FnMut(Inbound) -> F,
+    H: FnMut(Box<Inbound>) -> F,
     F: Future<Output = Response<B>>,
     B: Body<Data = Bytes> + KeptLines,
     B::Error: fmt::Display,
@@ -125,10 +125,10 @@ where
 }
 
 /// What arrived on a connection waiting for a request. Returned once per
-/// request and moved on: boxing the request would cost an allocation each.
-#[allow(clippy::large_enum_variant)]
+/// request and moved on, the request on the heap: at one allocation, it is
+/// built there and moved as a pointer to the stage that takes it.
 enum Head {
-    Request(Inbound),
+    Request(Box<Inbound>),
     Unusual,
     /// The client closed (mid-head or between requests).
     Closed,
@@ -295,9 +295,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     }
 }
 
-#[allow(clippy::large_enum_variant)]
 pub(crate) enum Parsed {
-    Request(Inbound),
+    Request(Box<Inbound>),
     Partial,
     Unusual,
 }
@@ -374,14 +373,14 @@ pub(crate) fn parse_request(buf: &mut BytesMut) -> Parsed {
             Fields::Map(headers)
         }
     };
-    Parsed::Request(Inbound {
+    Parsed::Request(Box::new(Inbound {
         method,
         target,
         version: Version::HTTP_11,
         fields,
         extensions: Extensions::new(),
         body: RequestBody::Empty,
-    })
+    }))
 }
 
 /// A head the fast path parsed but hyper is to answer (a target it cannot

@@ -767,7 +767,7 @@ mod tests {
         }
         wire.push_str("\r\n");
         let read = || match crate::h1_server::parse_request(&mut wire.as_str().into()) {
-            crate::h1_server::Parsed::Request(req) => Some(req),
+            crate::h1_server::Parsed::Request(req) => Some(*req),
             _ => None,
         };
         let (kept, mut mapped) = (read()?, read()?);
@@ -827,7 +827,7 @@ mod tests {
             panic!("the fast path serves it");
         };
         assert!(matches!(req.fields, Fields::Lines(_)));
-        let mut outbound = outbound_of(req, "/a", "10.0.0.1:18789");
+        let mut outbound = outbound_of(*req, "/a", "10.0.0.1:18789");
         let peer = HeaderValue::from_static("10.1.1.1");
         outbound.forward(Forwarding { peer, tls: true }, None);
         assert_eq!(

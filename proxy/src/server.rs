@@ -492,7 +492,7 @@ fn service<S: Stages>(
             true => conn.framing.next(),
             false => Framing::Clear,
         };
-        let req = Inbound::from(req.map(RequestBody::Hyper));
+        let req = Box::new(Inbound::from(req.map(RequestBody::Hyper)));
         async move {
             let mut response = handle(&*stages, req, &conn, framing).await;
             // hyper writes only the header map.
@@ -510,7 +510,7 @@ fn service<S: Stages>(
 #[allow(clippy::manual_async_fn)]
 fn handle<'a, S: Stages>(
     stages: &'a S,
-    req: Inbound,
+    req: Box<Inbound>,
     conn: &'a Arc<ClientConn>,
     framing: Framing,
 ) -> impl Future<Output = Response<ExchangeBody>> + 'a {
@@ -530,7 +530,7 @@ fn handle<'a, S: Stages>(
             Framing::Ambiguous => Err(ProxyError::BadRequest(
                 "ambiguous message framing (content-length with transfer-encoding, or unparseable)",
             )),
-            Framing::Clear => built_in_box(|| stages.proxy(req, conn, &mut exchange)).await,
+            Framing::Clear => built_in_box(|| stages.proxy(*req, conn, &mut exchange)).await,
         };
         exchange.respond(result, busy)
     }
