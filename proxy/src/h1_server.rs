@@ -74,7 +74,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
     H: FnMut(Box<Inbound>) -> F,
     F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes> + KeptLines,
+    B: Body<Data = Bytes> + KeptLines + Unpin,
     B::Error: fmt::Display,
 {
     let mut conn = Conn {
@@ -179,28 +179,37 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         std::future::pending().await
     }
 
-    /// Write `response`, its body as the body produces it.
-    async fn respond<B>(&mut self, response: Response<B>, closing: bool) -> io::Result<Next>
+    /// Write `response`, its body as the body produces it. (Not an `async
+    /// fn`: its future keeps `response` where it was given rather than
+    /// copying it into the body's own variable; the body is `Unpin`, so it
+    /// is not moved again to be pinned.)
+    #[allow(clippy::manual_async_fn)]
+    fn respond<'a, B>(
+        &'a mut self,
+        response: Response<B>,
+        closing: bool,
+    ) -> impl Future<Output = io::Result<Next>> + 'a
     where
-        B: Body<Data = Bytes> + KeptLines,
+        B: Body<Data = Bytes> + KeptLines + Unpin + 'a,
         B::Error: fmt::Display,
     {
-        let (mut parts, mut body) = response.into_parts();
-        let lines = body.take_lines();
-        let mut body = pin!(body);
-        let length = match body.is_end_stream() {
-            true => None,
-            false => Some(body.size_hint().exact()),
-        };
-        if closing {
-            ask_to_close(&mut parts.headers);
+        async move {
+            let (mut parts, mut body) = response.into_parts();
+            let lines = body.take_lines();
+            let length = match body.is_end_stream() {
+                true => None,
+                false => Some(body.size_hint().exact()),
+            };
+            if closing {
+                ask_to_close(&mut parts.headers);
+            }
+            let mut out = std::mem::take(&mut self.out);
+            out.clear();
+            let sending = encode_head(parts, lines, length, closing, &mut out);
+            let result = self.send(Pin::new(&mut body), sending, &mut out).await;
+            self.out = out;
+            result
         }
-        let mut out = std::mem::take(&mut self.out);
-        out.clear();
-        let sending = encode_head(parts, lines, length, closing, &mut out);
-        let result = self.send(body.as_mut(), sending, &mut out).await;
-        self.out = out;
-        result
     }
 
     async fn send<B>(
