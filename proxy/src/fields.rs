@@ -233,6 +233,7 @@ static NAMES: [HeaderName; 16] = [
 
 impl Named {
     /// Every one, in order.
+    #[cfg(test)]
     pub const ALL: [Named; 16] = [
         Named::Host,
         Named::Authorization,

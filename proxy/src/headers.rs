@@ -815,6 +815,16 @@ mod tests {
         }
     }
 
+    /// A marked line's bit is the one `present` finds for its name in a map.
+    #[test]
+    fn each_named_header_has_the_bit_present_finds_for_it() {
+        for named in Named::ALL {
+            let mut map = HeaderMap::new();
+            map.insert(named.header().clone(), HeaderValue::from_static("x"));
+            assert_eq!(bit_of(named), present(&map), "{named:?}");
+        }
+    }
+
     #[test]
     fn a_common_clients_lines_are_kept_and_go_out_in_their_own_case() {
         let mut wire = bytes::BytesMut::from(
