@@ -52,6 +52,7 @@ use crate::health::Health;
 use crate::ingress::Gateway;
 use crate::meter::{Meter, VpsCounter};
 use crate::pacing::AgentBandwidth;
+use crate::signal::Signal;
 use crate::telemetry;
 use crate::CappedMap;
 
@@ -88,7 +89,7 @@ pub struct Agent {
     /// first that needs it (a changed VPS is a new entry).
     pub gateway: OnceLock<Result<Gateway, &'static str>>,
     fetched_at: Instant,
-    revoked: Arc<CancellationToken>,
+    revoked: Arc<Signal>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -97,7 +98,7 @@ impl std::fmt::Debug for Agent {
             .field("agent_id", &self.agent_id)
             .field("user_id", &self.user_id)
             .field("vps", &self.vps)
-            .field("revoked", &self.revoked.is_cancelled())
+            .field("revoked", &self.revoked.is_raised())
             .finish_non_exhaustive()
     }
 }
@@ -113,11 +114,11 @@ impl Agent {
         self.fetched_at
     }
 
-    /// Cancelled once the credential this entry was read with stops being valid
+    /// Raised once the credential this entry was read with stops being valid
     /// (token rotated, agent deleted, moved to another VPS or user). Shared with
     /// the entries that succeed this one while the credential holds, so a relay
     /// that watches it is cut by whichever later change revokes it.
-    pub fn revoked(&self) -> &Arc<CancellationToken> {
+    pub fn revoked(&self) -> &Arc<Signal> {
         &self.revoked
     }
 
@@ -395,7 +396,7 @@ impl Directory {
 
     /// Make `prepared` the entry of its agent, unless an invalidation landed
     /// since `reads` started. The entry it replaces (cached or suspended) hands
-    /// on its revocation token if the credential is the same, and is revoked if
+    /// on its revocation signal if the credential is the same, and is revoked if
     /// not.
     fn install(&self, prepared: Prepared, reads: &Reads<'_>) -> Read {
         let Prepared {
@@ -609,8 +610,7 @@ impl Directory {
 
 /// Cut everything opened with `agent`'s credential.
 fn revoke(agent: &Agent) {
-    if !agent.revoked.is_cancelled() {
+    if agent.revoked.raise() {
         tracing::info!(agent_id = %agent.agent_id, "agent credential revoked: closing its relays");
-        agent.revoked.cancel();
     }
 }

@@ -20,6 +20,7 @@ use tollgate_core::billing::{BlockReason, OnExhausted, Period};
 
 use crate::meter::VpsCounter;
 use crate::pacing::{AgentBandwidth, Pacer, Way};
+use crate::signal::Signal;
 use crate::telemetry::Listener;
 
 /// A user is blocked: why, and for which month.
@@ -538,12 +539,12 @@ pub enum Pass {
 /// What a request, stream or tunnel watches: its user's cuts (counted from
 /// when the guard was taken, before the decision is checked, so a block
 /// landing in between still reaches it), its user's gate (for bytes past the
-/// headroom), and its agent's revocation token (cancelled when the credential
+/// headroom), and its agent's revocation signal (raised when the credential
 /// it was opened with stops being valid).
 #[derive(Debug, Clone)]
 pub struct StreamGuard {
     cut: Cut,
-    revoked: Option<Arc<CancellationToken>>,
+    revoked: Option<Arc<Signal>>,
     gate: Option<Arc<UserGate>>,
     /// The agent's own bandwidth limit, if it has one.
     bandwidth: Option<Arc<AgentBandwidth>>,
@@ -564,7 +565,7 @@ enum Cut {
 impl StreamGuard {
     /// Guard for `gate`'s user and, when given, the credential `revoked` belongs
     /// to. Check it with [`StreamGuard::check`] afterwards.
-    pub fn new(gate: &Arc<UserGate>, revoked: Option<Arc<CancellationToken>>) -> Self {
+    pub fn new(gate: &Arc<UserGate>, revoked: Option<Arc<Signal>>) -> Self {
         Self {
             cut: Cut::User(gate.cuts()),
             revoked,
@@ -680,7 +681,7 @@ impl StreamGuard {
     /// Whether the credential this guard was opened with has been revoked.
     #[inline]
     pub fn revoked(&self) -> bool {
-        self.revoked.as_ref().is_some_and(|r| r.is_cancelled())
+        self.revoked.as_ref().is_some_and(|r| r.is_raised())
     }
 
     /// Resolves when the stream must stop: at once on a block decision or a
@@ -722,7 +723,7 @@ impl StreamGuard {
             match revoked {
                 Some(revoked) => tokio::select! {
                     _ = cut => {}
-                    _ = revoked.cancelled() => {}
+                    _ = revoked.raised() => {}
                 },
                 None => cut.await,
             }
@@ -912,13 +913,13 @@ mod tests {
     #[test]
     fn a_guard_stops_on_its_credential_alone_when_the_destination_is_open() {
         let gate = Arc::new(UserGate::new(Uuid::new_v4(), None));
-        let revoked = Arc::new(CancellationToken::new());
+        let revoked = Arc::new(Signal::new());
         let open = StreamGuard::new(&gate, Some(revoked.clone())).open();
         let mut waiting = Box::pin(open.stopped());
         gate.set(Some(BlockReason::Bandwidth), Period::current());
         assert!(!open.stopped_now(), "a block leaves an open destination be");
         assert!(!resolved(&mut waiting));
-        revoked.cancel();
+        revoked.raise();
         assert!(open.stopped_now() && open.revoked());
         assert!(resolved(&mut waiting));
     }

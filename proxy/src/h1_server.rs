@@ -33,12 +33,12 @@ use http::{Extensions, Method, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::body::{KeptLines, RequestBody};
 use crate::fields::{self, Fields, Lines, Scanned};
 use crate::h1::{can_have_body, parsed_value, read, until, HeadLines};
 use crate::inbound::{Inbound, Target};
+use crate::signal::Signal;
 
 /// Most headers in a request head (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -61,13 +61,13 @@ pub enum Served<I> {
 /// Serve requests on `io` with `handle` until the connection ends or a
 /// request needs hyper. `header_read_timeout` bounds each head, the wait for
 /// it included; a head past `max_head` bytes goes to hyper (which answers
-/// 431). Once `shutdown` is cancelled, an idle connection closes, and a
+/// 431). Once `shutdown` is raised, an idle connection closes, and a
 /// request under way gets its response with `connection: close`.
 pub async fn serve<I, H, F, B>(
     io: I,
     max_head: usize,
     header_read_timeout: Duration,
-    shutdown: &CancellationToken,
+    shutdown: &Signal,
     mut handle: H,
 ) -> Served<I>
 where
@@ -84,6 +84,8 @@ where
     };
     // One timer for the connection's life, moved on per head (`h1::until`).
     let mut timer = pin!(tokio::time::sleep(header_read_timeout));
+    // And one watch of the shutdown, registered once (`signal::Watch`).
+    let mut stop = pin!(shutdown.watch());
     loop {
         let due = Instant::now() + header_read_timeout;
         let head = tokio::select! {
@@ -91,7 +93,7 @@ where
             head = conn.head(max_head) => head,
             () = until(timer.as_mut(), due) => break,
             // Only a connection with nothing of a request read is idle.
-            () = shutdown.cancelled(), if conn.buf.is_empty() => break,
+            () = stop.as_mut(), if conn.buf.is_empty() => break,
         };
         let req = match head {
             Ok(Head::Request(req)) => req,
@@ -111,8 +113,8 @@ where
             // The exchange is dropped: it ends as aborted.
             () = conn.gone() => return Served::Done,
         };
-        match conn.respond(response, shutdown.is_cancelled()).await {
-            Ok(Next::KeepAlive) if !shutdown.is_cancelled() => {}
+        match conn.respond(response, shutdown.is_raised()).await {
+            Ok(Next::KeepAlive) if !shutdown.is_raised() => {}
             Ok(_) => break,
             Err(e) => {
                 tracing::debug!(error = %e, "client connection ended during a response");
@@ -915,7 +917,7 @@ mod tests {
     }
 
     async fn by_fast_path(io: DuplexStream, reply: Reply, log: Arc<Mutex<Vec<Seen>>>) {
-        let shutdown = CancellationToken::new();
+        let shutdown = Arc::new(Signal::new());
         let served = serve(io, 16 * 1024, Duration::from_secs(30), &shutdown, |req| {
             log.lock().unwrap().push(seen(&req));
             std::future::ready(reply.response())
@@ -1175,7 +1177,7 @@ mod tests {
     /// noting whether its future was dropped unfinished.
     async fn serve_held(
         io: DuplexStream,
-        shutdown: CancellationToken,
+        shutdown: Arc<Signal>,
         release: Arc<tokio::sync::Notify>,
         dropped: Arc<AtomicBool>,
     ) -> Served<DuplexStream> {
@@ -1222,7 +1224,7 @@ mod tests {
         let release = Arc::new(tokio::sync::Notify::new());
         let serving = tokio::spawn(serve_held(
             server,
-            CancellationToken::new(),
+            Arc::new(Signal::new()),
             release,
             dropped.clone(),
         ));
@@ -1242,7 +1244,7 @@ mod tests {
     async fn shutdown_closes_idle_connections_and_finishes_requests_under_way() {
         // Idle: closed at once, nothing written.
         let (mut client, server) = tokio::io::duplex(1 << 16);
-        let shutdown = CancellationToken::new();
+        let shutdown = Arc::new(Signal::new());
         let dropped = Arc::new(AtomicBool::new(false));
         let release = Arc::new(tokio::sync::Notify::new());
         let serving = tokio::spawn(serve_held(
@@ -1252,13 +1254,13 @@ mod tests {
             dropped.clone(),
         ));
         tokio::time::sleep(Duration::from_millis(10)).await;
-        shutdown.cancel();
+        shutdown.raise();
         assert_eq!(read_to_end(&mut client).await, b"");
         assert!(matches!(serving.await.unwrap(), Served::Done));
 
         // A request under way: answered, told the connection closes, closed.
         let (mut client, server) = tokio::io::duplex(1 << 16);
-        let shutdown = CancellationToken::new();
+        let shutdown = Arc::new(Signal::new());
         let serving = tokio::spawn(serve_held(
             server,
             shutdown.clone(),
@@ -1267,7 +1269,7 @@ mod tests {
         ));
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
-        shutdown.cancel();
+        shutdown.raise();
         tokio::time::sleep(Duration::from_millis(10)).await;
         release.notify_one();
         let out = String::from_utf8(read_to_end(&mut client).await).unwrap();
@@ -1287,7 +1289,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let started = tokio::time::Instant::now();
         let serving = tokio::spawn(async move {
-            let shutdown = CancellationToken::new();
+            let shutdown = Arc::new(Signal::new());
             let answer_late = |_| async {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")))
@@ -1325,7 +1327,7 @@ mod tests {
             let (mut client, server) = tokio::io::duplex(1 << 16);
             let started = tokio::time::Instant::now();
             let serving = tokio::spawn(async move {
-                let shutdown = CancellationToken::new();
+                let shutdown = Arc::new(Signal::new());
                 let served = serve(server, 16 * 1024, Duration::from_secs(7), &shutdown, |_| {
                     std::future::ready(Response::new(http_body_util::Empty::<Bytes>::new()))
                 })

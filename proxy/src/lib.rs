@@ -51,6 +51,7 @@ pub mod pacing;
 pub mod relay;
 pub mod rescue;
 pub mod server;
+pub mod signal;
 pub mod sni;
 pub mod splice;
 pub mod telemetry;
@@ -94,6 +95,7 @@ use crate::leases::Leases;
 use crate::meter::Meter;
 use crate::relay::Relays;
 use crate::server::{Limits, Stages};
+use crate::signal::Signal;
 use crate::upstream::{Connector, Pool, PoolLimits};
 use crate::workers::{Load, Workers};
 
@@ -166,7 +168,9 @@ pub struct Options {
 
 /// What every listener's accept loops share.
 struct Serving {
-    shutdown: CancellationToken,
+    /// Raised when `run`'s shutdown token is cancelled; what connections
+    /// watch between requests (`signal`: read without a lock).
+    shutdown: Arc<Signal>,
     tracker: TaskTracker,
     workers: Workers,
     /// Open connections per serving thread, over every listener.
@@ -353,7 +357,7 @@ pub async fn run(
     let mut accept_loops = Vec::new();
     let workers = Workers::start(options.workers).context("starting the serving threads")?;
     let serving = Serving {
-        shutdown: shutdown.clone(),
+        shutdown: Arc::new(Signal::new()),
         tracker: connections.clone(),
         load: Load::new(workers.count()),
         workers,
@@ -439,6 +443,7 @@ pub async fn run(
     health.mark_started();
     tracing::info!(%instance_id, "proxy started");
     shutdown.cancelled().await;
+    serving.shutdown.raise();
 
     // Drain: stop accepting, let exchanges and tunnels finish up to the deadline.
     for a in accept_loops {

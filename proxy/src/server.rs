@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::signal::Signal;
 use anyhow::Context;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Version};
@@ -31,7 +32,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::either::Either;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
@@ -198,7 +198,7 @@ pub async fn run<S: Stages>(
     slots: Arc<Semaphore>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     mut sharing: Sharing,
-    shutdown: CancellationToken,
+    shutdown: Arc<Signal>,
     tracker: TaskTracker,
 ) {
     let name = S::SHAPE.listener.as_str();
@@ -223,7 +223,7 @@ pub async fn run<S: Stages>(
                 }
                 continue;
             }
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.raised() => return,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -292,7 +292,7 @@ async fn serve<S: Stages>(
     stages: Arc<S>,
     stream: TcpStream,
     accepted: Accepted,
-    shutdown: CancellationToken,
+    shutdown: Arc<Signal>,
 ) {
     let Accepted {
         peer,
@@ -340,7 +340,7 @@ async fn serve_io<S, I>(
     conn: ClientConn,
     protocol: Protocol,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    shutdown: CancellationToken,
+    shutdown: Arc<Signal>,
 ) where
     S: Stages,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -357,7 +357,7 @@ async fn serve_tls<S, I>(
     io: I,
     conn: ClientConn,
     acceptor: tokio_rustls::TlsAcceptor,
-    shutdown: CancellationToken,
+    shutdown: Arc<Signal>,
 ) where
     S: Stages,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -375,7 +375,7 @@ async fn serve_tls<S, I>(
     }
 }
 
-async fn serve_http1<S, I>(stages: Arc<S>, io: I, conn: ClientConn, shutdown: CancellationToken)
+async fn serve_http1<S, I>(stages: Arc<S>, io: I, conn: ClientConn, shutdown: Arc<Signal>)
 where
     S: Stages,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -449,7 +449,7 @@ pub fn upgraded_client(
     }
 }
 
-async fn serve_http2<S, I>(stages: Arc<S>, io: I, conn: ClientConn, shutdown: CancellationToken)
+async fn serve_http2<S, I>(stages: Arc<S>, io: I, conn: ClientConn, shutdown: Arc<Signal>)
 where
     S: Stages,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -548,11 +548,8 @@ fn built_in_box<F: Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
 /// Drive `conn` until it ends or `shutdown` asks it to finish gracefully. With
 /// `idle`, a connection with no request under way for that long is asked to
 /// finish too (HTTP/2, where hyper has no idle timeout of its own).
-async fn serve_until<C>(
-    conn: C,
-    shutdown: &CancellationToken,
-    idle: Option<(&Arc<ClientConn>, Duration)>,
-) where
+async fn serve_until<C>(conn: C, shutdown: &Signal, idle: Option<(&Arc<ClientConn>, Duration)>)
+where
     C: GracefulConnection,
 {
     let mut conn = std::pin::pin!(conn);
@@ -569,7 +566,7 @@ async fn serve_until<C>(
             }
             return;
         }
-        _ = shutdown.cancelled() => false,
+        _ = shutdown.raised() => false,
         _ = idle_watch => true,
     };
     conn.as_mut().graceful_shutdown();
