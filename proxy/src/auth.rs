@@ -86,7 +86,9 @@ pub fn bind(
     limits: &AgentLimits,
     listener: Listener,
 ) -> Result<(), ProxyError> {
-    let counter = agent.counter.as_ref().ok_or(ProxyError::NoVps)?;
+    let Some(counter) = agent.counter.as_ref() else {
+        return Err(ProxyError::NoVps);
+    };
     // Egress speaks HTTP/1 only (its `Shape`), one request at a time per
     // connection, so binding cannot race.
     match conn.agent.get() {

@@ -417,9 +417,11 @@ impl Target {
                 ))
             }
         }
-        let authority = uri.authority().ok_or(ProxyError::BadRequest(
-            "absolute-form request target required",
-        ))?;
+        let Some(authority) = uri.authority() else {
+            return Err(ProxyError::BadRequest(
+                "absolute-form request target required",
+            ));
+        };
         if authority.as_str().contains('@') {
             return Err(ProxyError::BadRequest("userinfo in the request URI"));
         }
@@ -432,7 +434,10 @@ impl Target {
 }
 
 fn host_of(authority: &Authority) -> Result<Host, ProxyError> {
-    parse_host(authority.host()).ok_or(ProxyError::BadRequest("invalid host"))
+    match parse_host(authority.host()) {
+        Some(host) => Ok(host),
+        None => Err(ProxyError::BadRequest("invalid host")),
+    }
 }
 
 /// The authority's port (`None` if absent or empty); 400 for anything that is

@@ -112,7 +112,11 @@ impl Stages for Ingress {
         exchange: &mut Exchange,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send {
         async move {
-            let route = Route::of(&req.target).ok_or(ProxyError::NotFound)?;
+            // (`let ... else`, not `ok_or`: an error made eagerly is dropped on
+            // every request that does not need it.)
+            let Some(route) = Route::of(&req.target) else {
+                return Err(ProxyError::NotFound);
+            };
             let token =
                 auth::bearer(req.fields.get(Named::Authorization)).map_err(ProxyError::Auth)?;
             let started = exchange.started();
@@ -124,14 +128,18 @@ impl Stages for Ingress {
                 self.agent_limits
                     .request(agent.agent_id, Listener::Ingress)?,
             );
-            let vps = agent.vps.as_ref().ok_or(ProxyError::NoVps)?;
+            let Some(vps) = agent.vps.as_ref() else {
+                return Err(ProxyError::NoVps);
+            };
             let gateway = agent
                 .gateway
                 .get_or_init(|| Gateway::of(vps, self.config.gateway_port))
                 .as_ref()
                 .map_err(|&reason| ProxyError::VpsUnavailable(reason))?;
             exchange.set_destination_text(gateway.text.clone(), gateway.port);
-            let counter = agent.counter.clone().ok_or(ProxyError::NoVps)?;
+            let Some(counter) = agent.counter.clone() else {
+                return Err(ProxyError::NoVps);
+            };
 
             // A cut of the client's target, which was parsed: written as it is.
             let target = OutboundTarget::Cut(route.target);
