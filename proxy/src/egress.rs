@@ -87,7 +87,7 @@ impl Stages for Egress {
     #[allow(clippy::manual_async_fn)]
     fn proxy(
         &self,
-        req: Inbound,
+        req: Box<Inbound>,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send {
@@ -225,7 +225,7 @@ impl Egress {
     /// CONNECT: open the tunnel, answer 200, relay both ways.
     async fn tunnel(
         &self,
-        mut req: Inbound,
+        mut req: Box<Inbound>,
         host: Host,
         port: u16,
         admitted: Admitted<'_>,
@@ -266,7 +266,7 @@ impl Egress {
     #[allow(clippy::manual_async_fn)]
     fn forward<'a>(
         &'a self,
-        req: Inbound,
+        req: Box<Inbound>,
         (authority, host, port): (Authority, Host, u16),
         admitted: Admitted<'a>,
         exchange: &'a mut Exchange,

@@ -52,7 +52,7 @@ impl Outbound {
     /// `req` for `target` (origin-form) on the upstream `host`, HTTP/1.1; a
     /// body is streamed under `guard`, its bytes counted in `exchange`.
     pub fn of(
-        mut req: Inbound,
+        mut req: Box<Inbound>,
         target: OutboundTarget,
         host: HeaderValue,
         guard: &StreamGuard,
@@ -674,7 +674,7 @@ mod tests {
         let gate = Arc::new(UserGate::new(Uuid::new_v4(), None));
         let mut exchange = Exchange::begin(Listener::Ingress, &req, &DecisionLog::off());
         Outbound::of(
-            req,
+            Box::new(req),
             OutboundTarget::Cut(target.into()),
             HeaderValue::from_static(host),
             &StreamGuard::new(&gate, None),

@@ -107,7 +107,7 @@ impl Stages for Ingress {
     #[allow(clippy::manual_async_fn)]
     fn proxy(
         &self,
-        req: Inbound,
+        req: Box<Inbound>,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send {

@@ -81,10 +81,11 @@ pub trait Stages: Send + Sync + Sized + 'static {
     /// Where this listener's exchanges record their decisions.
     fn decision_log(&self) -> &DecisionLog;
 
-    /// Run the stages for `req`, arrived on `conn`.
+    /// Run the stages for `req`, arrived on `conn`. (On the heap as it was
+    /// read: a future that takes it holds a pointer, not its 264 bytes.)
     fn proxy(
         &self,
-        req: Inbound,
+        req: Box<Inbound>,
         conn: &Arc<ClientConn>,
         exchange: &mut Exchange,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send;
@@ -530,7 +531,7 @@ fn handle<'a, S: Stages>(
             Framing::Ambiguous => Err(ProxyError::BadRequest(
                 "ambiguous message framing (content-length with transfer-encoding, or unparseable)",
             )),
-            Framing::Clear => built_in_box(|| stages.proxy(*req, conn, &mut exchange)).await,
+            Framing::Clear => built_in_box(|| stages.proxy(req, conn, &mut exchange)).await,
         };
         exchange.respond(result, busy)
     }
