@@ -244,7 +244,7 @@ impl Exchange {
     /// Turn the request path's result into the response, carrying the record in
     /// its body unless a relay took it over.
     pub fn respond(
-        mut self,
+        mut self: Box<Self>,
         result: Result<Response<ProxyBody>, ProxyError>,
         busy: Busy,
     ) -> Response<ExchangeBody> {
@@ -273,9 +273,9 @@ impl Exchange {
             );
         }
         self.status = response.status().as_u16();
-        // Boxed: the response moves several times on its way out, and the
-        // record is most of its size.
-        let end = self.open.then(|| Box::new(self));
+        // Boxed (by the caller): the response moves several times on its way
+        // out, and the record is most of its size.
+        let end = self.open.then_some(self);
         response.map(|body| ExchangeBody {
             body,
             end,

@@ -516,7 +516,10 @@ fn handle<'a, S: Stages>(
     framing: Framing,
 ) -> impl Future<Output = Response<ExchangeBody>> + 'a {
     async move {
-        let mut exchange = Exchange::begin(S::SHAPE.listener, &req, stages.decision_log());
+        // On the heap from the start: the response body carries it to the
+        // exchange's end, and it is not copied there.
+        let mut exchange =
+            built_in(|| Exchange::begin(S::SHAPE.listener, &req, stages.decision_log()));
         if let Some(tally) = &conn.tally {
             // The client is the VPS (egress): its bytes go to the hosts it names.
             exchange.attribute_bytes_of(tally.clone());
@@ -543,7 +546,13 @@ fn handle<'a, S: Stages>(
 /// showed in profiles at once per request.
 #[inline(always)]
 fn built_in_box<F: Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
-    Box::into_pin(Box::write(Box::new_uninit(), make()))
+    Box::into_pin(built_in(make))
+}
+
+/// What `make` returns, built in a box allocated first (see [`built_in_box`]).
+#[inline(always)]
+fn built_in<T>(make: impl FnOnce() -> T) -> Box<T> {
+    Box::write(Box::new_uninit(), make())
 }
 
 /// Drive `conn` until it ends or `shutdown` asks it to finish gracefully. With
