@@ -123,13 +123,7 @@ mod tests {
             let signal = signal.clone();
             async move { signal.raised().await }
         });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        signal.raise();
-        tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("the waiting task woke")
-            .unwrap();
+        woken_by_the_raise(&signal, waiting).await;
         tokio::time::timeout(Duration::from_secs(5), signal.raised())
             .await
             .expect("a raised signal does not wait");
@@ -190,13 +184,20 @@ mod tests {
             .as_mut()
             .poll(&mut Context::from_waker(Waker::noop()));
         assert!(first.is_pending());
-        let moved = tokio::spawn(waiting);
+        woken_by_the_raise(&signal, tokio::spawn(waiting)).await;
+    }
+
+    /// `task` waits while `signal` is down, and ends once it is raised.
+    async fn woken_by_the_raise(signal: &Signal, task: tokio::task::JoinHandle<()>) {
         tokio::task::yield_now().await;
-        assert!(!moved.is_finished());
+        assert!(
+            !task.is_finished(),
+            "the task waits while the signal is down"
+        );
         signal.raise();
-        tokio::time::timeout(Duration::from_secs(5), moved)
+        tokio::time::timeout(Duration::from_secs(5), task)
             .await
-            .expect("the raise woke the task the watch moved to")
+            .expect("the raise woke the task")
             .unwrap();
     }
 }
