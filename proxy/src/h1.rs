@@ -98,10 +98,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
             () = until(timer.as_mut(), due) => Err(Failure::TimedOut),
         };
         self.timer = Some(timer);
-        let (parsed, framing, keep) = answered?;
+        let (head, framing, keep) = answered?;
         Ok(Answer {
-            head: parsed.head,
-            lines: parsed.lines,
+            head,
             body: Reading {
                 link: Some(self),
                 framing,
@@ -126,7 +125,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
                 false => parse_head(&mut self.buf)?,
             };
             if let Some(parsed) = parsed {
-                let status = parsed.head.status();
+                let status = parsed.status;
                 // Interim responses (100, 103): the final one follows.
                 if status.is_informational() {
                     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -151,8 +150,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
         let framing = Framing::of(method, &parsed)?;
         if parsed.has(TRANSFER_ENCODING) && parsed.has(CONTENT_LENGTH) {
             // The transfer coding overrides a length, which must not be
-            // forwarded with the decoded body (RFC 9112 §6.3).
-            parsed.head.headers_mut().remove(header::CONTENT_LENGTH);
+            // forwarded with the decoded body (RFC 9112 §6.3). (Kept lines
+            // never have a transfer coding.)
+            if let Fields::Map(map) = &mut parsed.fields {
+                map.remove(header::CONTENT_LENGTH);
+            }
         }
         let keep = framing != Framing::Close && keeps_alive(&parsed);
         Ok((parsed, framing, keep))
@@ -210,9 +212,7 @@ fn closed() -> io::Error {
 
 /// A response head, and its body still to be read from the connection.
 pub struct Answer<I> {
-    /// Its header map is empty when its lines are kept.
-    pub head: Response<()>,
-    pub lines: Option<HeadLines>,
+    pub head: ResponseHead,
     pub body: Reading<I>,
 }
 
@@ -223,8 +223,9 @@ where
     /// The response, its body carrying the head's kept lines, and giving its
     /// connection to `release` as [`Reading::into_body`] does.
     pub fn into_response(self, release: Release<I>) -> Response<Source> {
-        let body = self.body.streamed(release, self.lines);
-        self.head.map(|()| body)
+        let (head, lines) = self.head.into_parts();
+        let body = self.body.streamed(release, lines);
+        head.map(|()| body)
     }
 }
 
@@ -281,11 +282,23 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
 /// connection's reuse it carries: found as its names are parsed, so that the
 /// common response (a length, no `Connection`, no `Transfer-Encoding`) is not
 /// looked up again for the ones it lacks.
+///
+/// It becomes a `Response` only when its body is ready to go with it
+/// ([`ResponseHead::into_parts`]): until then it is moved from the parser to
+/// the exchange, and a `Response`'s empty header map alone would double what
+/// each move copies.
 pub struct ResponseHead {
-    /// Its header map is empty when its lines are kept.
-    pub head: Response<()>,
-    pub lines: Option<HeadLines>,
+    pub status: StatusCode,
+    pub version: Version,
+    pub fields: Fields,
     framing: u8,
+}
+
+/// A response head's headers: its lines as they came (the common head), or a
+/// header map.
+pub enum Fields {
+    Lines(HeadLines),
+    Map(Box<HeaderMap>),
 }
 
 /// A response head's header lines exactly as the gateway sent them, kept
@@ -376,6 +389,29 @@ impl ResponseHead {
     fn has(&self, bit: u8) -> bool {
         self.framing & bit != 0
     }
+
+    /// Its header map, unless its lines are kept.
+    pub fn map(&self) -> Option<&HeaderMap> {
+        match &self.fields {
+            Fields::Map(map) => Some(map),
+            Fields::Lines(_) => None,
+        }
+    }
+
+    /// The head as a `Response`, and its kept lines (its header map is then
+    /// empty).
+    pub fn into_parts(self) -> (Response<()>, Option<HeadLines>) {
+        let mut head = Response::new(());
+        *head.status_mut() = self.status;
+        *head.version_mut() = self.version;
+        match self.fields {
+            Fields::Lines(lines) => (head, Some(lines)),
+            Fields::Map(map) => {
+                *head.headers_mut() = *map;
+                (head, None)
+            }
+        }
+    }
 }
 
 /// Which framing bit `name` is, if any.
@@ -417,9 +453,6 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Failure> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut head = Response::new(());
-    *head.status_mut() = status;
-    *head.version_mut() = version;
     let base = buf.as_ptr() as usize;
     let lines = match can_have_body(status) {
         true => Lines::of(parsed.headers, base, &buf[..len]),
@@ -437,8 +470,9 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Failure> {
             dated,
         };
         return Ok(Some(ResponseHead {
-            head,
-            lines: Some(lines),
+            status,
+            version,
+            fields: Fields::Lines(lines),
             framing: length.map_or(0, |_| CONTENT_LENGTH),
         }));
     }
@@ -457,10 +491,10 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Failure> {
     for (name, span) in spans {
         map.append(name, parsed_value(bytes.slice(span)));
     }
-    *head.headers_mut() = map;
     Ok(Some(ResponseHead {
-        head,
-        lines: None,
+        status,
+        version,
+        fields: Fields::Map(Box::new(map)),
         framing,
     }))
 }
@@ -544,17 +578,16 @@ impl Lines {
 /// Whether the upstream keeps the connection open after `head`'s response:
 /// HTTP/1.1 unless it says `close`, HTTP/1.0 only if it says `keep-alive`.
 fn keeps_alive(parsed: &ResponseHead) -> bool {
-    let head = &parsed.head;
     let says = |token: &[u8]| {
-        parsed.has(CONNECTION)
-            && head
-                .headers()
-                .get_all(header::CONNECTION)
+        let map = parsed.map().filter(|_| parsed.has(CONNECTION));
+        map.is_some_and(|map| {
+            map.get_all(header::CONNECTION)
                 .iter()
                 .flat_map(|v| v.as_bytes().split(|&b| b == b','))
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
     };
-    match head.version() {
+    match parsed.version {
         Version::HTTP_11 => !says(b"close"),
         _ => says(b"keep-alive"),
     }
@@ -586,16 +619,15 @@ enum Chunk {
 
 impl Framing {
     fn of(method: &Method, parsed: &ResponseHead) -> Result<Framing, Failure> {
-        let head = &parsed.head;
-        let status = head.status();
+        let status = parsed.status;
         if *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
         {
             return Ok(Framing::Done);
         }
-        let headers = head.headers();
-        if parsed.has(TRANSFER_ENCODING) {
+        let map = parsed.map();
+        if let (true, Some(headers)) = (parsed.has(TRANSFER_ENCODING), map) {
             let last = headers
                 .get_all(header::TRANSFER_ENCODING)
                 .iter()
@@ -610,8 +642,14 @@ impl Framing {
         if !parsed.has(CONTENT_LENGTH) {
             return Ok(Framing::Close);
         }
-        let mut length = parsed.lines.as_ref().and_then(HeadLines::length);
-        for value in headers.get_all(header::CONTENT_LENGTH) {
+        let mut length = match &parsed.fields {
+            Fields::Lines(lines) => lines.length(),
+            Fields::Map(_) => None,
+        };
+        for value in map
+            .into_iter()
+            .flat_map(|m| m.get_all(header::CONTENT_LENGTH))
+        {
             for part in value.as_bytes().split(|&b| b == b',') {
                 let n = parse_decimal(part.trim_ascii())
                     .ok_or_else(|| Failure::invalid("invalid content-length"))?;
@@ -1137,7 +1175,7 @@ mod tests {
                 .exchange(GET, &Method::GET, Instant::now() + Duration::from_secs(7))
                 .await
                 .unwrap_or_else(|e| panic!("exchange {n}: {e:?}"));
-            assert_eq!(answer.head.status(), StatusCode::OK);
+            assert_eq!(answer.head.status, StatusCode::OK);
             let back = Arc::new(Mutex::new(None));
             let slot = back.clone();
             let body = answer
@@ -1204,11 +1242,7 @@ mod tests {
     /// The lines `wire`'s head keeps as they came, if it keeps them.
     fn kept_lines(wire: &[u8]) -> Option<HeadLines> {
         let parsed = parse_head(&mut BytesMut::from(wire)).unwrap().unwrap();
-        let kept = parsed.lines;
-        if kept.is_some() {
-            assert!(parsed.head.headers().is_empty(), "kept lines and a map");
-        }
-        kept
+        parsed.into_parts().1
     }
 
     #[test]
@@ -1295,7 +1329,7 @@ mod tests {
                 let Ok(Some(parsed)) = parse_head(&mut BytesMut::from(&wire[..])) else {
                     continue;
                 };
-                let Some(lines) = parsed.lines else {
+                let Fields::Lines(lines) = parsed.fields else {
                     continue;
                 };
                 let mut map = HeaderMap::new();
@@ -1317,7 +1351,8 @@ mod tests {
                 .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", &Method::GET, far())
                 .await
                 .unwrap();
-            assert!(!answer.head.headers().contains_key(header::CONTENT_LENGTH));
+            let map = answer.head.map().expect("a chunked head is no kept lines");
+            assert!(!map.contains_key(header::CONTENT_LENGTH));
             let body = answer.body.into_body(Box::new(|_| {}));
             assert_eq!(body.collect().await.unwrap().to_bytes(), "abc");
         });

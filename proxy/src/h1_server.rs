@@ -865,10 +865,11 @@ mod tests {
                 wire.push_str("\r\n");
                 // A head a gateway could not send stays as it was made.
                 if let Ok(Some(parsed)) = crate::h1::parse_head(&mut BytesMut::from(&wire[..])) {
-                    let (mut parts, ()) = parsed.head.into_parts();
+                    let (head, lines) = parsed.into_parts();
+                    let (mut parts, ()) = head.into_parts();
                     parts.version = res.version();
                     let mut body = res.into_body();
-                    body.lines = parsed.lines;
+                    body.lines = lines;
                     res = Response::from_parts(parts, body);
                 }
             }
