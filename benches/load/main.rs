@@ -68,7 +68,7 @@ use uuid::Uuid;
 use crate::database::BenchDb;
 use crate::relay::{Relay, RelayKind};
 use crate::report::Results;
-use crate::rounds::{Rounds, StealMeter};
+use crate::rounds::{Conditions, Rounds, RunMeter};
 use crate::servers::{installed, Credentials, ForwardProxy, Process, ReverseProxy, Tollgate};
 use crate::traffic::{Run, Target};
 
@@ -720,19 +720,20 @@ async fn measure(
                         ),
                         _ => None,
                     };
-                let steal = StealMeter::start();
+                let meter = RunMeter::start(cpu, load);
                 let t = tunnel::throughput(via.as_ref(), *to, duration, *relay)
                     .await
                     .with_context(|| format!("CONNECT through {name}"))?;
-                let steal = steal.percent();
+                let during = meter.finish();
                 eprintln!(
-                    "   round {} {name}: {:.0} MiB/s, {}, steal {steal:.1} %",
+                    "   round {} {name}: {:.0} MiB/s, {}, {}",
                     round + 1,
                     t.bytes_per_sec() / (1 << 20) as f64,
                     t.cpu_secs_per_gib()
                         .map_or("no relay".into(), |c| format!("{c:.3} CPU s/GiB")),
+                    conditions(&during)
                 );
-                rounds.push(t, steal);
+                rounds.push(t, during);
             }
         }
         results.connect = series;
@@ -893,20 +894,33 @@ fn interleaved(
                 }
                 _ => None,
             };
-            let steal = StealMeter::start();
+            let meter = RunMeter::start(args.server_cpu, args.load_cpu);
             let run = measure(target).with_context(|| format!("load on {name}"))?;
-            let steal = steal.percent();
+            let during = meter.finish();
             eprintln!(
-                "   round {} {name}: {:.0} req/s, p99 {:.2} ms, errors {}, steal {steal:.1} %",
+                "   round {} {name}: {:.0} req/s, p99 {:.2} ms, errors {}, {}",
                 round + 1,
                 run.requests_per_sec,
                 run.p99_us / 1e3,
-                run.errors
+                run.errors,
+                conditions(&during)
             );
-            rounds.push(run, steal);
+            rounds.push(run, during);
         }
     }
     Ok(series)
+}
+
+/// "steal 0.1 %, cores busy 93 % / 99 %" (server / load) for a progress line.
+fn conditions(during: &Conditions) -> String {
+    let mut line = format!("steal {:.1} %", during.steal_percent);
+    if let Some(busy) = during.cores {
+        line.push_str(&format!(
+            ", cores busy {:.0} % / {:.0} %",
+            busy.server, busy.load
+        ));
+    }
+    line
 }
 
 /// Versions of the tools and servers in the table.

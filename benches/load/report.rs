@@ -13,7 +13,7 @@ use crate::counting::CountersMemory;
 use crate::enforcement::{Kind, Trial};
 use crate::flush::FleetFlush;
 use crate::idle::IdleMemory;
-use crate::rounds::{Rounds, Spread};
+use crate::rounds::{Rounds, Spread, SATURATED};
 use crate::traffic::{Run, ServerCpu};
 use crate::tunnel::Tunnel;
 use crate::{Args, BARE_RELAY, MINIMAL_RELAY, SPLICE_RELAY};
@@ -239,6 +239,18 @@ fn ingress_verdict(series: &[(String, Rounds<Run>)]) -> Option<Verdict> {
         ));
         names.push(name);
     }
+    if let Some(busy) = rounds_of(series, "Tollgate").and_then(Rounds::cores) {
+        if busy.load >= SATURATED {
+            let pace = match busy.server >= SATURATED {
+                true => "both cores saturated",
+                false => "load-bound",
+            };
+            parts.push(format!(
+                "{pace}: the load core was {:.0} % busy in Tollgate's runs, the server core {:.0} %",
+                busy.load, busy.server
+            ));
+        }
+    }
     let unstable = unstable_rows(series, &names, "", |r| r.requests_per_sec);
     Some(Verdict::new(ok, parts.join("; "), unstable))
 }
@@ -365,13 +377,18 @@ fn spread_cell(spread: Spread, figure: impl Fn(f64) -> String) -> String {
     cell
 }
 
-/// Median and max steal over a row's rounds.
-fn steal_cell(steal: Spread) -> String {
-    if steal.rounds == 0 {
-        "–".into()
-    } else {
-        format!("{:.1} % (max {:.1} %)", steal.median, steal.max)
+/// Median and max steal over a row's rounds, and the median busy share of
+/// the server core and the load core.
+fn steal_cell<T>(rounds: &Rounds<T>) -> String {
+    let steal = rounds.steal();
+    let mut cell = match steal.rounds {
+        0 => "–".to_owned(),
+        _ => format!("{:.1} % (max {:.1} %)", steal.median, steal.max),
+    };
+    if let Some(busy) = rounds.cores() {
+        cell.push_str(&format!("; {:.0} % / {:.0} %", busy.server, busy.load));
     }
+    cell
 }
 
 fn whole(v: f64) -> String {
@@ -457,7 +474,7 @@ fn http_rows(rows: &mut Vec<Row>, measurement: &str, series: &[(String, Rounds<R
             p99,
             ratio,
             spread: spread_cell(rounds.spread(|r| r.requests_per_sec), whole),
-            steal: steal_cell(rounds.steal()),
+            steal: steal_cell(rounds),
             target: String::new(),
             holds: String::new(),
         });
@@ -596,7 +613,7 @@ fn rows(results: &Results) -> Vec<Row> {
             p99: "–".into(),
             ratio: direct.map_or("–".into(), |d| format!("{:.2}× direct", rate.median / d)),
             spread: spread_cell(rate, mib),
-            steal: steal_cell(rounds.steal()),
+            steal: steal_cell(rounds),
             target,
             holds,
         });
@@ -774,7 +791,7 @@ fn rows(results: &Results) -> Vec<Row> {
 /// The results as one Markdown table.
 pub fn table(results: &Results) -> String {
     let mut out = String::from(
-        "| measurement | server | result | p50 | p99 | vs direct | spread of rounds | steal | §7 target | holds |\n\
+        "| measurement | server | result | p50 | p99 | vs direct | spread of rounds | steal; cores busy (server / load) | §7 target | holds |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows(results) {
@@ -1061,10 +1078,14 @@ fn generated(invocation: &str, args: &Args, results: &Results) -> String {
          (max − min) / median of the row's req/s or MiB/s, with min–max; above {:.0} % \
          the row is marked unstable, and so is every verdict built on it. Steal: the \
          share of all CPUs' time the hypervisor took during each run (`/proc/stat`), \
-         median and max over the row's rounds{}.",
+         median and max over the row's rounds{}. Cores busy: the share of the server \
+         core's and of the load core's time that ran anything (neither idle nor \
+         stolen) during each run, median over the rounds; a load core at {:.0} % or \
+         more means wrk and the origin, not the server, set the run's pace.",
         args.rounds,
         crate::rounds::UNSTABLE_SPREAD * 100.0,
-        overall_steal(results)
+        overall_steal(results),
+        crate::rounds::SATURATED
     );
     let _ = writeln!(
         out,

@@ -3,58 +3,130 @@
 //! again; ...), so a slow minute on this shared machine hits every server alike
 //! instead of one. Each server's row is the median over its rounds, shown with
 //! its spread, and every run records the CPU steal the hypervisor took while it
-//! ran (from `/proc/stat`).
+//! ran and how busy the server core and the load core were (from `/proc/stat`).
 
 /// Relative spread above which a row is marked unstable: (max − min) / median.
 pub const UNSTABLE_SPREAD: f64 = 0.10;
 
-/// The machine's CPU time counters (all CPUs, clock ticks), from `/proc/stat`.
-#[derive(Debug, Clone, Copy)]
+/// Percent of its time a core ran anything, above which it, not the server
+/// under test, is taken to have set a run's pace.
+pub const SATURATED: f64 = 95.0;
+
+/// CPU time counters from `/proc/stat` (clock ticks): all CPUs together
+/// (`cpu`) and each core (`cpuN`).
+#[derive(Debug, Clone)]
 pub struct CpuClock {
-    busy_and_idle: u64,
+    machine: Ticks,
+    cores: Vec<(usize, Ticks)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ticks {
+    total: u64,
+    idle: u64,
     steal: u64,
+}
+
+impl Ticks {
+    /// "user nice system idle iowait irq softirq steal guest guest_nice";
+    /// guest time is already counted in user and nice.
+    fn parse(fields: &str) -> Option<Ticks> {
+        let v: Vec<u64> = fields
+            .split_whitespace()
+            .take(8)
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        Some(Ticks {
+            total: v.iter().sum(),
+            idle: v.get(3)? + v.get(4)?,
+            steal: *v.get(7)?,
+        })
+    }
+
+    /// Ticks elapsed since `earlier`, and of them those stolen and those run.
+    fn since(self, earlier: Ticks) -> Option<(u64, u64, u64)> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let idle = self.idle.checked_sub(earlier.idle)?;
+        let steal = self.steal.checked_sub(earlier.steal)?;
+        (total > 0).then(|| (total, steal, total.saturating_sub(idle + steal)))
+    }
 }
 
 impl CpuClock {
     /// The counters now; `None` where `/proc/stat` cannot be read.
     pub fn now() -> Option<CpuClock> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        // "cpu  user nice system idle iowait irq softirq steal guest guest_nice";
-        // guest time is already counted in user and nice.
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()?
-            .strip_prefix("cpu ")?
-            .split_whitespace()
-            .take(8)
-            .map(|v| v.parse().ok())
-            .collect::<Option<_>>()?;
-        Some(CpuClock {
-            busy_and_idle: fields.iter().sum(),
-            steal: *fields.get(7)?,
-        })
+        let mut lines = stat.lines();
+        let machine = Ticks::parse(lines.next()?.strip_prefix("cpu ")?)?;
+        let cores = lines
+            .map_while(|line| {
+                let (core, fields) = line.strip_prefix("cpu")?.split_once(' ')?;
+                Some((core.parse().ok()?, Ticks::parse(fields)?))
+            })
+            .collect();
+        Some(CpuClock { machine, cores })
     }
 
-    /// Steal since `self`: percent of the CPU time elapsed on all CPUs.
-    pub fn steal_since(self) -> Option<f64> {
-        let now = CpuClock::now()?;
-        let elapsed = now.busy_and_idle.checked_sub(self.busy_and_idle)?;
-        let steal = now.steal.checked_sub(self.steal)?;
-        (elapsed > 0).then(|| steal as f64 / elapsed as f64 * 100.0)
+    fn core(&self, id: usize) -> Option<Ticks> {
+        self.cores.iter().find(|(c, _)| *c == id).map(|(_, t)| *t)
     }
 }
 
-/// Counts the steal of one run: started before it, read after it.
-pub struct StealMeter(Option<CpuClock>);
+/// How busy the two cores were during a run: percent of each one's time spent
+/// running anything (neither idle nor stolen).
+#[derive(Debug, Clone, Copy)]
+pub struct CoresBusy {
+    /// The core the servers under test run on.
+    pub server: f64,
+    /// The core wrk, the origin and the harness run on.
+    pub load: f64,
+}
 
-impl StealMeter {
-    pub fn start() -> StealMeter {
-        StealMeter(CpuClock::now())
+/// What the machine did during one run besides it.
+#[derive(Debug, Clone, Copy)]
+pub struct Conditions {
+    /// Percent of all CPUs' time the hypervisor took (NaN where unreadable).
+    pub steal_percent: f64,
+    pub cores: Option<CoresBusy>,
+}
+
+/// Reads `/proc/stat` before a run and again after it.
+pub struct RunMeter {
+    start: Option<CpuClock>,
+    server_cpu: usize,
+    load_cpu: usize,
+}
+
+impl RunMeter {
+    pub fn start(server_cpu: usize, load_cpu: usize) -> RunMeter {
+        RunMeter {
+            start: CpuClock::now(),
+            server_cpu,
+            load_cpu,
+        }
     }
 
-    /// Percent of the CPU time since `start` (NaN where `/proc/stat` is unreadable).
-    pub fn percent(self) -> f64 {
-        self.0.and_then(CpuClock::steal_since).unwrap_or(f64::NAN)
+    pub fn finish(self) -> Conditions {
+        let (Some(start), Some(end)) = (self.start, CpuClock::now()) else {
+            return Conditions {
+                steal_percent: f64::NAN,
+                cores: None,
+            };
+        };
+        let percent = |part: u64, whole: u64| part as f64 / whole as f64 * 100.0;
+        let busy = |core: usize| {
+            let (total, _, ran) = end.core(core)?.since(start.core(core)?)?;
+            Some(percent(ran, total))
+        };
+        Conditions {
+            steal_percent: end
+                .machine
+                .since(start.machine)
+                .map_or(f64::NAN, |(total, steal, _)| percent(steal, total)),
+            cores: busy(self.server_cpu)
+                .zip(busy(self.load_cpu))
+                .map(|(server, load)| CoresBusy { server, load }),
+        }
     }
 }
 
@@ -64,6 +136,7 @@ pub struct Measured<T> {
     pub value: T,
     /// Percent of the machine's CPU time stolen during the run.
     pub steal_percent: f64,
+    pub cores: Option<CoresBusy>,
 }
 
 /// One server's runs of one measurement, one per round, in round order.
@@ -79,10 +152,11 @@ impl<T> Default for Rounds<T> {
 }
 
 impl<T> Rounds<T> {
-    pub fn push(&mut self, value: T, steal_percent: f64) {
+    pub fn push(&mut self, value: T, during: Conditions) {
         self.runs.push(Measured {
             value,
-            steal_percent,
+            steal_percent: during.steal_percent,
+            cores: during.cores,
         });
     }
 
@@ -107,6 +181,16 @@ impl<T> Rounds<T> {
                 .filter(|s| s.is_finite())
                 .collect(),
         )
+    }
+
+    /// Median busy share of the server core and of the load core over the
+    /// rounds; `None` without readings.
+    pub fn cores(&self) -> Option<CoresBusy> {
+        let busy: Vec<CoresBusy> = self.runs.iter().filter_map(|m| m.cores).collect();
+        (!busy.is_empty()).then(|| CoresBusy {
+            server: Spread::of(busy.iter().map(|c| c.server).collect()).median,
+            load: Spread::of(busy.iter().map(|c| c.load).collect()).median,
+        })
     }
 }
 
