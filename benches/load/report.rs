@@ -220,8 +220,9 @@ fn tollgate_and_references(runs: &[(String, Run)]) -> Option<(&Run, Vec<&(String
 }
 
 /// Ingress small-response verdict: Tollgate's req/s >= every reverse proxy's and
-/// p99 <= every reverse proxy's.
-fn ingress_verdict(series: &[(String, Rounds<Run>)]) -> Option<Verdict> {
+/// p99 <= every reverse proxy's. With the servers on one core and the load
+/// on the other (`cores_apart`), it says when the load core set the pace.
+fn ingress_verdict(series: &[(String, Rounds<Run>)], cores_apart: bool) -> Option<Verdict> {
     let runs = medians(series);
     let (t, others) = tollgate_and_references(&runs)?;
     let mut ok = t.errors == 0;
@@ -239,7 +240,8 @@ fn ingress_verdict(series: &[(String, Rounds<Run>)]) -> Option<Verdict> {
         ));
         names.push(name);
     }
-    if let Some(busy) = rounds_of(series, "Tollgate").and_then(Rounds::cores) {
+    let busy = rounds_of(series, "Tollgate").and_then(Rounds::cores);
+    if let Some(busy) = busy.filter(|_| cores_apart) {
         if busy.load >= SATURATED {
             let pace = match busy.server >= SATURATED {
                 true => "both cores saturated",
@@ -508,7 +510,7 @@ fn rows(results: &Results) -> Vec<Row> {
         &mut rows,
         from,
         "req/s ≥ nginx and haproxy; p99 ≤ theirs",
-        ingress_verdict(&results.ingress_small),
+        ingress_verdict(&results.ingress_small, true),
     );
     http_rows(
         &mut rows,
@@ -559,7 +561,7 @@ fn rows(results: &Results) -> Vec<Row> {
         &mut rows,
         from,
         "req/s ≥ nginx and haproxy with two workers; p99 ≤ theirs",
-        ingress_verdict(&results.two_workers_ingress),
+        ingress_verdict(&results.two_workers_ingress, false),
     );
     let from = rows.len();
     http_rows(
@@ -832,15 +834,17 @@ pub fn verdicts(results: &Results) -> Vec<String> {
     let ingress_targets = [
         (
             &results.ingress_small,
+            true,
             "ingress HTTP/1.1 small responses ≥ nginx and haproxy on one core, p99 ≤ theirs",
         ),
         (
             &results.two_workers_ingress,
+            false,
             "ingress HTTP/1.1 small responses with two workers on two cores ≥ nginx and haproxy with two, p99 ≤ theirs",
         ),
     ];
-    for (series, what) in ingress_targets {
-        if let Some(v) = ingress_verdict(series) {
+    for (series, cores_apart, what) in ingress_targets {
+        if let Some(v) = ingress_verdict(series, cores_apart) {
             let t = rounds_of(series, "Tollgate")
                 .map(median_run)
                 .unwrap_or_default();
@@ -1081,11 +1085,15 @@ fn generated(invocation: &str, args: &Args, results: &Results) -> String {
          median and max over the row's rounds{}. Cores busy: the share of the server \
          core's and of the load core's time that ran anything (neither idle nor \
          stolen) during each run, median over the rounds; a load core at {:.0} % or \
-         more means wrk and the origin, not the server, set the run's pace.",
+         more means wrk and the origin, not the server alone, set the run's pace. In \
+         the two-worker rows, where servers and load share both cores, they are CPU \
+         {} and CPU {}.",
         args.rounds,
         crate::rounds::UNSTABLE_SPREAD * 100.0,
         overall_steal(results),
-        crate::rounds::SATURATED
+        crate::rounds::SATURATED,
+        args.server_cpu,
+        args.load_cpu
     );
     let _ = writeln!(
         out,
