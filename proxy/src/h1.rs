@@ -578,14 +578,13 @@ impl Lines {
 /// Whether the upstream keeps the connection open after `head`'s response:
 /// HTTP/1.1 unless it says `close`, HTTP/1.0 only if it says `keep-alive`.
 fn keeps_alive(parsed: &ResponseHead) -> bool {
-    let says = |token: &[u8]| {
-        let map = parsed.map().filter(|_| parsed.has(CONNECTION));
-        map.is_some_and(|map| {
-            map.get_all(header::CONNECTION)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
+    let says = |token: &[u8]| match parsed.map() {
+        Some(map) if parsed.has(CONNECTION) => map
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token)),
+        _ => false,
     };
     match parsed.version {
         Version::HTTP_11 => !says(b"close"),
@@ -627,7 +626,7 @@ impl Framing {
             return Ok(Framing::Done);
         }
         let map = parsed.map();
-        if let (true, Some(headers)) = (parsed.has(TRANSFER_ENCODING), map) {
+        if let Some(headers) = map.filter(|_| parsed.has(TRANSFER_ENCODING)) {
             let last = headers
                 .get_all(header::TRANSFER_ENCODING)
                 .iter()
