@@ -381,7 +381,7 @@ fn spread_cell(spread: Spread, figure: impl Fn(f64) -> String) -> String {
 
 /// Median and max steal over a row's rounds, and the median busy share of
 /// the server core and the load core.
-fn steal_cell<T>(rounds: &Rounds<T>) -> String {
+fn conditions_cell<T>(rounds: &Rounds<T>) -> String {
     let steal = rounds.steal();
     let mut cell = match steal.rounds {
         0 => "–".to_owned(),
@@ -476,7 +476,7 @@ fn http_rows(rows: &mut Vec<Row>, measurement: &str, series: &[(String, Rounds<R
             p99,
             ratio,
             spread: spread_cell(rounds.spread(|r| r.requests_per_sec), whole),
-            steal: steal_cell(rounds),
+            steal: conditions_cell(rounds),
             target: String::new(),
             holds: String::new(),
         });
@@ -615,7 +615,7 @@ fn rows(results: &Results) -> Vec<Row> {
             p99: "–".into(),
             ratio: direct.map_or("–".into(), |d| format!("{:.2}× direct", rate.median / d)),
             spread: spread_cell(rate, mib),
-            steal: steal_cell(rounds),
+            steal: conditions_cell(rounds),
             target,
             holds,
         });

@@ -8,8 +8,9 @@
 /// Relative spread above which a row is marked unstable: (max − min) / median.
 pub const UNSTABLE_SPREAD: f64 = 0.10;
 
-/// Percent of its time a core ran anything, above which it, not the server
-/// under test, is taken to have set a run's pace.
+/// Percent of its time a core ran anything at or above which it is taken to
+/// have set a run's pace (alone, or with the other core if that one is as
+/// busy).
 pub const SATURATED: f64 = 95.0;
 
 /// CPU time counters from `/proc/stat` (clock ticks): all CPUs together
