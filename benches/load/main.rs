@@ -17,7 +17,8 @@
 //! 3. the origin, Tollgate (`tollgate proxy`, auth + metering + enforcement on),
 //!    nginx, haproxy, squid and tinyproxy;
 //! 4. ingress (reverse proxies): `wrk` with a 100-byte and a 1 MiB response,
-//!    `h2load` over h2c; egress (forward proxies): `wrk` with absolute-form
+//!    the 100-byte response again at a fixed rate (`paced`, latency below
+//!    saturation), `h2load` over h2c; egress (forward proxies): `wrk` with absolute-form
 //!    requests and `Proxy-Authorization` (and, for the small response, once
 //!    more as an agent with a 100-rule egress policy); each beside a direct run
 //!    to the origin;
@@ -45,6 +46,7 @@ mod exchange;
 mod flush;
 mod idle;
 mod origin;
+mod paced;
 mod profiling;
 mod relay;
 mod report;
@@ -96,6 +98,11 @@ pub struct Args {
     h2_connections: usize,
     #[arg(long, default_value_t = 8)]
     h2_streams: usize,
+    /// Requests per second of the paced ingress row (an open-loop run at a
+    /// fixed rate, below every server's capacity, to compare latency where
+    /// neither core is saturated); 0 leaves the row out.
+    #[arg(long, default_value_t = 20_000)]
+    paced_rate: u32,
     /// Seconds of each CONNECT bulk transfer.
     #[arg(long, default_value_t = 5)]
     tunnel_duration: u64,
@@ -160,6 +167,8 @@ pub enum Section {
     Meter,
     Flush,
     Ingress,
+    /// Ingress small responses at a fixed rate (`--paced-rate`).
+    Paced,
     Egress,
     /// Ingress and egress small responses again, every server with two workers
     /// on both cores (the load generator shares them).
@@ -184,6 +193,7 @@ impl Args {
     fn runs_servers(&self) -> bool {
         [
             Section::Ingress,
+            Section::Paced,
             Section::Egress,
             Section::TwoWorkers,
             Section::Connect,
@@ -419,7 +429,8 @@ async fn measure(
         origin.bulk_port,
         work,
     )?;
-    let reverse_wanted = args.runs(Section::Ingress) || args.runs(Section::Idle);
+    let reverse_wanted =
+        args.runs(Section::Ingress) || args.runs(Section::Paced) || args.runs(Section::Idle);
     let forward_wanted = args.runs(Section::Egress)
         || args.runs(Section::TwoWorkers)
         || args.runs(Section::Connect)
@@ -530,20 +541,26 @@ async fn measure(
             work,
         )
     };
+    // The direct connection, Tollgate's ingress and each reverse proxy, each
+    // with the server whose CPU time it measures.
+    let http1_targets = |path: &str| {
+        let mut targets = vec![
+            ("direct".to_owned(), direct(path)),
+            ("Tollgate".to_owned(), ingress(path).served_by(tollgate_pid)),
+        ];
+        for (name, p) in &reverse {
+            let target = reverse_target(p.http1, path).served_by(p.process.pid());
+            targets.push(((*name).to_owned(), target));
+        }
+        targets
+    };
     if args.runs(Section::Ingress) {
         for (path, out) in [
             ("/small", &mut results.ingress_small),
             ("/large", &mut results.ingress_large),
         ] {
             eprintln!("== ingress HTTP/1.1 {path}");
-            let mut targets = vec![
-                ("direct".to_owned(), direct(path)),
-                ("Tollgate".to_owned(), ingress(path).served_by(tollgate_pid)),
-            ];
-            for (name, p) in &reverse {
-                let target = reverse_target(p.http1, path).served_by(p.process.pid());
-                targets.push(((*name).to_owned(), target));
-            }
+            let targets = http1_targets(path);
             let label = format!("ingress{}", path.replace('/', "-"));
             let profile = args
                 .profile
@@ -567,6 +584,20 @@ async fn measure(
         })?;
     }
 
+    if args.runs(Section::Paced) && args.paced_rate > 0 {
+        let rate = args.paced_rate;
+        eprintln!("== ingress HTTP/1.1 /small paced at {rate} req/s");
+        let pace = paced::Pace {
+            rate,
+            connections: args.connections,
+        };
+        results.paced_rate = rate;
+        results.ingress_paced = interleaved(args, &http1_targets("/small"), None, |target| {
+            traffic::measured(target, args.warmup(), args.duration(), |duration| {
+                paced::run(target, &pace, duration)
+            })
+        })?;
+    }
     if args.runs(Section::Egress) {
         for (path, out) in [
             ("/small", &mut results.egress_small),

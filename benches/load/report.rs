@@ -46,6 +46,9 @@ pub struct Results {
     pub ingress_small: Vec<(String, Rounds<Run>)>,
     pub ingress_large: Vec<(String, Rounds<Run>)>,
     pub ingress_h2: Vec<(String, Rounds<Run>)>,
+    /// Small responses at a fixed rate (`paced`), and that rate (req/s).
+    pub ingress_paced: Vec<(String, Rounds<Run>)>,
+    pub paced_rate: u32,
     pub egress_small: Vec<(String, Rounds<Run>)>,
     pub egress_large: Vec<(String, Rounds<Run>)>,
     /// Small responses with two workers on two cores.
@@ -169,6 +172,7 @@ fn median_run(rounds: &Rounds<Run>) -> Run {
     run.bytes_per_sec = rounds.spread(|r| r.bytes_per_sec).median;
     run.p50_us = rounds.spread(|r| r.p50_us).median;
     run.p99_us = rounds.spread(|r| r.p99_us).median;
+    run.p999_us = rounds.spread(|r| r.p999_us).median;
     run.mean_us = rounds.spread(|r| r.mean_us).median;
     let cpu: Vec<ServerCpu> = rounds
         .runs
@@ -254,6 +258,38 @@ fn ingress_verdict(series: &[(String, Rounds<Run>)], cores_apart: bool) -> Optio
         }
     }
     let unstable = unstable_rows(series, &names, "", |r| r.requests_per_sec);
+    Some(Verdict::new(ok, parts.join("; "), unstable))
+}
+
+/// Paced ingress verdict: at one fixed rate, below every server's capacity,
+/// Tollgate's p99 ≤ every reverse proxy's, with every request answered at
+/// that pace (≥ 99 % of the rate, no errors).
+fn paced_verdict(series: &[(String, Rounds<Run>)], rate: u32) -> Option<Verdict> {
+    let runs = medians(series);
+    let (t, others) = tollgate_and_references(&runs)?;
+    let kept_pace = t.requests_per_sec >= f64::from(rate) * 0.99;
+    let mut ok = t.errors == 0 && kept_pace;
+    let mut parts = Vec::new();
+    let mut names = vec!["Tollgate"];
+    for (name, r) in others {
+        ok &= t.p99_us <= r.p99_us;
+        parts.push(format!(
+            "p99 {} vs {name}'s {} (p99.9 {} vs {})",
+            ms(t.p99_us),
+            ms(r.p99_us),
+            ms(t.p999_us),
+            ms(r.p999_us)
+        ));
+        names.push(name);
+    }
+    if !kept_pace {
+        parts.push(format!(
+            "Tollgate answered {} of the {} due",
+            rps(t.requests_per_sec),
+            rps(f64::from(rate))
+        ));
+    }
+    let unstable = unstable_rows(series, &names, "p99 ", |r| r.p99_us);
     Some(Verdict::new(ok, parts.join("; "), unstable))
 }
 
@@ -433,7 +469,23 @@ fn ms_s(secs: f64) -> String {
     }
 }
 
-fn http_rows(rows: &mut Vec<Row>, measurement: &str, series: &[(String, Rounds<Run>)], h2: bool) {
+/// How a row of HTTP runs was driven, which decides what its cells show.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Driven {
+    /// `wrk`, flat out: the spread is of requests per second.
+    FlatOut,
+    /// `h2load`: it reports the mean latency only.
+    H2,
+    /// At a fixed rate: the spread is of the p99, and the result shows the p99.9.
+    Paced,
+}
+
+fn http_rows(
+    rows: &mut Vec<Row>,
+    measurement: &str,
+    series: &[(String, Rounds<Run>)],
+    driven: Driven,
+) {
     let runs = medians(series);
     let direct = find(&runs, "direct").map(|r| r.requests_per_sec);
     for ((name, run), (_, rounds)) in runs.iter().zip(series) {
@@ -452,6 +504,9 @@ fn http_rows(rows: &mut Vec<Row>, measurement: &str, series: &[(String, Rounds<R
         if measurement.contains("1 MiB") {
             result.push_str(&format!(" ({})", mib_s(run.bytes_per_sec)));
         }
+        if driven == Driven::Paced {
+            result.push_str(&format!(", p99.9 {}", ms(run.p999_us)));
+        }
         if let Some(cpu) = run.server_cpu {
             result.push_str(&format!(
                 "; CPU {:.1} µs user + {:.1} µs system per request",
@@ -463,10 +518,15 @@ fn http_rows(rows: &mut Vec<Row>, measurement: &str, series: &[(String, Rounds<R
             Some(_) => "1.00×".into(),
             None => "–".into(),
         };
-        let (p50, p99) = if h2 {
-            (format!("{} (mean)", ms(run.mean_us)), "–".into())
-        } else {
-            (ms(run.p50_us), ms(run.p99_us))
+        let (p50, p99) = match driven {
+            Driven::H2 => (format!("{} (mean)", ms(run.mean_us)), "–".into()),
+            Driven::FlatOut | Driven::Paced => (ms(run.p50_us), ms(run.p99_us)),
+        };
+        let spread = match driven {
+            Driven::Paced => spread_cell(rounds.spread(|r| r.p99_us), ms),
+            Driven::FlatOut | Driven::H2 => {
+                spread_cell(rounds.spread(|r| r.requests_per_sec), whole)
+            }
         };
         rows.push(Row {
             measurement: measurement.into(),
@@ -475,7 +535,7 @@ fn http_rows(rows: &mut Vec<Row>, measurement: &str, series: &[(String, Rounds<R
             p50,
             p99,
             ratio,
-            spread: spread_cell(rounds.spread(|r| r.requests_per_sec), whole),
+            spread,
             steal: conditions_cell(rounds),
             target: String::new(),
             holds: String::new(),
@@ -504,7 +564,7 @@ fn rows(results: &Results) -> Vec<Row> {
         &mut rows,
         "ingress HTTP/1.1, 100 B",
         &results.ingress_small,
-        false,
+        Driven::FlatOut,
     );
     mark(
         &mut rows,
@@ -512,24 +572,40 @@ fn rows(results: &Results) -> Vec<Row> {
         "req/s ≥ nginx and haproxy; p99 ≤ theirs",
         ingress_verdict(&results.ingress_small, true),
     );
+    let from = rows.len();
+    http_rows(
+        &mut rows,
+        &format!(
+            "ingress HTTP/1.1, 100 B, paced at {}",
+            rps(f64::from(results.paced_rate))
+        ),
+        &results.ingress_paced,
+        Driven::Paced,
+    );
+    mark(
+        &mut rows,
+        from,
+        "p99 ≤ nginx's and haproxy's at the same rate",
+        paced_verdict(&results.ingress_paced, results.paced_rate),
+    );
     http_rows(
         &mut rows,
         "ingress HTTP/1.1, 1 MiB",
         &results.ingress_large,
-        false,
+        Driven::FlatOut,
     );
     http_rows(
         &mut rows,
         "ingress HTTP/2 (h2c), 100 B",
         &results.ingress_h2,
-        true,
+        Driven::H2,
     );
     let from = rows.len();
     http_rows(
         &mut rows,
         "egress HTTP/1.1, 100 B",
         &results.egress_small,
-        false,
+        Driven::FlatOut,
     );
     mark(
         &mut rows,
@@ -548,14 +624,14 @@ fn rows(results: &Results) -> Vec<Row> {
         &mut rows,
         "egress HTTP/1.1, 1 MiB",
         &results.egress_large,
-        false,
+        Driven::FlatOut,
     );
     let from = rows.len();
     http_rows(
         &mut rows,
         "ingress HTTP/1.1, 100 B, two workers",
         &results.two_workers_ingress,
-        false,
+        Driven::FlatOut,
     );
     mark(
         &mut rows,
@@ -568,7 +644,7 @@ fn rows(results: &Results) -> Vec<Row> {
         &mut rows,
         "egress HTTP/1.1, 100 B, two workers (squid, tinyproxy: one)",
         &results.two_workers_egress,
-        false,
+        Driven::FlatOut,
     );
     mark(
         &mut rows,
@@ -857,6 +933,14 @@ pub fn verdicts(results: &Results) -> Vec<String> {
             out.push(judged(v, what, detail));
         }
     }
+    if let Some(v) = paced_verdict(&results.ingress_paced, results.paced_rate) {
+        let detail = v.detail.clone();
+        let what = format!(
+            "ingress HTTP/1.1 small responses paced at {}, p99 ≤ nginx's and haproxy's",
+            rps(f64::from(results.paced_rate))
+        );
+        out.push(judged(v, &what, detail));
+    }
     let egress_targets = [
         (&results.egress_small, "egress plain HTTP ≥ 3× squid"),
         (
@@ -1015,6 +1099,7 @@ fn overall_steal(results: &Results) -> String {
     let mut steal: Vec<f64> = Vec::new();
     for series in [
         &results.ingress_small,
+        &results.ingress_paced,
         &results.ingress_large,
         &results.ingress_h2,
         &results.egress_small,
@@ -1065,7 +1150,12 @@ fn generated(invocation: &str, args: &Args, results: &Results) -> String {
     let _ = writeln!(
         out,
         "- Load: wrk `-t1 -c{}`, {} s runs after {} s warm-up; h2load `-c{} -m{}`; \
-         CONNECT {} s per tunnel; {} idle connections; {} enforcement trials.",
+         CONNECT {} s per tunnel; {} idle connections; {} enforcement trials. The paced \
+         row: the harness's open-loop generator (`paced`) on the load core, {} due per \
+         second round-robin over {} connections for {} s after {} s at the same pace; \
+         each request's latency counts from when it was due, so a server that falls \
+         behind is charged for every request queued behind it. Its spread is of the \
+         p99.",
         args.connections,
         args.duration,
         args.warmup,
@@ -1073,7 +1163,11 @@ fn generated(invocation: &str, args: &Args, results: &Results) -> String {
         args.h2_streams,
         args.tunnel_duration,
         args.idle_connections,
-        args.enforcement_trials
+        args.enforcement_trials,
+        rps(f64::from(results.paced_rate)),
+        args.connections,
+        args.duration,
+        args.warmup,
     );
     let _ = writeln!(
         out,

@@ -50,6 +50,8 @@ pub struct Run {
     /// and leaves `p99_us` at 0.
     pub p50_us: f64,
     pub p99_us: f64,
+    /// 99.9th percentile, microseconds (paced runs only; 0 otherwise).
+    pub p999_us: f64,
     pub mean_us: f64,
     /// Non-2xx responses, connect and write errors, and timeouts.
     pub errors: u64,
@@ -76,20 +78,33 @@ pub fn wrk(
 ) -> anyhow::Result<Run> {
     let script = dir.join("wrk.lua");
     std::fs::write(&script, wrk_script(target))?;
+    measured(target, warmup, duration, |d| {
+        run_wrk(cpu, threads, target, connections, d, &script)
+    })
+}
+
+/// `run` once for `warmup`, unrecorded, then for `duration`, with the CPU time
+/// the target's server (if it names one) spent per request of that run.
+pub fn measured(
+    target: &Target,
+    warmup: Duration,
+    duration: Duration,
+    mut run: impl FnMut(Duration) -> anyhow::Result<Run>,
+) -> anyhow::Result<Run> {
     if !warmup.is_zero() {
-        run_wrk(cpu, threads, target, connections, warmup, &script)?;
+        run(warmup)?;
     }
     let before = target.server.map(servers::tree_cpu);
-    let mut run = run_wrk(cpu, threads, target, connections, duration, &script)?;
+    let mut measured = run(duration)?;
     if let (Some(pid), Some(before)) = (target.server, before) {
         let spent = servers::tree_cpu(pid).since(before);
-        let requests = run.requests.max(1) as f64;
-        run.server_cpu = Some(ServerCpu {
+        let requests = measured.requests.max(1) as f64;
+        measured.server_cpu = Some(ServerCpu {
             user_us: spent.user_secs * 1e6 / requests,
             system_us: spent.system_secs * 1e6 / requests,
         });
     }
-    Ok(run)
+    Ok(measured)
 }
 
 fn run_wrk(
@@ -138,6 +153,7 @@ fn run_wrk(
         bytes_per_sec: field("bytes") / secs,
         p50_us: field("p50_us"),
         p99_us: field("p99_us"),
+        p999_us: field("p999_us"),
         mean_us: field("mean_us"),
         errors: (field("status_errors")
             + field("connect_errors")
@@ -169,9 +185,9 @@ fn wrk_script(target: &Target) -> String {
         r#"done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    "wrk-result requests=%d duration_us=%d bytes=%d p50_us=%d p99_us=%d mean_us=%f status_errors=%d connect_errors=%d read_errors=%d write_errors=%d timeouts=%d\n",
+    "wrk-result requests=%d duration_us=%d bytes=%d p50_us=%d p99_us=%d p999_us=%d mean_us=%f status_errors=%d connect_errors=%d read_errors=%d write_errors=%d timeouts=%d\n",
     summary.requests, summary.duration, summary.bytes,
-    latency:percentile(50), latency:percentile(99), latency.mean,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.mean,
     e.status, e.connect, e.read, e.write, e.timeout))
 end
 "#,
@@ -251,6 +267,7 @@ pub fn h2load(
         bytes_per_sec: 0.0,
         p50_us: mean_us,
         p99_us: 0.0,
+        p999_us: 0.0,
         mean_us,
         errors,
         closed: 0,
