@@ -43,8 +43,8 @@ const DRAIN: Duration = Duration::from_secs(5);
 const TIMER: u64 = u64::MAX;
 
 /// Drive `target` at `pace` for `duration`; the run's requests per second is
-/// the rate of the responses, its percentiles their latency from their due
-/// time.
+/// the rate of the responses (over the run, or until the last response if
+/// that came later), its percentiles their latency from their due time.
 pub fn run(target: &Target, pace: &Pace, duration: Duration) -> anyhow::Result<Run> {
     anyhow::ensure!(
         pace.rate > 0 && pace.connections > 0,
@@ -115,7 +115,10 @@ pub fn run(target: &Target, pace: &Pace, duration: Duration) -> anyhow::Result<R
             }
         }
     }
-    Ok(tally.into_run(duration.as_secs_f64()))
+    // Responses that came after the last request fell due stretch the
+    // window, so a server that fell behind shows a lower rate.
+    let window = tally.last_response.max(end).saturating_sub(start);
+    Ok(tally.into_run(window as f64 / 1e9))
 }
 
 /// `GET <path> HTTP/1.1` with the target's headers.
@@ -249,6 +252,8 @@ struct Tally {
     errors: u64,
     timeouts: u64,
     last_error: Option<String>,
+    /// When the last response arrived (`CLOCK_MONOTONIC`, ns).
+    last_response: u64,
 }
 
 impl Tally {
@@ -258,10 +263,12 @@ impl Tally {
             errors: 0,
             timeouts: 0,
             last_error: None,
+            last_response: 0,
         }
     }
 
     fn record(&mut self, due: u64, now: u64, ok: bool) {
+        self.last_response = now;
         if ok {
             self.latencies_ns.push(now.saturating_sub(due));
         } else {
