@@ -309,6 +309,10 @@ impl Exchange {
         if ended == Ended::Cut {
             telemetry::cut_stream(self.listener);
         }
+        let traced = tracing::enabled!(target: "tollgate::request", tracing::Level::DEBUG);
+        if !traced && !self.log.is_on() {
+            return;
+        }
         let duration = self.started.elapsed();
         tracing::debug!(
             target: "tollgate::request",

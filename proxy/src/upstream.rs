@@ -241,6 +241,29 @@ pub struct Pool<K, I> {
     limits: PoolLimits,
 }
 
+/// When an exchange's response head is due: `within` of `from`, the clock
+/// reading the exchange began with (which also ages the pool's idle
+/// connections, so one reading serves the request).
+#[derive(Debug, Clone, Copy)]
+pub struct Due {
+    pub from: Instant,
+    pub within: Duration,
+}
+
+impl Due {
+    pub fn at(self) -> Instant {
+        self.from + self.within
+    }
+
+    #[cfg(test)]
+    fn from_now(within: Duration) -> Due {
+        Due {
+            from: Instant::now(),
+            within,
+        }
+    }
+}
+
 impl<K, I> Pool<K, I>
 where
     K: Key,
@@ -382,9 +405,8 @@ where
     /// task (`h1`); one with a body through hyper's client. A pooled connection
     /// the peer closed meanwhile is found before the request goes out, or (for
     /// a request that may be repeated) by its answering nothing; the request is
-    /// then sent once on a fresh connection. The response head is due within
-    /// `timeout` (a link's own timer bounds its exchange; the rest is under a
-    /// timeout). Returns the response and the address of the connection that
+    /// then sent once on a fresh connection. The response head is `due` (a
+    /// link's own timer bounds its exchange; the rest is under a timeout). Returns the response and the address of the connection that
     /// carried it.
     ///
     /// The future keeps its arguments where they were given (an `async fn`
@@ -397,7 +419,7 @@ where
         owner: Uuid,
         req: O,
         connect: F,
-        timeout: Duration,
+        due: Due,
     ) -> impl Future<Output = Result<(Response<Source>, SocketAddr), ProxyError>> + 'a
     where
         O: Outgoing + 'a,
@@ -405,10 +427,10 @@ where
         Fut: Future<Output = Result<(I, SocketAddr), ProxyError>> + 'a,
     {
         async move {
-            // One reading of the clock serves the deadline and the pool's idle
-            // ages.
-            let now = Instant::now();
-            let due = now + timeout;
+            // The exchange's reading of the clock ages the pool's idle
+            // connections too.
+            let now = due.from;
+            let due = due.at();
             // The head a request without a body goes out with (made before any
             // wait: the request itself is not shared across them).
             let direct = req.head();
@@ -527,7 +549,7 @@ where
     /// One plain exchange, as both listeners make it: `req` over a pooled
     /// connection to `key` (or one `open` makes, with the address it reached;
     /// boxed: a new connection is the exception, and the pooled path's future
-    /// stays small), its response head within `timeout`, passed on under
+    /// stays small), its response head `due`, passed on under
     /// `guard`; a failure is attributed to whoever caused it. Returns the
     /// response and the address of the connection that carried it. (Its
     /// arguments stay where they were given, as [`Pool::send`]'s.)
@@ -537,7 +559,7 @@ where
         key: K,
         owner: Uuid,
         req: O,
-        timeout: Duration,
+        due: Due,
         guard: StreamGuard,
         open: F,
     ) -> impl Future<Output = Result<(Response<ProxyBody>, SocketAddr), ProxyError>> + 'a
@@ -549,7 +571,7 @@ where
         async move {
             let connect = || Box::pin(open());
             let (response, addr) = self
-                .send(key, owner, req, connect, timeout)
+                .send(key, owner, req, connect, due)
                 .await
                 .map_err(|e| e.attributed(&guard))?;
             Ok((passed_on(response, guard), addr))
@@ -826,7 +848,7 @@ mod tests {
         for _ in 0..3 * LIMITS.total {
             let connect = || async { Ok((upstream(1 << 20), ADDR)) };
             let (response, _) = pool
-                .send("origin", a, get(), connect, TIMEOUT)
+                .send("origin", a, get(), connect, Due::from_now(TIMEOUT))
                 .await
                 .unwrap();
             assert_eq!(
@@ -847,14 +869,14 @@ mod tests {
         // agent's) reuses it without connecting: the agent's place moves.
         let connect = || async { Ok((upstream(2), ADDR)) };
         let (response, _) = pool
-            .send("origin", a, get(), connect, TIMEOUT)
+            .send("origin", a, get(), connect, Due::from_now(TIMEOUT))
             .await
             .unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1);
         let refuse = || async { Err::<(DuplexStream, SocketAddr), _>(ProxyError::UpstreamTimeout) };
         let (response, _) = pool
-            .send("origin", b, get(), refuse, TIMEOUT)
+            .send("origin", b, get(), refuse, Due::from_now(TIMEOUT))
             .await
             .unwrap();
         response.into_body().collect().await.unwrap();
@@ -881,7 +903,7 @@ mod tests {
         for _ in 0..limits.per_key {
             let connect = || async { Ok((upstream(1 << 20), ADDR)) };
             let (response, _) = pool
-                .send("origin", slow, get(), connect, TIMEOUT)
+                .send("origin", slow, get(), connect, Due::from_now(TIMEOUT))
                 .await
                 .unwrap();
             streaming.push(response);
@@ -893,7 +915,7 @@ mod tests {
         };
         for _ in 0..3 {
             let (response, _) = pool
-                .send("origin", other, get(), connect, TIMEOUT)
+                .send("origin", other, get(), connect, Due::from_now(TIMEOUT))
                 .await
                 .unwrap();
             response.into_body().collect().await.unwrap();
