@@ -38,7 +38,7 @@ use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
 use crate::server::{ClientConn, Shape, Stages};
 use crate::telemetry::{self, Listener, TunnelKind};
-use crate::upstream::{Connector, Due, Pool};
+use crate::upstream::{Connector, Pool};
 
 /// Pool key: an origin's host, as parsed from whatever spelling the request
 /// used (`0x7f.1` and `127.0.0.1` are one origin; names lowercase), its port,
@@ -315,16 +315,12 @@ impl Egress {
                 .filter(|p| p.judges_addresses)
                 .map_or(0, |p| p.generation);
             let key: OriginKey = (host.clone(), port, judged_by);
-            let due = Due {
-                from: exchange.started(),
-                within: timeout,
-            };
             let record = &mut *exchange;
             let open =
                 move || async move { self.connect(&host, port, policy.as_deref(), record).await };
             let (response, addr) = self
                 .pool
-                .exchange(key, agent.agent_id, outbound, due, guard, open)
+                .exchange(key, agent.agent_id, outbound, timeout, guard, open)
                 .await?;
             // A pooled connection was opened by an earlier exchange.
             exchange.set_address(addr);

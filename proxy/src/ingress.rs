@@ -37,7 +37,7 @@ use crate::relay::{Relay, Relays};
 use crate::rescue::ProxyError;
 use crate::server::{ClientConn, Shape, Stages};
 use crate::telemetry::{Listener, TunnelKind};
-use crate::upstream::{Connector, Due, Pool};
+use crate::upstream::{Connector, Pool};
 
 /// Pool key: the VPS and the gateway address its connections go to, as the
 /// `host:port` its requests name (shared bytes: a clone allocates nothing).
@@ -203,13 +203,9 @@ impl Stages for Ingress {
                 .await;
             }
             let key: GatewayKey = (vps.id, gateway.authority.clone());
-            let due = Due {
-                from: started,
-                within: timeout,
-            };
             let (response, addr) = self
                 .pool
-                .exchange(key, agent.agent_id, outbound, due, guard, open)
+                .exchange(key, agent.agent_id, outbound, timeout, guard, open)
                 .await?;
             exchange.set_address(addr);
             Ok(response)

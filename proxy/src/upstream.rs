@@ -241,29 +241,6 @@ pub struct Pool<K, I> {
     limits: PoolLimits,
 }
 
-/// When an exchange's response head is due: `within` of `from`, the clock
-/// reading the exchange began with (which also ages the pool's idle
-/// connections, so one reading serves the request).
-#[derive(Debug, Clone, Copy)]
-pub struct Due {
-    pub from: Instant,
-    pub within: Duration,
-}
-
-impl Due {
-    pub fn at(self) -> Instant {
-        self.from + self.within
-    }
-
-    #[cfg(test)]
-    fn from_now(within: Duration) -> Due {
-        Due {
-            from: Instant::now(),
-            within,
-        }
-    }
-}
-
 impl<K, I> Pool<K, I>
 where
     K: Key,
@@ -405,8 +382,9 @@ where
     /// task (`h1`); one with a body through hyper's client. A pooled connection
     /// the peer closed meanwhile is found before the request goes out, or (for
     /// a request that may be repeated) by its answering nothing; the request is
-    /// then sent once on a fresh connection. The response head is `due` (a
-    /// link's own timer bounds its exchange; the rest is under a timeout). Returns the response and the address of the connection that
+    /// then sent once on a fresh connection. The response head is due within
+    /// `timeout` (a link's own timer bounds its exchange; the rest is under a
+    /// timeout). Returns the response and the address of the connection that
     /// carried it.
     ///
     /// The future keeps its arguments where they were given (an `async fn`
@@ -419,7 +397,7 @@ where
         owner: Uuid,
         req: O,
         connect: F,
-        due: Due,
+        timeout: Duration,
     ) -> impl Future<Output = Result<(Response<Source>, SocketAddr), ProxyError>> + 'a
     where
         O: Outgoing + 'a,
@@ -427,10 +405,12 @@ where
         Fut: Future<Output = Result<(I, SocketAddr), ProxyError>> + 'a,
     {
         async move {
-            // The exchange's reading of the clock ages the pool's idle
-            // connections too.
-            let now = due.from;
-            let due = due.at();
+            // One reading of the clock serves the deadline and the pool's idle
+            // ages: its own, not the exchange's, so that `response_timeout`
+            // gives the upstream its full time whatever the directory or a
+            // name resolution took before.
+            let now = Instant::now();
+            let due = now + timeout;
             // The head a request without a body goes out with (made before any
             // wait: the request itself is not shared across them).
             let direct = req.head();
@@ -549,7 +529,7 @@ where
     /// One plain exchange, as both listeners make it: `req` over a pooled
     /// connection to `key` (or one `open` makes, with the address it reached;
     /// boxed: a new connection is the exception, and the pooled path's future
-    /// stays small), its response head `due`, passed on under
+    /// stays small), its response head within `timeout`, passed on under
     /// `guard`; a failure is attributed to whoever caused it. Returns the
     /// response and the address of the connection that carried it. (Its
     /// arguments stay where they were given, as [`Pool::send`]'s.)
@@ -559,7 +539,7 @@ where
         key: K,
         owner: Uuid,
         req: O,
-        due: Due,
+        timeout: Duration,
         guard: StreamGuard,
         open: F,
     ) -> impl Future<Output = Result<(Response<ProxyBody>, SocketAddr), ProxyError>> + 'a
@@ -571,7 +551,7 @@ where
         async move {
             let connect = || Box::pin(open());
             let (response, addr) = self
-                .send(key, owner, req, connect, due)
+                .send(key, owner, req, connect, timeout)
                 .await
                 .map_err(|e| e.attributed(&guard))?;
             Ok((passed_on(response, guard), addr))
@@ -848,7 +828,7 @@ mod tests {
         for _ in 0..3 * LIMITS.total {
             let connect = || async { Ok((upstream(1 << 20), ADDR)) };
             let (response, _) = pool
-                .send("origin", a, get(), connect, Due::from_now(TIMEOUT))
+                .send("origin", a, get(), connect, TIMEOUT)
                 .await
                 .unwrap();
             assert_eq!(
@@ -869,14 +849,14 @@ mod tests {
         // agent's) reuses it without connecting: the agent's place moves.
         let connect = || async { Ok((upstream(2), ADDR)) };
         let (response, _) = pool
-            .send("origin", a, get(), connect, Due::from_now(TIMEOUT))
+            .send("origin", a, get(), connect, TIMEOUT)
             .await
             .unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1);
         let refuse = || async { Err::<(DuplexStream, SocketAddr), _>(ProxyError::UpstreamTimeout) };
         let (response, _) = pool
-            .send("origin", b, get(), refuse, Due::from_now(TIMEOUT))
+            .send("origin", b, get(), refuse, TIMEOUT)
             .await
             .unwrap();
         response.into_body().collect().await.unwrap();
@@ -903,7 +883,7 @@ mod tests {
         for _ in 0..limits.per_key {
             let connect = || async { Ok((upstream(1 << 20), ADDR)) };
             let (response, _) = pool
-                .send("origin", slow, get(), connect, Due::from_now(TIMEOUT))
+                .send("origin", slow, get(), connect, TIMEOUT)
                 .await
                 .unwrap();
             streaming.push(response);
@@ -915,7 +895,7 @@ mod tests {
         };
         for _ in 0..3 {
             let (response, _) = pool
-                .send("origin", other, get(), connect, Due::from_now(TIMEOUT))
+                .send("origin", other, get(), connect, TIMEOUT)
                 .await
                 .unwrap();
             response.into_body().collect().await.unwrap();
