@@ -1151,8 +1151,8 @@ fn generated(invocation: &str, args: &Args, results: &Results) -> String {
         out,
         "- Load: wrk `-t1 -c{}`, {} s runs after {} s warm-up; h2load `-c{} -m{}`; \
          CONNECT {} s per tunnel; {} idle connections; {} enforcement trials. The paced \
-         row: the harness's open-loop generator (`paced`) on the load core, {} due per \
-         second round-robin over {} connections for {} s after {} s at the same pace; \
+         row: the harness's open-loop generator (`paced`) on the load core, requests due \
+         at {} round-robin over {} connections for {} s after {} s at the same pace; \
          each request's latency counts from when it was due, so a server that falls \
          behind is charged for every request queued behind it. Its spread is of the \
          p99.",
