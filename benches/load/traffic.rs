@@ -50,7 +50,7 @@ pub struct Run {
     /// and leaves `p99_us` at 0.
     pub p50_us: f64,
     pub p99_us: f64,
-    /// 99.9th percentile, microseconds (paced runs only; 0 otherwise).
+    /// 99.9th percentile, microseconds (wrk and paced runs; 0 for h2load).
     pub p999_us: f64,
     pub mean_us: f64,
     /// Non-2xx responses, connect and write errors, and timeouts.
