@@ -19,9 +19,9 @@
 //! 4. ingress (reverse proxies): `wrk` with a 100-byte and a 1 MiB response,
 //!    the 100-byte response again at a fixed rate (`paced`, latency below
 //!    saturation), `h2load` over h2c; egress (forward proxies): `wrk` with
-//!    absolute-form requests and `Proxy-Authorization` (and, for the small response, once
-//!    more as an agent with a 100-rule egress policy); each beside a direct run
-//!    to the origin;
+//!    absolute-form requests and `Proxy-Authorization` (and, for the small
+//!    response, once more as an agent with a 100-rule egress policy); each
+//!    beside a direct run to the origin;
 //! 5. CONNECT bulk throughput and the relay's CPU time per GiB through each
 //!    forward proxy, through reference relays with no proxy logic (tokio copy,
 //!    a blocking read/write loop, `splice(2)`; see `relay`) and directly;
