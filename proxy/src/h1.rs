@@ -41,8 +41,13 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// Most trailer bytes after the last chunk (read and dropped).
 const MAX_TRAILERS: usize = 16 * 1024;
 
-/// An HTTP/1.1 connection upstream with no exchange under way.
-pub struct Link<I> {
+/// An HTTP/1.1 connection upstream with no exchange under way. On the heap,
+/// once for the connection's life: a link moves at every step of an exchange
+/// (out of the pool, into the exchange, into the response body, back), and a
+/// pointer moves in a register where its hundred-odd bytes took a copy each.
+pub struct Link<I>(Box<Wire<I>>);
+
+struct Wire<I> {
     io: I,
     buf: BytesMut,
     /// Bounds each exchange's wait for its response head: one timer for the
@@ -53,16 +58,16 @@ pub struct Link<I> {
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
     pub fn new(io: I) -> Self {
-        Link {
+        Link(Box::new(Wire {
             io,
             buf: BytesMut::new(),
             timer: None,
-        }
+        }))
     }
 
     /// The socket, for a hyper connection to take over.
     pub fn into_io(self) -> I {
-        self.io
+        self.0.io
     }
 
     /// Whether the peer closed, failed, or sent something unasked since the
@@ -72,7 +77,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
         let mut probe = [0u8; 1];
         let mut probe = ReadBuf::new(&mut probe);
         let mut cx = Context::from_waker(Waker::noop());
-        Pin::new(&mut self.io)
+        Pin::new(&mut self.0.io)
             .poll_read(&mut cx, &mut probe)
             .is_ready()
     }
@@ -88,7 +93,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
         method: &Method,
         due: Instant,
     ) -> Result<Answer<I>, Failure> {
-        let mut timer = match self.timer.take() {
+        let mut timer = match self.0.timer.take() {
             Some(timer) => timer,
             None => Box::pin(tokio::time::sleep_until(due)),
         };
@@ -97,7 +102,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
             answered = self.answer(head, method) => answered,
             () = until(timer.as_mut(), due) => Err(Failure::TimedOut),
         };
-        self.timer = Some(timer);
+        self.0.timer = Some(timer);
         let (head, framing, keep) = answered?;
         Ok(Answer {
             head,
@@ -116,13 +121,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
         head: &[u8],
         method: &Method,
     ) -> Result<(ResponseHead, Framing, bool), Failure> {
-        self.io.write_all(head).await.map_err(Failure::Unanswered)?;
-        self.io.flush().await.map_err(Failure::Unanswered)?;
+        let wire = &mut *self.0;
+        wire.io.write_all(head).await.map_err(Failure::Unanswered)?;
+        wire.io.flush().await.map_err(Failure::Unanswered)?;
         let mut parsed = loop {
-            let parsed = match self.buf.is_empty() {
+            let parsed = match wire.buf.is_empty() {
                 // An idle link holds no bytes: nothing to parse before a read.
                 true => None,
-                false => parse_head(&mut self.buf)?,
+                false => parse_head(&mut wire.buf)?,
             };
             if let Some(parsed) = parsed {
                 let status = parsed.status;
@@ -135,11 +141,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
                 }
                 break parsed;
             }
-            if self.buf.len() >= MAX_HEAD {
+            if wire.buf.len() >= MAX_HEAD {
                 return Err(Failure::invalid("response head too large"));
             }
-            let started = !self.buf.is_empty();
-            match read(&mut self.io, &mut self.buf, READ_CHUNK).await {
+            let started = !wire.buf.is_empty();
+            match read(&mut wire.io, &mut wire.buf, READ_CHUNK).await {
                 Ok(0) if !started => return Err(Failure::Unanswered(closed())),
                 Ok(0) => return Err(Failure::Broken(closed())),
                 Ok(_) => {}
@@ -827,7 +833,7 @@ impl<I> Streamed<I> {
             return;
         }
         if let Some(link) = self.reading.link.take() {
-            if self.reading.keep && link.buf.is_empty() {
+            if self.reading.keep && link.0.buf.is_empty() {
                 if let Some(release) = self.release.take() {
                     release(link);
                 }
@@ -852,7 +858,7 @@ where
             let Some(link) = this.reading.link.as_mut() else {
                 return Poll::Ready(None);
             };
-            match this.reading.framing.step(&mut link.buf)? {
+            match this.reading.framing.step(&mut link.0.buf)? {
                 Step::Data(data) => {
                     this.end_if_done();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -863,9 +869,9 @@ where
                 }
                 Step::More => {
                     let n = std::task::ready!(poll_read(
-                        Pin::new(&mut link.io),
+                        Pin::new(&mut link.0.io),
                         cx,
-                        &mut link.buf,
+                        &mut link.0.buf,
                         READ_CHUNK
                     ))?;
                     if n == 0 {
