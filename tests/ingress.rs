@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+use support::hostile::HoldingRelay;
 use support::origin::{body_sum, pattern, tls_files, Origin};
 use support::proxy::{test_config, TestProxy};
 use support::wait::{eventually, holds, PROMPTLY};
@@ -522,6 +523,46 @@ async fn failures_map_to_401_404_503_502_and_504() {
         proxy.stop().await;
     }
     s.proxy.stop().await;
+}
+
+/// `response_timeout` is the gateway's own time, counted from when the request
+/// goes out to it: a slow directory read before that (here held back for twice
+/// the timeout) is not charged to the gateway as a 504.
+#[tokio::test]
+async fn the_response_timeout_counts_from_the_request_going_out() {
+    let db = TestDb::new().await;
+    let f = db.fixture("k8s").await;
+    let gateway = Origin::start().await;
+    let relay = HoldingRelay::start(support::server_addr().await).await;
+    let timeout = Duration::from_millis(400);
+    let mut config = test_config(&relay.url_for(&db.url));
+    config.proxy.ingress.gateway_port = gateway.addr.port();
+    config.proxy.ingress.response_timeout = timeout;
+    let proxy = TestProxy::start(config).await;
+
+    // The directory's first read of the agent (its row carries the token).
+    relay.hold_answers_containing(f.token.as_bytes());
+    let url = format!(
+        "http://{}/agents/{}/gateway/status/204",
+        proxy.ingress.unwrap(),
+        f.agent
+    );
+    let request = http1()
+        .get(url)
+        .header("authorization", format!("Bearer {}", f.token))
+        .send();
+    let sent = tokio::spawn(request);
+    relay.wait_held(Duration::from_secs(10)).await;
+    tokio::time::sleep(2 * timeout).await;
+    relay.release();
+
+    let response = sent.await.unwrap().unwrap();
+    assert_eq!(
+        response.status(),
+        204,
+        "the directory's wait was charged to the gateway"
+    );
+    proxy.stop().await;
 }
 
 #[tokio::test]
