@@ -284,8 +284,9 @@ impl Exchange {
         })
     }
 
-    /// Record the end: the metric and the event, once.
-    pub fn finish(mut self, ended: Ended, down: u64) {
+    /// Record the end: the metric and the event, once. (In place: the record
+    /// is most of a response body's size, and ends in its box.)
+    pub fn finish(&mut self, ended: Ended, down: u64) {
         self.record(ended, None, down);
     }
 
@@ -387,7 +388,7 @@ impl Drop for Busy {
 
 impl ExchangeBody {
     fn end(&mut self, ended: Ended) {
-        if let Some(exchange) = self.end.take() {
+        if let Some(mut exchange) = self.end.take() {
             exchange.finish(ended, self.sent);
         }
     }
