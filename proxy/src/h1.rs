@@ -47,6 +47,8 @@ const MAX_TRAILERS: usize = 16 * 1024;
 /// pointer moves in a register where its hundred-odd bytes took a copy each.
 pub struct Link<I>(Box<Wire<I>>);
 
+/// What a link holds: the socket, the bytes read from it and not yet taken,
+/// and its timer.
 struct Wire<I> {
     io: I,
     buf: BytesMut,
